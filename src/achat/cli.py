@@ -1,0 +1,245 @@
+"""Command-line entry points: ``achat-server`` and ``achat join|send``.
+
+Each parses its options, builds a config, runs the event loop and maps
+exceptions to exit codes: 0 done, 1 refused by the server or unreachable,
+2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AchatError, ConnectionClosed, ServerError
+from .server.config import DEFAULT_PORT, ServerConfig, default_data_dir
+from .server.session import SessionLimits
+
+__all__ = ["main", "parse_server_args", "server_main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    return env.get(f"ACHAT_{name}", default)
+
+
+def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run on uvloop when it is installed, else on the standard loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro_factory())
+    return uvloop.run(coro_factory())  # type: ignore[no-any-return]
+
+
+# -- server -----------------------------------------------------------------
+
+
+def parse_server_args(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Build a :class:`ServerConfig` from flags, falling back to ``ACHAT_*`` variables."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="achat-server",
+        description="Run an achat chat server. Every option can also be set with an "
+        "ACHAT_* environment variable (flags win).",
+    )
+    parser.add_argument(
+        "--host",
+        default=_env(env, "HOST", "0.0.0.0"),
+        help="address to listen on (ACHAT_HOST, default 0.0.0.0: every interface)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env(env, "PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
+        help=f"TCP port (ACHAT_PORT, default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env(env, "DATA_DIR", None) or default_data_dir(env)),
+        help="where the server keeps its data (ACHAT_DATA_DIR, default "
+        "$XDG_DATA_HOME/achat or ~/.local/share/achat)",
+    )
+    parser.add_argument(
+        "--name", default=_env(env, "NAME", "achat"), help="server name shown to clients"
+    )
+    parser.add_argument("--motd", default=_env(env, "MOTD", None), help="message of the day")
+    parser.add_argument(
+        "--max-clients",
+        type=int,
+        default=int(_env(env, "MAX_CLIENTS", "10000") or 10000),
+        help="most users at once; more get server_full (ACHAT_MAX_CLIENTS, default 10000)",
+    )
+    parser.add_argument(
+        "--password",
+        default=_env(env, "PASSWORD", None),
+        help="require this password in hello (ACHAT_PASSWORD; default none)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env(env, "LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (ACHAT_LOG_LEVEL, default info)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=float(_env(env, "IDLE_TIMEOUT", "120") or 120),
+        help="seconds of silence before a client is dropped (ACHAT_IDLE_TIMEOUT, default 120)",
+    )
+    parser.add_argument("--version", action="version", version=f"achat {__version__}")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0 to 65535")
+    if args.max_clients < 1:
+        parser.error("--max-clients must be at least 1")
+    if args.motd is not None and len(args.motd) > 1000:
+        parser.error("--motd has at most 1000 characters")
+    if args.idle_timeout <= 0:
+        parser.error("--idle-timeout must be positive")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        name=args.name,
+        motd=args.motd,
+        max_clients=args.max_clients,
+        password=args.password,
+        log_level=args.log_level,
+        limits=SessionLimits(idle_timeout=args.idle_timeout),
+    )
+
+
+async def _serve(config: ServerConfig) -> int:
+    from .server.app import Server
+    from .store.memory import MemoryStore
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(config, MemoryStore())
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    host, port = config.host, server.port
+    where = "localhost" if host in ("0.0.0.0", "::", "") else host
+    logging.getLogger("achat.server").info(
+        "ready: join with  achat join --host %s --port %d --nick YOURNAME", where, port
+    )
+    await stop.wait()
+    logging.getLogger("achat.server").info("shutting down")
+    await server.close()
+    return EXIT_OK
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``achat-server``."""
+    config = parse_server_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _run(lambda: _serve(config))
+    except OSError as exc:
+        print(f"achat-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# -- client -----------------------------------------------------------------
+
+
+def _client_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="achat", description="The achat chat client.")
+    parser.add_argument("--version", action="version", version=f"achat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--host", default=_env(env, "HOST", "127.0.0.1"), help="server (default 127.0.0.1)"
+        )
+        p.add_argument(
+            "--port",
+            type=int,
+            default=int(_env(env, "PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
+            help=f"server port (default {DEFAULT_PORT})",
+        )
+        p.add_argument(
+            "--nick", default=_env(env, "NICK", None), required=_env(env, "NICK", None) is None
+        )
+        p.add_argument("--password", default=_env(env, "PASSWORD", None))
+
+    join = sub.add_parser("join", help="chat in the terminal")
+    common(join)
+    join.add_argument("--room", default="general", help="room to join first (default general)")
+    send = sub.add_parser("send", help="send one message and exit (for scripts)")
+    common(send)
+    send.add_argument("--room", default="general", help="room to send to (default general)")
+    send.add_argument("text", nargs="?", help="the message; read from stdin when omitted")
+    return parser
+
+
+async def _send(args: argparse.Namespace, text: str) -> int:
+    from .client.commands import normalise_room
+    from .client.connection import Client
+
+    room = normalise_room(args.room)
+    async with Client(args.host, args.port, args.nick, password=args.password) as client:
+        await client.join(room)
+        ack = await client.say(room, text)
+        print(f"sent to #{room} as message {ack.seq}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``achat``."""
+    env = os.environ
+    args = _client_parser(env).parse_args(argv)
+    try:
+        if args.command == "send":
+            text = args.text if args.text is not None else sys.stdin.read()
+            if not text.strip():
+                print("achat send: nothing to send", file=sys.stderr)
+                return EXIT_USAGE
+            return _run(lambda: _send(args, text))
+        from .client.ui import run_ui
+
+        return _run(
+            lambda: run_ui(
+                host=args.host,
+                port=args.port,
+                nick=args.nick,
+                room=args.room,
+                password=args.password,
+            )
+        )
+    except ServerError as exc:
+        print(f"achat: the server refused: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_FAILED
+    except (ConnectionClosed, AchatError) as exc:
+        print(f"achat: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"achat: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,390 @@
+"""Typed frames of protocol v1 and their strict JSON codec.
+
+Every frame is an immutable :mod:`msgspec` struct whose ``type`` field is its
+tag. :func:`decode_client` and :func:`decode_server` turn one frame body into
+a struct or raise :class:`~achat.errors.ProtocolError` with the contract's
+code; :func:`encode` turns a struct into a complete length-prefixed frame,
+once, so that the same bytes can be handed to every recipient.
+
+Strictness beyond what msgspec checks by itself (duplicate keys, nesting
+depth) is done by cheap byte scans that only fall back to a full parse in the
+rare cases they cannot decide.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from ..errors import ProtocolError
+from .frames import encode_frame
+
+__all__ = [
+    "MAX_DEPTH",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Bye",
+    "ClientFrame",
+    "Dm",
+    "DmEvent",
+    "Error",
+    "History",
+    "HistoryRequest",
+    "Hello",
+    "Join",
+    "Joined",
+    "Message",
+    "Names",
+    "Nick",
+    "Part",
+    "Parted",
+    "Ping",
+    "Pong",
+    "Renamed",
+    "RoomInfo",
+    "Rooms",
+    "RoomsRequest",
+    "Say",
+    "ServerFrame",
+    "Topic",
+    "TopicEvent",
+    "Welcome",
+    "Who",
+    "decode_client",
+    "decode_server",
+    "encode",
+    "encode_body",
+]
+
+PROTOCOL_VERSION = 1
+MAX_DEPTH = 8
+MAX_REF = 64
+
+Ref = Annotated[str, msgspec.Meta(max_length=MAX_REF)]
+# Sequence numbers fit comfortably in 63 bits; bigger numbers are refused.
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class _Frame(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True, kw_only=True):
+    pass
+
+
+# -- client -> server -------------------------------------------------------
+
+
+class Hello(_Frame, tag="hello"):
+    nick: str
+    version: int
+    password: str | None = None
+    client: str | None = None
+
+
+class Join(_Frame, tag="join"):
+    room: str
+    since: Seq | None = None
+    ref: Ref | None = None
+
+
+class Part(_Frame, tag="part"):
+    room: str
+    reason: str | None = None
+    ref: Ref | None = None
+
+
+class Say(_Frame, tag="say"):
+    room: str
+    text: str
+    ref: Ref | None = None
+
+
+class Dm(_Frame, tag="dm"):
+    to: str
+    text: str
+    ref: Ref | None = None
+
+
+class Nick(_Frame, tag="nick"):
+    nick: str
+    ref: Ref | None = None
+
+
+class Who(_Frame, tag="who"):
+    room: str
+    ref: Ref | None = None
+
+
+class RoomsRequest(_Frame, tag="rooms"):
+    ref: Ref | None = None
+
+
+class HistoryRequest(_Frame, tag="history"):
+    room: str
+    before: Seq | None = None
+    after: Seq | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 100
+    ref: Ref | None = None
+
+
+class Topic(_Frame, tag="topic"):
+    room: str
+    topic: str
+    ref: Ref | None = None
+
+
+class Ping(_Frame, tag="ping"):
+    ref: Ref | None = None
+
+
+class Bye(_Frame, tag="bye"):
+    reason: str | None = None
+    ref: Ref | None = None
+
+
+ClientFrame = (
+    Hello | Join | Part | Say | Dm | Nick | Who | RoomsRequest | HistoryRequest | Topic | Ping | Bye
+)
+
+# -- server -> client -------------------------------------------------------
+
+
+class Welcome(_Frame, tag="welcome"):
+    nick: str
+    server: str
+    version: int
+    max_frame: int
+    max_text: int
+    motd: str | None = None
+
+
+class Message(_Frame, tag="message"):
+    room: str
+    seq: int
+    ts: int
+    sender: str = msgspec.field(name="from")
+    text: str
+
+
+class DmEvent(_Frame, tag="dm"):
+    sender: str = msgspec.field(name="from")
+    to: str
+    id: int
+    ts: int
+    text: str
+
+
+class Ack(_Frame, tag="ack"):
+    ref: str
+    ts: int
+    room: str | None = None
+    seq: int | None = None
+    id: int | None = None
+
+
+class Joined(_Frame, tag="joined"):
+    room: str
+    nick: str
+    ts: int
+
+
+class Parted(_Frame, tag="parted"):
+    room: str
+    nick: str
+    ts: int
+    reason: str | None = None
+
+
+class Renamed(_Frame, tag="renamed"):
+    old: str
+    new: str
+    ts: int
+
+
+class Names(_Frame, tag="names"):
+    room: str
+    nicks: list[str]
+    topic: str
+    seq: int
+    ref: str | None = None
+    # Extension: a list too long for one frame is split; all but the last part say more.
+    more: bool = False
+
+
+class RoomInfo(msgspec.Struct, frozen=True):
+    room: str
+    members: int
+    topic: str
+
+
+class Rooms(_Frame, tag="rooms"):
+    rooms: list[RoomInfo]
+    ref: str | None = None
+    # Extension: a list too long for one frame is split; all but the last part say more.
+    more: bool = False
+
+
+class History(_Frame, tag="history"):
+    room: str
+    messages: list[Message]
+    more: bool
+    ref: str | None = None
+
+
+class TopicEvent(_Frame, tag="topic"):
+    room: str
+    topic: str
+    by: str
+    ts: int
+
+
+class Error(_Frame, tag="error"):
+    code: str
+    message: str
+    fatal: bool
+    ref: str | None = None
+
+
+class Pong(_Frame, tag="pong"):
+    ref: str | None = None
+
+
+ServerFrame = (
+    Welcome
+    | Message
+    | DmEvent
+    | Ack
+    | Joined
+    | Parted
+    | Renamed
+    | Names
+    | Rooms
+    | History
+    | TopicEvent
+    | Error
+    | Pong
+)
+
+# -- codec -------------------------------------------------------------------
+
+_ENCODER = msgspec.json.Encoder()
+_CLIENT_DECODER: msgspec.json.Decoder[ClientFrame] = msgspec.json.Decoder(ClientFrame)
+_SERVER_DECODER: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(ServerFrame)
+
+# A JSON string, written so that the regex engine never backtracks.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
+_KEY = re.compile(rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*+:')
+
+F = TypeVar("F")
+
+
+def encode_body(frame: msgspec.Struct) -> bytes:
+    """Encode ``frame`` as a JSON object without the length prefix (for WebSocket)."""
+    return _ENCODER.encode(frame)
+
+
+def encode(frame: msgspec.Struct) -> bytes:
+    """Encode ``frame`` as one complete length-prefixed frame."""
+    return encode_frame(_ENCODER.encode(frame))
+
+
+def decode_client(body: bytes) -> ClientFrame:
+    """Decode one client frame body; raise ``ProtocolError`` with the contract's code."""
+    return _decode(body, _CLIENT_DECODER)
+
+
+def decode_server(body: bytes) -> ServerFrame:
+    """Decode one server frame body (the client's view of the server as untrusted)."""
+    return _decode(body, _SERVER_DECODER)
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[F]) -> F:
+    try:
+        frame = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        _check_json(body)
+        raise _validation_error(str(exc), body) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("invalid_json", f"not valid JSON: {exc}") from None
+    _check_json(body)
+    return frame
+
+
+def _check_json(body: bytes) -> None:
+    """Refuse what the fast decoder lets through: duplicate keys and deep nesting."""
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        raise ProtocolError("invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels")
+    keys = _KEY.findall(body)
+    if len(set(keys)) == len(keys) and not any(b"\\" in k for k in keys):
+        return
+    # Repeated or escaped key spellings: let a full parse decide per object.
+    try:
+        json.loads(body, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise ProtocolError("invalid_json", f"duplicate key {exc.args[0]!r}") from None
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_json", "not valid JSON") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+_BRACKETS = {ord("{"): 1, ord("["): 1, ord("}"): -1, ord("]"): -1}
+
+
+def _depth(body: bytes) -> int:
+    """Deepest nesting of objects and arrays in ``body`` (strings do not count)."""
+    structure = _STRING.sub(b"", body)
+    steps = (_BRACKETS.get(b, 0) for b in structure)
+    return max(itertools.accumulate(steps, initial=0))
+
+
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def _validation_error(text: str, body: bytes) -> ProtocolError:
+    ref = _salvage_ref(body)
+    missing = _MISSING.search(text)
+    if missing is not None:
+        field = missing.group(1)
+        if field == "type":
+            return ProtocolError("unknown_type", "the frame has no type", ref=ref)
+        return ProtocolError("missing_field", f"field {field!r} is missing", ref=ref)
+    path = _PATH.search(text)
+    where = path.group(1) if path is not None else ""
+    if where == "type":
+        return ProtocolError("unknown_type", "unknown frame type", ref=ref)
+    if where == "" and "Expected `object`" in text:
+        return ProtocolError("invalid_json", "a frame is one JSON object", ref=ref)
+    detail = text.split(" - at ")[0]
+    return ProtocolError(
+        "missing_field", f"field {where or '?'!r} is mistyped or out of range: {detail}", ref=ref
+    )
+
+
+def _salvage_ref(body: bytes) -> str | None:
+    """Best effort: the ``ref`` of a frame that failed validation, so the error can echo it."""
+    try:
+        obj = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(obj, dict):
+        ref = obj.get("ref")
+        if isinstance(ref, str) and len(ref) <= MAX_REF:
+            return ref
+    return None

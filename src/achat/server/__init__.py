@@ -1,0 +1,1 @@
+"""The achat server: a registry that owns state, sessions that drive sockets, and the app."""

@@ -1,0 +1,43 @@
+"""The server's options: defaults, ``ACHAT_*`` environment variables and command-line flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .registry import DEFAULT_MAX_TEXT
+from .session import SessionLimits
+
+__all__ = ["DEFAULT_PORT", "ServerConfig", "default_data_dir"]
+
+DEFAULT_PORT = 7777
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_DATA_HOME/achat``, or ``~/.local/share/achat`` when that is unset."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "achat"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything that shapes one server run."""
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=default_data_dir)
+    name: str = "achat"
+    motd: str | None = None
+    max_clients: int = 10_000
+    password: str | None = None
+    log_level: str = "info"
+    max_text: int = DEFAULT_MAX_TEXT
+    limits: SessionLimits = field(default_factory=SessionLimits)
+
+    @property
+    def max_frame(self) -> int:
+        return self.limits.max_frame
+

@@ -1,0 +1,501 @@
+"""The server's single owner of state: nicks, rooms, members, and the fan-out of events.
+
+Theory of operation: the registry is synchronous and never awaits. Sessions
+call :meth:`Registry.register` with a ``hello``, then :meth:`Registry.handle`
+with each later frame, then :meth:`Registry.unregister` when the connection
+ends. Every event is encoded into a frame *once* and handed to the
+:class:`Peer` of each recipient with :meth:`Peer.send`, which only queues
+bytes; the session writes everything queued for it in one write per loop
+tick. A refusal is raised as :class:`~achat.errors.ProtocolError` and the
+session turns it into an ``error`` frame.
+
+Messages get their room ``seq`` here, at the moment they are accepted, so the
+order every member sees is the order of ``seq``. The store is told to keep
+each message and calls back when it has; only then does the sender get its
+``ack``. A ``say`` or ``dm`` repeating a ``ref`` its nick used in the last
+ten minutes is answered with the original ``ack`` and not stored again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from msgspec import Struct
+
+from ..errors import ProtocolError
+from ..protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
+from ..protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    ClientFrame,
+    Dm,
+    DmEvent,
+    Error,
+    Hello,
+    History,
+    HistoryRequest,
+    Join,
+    Joined,
+    Message,
+    Names,
+    Nick,
+    Part,
+    Parted,
+    Ping,
+    Pong,
+    Renamed,
+    RoomInfo,
+    Rooms,
+    RoomsRequest,
+    Say,
+    Topic,
+    TopicEvent,
+    Welcome,
+    Who,
+    encode,
+)
+from ..protocol.names import (
+    nick_key,
+    nick_skeleton,
+    validate_nick,
+    validate_reason,
+    validate_room,
+    validate_text,
+    validate_topic,
+)
+from ..store.base import Store
+from .log import esc
+
+__all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
+
+log = logging.getLogger("achat.server")
+
+DEFAULT_MAX_TEXT = 4_000
+REF_TTL_MS = 10 * 60 * 1000
+BACKLOG_PAGE = 500
+
+T = TypeVar("T")
+
+
+class Peer(Protocol):
+    """The registry's view of a connection: somewhere to queue frames."""
+
+    def send(self, frame: bytes) -> None:
+        """Queue one encoded frame; must not block or raise."""
+        ...
+
+    def close(self, frame: bytes | None = None) -> None:
+        """Send ``frame`` (if any) after what is queued, then close the connection."""
+        ...
+
+
+@dataclass(eq=False)
+class Member:
+    """A registered connection: one nick, the rooms it is in, and its peer."""
+
+    nick: str
+    key: str
+    skeleton: str
+    peer: Peer
+    addr: str
+    rooms: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class Room:
+    """A room: its members by nick key, its topic and the latest ``seq`` given out."""
+
+    name: str
+    topic: str = ""
+    last_seq: int = 0
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _RefEntry:
+    expires: int
+    ack: bytes | None = None
+    waiters: list[Member] = field(default_factory=list)
+
+
+class Registry:
+    """Rooms, nicks and members of one server, and every rule about them."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], int],
+        name: str = "achat",
+        motd: str | None = None,
+        max_text: int = DEFAULT_MAX_TEXT,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_clients: int = 10_000,
+        password: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.name = name
+        self.motd = motd
+        self.max_text = max_text
+        self.max_frame = max_frame
+        self.max_clients = max_clients
+        self.password = password
+        self._by_key: dict[str, Member] = {}
+        self._by_skeleton: dict[str, Member] = {}
+        self.rooms: dict[str, Room] = {
+            r.name: Room(r.name, r.topic, r.last_seq) for r in store.load_rooms()
+        }
+        self._last_dm = store.last_dm_id()
+        self._refs: OrderedDict[tuple[str, str], _RefEntry] = OrderedDict()
+        self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
+            Join: self._join,  # type: ignore[dict-item]
+            Part: self._part,  # type: ignore[dict-item]
+            Say: self._say,  # type: ignore[dict-item]
+            Dm: self._dm,  # type: ignore[dict-item]
+            Nick: self._nick,  # type: ignore[dict-item]
+            Who: self._who,  # type: ignore[dict-item]
+            RoomsRequest: self._rooms,  # type: ignore[dict-item]
+            HistoryRequest: self._history,  # type: ignore[dict-item]
+            Topic: self._topic,  # type: ignore[dict-item]
+            Ping: self._ping,  # type: ignore[dict-item]
+        }
+
+    # -- lifecycle of a member ---------------------------------------------
+
+    @property
+    def members(self) -> list[Member]:
+        """Every registered member."""
+        return list(self._by_key.values())
+
+    def member(self, nick: str) -> Member | None:
+        """The member using ``nick`` (compared case-insensitively), if any."""
+        return self._by_key.get(nick_key(nick))
+
+    def register(self, peer: Peer, hello: Hello, addr: str = "?") -> Member:
+        """Admit a connection that said ``hello`` and send it ``welcome``.
+
+        Raises a fatal :class:`ProtocolError` (``unsupported_version``,
+        ``bad_password``, ``invalid_nick``, ``nick_taken``, ``server_full``).
+        """
+        if hello.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "unsupported_version",
+                f"this server speaks protocol version {PROTOCOL_VERSION}",
+                fatal=True,
+            )
+        if self.password is not None and hello.password != self.password:
+            raise ProtocolError("bad_password", "wrong or missing password", fatal=True)
+        try:
+            nick = validate_nick(hello.nick)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, exc.message, fatal=True) from None
+        key, skeleton = nick_key(nick), nick_skeleton(nick)
+        self._check_free(key, skeleton, fatal=True)
+        if len(self._by_key) >= self.max_clients:
+            raise ProtocolError("server_full", "the server is full; try again later", fatal=True)
+        member = Member(nick, key, skeleton, peer, addr)
+        self._by_key[key] = member
+        self._by_skeleton[skeleton] = member
+        peer.send(
+            encode(
+                Welcome(
+                    nick=nick,
+                    server=self.name,
+                    version=PROTOCOL_VERSION,
+                    max_frame=self.max_frame,
+                    max_text=self.max_text,
+                    motd=self.motd,
+                )
+            )
+        )
+        log.info("register nick=%s addr=%s client=%s", esc(nick), addr, esc(hello.client or ""))
+        return member
+
+    def unregister(self, member: Member, reason: str = "quit") -> None:
+        """Forget ``member``: every room it was in is told it left with ``reason``."""
+        if self._by_key.get(member.key) is not member:
+            return
+        del self._by_key[member.key]
+        if self._by_skeleton.get(member.skeleton) is member:
+            del self._by_skeleton[member.skeleton]
+        ts = self.clock()
+        for name in sorted(member.rooms):
+            room = self.rooms[name]
+            room.members.pop(member.key, None)
+            self._broadcast(room, encode(Parted(room=name, nick=member.nick, ts=ts, reason=reason)))
+        member.rooms.clear()
+        log.info("unregister nick=%s reason=%s", esc(member.nick), esc(reason))
+
+    def handle(self, member: Member, frame: ClientFrame) -> None:
+        """Carry out one frame from a registered member.
+
+        Raises :class:`ProtocolError` for a refusal; the caller answers with
+        ``error`` (echoing the frame's ``ref``) and the connection goes on.
+        """
+        if isinstance(frame, Hello):
+            raise ProtocolError("already_registered", "you are already registered")
+        if isinstance(frame, Bye):
+            # The session closes the connection; nothing else to do here.
+            return
+        self._handlers[type(frame)](member, frame)
+
+    # -- frame handlers -----------------------------------------------------
+
+    def _join(self, member: Member, frame: Join) -> None:
+        name = validate_room(frame.room)
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+            log.info("room created room=%s by=%s", name, esc(member.nick))
+        if member.key not in room.members:
+            room.members[member.key] = member
+            member.rooms.add(name)
+            self._broadcast(room, encode(Joined(room=name, nick=member.nick, ts=self.clock())))
+            log.info("join room=%s nick=%s", name, esc(member.nick))
+        self._send_names(member, room, frame.ref)
+        if frame.since is not None:
+            self._send_backlog(member, room, frame.since, frame.ref)
+
+    def _send_backlog(self, member: Member, room: Room, since: int, ref: str | None) -> None:
+        after = since
+        first = True
+        while after < room.last_seq:
+            page = self.store.history(room.name, before=None, after=after, limit=BACKLOG_PAGE)
+            if first and page.gap:
+                oldest = page.messages[0].seq if page.messages else room.last_seq + 1
+                member.peer.send(
+                    encode(
+                        Error(
+                            code="history_gap",
+                            message=(
+                                f"messages {since + 1} to {oldest - 1} of #{room.name}"
+                                " have expired"
+                            ),
+                            fatal=False,
+                            ref=ref,
+                        )
+                    )
+                )
+            first = False
+            if not page.messages:
+                break
+            for message in page.messages:
+                member.peer.send(encode(message))
+            after = page.messages[-1].seq
+            if not page.more:
+                break
+
+    def _part(self, member: Member, frame: Part) -> None:
+        room = self._joined_room(member, frame.room)
+        reason = validate_reason(frame.reason)
+        self._broadcast(
+            room,
+            encode(Parted(room=room.name, nick=member.nick, ts=self.clock(), reason=reason)),
+        )
+        del room.members[member.key]
+        member.rooms.discard(room.name)
+        log.info("part room=%s nick=%s", room.name, esc(member.nick))
+
+    def _say(self, member: Member, frame: Say) -> None:
+        room = self._joined_room(member, frame.room)
+        text = validate_text(frame.text, self.max_text)
+        entry = self._remembered(member, frame.ref)
+        if entry is None:
+            return
+        room.last_seq += 1
+        message = Message(
+            room=room.name, seq=room.last_seq, ts=self.clock(), sender=member.nick, text=text
+        )
+        self._broadcast(room, encode(message))
+        ack = Ack(ref=frame.ref or "", ts=message.ts, room=room.name, seq=message.seq)
+        self.store.append(message, lambda: self._acknowledge(member, entry, ack))
+
+    def _dm(self, member: Member, frame: Dm) -> None:
+        target = self._by_key.get(nick_key(frame.to))
+        if target is None:
+            raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
+        text = validate_text(frame.text, self.max_text)
+        entry = self._remembered(member, frame.ref)
+        if entry is None:
+            return
+        self._last_dm += 1
+        dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=self.clock(), text=text)
+        target.peer.send(encode(dm))
+        ack = Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id)
+        self.store.append_dm(dm, lambda: self._acknowledge(member, entry, ack))
+
+    def _nick(self, member: Member, frame: Nick) -> None:
+        new = validate_nick(frame.nick)
+        if new == member.nick:
+            return
+        key, skeleton = nick_key(new), nick_skeleton(new)
+        if key != member.key:
+            self._check_free(key, skeleton, fatal=False)
+        old = member.nick
+        del self._by_key[member.key]
+        if self._by_skeleton.get(member.skeleton) is member:
+            del self._by_skeleton[member.skeleton]
+        member.nick, member.key, member.skeleton = new, key, skeleton
+        self._by_key[key] = member
+        self._by_skeleton[skeleton] = member
+        data = encode(Renamed(old=old, new=new, ts=self.clock()))
+        told = {member.key: member}
+        for name in member.rooms:
+            room = self.rooms[name]
+            room.members = {
+                (key if m is member else k): m for k, m in room.members.items()
+            }
+            told.update((m.key, m) for m in room.members.values())
+        for m in told.values():
+            m.peer.send(data)
+        log.info("rename old=%s new=%s", esc(old), esc(new))
+
+    def _who(self, member: Member, frame: Who) -> None:
+        name = validate_room(frame.room)
+        self._send_names(member, self.rooms.get(name) or Room(name), frame.ref)
+
+    def _rooms(self, member: Member, frame: RoomsRequest) -> None:
+        infos = [
+            RoomInfo(room=r.name, members=len(r.members), topic=r.topic)
+            for r in sorted(self.rooms.values(), key=lambda r: (-len(r.members), r.name))
+        ]
+        for data in self._split(
+            infos, lambda part, more: Rooms(rooms=part, ref=frame.ref, more=more)
+        ):
+            member.peer.send(data)
+
+    def _history(self, member: Member, frame: HistoryRequest) -> None:
+        name = validate_room(frame.room)
+        if frame.before is not None and frame.after is not None:
+            raise ProtocolError("missing_field", "give either before or after, not both")
+        page = self.store.history(name, before=frame.before, after=frame.after, limit=frame.limit)
+        if page.gap and frame.after is not None:
+            member.peer.send(
+                encode(
+                    Error(
+                        code="history_gap",
+                        message=f"some messages of #{name} after {frame.after} have expired",
+                        fatal=False,
+                        ref=frame.ref,
+                    )
+                )
+            )
+        messages, more = page.messages, page.more
+        data = encode(History(room=name, messages=messages, more=more, ref=frame.ref))
+        while len(data) > self.max_frame + HEADER_SIZE and len(messages) > 1:
+            # Keep the messages nearest the reference point; the client pages for the rest.
+            half = len(messages) // 2
+            messages = messages[:half] if frame.after is not None else messages[half:]
+            more = True
+            data = encode(History(room=name, messages=messages, more=more, ref=frame.ref))
+        member.peer.send(data)
+
+    def _topic(self, member: Member, frame: Topic) -> None:
+        room = self._joined_room(member, frame.room)
+        topic = validate_topic(frame.topic)
+        room.topic = topic
+        self.store.set_topic(room.name, topic)
+        self._broadcast(
+            room, encode(TopicEvent(room=room.name, topic=topic, by=member.nick, ts=self.clock()))
+        )
+        log.info("topic room=%s by=%s", room.name, esc(member.nick))
+
+    def _ping(self, member: Member, frame: Ping) -> None:
+        member.peer.send(encode(Pong(ref=frame.ref)))
+
+    # -- helpers ------------------------------------------------------------
+
+    def _check_free(self, key: str, skeleton: str, *, fatal: bool) -> None:
+        if key in self._by_key:
+            raise ProtocolError("nick_taken", "that nick is in use", fatal=fatal)
+        if skeleton in self._by_skeleton:
+            other = self._by_skeleton[skeleton].nick
+            raise ProtocolError(
+                "nick_taken", f"that nick looks too much like {other!r}, who is online", fatal=fatal
+            )
+
+    def _joined_room(self, member: Member, raw: str) -> Room:
+        name = validate_room(raw)
+        if name not in member.rooms:
+            raise ProtocolError("not_in_room", f"you are not in #{name}")
+        return self.rooms[name]
+
+    def _send_names(self, member: Member, room: Room, ref: str | None) -> None:
+        for data in self._split(
+            self._nicks(room),
+            lambda part, more: Names(
+                room=room.name,
+                nicks=part,
+                topic=room.topic,
+                seq=room.last_seq,
+                ref=ref,
+                more=more,
+            ),
+        ):
+            member.peer.send(data)
+
+    def _split(self, items: list[T], build: Callable[[list[T], bool], Struct]) -> list[bytes]:
+        """Encode ``items`` in as few frames as fit ``max_frame``; all but the last say more."""
+        whole = encode(build(items, False))
+        if len(whole) <= self.max_frame + HEADER_SIZE:
+            return [whole]
+        size = max(1, len(items) * self.max_frame // (2 * len(whole)))
+        frames: list[bytes] = []
+        start = 0
+        while start < len(items):
+            part = items[start : start + size]
+            last = start + size >= len(items)
+            data = encode(build(part, not last))
+            if len(data) > self.max_frame + HEADER_SIZE and size > 1:
+                size //= 2
+                continue
+            frames.append(data)
+            start += len(part)
+        return frames
+
+    @staticmethod
+    def _nicks(room: Room) -> list[str]:
+        return sorted((m.nick for m in room.members.values()), key=str.casefold)
+
+    @staticmethod
+    def _broadcast(room: Room, data: bytes) -> None:
+        for m in room.members.values():
+            m.peer.send(data)
+
+    def _remembered(self, member: Member, ref: str | None) -> _RefEntry | None:
+        """A fresh entry for ``ref``, or None when ``ref`` was already used (then answered)."""
+        now = self.clock()
+        refs = self._refs
+        while refs:
+            oldest = next(iter(refs.values()))
+            if oldest.expires > now:
+                break
+            refs.popitem(last=False)
+        entry = _RefEntry(expires=now + REF_TTL_MS)
+        if not ref:
+            return entry
+        slot = (member.key, ref)
+        previous = refs.get(slot)
+        if previous is not None:
+            if previous.ack is not None:
+                member.peer.send(previous.ack)
+            else:
+                previous.waiters.append(member)
+            return None
+        refs[slot] = entry
+        return entry
+
+    def _acknowledge(self, member: Member, entry: _RefEntry, ack: Ack) -> None:
+        data = encode(ack)
+        entry.ack = data
+        member.peer.send(data)
+        for waiter in entry.waiters:
+            if waiter is not member:
+                waiter.peer.send(data)
+        entry.waiters.clear()

@@ -1,0 +1,1 @@
+"""Message storage behind one small interface (:class:`achat.store.base.Store`)."""

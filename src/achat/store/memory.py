@@ -1,0 +1,75 @@
+"""An in-memory :class:`~achat.store.base.Store`: fast, and gone when the process ends."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+
+from ..protocol.messages import DmEvent, Message
+from .base import HistoryPage, RoomRecord
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Keeps every room's messages in a list ordered by ``seq``.
+
+    ``max_per_room`` bounds memory: the oldest messages of a room are dropped
+    beyond it, and a request reaching into them reports a gap.
+    """
+
+    def __init__(self, max_per_room: int | None = None) -> None:
+        self._messages: dict[str, list[Message]] = {}
+        self._topics: dict[str, str] = {}
+        self._dms: list[DmEvent] = []
+        self._last_dm = 0
+        self._max = max_per_room
+
+    def load_rooms(self) -> list[RoomRecord]:
+        names = set(self._messages) | set(self._topics)
+        return [
+            RoomRecord(
+                name,
+                self._topics.get(name, ""),
+                self._messages[name][-1].seq if self._messages.get(name) else 0,
+            )
+            for name in sorted(names)
+        ]
+
+    def last_dm_id(self) -> int:
+        return self._last_dm
+
+    def append(self, message: Message, on_stored: Callable[[], None]) -> None:
+        log = self._messages.setdefault(message.room, [])
+        log.append(message)
+        if self._max is not None and len(log) > self._max:
+            del log[: len(log) - self._max]
+        on_stored()
+
+    def append_dm(self, dm: DmEvent, on_stored: Callable[[], None]) -> None:
+        self._dms.append(dm)
+        self._last_dm = max(self._last_dm, dm.id)
+        on_stored()
+
+    def set_topic(self, room: str, topic: str) -> None:
+        self._topics[room] = topic
+
+    def history(
+        self, room: str, *, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        log = self._messages.get(room, [])
+        seqs = [m.seq for m in log]
+        oldest = seqs[0] if seqs else None
+        if after is not None:
+            start = bisect.bisect_right(seqs, after)
+            page = log[start : start + limit]
+            gap = oldest is not None and oldest > after + 1
+            return HistoryPage(page, more=start + limit < len(log), gap=gap)
+        end = len(log) if before is None else bisect.bisect_left(seqs, before)
+        start = max(0, end - limit)
+        gap = oldest is not None and oldest > 1 and start == 0 and end - start < limit
+        return HistoryPage(log[start:end], more=start > 0, gap=gap)
+
+    def close(self) -> None:
+        # Nothing to flush: every append is complete when it returns.
+        return None
