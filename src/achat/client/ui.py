@@ -1,0 +1,440 @@
+"""The terminal client: a prompt_toolkit prompt with incoming lines printed above it.
+
+Two coroutines run side by side under one TaskGroup: :meth:`ChatUI.read_events`
+takes events from the :class:`~achat.client.connection.Client` and prints
+them above the prompt, and :meth:`ChatUI.read_input` waits for lines at the
+prompt and turns them into frames. Printing never disturbs a half-typed line:
+lines are collected and printed together once per loop tick through
+prompt_toolkit's ``print_formatted_text``, which redraws the prompt below
+them. The terminal (input and output) is injected so tests can drive the UI
+with a pipe and a dummy output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prompt_toolkit import PromptSession, print_formatted_text
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.output import Output
+from prompt_toolkit.styles import Style
+
+from ..errors import ConnectionClosed
+from ..protocol.messages import (
+    Ack,
+    Dm,
+    Error,
+    History,
+    HistoryRequest,
+    Join,
+    Joined,
+    Names,
+    Nick,
+    Part,
+    Parted,
+    Renamed,
+    RoomsRequest,
+    Say,
+    Topic,
+    TopicEvent,
+    Who,
+)
+from ..protocol.names import nick_key
+from . import commands as cmd
+from .connection import Client, Disconnected, LocalNotice
+from .render import Line, Renderer, plain, visible
+
+__all__ = ["ChatCompleter", "ChatState", "ChatUI", "run_ui"]
+
+STYLE = Style.from_dict(
+    {
+        "time": "ansibrightblack",
+        "notice": "ansibrightblack",
+        "error": "ansired bold",
+        "room": "ansicyan",
+        "dm": "ansimagenta",
+        "action": "italic",
+        "mention": "bold reverse",
+        "bottom-toolbar": "noreverse bg:ansiblue ansiwhite",
+        "toolbar.bad": "bg:ansired ansiwhite bold",
+    }
+)
+
+CONTEXT_LINES = 20
+
+
+@dataclass
+class ChatState:
+    """What the UI knows: current room, rooms joined and their members, connection state."""
+
+    nick: str
+    room: str | None = None
+    rooms: dict[str, list[str]] = field(default_factory=dict)
+    topics: dict[str, str] = field(default_factory=dict)
+    connection: str = "connecting"
+    partial_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def all_nicks(self) -> list[str]:
+        seen: dict[str, str] = {}
+        for nicks in self.rooms.values():
+            for n in nicks:
+                seen.setdefault(nick_key(n), n)
+        return sorted(seen.values(), key=str.casefold)
+
+
+class ChatCompleter(Completer):
+    """Tab completes commands, ``#rooms`` and nicks of people in the joined rooms."""
+
+    def __init__(self, state: ChatState) -> None:
+        self.state = state
+
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterable[Completion]:
+        before = document.text_before_cursor
+        word = before.split(" ")[-1] if before else ""
+        if before.startswith("/") and " " not in before:
+            for name in cmd.COMMANDS:
+                if name.startswith(word.lower()):
+                    yield Completion(name + " ", -len(word), display_meta=cmd.COMMANDS[name][1])
+            return
+        if word.startswith("#"):
+            for room in sorted(self.state.rooms):
+                if room.startswith(word[1:].lower()):
+                    yield Completion("#" + room, -len(word))
+            return
+        if not word:
+            return
+        at_start = before == word
+        for nick in self.state.all_nicks():
+            if nick_key(nick).startswith(nick_key(word)):
+                yield Completion(nick + (": " if at_start else ""), -len(word))
+
+
+class ChatUI:
+    """One person's chat window, built on a connected :class:`Client`."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        room: str | None = None,
+        input: Input | None = None,
+        output: Output | None = None,
+        renderer: Renderer | None = None,
+    ) -> None:
+        self.client = client
+        self.state = ChatState(nick=client.nick)
+        self.first_room = room
+        self.renderer = renderer or Renderer(me=lambda: self.state.nick)
+        #: Every line shown, as plain text (tests read it; it is cheap).
+        self.transcript: list[str] = []
+        self._pending: list[Line] = []
+        self._flush_scheduled = False
+        self._want_context: set[str] = set()
+        self._sent_dms: dict[str, tuple[str, str]] = {}
+        self._quit = asyncio.Event()
+        self._output = output
+        self.session: PromptSession[str] = PromptSession(
+            input=input,
+            output=output,
+            history=InMemoryHistory(),
+            completer=ChatCompleter(self.state),
+            complete_while_typing=False,
+            bottom_toolbar=self._toolbar,
+            key_bindings=self._bindings(),
+            style=STYLE,
+            multiline=False,
+            erase_when_done=True,
+        )
+
+    # -- running --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the user quits or the connection ends for good."""
+        self.state.connection = "connected"
+        if self.client.welcome is not None:
+            self.show(self.renderer.event(self.client.welcome, current_room=None))
+        if self.first_room:
+            self.execute(cmd.JoinCmd(self.first_room))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                reader = tasks.create_task(self.read_events())
+                prompt = tasks.create_task(self.read_input())
+                await self._quit.wait()
+                reader.cancel()
+                prompt.cancel()
+        finally:
+            self._flush()
+            await self.client.close(self._quit_reason)
+
+    _quit_reason: str | None = None
+
+    def quit(self, reason: str | None = None) -> None:
+        self._quit_reason = reason
+        self._quit.set()
+
+    async def read_input(self) -> None:
+        """The input coroutine: one line at a time, until quit."""
+        while True:
+            try:
+                line = await self.session.prompt_async(self._prompt)
+            except (EOFError, KeyboardInterrupt):
+                self.quit()
+                return
+            self.submit(line)
+
+    async def read_events(self) -> None:
+        """The read coroutine: every event from the server, printed above the prompt."""
+        async for event in self.client.events():
+            self.handle(event)
+        self.state.connection = "disconnected"
+        if self.session.app.is_running:
+            self.session.app.invalidate()
+
+    # -- input ----------------------------------------------------------------
+
+    def submit(self, line: str) -> None:
+        """Carry out one line typed at the prompt."""
+        try:
+            command = cmd.parse(line)
+        except cmd.CommandError as exc:
+            self.show([self.renderer.problem(str(exc))])
+            return
+        if command is not None:
+            self.execute(command)
+
+    def execute(self, command: cmd.Command) -> None:
+        """Send what ``command`` asks for; local-only commands act at once."""
+        try:
+            self._execute(command)
+        except ConnectionClosed:
+            self.show([self.renderer.problem("not connected: nothing was sent")])
+
+    def _execute(self, command: cmd.Command) -> None:
+        client = self.client
+        state = self.state
+        if isinstance(command, cmd.QuitCmd):
+            self.quit(command.reason)
+        elif isinstance(command, cmd.HelpCmd):
+            self.show(self._help())
+        elif isinstance(command, cmd.JoinCmd):
+            if command.room in state.rooms:
+                state.room = command.room
+                self.show([self.renderer.notice(f"now talking in #{command.room}")])
+            else:
+                self._want_context.add(command.room)
+                client.send(Join(room=command.room, ref=client.new_ref()))
+        elif isinstance(command, cmd.SayCmd | cmd.MeCmd):
+            if state.room is None:
+                self.show([self.renderer.problem("join a room first: /join #general")])
+                return
+            text = command.text if isinstance(command, cmd.SayCmd) else "/me " + command.action
+            client.send(Say(room=state.room, text=text, ref=client.new_ref()))
+        elif isinstance(command, cmd.PartCmd):
+            room = command.room or state.room
+            if room is None:
+                self.show([self.renderer.problem("you are in no room")])
+                return
+            client.send(Part(room=room, reason=command.reason, ref=client.new_ref()))
+        elif isinstance(command, cmd.DmCmd):
+            ref = client.new_ref()
+            self._sent_dms[ref] = (command.nick, command.text)
+            client.send(Dm(to=command.nick, text=command.text, ref=ref))
+        elif isinstance(command, cmd.NickCmd):
+            client.send(Nick(nick=command.nick, ref=client.new_ref()))
+        elif isinstance(command, cmd.WhoCmd):
+            room = command.room or state.room
+            if room is None:
+                self.show([self.renderer.problem("usage: /who #room")])
+                return
+            client.send(Who(room=room, ref=client.new_ref()))
+        elif isinstance(command, cmd.RoomsCmd):
+            client.send(RoomsRequest(ref=client.new_ref()))
+        elif isinstance(command, cmd.TopicCmd):
+            room = command.room or state.room
+            if room is None:
+                self.show([self.renderer.problem("join a room first")])
+            elif command.topic is None:
+                topic = state.topics.get(room, "")
+                text = f"topic of #{room}: {visible(topic)}" if topic else f"#{room} has no topic"
+                self.show([self.renderer.notice(text)])
+            else:
+                client.send(Topic(room=room, topic=command.topic, ref=client.new_ref()))
+        elif isinstance(command, cmd.HistoryCmd):
+            if state.room is None:
+                self.show([self.renderer.problem("join a room first")])
+                return
+            client.send(
+                HistoryRequest(room=state.room, limit=command.limit, ref=client.new_ref())
+            )
+
+    # -- events ---------------------------------------------------------------
+
+    def handle(self, event: object) -> None:
+        """Update the state for one event and print what it says."""
+        state = self.state
+        me = nick_key(state.nick)
+        if isinstance(event, Disconnected):
+            state.connection = "disconnected"
+            self.show([self.renderer.problem(f"disconnected: {visible(event.reason)}")])
+            return
+        if isinstance(event, LocalNotice):
+            self.show([self.renderer.problem(event.text)])
+            return
+        if isinstance(event, Names):
+            collected = state.partial_names.pop(event.room, []) + list(event.nicks)
+            if event.more:
+                state.partial_names[event.room] = collected
+                return
+            if event.room in state.rooms or event.room in self._want_context:
+                state.rooms[event.room] = collected
+                state.topics[event.room] = event.topic
+            if event.room in self._want_context:
+                self._want_context.discard(event.room)
+                state.room = event.room
+                self.show(self.renderer.names(event.room, collected, event.topic))
+                if event.seq > 0:
+                    self.client.send(
+                        HistoryRequest(
+                            room=event.room,
+                            before=event.seq + 1,
+                            limit=CONTEXT_LINES,
+                            ref=self.client.new_ref(),
+                        )
+                    )
+                return
+            self.show(self.renderer.names(event.room, collected, event.topic))
+            return
+        if isinstance(event, Joined):
+            if nick_key(event.nick) == me:
+                state.rooms.setdefault(event.room, [])
+                return  # names follows and says it better
+            members = state.rooms.get(event.room)
+            if members is not None and event.nick not in members:
+                members.append(event.nick)
+        elif isinstance(event, Parted):
+            if nick_key(event.nick) == me:
+                state.rooms.pop(event.room, None)
+                if state.room == event.room:
+                    state.room = next(iter(state.rooms), None)
+                where = f"; now in #{state.room}" if state.room else ""
+                self.show([self.renderer.notice(f"you left #{visible(event.room)}{where}")])
+                return
+            members = state.rooms.get(event.room)
+            if members is not None:
+                state.rooms[event.room] = [n for n in members if nick_key(n) != nick_key(event.nick)]
+        elif isinstance(event, Renamed):
+            if nick_key(event.old) == me:
+                state.nick = event.new
+            for room, members in state.rooms.items():
+                state.rooms[room] = [event.new if n == event.old else n for n in members]
+        elif isinstance(event, TopicEvent):
+            state.topics[event.room] = event.topic
+        elif isinstance(event, Ack):
+            sent = self._sent_dms.pop(event.ref, None)
+            if sent is not None:
+                self.show([self.renderer.dm_sent(sent[0], sent[1], event.ts)])
+            return
+        elif isinstance(event, Error):
+            self._sent_dms.pop(event.ref or "", None)
+        elif isinstance(event, History) and not event.messages and event.ref is None:
+            return
+        self.show(self.renderer.event(event, current_room=state.room))
+
+    # -- output ---------------------------------------------------------------
+
+    def show(self, lines: list[Line]) -> None:
+        """Print ``lines`` above the prompt (batched: one redraw per loop tick)."""
+        if not lines:
+            return
+        self.transcript.extend(plain(line) for line in lines)
+        self._pending.extend(lines)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        fragments: list[tuple[str, str]] = []
+        for line in self._pending:
+            fragments.extend(line)
+            fragments.append(("", "\n"))
+        self._pending.clear()
+        print_formatted_text(
+            FormattedText(fragments), end="", style=STYLE, output=self._output
+        )
+
+    def _prompt(self) -> FormattedText:
+        room = f"#{self.state.room}" if self.state.room else "(no room)"
+        return FormattedText([("class:room", room), ("", "> ")])
+
+    def _toolbar(self) -> FormattedText:
+        state = self.state
+        conn = state.connection
+        rooms = " ".join(
+            ("[#" + r + "]") if r == state.room else ("#" + r) for r in sorted(state.rooms)
+        )
+        people = len(state.rooms.get(state.room or "", []))
+        style = "" if conn == "connected" else "class:toolbar.bad"
+        return FormattedText(
+            [
+                ("", f" {visible(state.nick)} │ "),
+                ("", f"{rooms or '(no room)'} │ {people} here │ "),
+                (style, conn),
+                ("", " │ /help"),
+            ]
+        )
+
+    def _help(self) -> list[Line]:
+        lines = [self.renderer.notice("commands:")]
+        for usage, what in cmd.COMMANDS.values():
+            lines.append(self.renderer.notice(f"  {usage:<24} {what}"))
+        lines.append(
+            self.renderer.notice("  Tab completes, Up/Down recall, Esc Enter (Alt-Enter) newline")
+        )
+        return lines
+
+    @staticmethod
+    def _bindings() -> KeyBindings:
+        bindings = KeyBindings()
+
+        @bindings.add("escape", "enter")
+        def _newline(event: KeyPressEvent) -> None:
+            event.current_buffer.insert_text("\n")
+
+        return bindings
+
+
+async def run_ui(
+    *,
+    host: str,
+    port: int,
+    nick: str,
+    room: str | None,
+    password: str | None = None,
+    input: Input | None = None,
+    output: Output | None = None,
+) -> int:
+    """Connect as ``nick`` and run the chat window until the user quits. Returns an exit code."""
+    client = Client(host, port, nick, password=password, client_name="achat-terminal")
+    await client.connect()
+    ui = ChatUI(
+        client, room=cmd.normalise_room(room) if room else None, input=input, output=output
+    )
+    with contextlib.suppress(asyncio.CancelledError):
+        await ui.run()
+    return 0
