@@ -102,8 +102,38 @@ def parse_server_args(
         default=float(_env(env, "IDLE_TIMEOUT", "120") or 120),
         help="seconds of silence before a client is dropped (ACHAT_IDLE_TIMEOUT, default 120)",
     )
+    parser.add_argument(
+        "--store",
+        default=_env(env, "STORE", "sqlite"),
+        choices=["sqlite", "memory"],
+        help="sqlite keeps history in DATA_DIR/achat.db; memory forgets it on exit "
+        "(ACHAT_STORE, default sqlite)",
+    )
+    parser.add_argument(
+        "--durability",
+        default=_env(env, "DURABILITY", "normal"),
+        choices=["normal", "full"],
+        help="normal: acked messages survive a crash of the server; full: also a power "
+        "loss, at the cost of an fsync per batch (ACHAT_DURABILITY, default normal)",
+    )
+    parser.add_argument(
+        "--history-days",
+        type=float,
+        default=_float_or_none(_env(env, "HISTORY_DAYS", None)),
+        help="delete messages older than this many days (ACHAT_HISTORY_DAYS, default keep)",
+    )
+    parser.add_argument(
+        "--history-max",
+        type=int,
+        default=_int_or_none(_env(env, "HISTORY_MAX", None)),
+        help="keep at most this many messages per room (ACHAT_HISTORY_MAX, default all)",
+    )
     parser.add_argument("--version", action="version", version=f"achat {__version__}")
     args = parser.parse_args(argv)
+    if args.history_days is not None and args.history_days <= 0:
+        parser.error("--history-days must be positive")
+    if args.history_max is not None and args.history_max < 1:
+        parser.error("--history-max must be at least 1")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0 to 65535")
     if args.max_clients < 1:
@@ -122,16 +152,43 @@ def parse_server_args(
         password=args.password,
         log_level=args.log_level,
         limits=SessionLimits(idle_timeout=args.idle_timeout),
+        store=args.store,
+        durability=args.durability,
+        history_days=args.history_days,
+        history_max=args.history_max,
     )
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
 
 
 async def _serve(config: ServerConfig) -> int:
     from .server.app import Server
+    from .store.base import Store
     from .store.memory import MemoryStore
+    from .store.sqlite import SQLiteStore
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(config, MemoryStore())
-    await server.start()
+    store: Store
+    if config.store == "memory":
+        store = MemoryStore(max_per_room=config.history_max)
+    else:
+        store = SQLiteStore(
+            config.database,
+            durability=config.durability,
+            history_days=config.history_days,
+            history_max=config.history_max,
+        )
+    server = Server(config, store)
+    try:
+        await server.start()
+    except BaseException:
+        store.close()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

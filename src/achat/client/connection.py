@@ -1,17 +1,28 @@
-"""The public async client API: connect, send frames, and iterate over what the server says.
+"""The public async client API: connect, send frames, iterate over what the server says.
 
 A :class:`Client` opens one TCP connection, says ``hello`` and waits for
-``welcome``. A reader task then decodes every frame the server sends (the
-server is treated as untrusted: bad frames are dropped and reported, never
-raised into the caller) and puts it on the queue that :meth:`Client.events`
-iterates. Replies that echo a ``ref`` also resolve the future of
-:meth:`Client.request`, so a bot can write ``ack = await client.request(...)``.
+``welcome``. A supervisor task then reads and decodes every frame (the server
+is treated as untrusted: a bad frame is dropped and reported as a
+:class:`LocalNotice`, never raised into the caller) and puts it on the queue
+that :meth:`Client.events` iterates. Replies that echo a ``ref`` also resolve
+the future of :meth:`Client.request`.
+
+Theory of operation of reconnecting (``reconnect=True``): the client
+remembers the rooms it is in with the last ``seq`` it saw in each, and every
+``say``/``dm`` it has sent that has no ``ack`` yet. When the connection
+drops it emits :class:`ConnectionLost`, waits (exponential backoff with
+random jitter, capped), connects again as the same nick, re-joins each room
+with ``since`` = last ``seq`` seen, and resends every unacknowledged frame
+with its original ``ref`` — the server answers a repeat with the original
+``ack`` instead of storing it twice. Messages whose ``seq`` the client has
+already delivered are dropped, so each message reaches the caller exactly
+once and in order. Frames sent while offline wait and go out on reconnect.
 
 Example::
 
     async with Client("127.0.0.1", 7777, "bot") as client:
         await client.join("ops")
-        await client.request(client.say_frame("ops", "deploy finished"))
+        await client.say("ops", "deploy finished")
 """
 
 from __future__ import annotations
@@ -20,14 +31,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
 from ..errors import ConnectionClosed, FrameError, ProtocolError, ServerError
 from ..protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
-from ..protocol.names import nick_key
 from ..protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -39,9 +51,12 @@ from ..protocol.messages import (
     History,
     HistoryRequest,
     Join,
+    Joined,
+    Message,
     Names,
     Nick,
     Part,
+    Parted,
     Ping,
     Pong,
     Renamed,
@@ -55,8 +70,17 @@ from ..protocol.messages import (
     decode_server,
     encode,
 )
+from ..protocol.names import nick_key
 
-__all__ = ["Client", "Disconnected", "LocalNotice"]
+__all__ = [
+    "Backoff",
+    "Client",
+    "ConnectionLost",
+    "Disconnected",
+    "Event",
+    "LocalNotice",
+    "Reconnected",
+]
 
 log = logging.getLogger("achat.client")
 
@@ -65,13 +89,31 @@ CLIENT_FRAME_CAP = 16 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
+# Refusals after which connecting again as the same user cannot help.
+_HOPELESS = frozenset({"invalid_nick", "bad_password", "unsupported_version"})
 
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """Event: the connection ended; ``reason`` says why in plain words."""
+    """Event: the connection ended for good; ``reason`` says why in plain words. Always last."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    """Event: the connection dropped; the client is trying again (``reconnect=True``)."""
+
+    reason: str
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """Event: connected again; rooms are being re-joined and unacked messages resent."""
+
+    welcome: Welcome
+    resent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +123,25 @@ class LocalNotice:
     text: str
 
 
-Event = ServerFrame | Disconnected | LocalNotice
+Event = ServerFrame | Disconnected | ConnectionLost | Reconnected | LocalNotice
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: ``uniform(initial, min(cap, initial * 2**n))``."""
+
+    initial: float = 0.25
+    cap: float = 10.0
+    rng: random.Random | None = None
+
+    def delay(self, attempt: int) -> float:
+        rng = self.rng or random
+        ceiling = min(self.cap, self.initial * (2 ** min(attempt, 30)))
+        return rng.uniform(self.initial, max(self.initial, ceiling))
 
 
 class Client:
-    """One connection to an achat server, as one nick."""
+    """One user's connection to an achat server."""
 
     def __init__(
         self,
@@ -96,6 +152,10 @@ class Client:
         password: str | None = None,
         client_name: str = "achat",
         connect_timeout: float = 10.0,
+        reconnect: bool = False,
+        backoff: Backoff | None = None,
+        keepalive: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
         self.port = port
@@ -103,14 +163,24 @@ class Client:
         self.password = password
         self.client_name = client_name
         self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.keepalive = keepalive
+        self.clock = clock
         self.welcome: Welcome | None = None
-        self._reader: asyncio.StreamReader | None = None
+        #: Rooms joined, with the last ``seq`` delivered in each (None until known).
+        self.rooms: dict[str, int | None] = {}
+        #: ``say``/``dm`` frames sent (or queued) and not acknowledged yet, in send order.
+        self.unacked: dict[str, Say | Dm] = {}
         self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._online = False
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[ServerFrame]] = {}
         self._refs = (f"{secrets.token_hex(4)}-{n}" for n in itertools.count(1))
-        self._closed = False
+        self._last_sent = 0.0
+        self._last_heard = 0.0
 
     # -- connecting -----------------------------------------------------------
 
@@ -128,21 +198,27 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        return self.welcome is not None and not self._closed
+        """True while a connection is up and registered."""
+        return self._online
 
     async def connect(self) -> Welcome:
-        """Connect, say ``hello`` and return the ``welcome``.
+        """Connect, say ``hello`` and return the ``welcome``; then keep reading in the background.
 
         Raises :class:`ServerError` when the server refuses (``nick_taken``,
-        ``invalid_nick`` …), :class:`ConnectionClosed` when it cannot be reached.
+        ``invalid_nick`` …) and :class:`ConnectionClosed` when it cannot be
+        reached; the first connection is never retried, so a typo fails fast.
         """
+        reader, decoder = await self._open()
+        self._supervisor = asyncio.create_task(self._supervise(reader, decoder))
+        assert self.welcome is not None
+        return self.welcome
+
+    async def _open(self) -> tuple[asyncio.StreamReader, FrameDecoder]:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise ConnectionClosed(f"cannot reach {self.host}:{self.port}: {exc}") from None
-        self._reader, self._writer = reader, writer
-        self._closed = False
         decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         writer.write(
             encode(
@@ -156,23 +232,33 @@ class Client:
         )
         try:
             async with asyncio.timeout(self.connect_timeout):
-                first = await self._read_first(reader, decoder)
-        except (TimeoutError, ConnectionClosed) as exc:
-            writer.close()
+                first, rest = await self._read_first(reader, decoder)
+        except (TimeoutError, ConnectionClosed, OSError) as exc:
+            writer.transport.abort()
             raise ConnectionClosed(f"no welcome from the server: {exc}") from None
+        except ProtocolError as exc:
+            writer.transport.abort()
+            raise ConnectionClosed(f"the server answered hello with a bad frame: {exc}") from None
         if isinstance(first, Error):
-            writer.close()
+            writer.transport.abort()
             raise ServerError(first.code, first.message, fatal=True)
         if not isinstance(first, Welcome):
-            writer.close()
+            writer.transport.abort()
             raise ConnectionClosed(f"the server answered hello with {type(first).__name__}")
         self.welcome = first
         self.nick = first.nick
+        self._writer = writer
+        self._online = True
+        self._last_heard = self._last_sent = self.clock()
         decoder.max_frame = min(max(first.max_frame, DEFAULT_MAX_FRAME), CLIENT_FRAME_CAP)
-        self._reader_task = asyncio.create_task(self._read_loop(reader, decoder))
-        return first
+        for body in rest:
+            self._deliver_body(body)
+        return reader, decoder
 
-    async def _read_first(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> ServerFrame:
+    @staticmethod
+    async def _read_first(
+        reader: asyncio.StreamReader, decoder: FrameDecoder
+    ) -> tuple[ServerFrame, list[bytes]]:
         while True:
             data = await reader.read(READ_CHUNK)
             if not data:
@@ -182,11 +268,7 @@ class Client:
             except FrameError as exc:
                 raise ConnectionClosed(f"bad frame from the server: {exc}") from None
             if bodies:
-                frame = decode_server(bodies[0])
-                # Frames after welcome in the same chunk are not lost.
-                for body in bodies[1:]:
-                    self._deliver_body(body)
-                return frame
+                return decode_server(bodies[0]), bodies[1:]
 
     # -- sending --------------------------------------------------------------
 
@@ -195,16 +277,46 @@ class Client:
         return next(self._refs)
 
     def send(self, frame: ClientFrame) -> None:
-        """Queue ``frame`` for the server. Raises :class:`ConnectionClosed` when not connected."""
-        if self._writer is None or self._closed or self._writer.is_closing():
-            raise ConnectionClosed("not connected")
+        """Send ``frame`` now, or (with ``reconnect``) queue it until the connection is back.
+
+        ``say`` and ``dm`` frames with a ``ref`` are remembered until acked and
+        resent after a reconnect. Raises :class:`ConnectionClosed` when the
+        frame cannot be sent or kept.
+        """
+        keep = isinstance(frame, Say | Dm) and bool(frame.ref)
+        if self._online and self._writer is not None:
+            if keep:
+                self.unacked[frame.ref or ""] = frame  # type: ignore[assignment]
+            self._write(frame)
+            return
+        if self.reconnect and not self._closing:
+            if keep:
+                self.unacked[frame.ref or ""] = frame  # type: ignore[assignment]
+                return  # goes out with the resend after reconnecting
+            if isinstance(frame, Join):
+                self.rooms.setdefault(frame.room, frame.since)
+                return
+            if isinstance(frame, Part):
+                self.rooms.pop(frame.room, None)
+                return
+        raise ConnectionClosed("not connected")
+
+    def _write(self, frame: ClientFrame) -> None:
+        assert self._writer is not None
         self._writer.write(encode(frame))
+        self._last_sent = self.clock()
+
+    @property
+    def pending(self) -> int:
+        """How many sent messages wait for their ``ack``."""
+        return len(self.unacked)
 
     async def request(self, frame: ClientFrame, timeout: float = 30.0) -> ServerFrame:
         """Send ``frame`` (which must carry a ``ref``) and return the server's direct reply.
 
-        Raises :class:`ServerError` if the reply is an ``error`` other than
-        ``history_gap``, and :class:`ConnectionClosed` if the connection ends first.
+        Raises :class:`ServerError` if the reply is an ``error`` (other than
+        ``history_gap``), :class:`ConnectionClosed` if the connection ends
+        first (without ``reconnect``), and :class:`TimeoutError`.
         """
         ref = getattr(frame, "ref", None)
         if not ref:
@@ -225,7 +337,7 @@ class Client:
         return Say(room=room, text=text, ref=self.new_ref())
 
     async def join(self, room: str, since: int | None = None) -> Names:
-        """Join ``room`` and return its first ``names`` (messages after ``since`` follow as events)."""
+        """Join ``room``; returns its ``names`` (messages after ``since`` follow as events)."""
         reply = await self.request(Join(room=room, since=since, ref=self.new_ref()))
         assert isinstance(reply, Names)
         return reply
@@ -233,14 +345,15 @@ class Client:
     async def part(self, room: str, reason: str | None = None) -> None:
         self.send(Part(room=room, reason=reason, ref=self.new_ref()))
 
-    async def say(self, room: str, text: str) -> Ack:
+    async def say(self, room: str, text: str, timeout: float = 30.0) -> Ack:
         """Send a message and wait until the server has stored it."""
-        reply = await self.request(self.say_frame(room, text))
+        reply = await self.request(self.say_frame(room, text), timeout)
         assert isinstance(reply, Ack)
         return reply
 
-    async def dm(self, to: str, text: str) -> Ack:
-        reply = await self.request(Dm(to=to, text=text, ref=self.new_ref()))
+    async def dm(self, to: str, text: str, timeout: float = 30.0) -> Ack:
+        """Send a direct message and wait until the server has stored it."""
+        reply = await self.request(Dm(to=to, text=text, ref=self.new_ref()), timeout)
         assert isinstance(reply, Ack)
         return reply
 
@@ -249,7 +362,7 @@ class Client:
         assert isinstance(reply, Names)
         return reply
 
-    async def rooms(self) -> Rooms:
+    async def rooms_list(self) -> Rooms:
         reply = await self.request(RoomsRequest(ref=self.new_ref()))
         assert isinstance(reply, Rooms)
         return reply
@@ -273,20 +386,21 @@ class Client:
         await self.request(Ping(ref=self.new_ref()))
 
     async def close(self, reason: str | None = None) -> None:
-        """Say ``bye`` (if connected), wait for the server to close, release everything."""
+        """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
+        self._closing = True
         writer = self._writer
-        if writer is not None and not writer.is_closing() and not self._closed:
+        if writer is not None and self._online and not writer.is_closing():
             with contextlib.suppress(ConnectionError, OSError):
                 writer.write(encode(Bye(reason=reason)))
-        self._closed = True
-        if self._reader_task is not None:
+        supervisor = self._supervisor
+        if supervisor is not None and not supervisor.done():
             try:
                 async with asyncio.timeout(2):
-                    await asyncio.shield(self._reader_task)
-            except (TimeoutError, asyncio.CancelledError):
-                self._reader_task.cancel()
+                    await asyncio.shield(supervisor)
+            except TimeoutError:
+                supervisor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await self._reader_task
+                    await supervisor
         if writer is not None:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
@@ -295,7 +409,7 @@ class Client:
     # -- receiving ------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[Event]:
-        """Every frame from the server, then one :class:`Disconnected`, then the end."""
+        """Every event, in order, ending with one :class:`Disconnected`."""
         while True:
             event = await self._events.get()
             yield event
@@ -307,24 +421,26 @@ class Client:
         async with asyncio.timeout(timeout):
             return await self._events.get()
 
-    async def _read_loop(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> None:
+    async def _supervise(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> None:
+        """Read until the connection ends; with ``reconnect``, connect again and resume."""
         reason = "the server closed the connection"
         try:
             while True:
-                data = await reader.read(READ_CHUNK)
-                if not data:
+                reason = await self._read_until_lost(reader, decoder)
+                self._online = False
+                if self._writer is not None:
+                    self._writer.transport.abort()
+                if self._closing or not self.reconnect:
                     break
-                try:
-                    bodies = decoder.receive_data(data)
-                except FrameError as exc:
-                    reason = f"the server sent a broken frame ({exc.message})"
+                opened = await self._reconnect(reason)
+                if opened is None:
+                    reason = "gave up reconnecting"
                     break
-                for body in bodies:
-                    self._deliver_body(body)
-        except (ConnectionError, OSError) as exc:
-            reason = f"connection lost: {exc}"
+                reader, decoder = opened
+        except _Hopeless as exc:
+            reason = str(exc)
         finally:
-            self._closed = True
+            self._online = False
             if self._writer is not None:
                 self._writer.close()
             closed = ConnectionClosed(reason)
@@ -333,6 +449,74 @@ class Client:
                     future.set_exception(closed)
             self._events.put_nowait(Disconnected(reason))
 
+    async def _read_until_lost(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> str:
+        keepalive = asyncio.create_task(self._keepalive())
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    return "the server closed the connection"
+                self._last_heard = self.clock()
+                try:
+                    bodies = decoder.receive_data(data)
+                except FrameError as exc:
+                    return f"the server sent a broken frame ({exc.message})"
+                for body in bodies:
+                    self._deliver_body(body)
+        except (ConnectionError, OSError) as exc:
+            return f"connection lost: {exc}"
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _keepalive(self) -> None:
+        """Ping when we have been quiet; drop a connection that has gone silent."""
+        interval = self.keepalive
+        while True:
+            await asyncio.sleep(interval / 3)
+            now = self.clock()
+            if now - self._last_heard > 2 * interval and self._writer is not None:
+                log.info("no answer from the server for %.0f s; dropping", now - self._last_heard)
+                self._writer.transport.abort()
+                return
+            if now - self._last_sent >= interval and self._online:
+                with contextlib.suppress(ConnectionError, OSError):
+                    self._write(Ping())
+
+    async def _reconnect(self, reason: str) -> tuple[asyncio.StreamReader, FrameDecoder] | None:
+        attempt = 0
+        while not self._closing:
+            delay = self.backoff.delay(attempt)
+            self._events.put_nowait(ConnectionLost(reason, delay))
+            await asyncio.sleep(delay)
+            if self._closing:
+                return None
+            attempt += 1
+            try:
+                opened = await self._open()
+            except ServerError as exc:
+                if exc.code in _HOPELESS:
+                    raise _Hopeless(f"the server refused to take us back: {exc.message}") from None
+                reason = f"{exc.message} ({exc.code})"
+                continue
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                continue
+            assert self.welcome is not None
+            resent = self._resume()
+            self._events.put_nowait(Reconnected(self.welcome, resent))
+            return opened
+        return None
+
+    def _resume(self) -> int:
+        """Re-join every room from the last ``seq`` seen, then resend what was not acked."""
+        for room, last in list(self.rooms.items()):
+            self._write(Join(room=room, since=last, ref=self.new_ref()))
+        for frame in list(self.unacked.values()):
+            self._write(frame)
+        return len(self.unacked)
+
     def _deliver_body(self, body: bytes) -> None:
         try:
             frame = decode_server(body)
@@ -340,14 +524,46 @@ class Client:
             log.warning("dropped a bad frame from the server: %s", exc)
             self._events.put_nowait(LocalNotice(f"ignored a bad frame from the server ({exc.code})"))
             return
+        if not self._track(frame):
+            return
         if isinstance(frame, _REPLY_TYPES):
             ref = frame.ref
             future = self._pending.get(ref) if ref else None
             if future is not None and not future.done():
-                is_partial = isinstance(frame, Names | Rooms) and frame.more
-                is_gap = isinstance(frame, Error) and frame.code == "history_gap"
-                if not is_partial and not is_gap:
+                partial = isinstance(frame, Names | Rooms) and frame.more
+                gap = isinstance(frame, Error) and frame.code == "history_gap"
+                if not partial and not gap:
                     future.set_result(frame)
-        if isinstance(frame, Renamed) and nick_key(frame.old) == nick_key(self.nick):
-            self.nick = frame.new
         self._events.put_nowait(frame)
+
+    def _track(self, frame: ServerFrame) -> bool:
+        """Update rooms, last ``seq`` and unacked state; False to drop a duplicate or echo."""
+        me = nick_key(self.nick)
+        if isinstance(frame, Message):
+            last = self.rooms.get(frame.room)
+            if last is not None and frame.seq <= last:
+                return False  # already delivered (resume overlap)
+            if frame.room in self.rooms:
+                self.rooms[frame.room] = frame.seq
+        elif isinstance(frame, Ack):
+            self.unacked.pop(frame.ref, None)
+        elif isinstance(frame, Error):
+            if frame.ref and frame.code != "history_gap":
+                self.unacked.pop(frame.ref, None)
+        elif isinstance(frame, Joined):
+            if nick_key(frame.nick) == me:
+                self.rooms.setdefault(frame.room, None)
+        elif isinstance(frame, Parted):
+            if nick_key(frame.nick) == me:
+                self.rooms.pop(frame.room, None)
+        elif isinstance(frame, Names):
+            if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
+                self.rooms[frame.room] = frame.seq
+        elif isinstance(frame, Renamed):
+            if nick_key(frame.old) == me:
+                self.nick = frame.new
+        return True
+
+
+class _Hopeless(Exception):
+    pass

@@ -49,7 +49,7 @@ from ..protocol.messages import (
 )
 from ..protocol.names import nick_key
 from . import commands as cmd
-from .connection import Client, Disconnected, LocalNotice
+from .connection import Client, ConnectionLost, Disconnected, LocalNotice, Reconnected
 from .render import Line, Renderer, plain, visible
 
 __all__ = ["ChatCompleter", "ChatState", "ChatUI", "run_ui"]
@@ -141,6 +141,7 @@ class ChatUI:
         self._flush_scheduled = False
         self._want_context: set[str] = set()
         self._sent_dms: dict[str, tuple[str, str]] = {}
+        self._asked: set[str] = set()  # refs of /who requests, whose names are shown
         self._quit = asyncio.Event()
         self._output = output
         self.session: PromptSession[str] = PromptSession(
@@ -197,6 +198,9 @@ class ChatUI:
         async for event in self.client.events():
             self.handle(event)
         self.state.connection = "disconnected"
+        self._redraw()
+
+    def _redraw(self) -> None:
         if self.session.app.is_running:
             self.session.app.invalidate()
 
@@ -239,6 +243,8 @@ class ChatUI:
                 return
             text = command.text if isinstance(command, cmd.SayCmd) else "/me " + command.action
             client.send(Say(room=state.room, text=text, ref=client.new_ref()))
+            if not client.connected:
+                self.show([self.renderer.notice(f"(pending, sent when reconnected) {visible(text)}")])
         elif isinstance(command, cmd.PartCmd):
             room = command.room or state.room
             if room is None:
@@ -256,7 +262,9 @@ class ChatUI:
             if room is None:
                 self.show([self.renderer.problem("usage: /who #room")])
                 return
-            client.send(Who(room=room, ref=client.new_ref()))
+            ref = client.new_ref()
+            self._asked.add(ref)
+            client.send(Who(room=room, ref=ref))
         elif isinstance(command, cmd.RoomsCmd):
             client.send(RoomsRequest(ref=client.new_ref()))
         elif isinstance(command, cmd.TopicCmd):
@@ -290,6 +298,18 @@ class ChatUI:
         if isinstance(event, LocalNotice):
             self.show([self.renderer.problem(event.text)])
             return
+        if isinstance(event, ConnectionLost):
+            if state.connection == "connected":
+                self.show([self.renderer.problem(f"connection lost: {visible(event.reason)}")])
+            state.connection = f"reconnecting… (next try in {event.retry_in:.1f} s)"
+            self._redraw()
+            return
+        if isinstance(event, Reconnected):
+            state.connection = "connected"
+            state.nick = self.client.nick
+            resent = f"; resending {event.resent} unsent message(s)" if event.resent else ""
+            self.show([self.renderer.notice(f"reconnected{resent}")])
+            return
         if isinstance(event, Names):
             collected = state.partial_names.pop(event.room, []) + list(event.nicks)
             if event.more:
@@ -312,7 +332,10 @@ class ChatUI:
                         )
                     )
                 return
-            self.show(self.renderer.names(event.room, collected, event.topic))
+            if event.ref is not None and event.ref in self._asked:
+                self._asked.discard(event.ref)
+                self.show(self.renderer.names(event.room, collected, event.topic))
+            # Otherwise a refresh (after a reconnect): the state is updated, nothing to print.
             return
         if isinstance(event, Joined):
             if nick_key(event.nick) == me:
@@ -390,6 +413,9 @@ class ChatUI:
         )
         people = len(state.rooms.get(state.room or "", []))
         style = "" if conn == "connected" else "class:toolbar.bad"
+        pending = self.client.pending
+        if pending and conn != "connected":
+            conn += f" │ {pending} unsent"
         return FormattedText(
             [
                 ("", f" {visible(state.nick)} │ "),
@@ -430,7 +456,9 @@ async def run_ui(
     output: Output | None = None,
 ) -> int:
     """Connect as ``nick`` and run the chat window until the user quits. Returns an exit code."""
-    client = Client(host, port, nick, password=password, client_name="achat-terminal")
+    client = Client(
+        host, port, nick, password=password, client_name="achat-terminal", reconnect=True
+    )
     await client.connect()
     ui = ChatUI(
         client, room=cmd.normalise_room(room) if room else None, input=input, output=output

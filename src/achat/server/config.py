@@ -36,6 +36,15 @@ class ServerConfig:
     log_level: str = "info"
     max_text: int = DEFAULT_MAX_TEXT
     limits: SessionLimits = field(default_factory=SessionLimits)
+    store: str = "sqlite"
+    durability: str = "normal"
+    history_days: float | None = None
+    history_max: int | None = None
+
+    @property
+    def database(self) -> Path:
+        """The SQLite file inside the data directory."""
+        return self.data_dir / "achat.db"
 
     @property
     def max_frame(self) -> int:

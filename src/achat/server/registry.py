@@ -68,7 +68,7 @@ from ..protocol.names import (
     validate_text,
     validate_topic,
 )
-from ..store.base import Store
+from ..store.base import RefRecord, Store
 from .log import esc
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
@@ -112,7 +112,10 @@ class Room:
 
     name: str
     topic: str = ""
+    #: The latest ``seq`` handed out (its message may still be on its way to the store).
     last_seq: int = 0
+    #: The latest ``seq`` stored and delivered: what members and newcomers have seen.
+    stored_seq: int = 0
     members: dict[str, Member] = field(default_factory=dict)
 
 
@@ -149,10 +152,13 @@ class Registry:
         self._by_key: dict[str, Member] = {}
         self._by_skeleton: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {
-            r.name: Room(r.name, r.topic, r.last_seq) for r in store.load_rooms()
+            r.name: Room(r.name, r.topic, r.last_seq, r.last_seq) for r in store.load_rooms()
         }
         self._last_dm = store.last_dm_id()
-        self._refs: OrderedDict[tuple[str, str], _RefEntry] = OrderedDict()
+        self._refs: OrderedDict[tuple[str, str], _RefEntry] = OrderedDict(
+            ((r.nick_key, r.ref), _RefEntry(expires=r.expires, ack=r.ack))
+            for r in store.load_refs(clock())
+        )
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -265,10 +271,10 @@ class Registry:
     def _send_backlog(self, member: Member, room: Room, since: int, ref: str | None) -> None:
         after = since
         first = True
-        while after < room.last_seq:
+        while after < room.stored_seq:
             page = self.store.history(room.name, before=None, after=after, limit=BACKLOG_PAGE)
             if first and page.gap:
-                oldest = page.messages[0].seq if page.messages else room.last_seq + 1
+                oldest = page.messages[0].seq if page.messages else room.stored_seq + 1
                 member.peer.send(
                     encode(
                         Error(
@@ -286,6 +292,8 @@ class Registry:
             if not page.messages:
                 break
             for message in page.messages:
+                if message.seq > room.stored_seq:
+                    return  # not delivered to members yet: it will reach this one live
                 member.peer.send(encode(message))
             after = page.messages[-1].seq
             if not page.more:
@@ -312,9 +320,21 @@ class Registry:
         message = Message(
             room=room.name, seq=room.last_seq, ts=self.clock(), sender=member.nick, text=text
         )
+        ack = encode(Ack(ref=frame.ref or "", ts=message.ts, room=room.name, seq=message.seq))
+        self.store.append(
+            message,
+            lambda: self._message_stored(room, message, member, entry, ack),
+            self._ref_record(member, frame.ref, entry, ack),
+        )
+
+    def _message_stored(
+        self, room: Room, message: Message, member: Member, entry: _RefEntry, ack: bytes
+    ) -> None:
+        # Delivered only once stored: a crash can never show members a seq that the
+        # store then hands out again. The store calls back in seq order.
+        room.stored_seq = message.seq
         self._broadcast(room, encode(message))
-        ack = Ack(ref=frame.ref or "", ts=message.ts, room=room.name, seq=message.seq)
-        self.store.append(message, lambda: self._acknowledge(member, entry, ack))
+        self._acknowledge(member, entry, ack)
 
     def _dm(self, member: Member, frame: Dm) -> None:
         target = self._by_key.get(nick_key(frame.to))
@@ -326,9 +346,13 @@ class Registry:
             return
         self._last_dm += 1
         dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=self.clock(), text=text)
-        target.peer.send(encode(dm))
-        ack = Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id)
-        self.store.append_dm(dm, lambda: self._acknowledge(member, entry, ack))
+        ack = encode(Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id))
+
+        def stored() -> None:
+            target.peer.send(encode(dm))
+            self._acknowledge(member, entry, ack)
+
+        self.store.append_dm(dm, stored, self._ref_record(member, frame.ref, entry, ack))
 
     def _nick(self, member: Member, frame: Nick) -> None:
         new = validate_nick(frame.nick)
@@ -374,7 +398,18 @@ class Registry:
         name = validate_room(frame.room)
         if frame.before is not None and frame.after is not None:
             raise ProtocolError("missing_field", "give either before or after, not both")
-        page = self.store.history(name, before=frame.before, after=frame.after, limit=frame.limit)
+        # Only what members have been shown: a message still on its way to the store
+        # reaches everyone live, so listing it here too would show it twice.
+        room = self.rooms.get(name)
+        shown = room.stored_seq if room is not None else 0
+        before = frame.before
+        if frame.after is None:
+            before = shown + 1 if before is None else min(before, shown + 1)
+        page = self.store.history(name, before=before, after=frame.after, limit=frame.limit)
+        messages, more = page.messages, page.more
+        if frame.after is not None and messages and messages[-1].seq > shown:
+            messages = [m for m in messages if m.seq <= shown]
+            more = False
         if page.gap and frame.after is not None:
             member.peer.send(
                 encode(
@@ -386,7 +421,6 @@ class Registry:
                     )
                 )
             )
-        messages, more = page.messages, page.more
         data = encode(History(room=name, messages=messages, more=more, ref=frame.ref))
         while len(data) > self.max_frame + HEADER_SIZE and len(messages) > 1:
             # Keep the messages nearest the reference point; the client pages for the rest.
@@ -433,7 +467,7 @@ class Registry:
                 room=room.name,
                 nicks=part,
                 topic=room.topic,
-                seq=room.last_seq,
+                seq=room.stored_seq,
                 ref=ref,
                 more=more,
             ),
@@ -491,8 +525,13 @@ class Registry:
         refs[slot] = entry
         return entry
 
-    def _acknowledge(self, member: Member, entry: _RefEntry, ack: Ack) -> None:
-        data = encode(ack)
+    @staticmethod
+    def _ref_record(
+        member: Member, ref: str | None, entry: _RefEntry, ack: bytes
+    ) -> RefRecord | None:
+        return RefRecord(member.key, ref, entry.expires, ack) if ref else None
+
+    def _acknowledge(self, member: Member, entry: _RefEntry, data: bytes) -> None:
         entry.ack = data
         member.peer.send(data)
         for waiter in entry.waiters:

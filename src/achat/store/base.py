@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..protocol.messages import DmEvent, Message
 
-__all__ = ["HistoryPage", "RoomRecord", "Store"]
+__all__ = ["HistoryPage", "RefRecord", "RoomRecord", "Store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,20 @@ class RoomRecord:
     name: str
     topic: str
     last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class RefRecord:
+    """A ``ref`` a nick used for a ``say`` or ``dm``, and the ``ack`` it got (encoded frame).
+
+    Kept until ``expires`` (ms since the epoch) so that a resend after a
+    reconnect or a server restart is answered with the same ``ack``.
+    """
+
+    nick_key: str
+    ref: str
+    expires: int
+    ack: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +66,23 @@ class Store(Protocol):
         """The highest DM id ever stored (0 if none)."""
         ...
 
-    def append(self, message: Message, on_stored: Callable[[], None]) -> None:
-        """Store a room message whose ``seq`` the registry assigned; call ``on_stored`` when kept."""
+    def load_refs(self, now: int) -> list[RefRecord]:
+        """The remembered refs that have not expired at ``now``, oldest first."""
         ...
 
-    def append_dm(self, dm: DmEvent, on_stored: Callable[[], None]) -> None:
-        """Store a direct message; call ``on_stored`` when kept."""
+    def append(
+        self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        """Store a message (its ``seq`` set by the registry) and its ``ref``, atomically.
+
+        ``on_stored`` is called on the event loop once both are kept.
+        """
+        ...
+
+    def append_dm(
+        self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        """Store a direct message and its ``ref``; call ``on_stored`` when kept."""
         ...
 
     def set_topic(self, room: str, topic: str) -> None:
@@ -67,7 +92,7 @@ class Store(Protocol):
     def history(
         self, room: str, *, before: int | None, after: int | None, limit: int
     ) -> HistoryPage:
-        """Up to ``limit`` messages of ``room``: after ``after``, before ``before``, or the latest."""
+        """Up to ``limit`` messages of ``room``: after ``after``, before ``before``, or latest."""
         ...
 
     def close(self) -> None:

@@ -6,9 +6,11 @@ import bisect
 from collections.abc import Callable
 
 from ..protocol.messages import DmEvent, Message
-from .base import HistoryPage, RoomRecord
+from .base import HistoryPage, RefRecord, RoomRecord
 
-__all__ = ["MemoryStore"]
+__all__ = ["MAX_REFS", "MemoryStore"]
+
+MAX_REFS = 100_000
 
 
 class MemoryStore:
@@ -23,6 +25,7 @@ class MemoryStore:
         self._topics: dict[str, str] = {}
         self._dms: list[DmEvent] = []
         self._last_dm = 0
+        self._refs: dict[tuple[str, str], RefRecord] = {}
         self._max = max_per_room
 
     def load_rooms(self) -> list[RoomRecord]:
@@ -39,17 +42,34 @@ class MemoryStore:
     def last_dm_id(self) -> int:
         return self._last_dm
 
-    def append(self, message: Message, on_stored: Callable[[], None]) -> None:
+    def load_refs(self, now: int) -> list[RefRecord]:
+        return sorted((r for r in self._refs.values() if r.expires > now), key=lambda r: r.expires)
+
+    def append(
+        self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        self._remember(ref)
         log = self._messages.setdefault(message.room, [])
         log.append(message)
         if self._max is not None and len(log) > self._max:
             del log[: len(log) - self._max]
         on_stored()
 
-    def append_dm(self, dm: DmEvent, on_stored: Callable[[], None]) -> None:
+    def append_dm(
+        self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        self._remember(ref)
         self._dms.append(dm)
         self._last_dm = max(self._last_dm, dm.id)
         on_stored()
+
+    def _remember(self, ref: RefRecord | None) -> None:
+        if ref is None:
+            return
+        self._refs[(ref.nick_key, ref.ref)] = ref
+        # Refs arrive in expiry order, so the oldest are first; bound the memory they take.
+        while len(self._refs) > MAX_REFS:
+            del self._refs[next(iter(self._refs))]
 
     def set_topic(self, room: str, topic: str) -> None:
         self._topics[room] = topic

@@ -1,0 +1,421 @@
+"""The durable default store: SQLite in WAL mode, written by one thread with group commit.
+
+Theory of operation: the event loop never waits for the disk. :meth:`append`
+puts the record on a queue and returns at once; a single writer thread takes
+*everything* queued since its last commit, writes it in one transaction,
+commits, and then hands the whole batch's ``on_stored`` callbacks back to the
+loop in one ``call_soon_threadsafe``. Messages that arrive within one tick
+are therefore committed together, and an ``ack`` is sent only after its
+message is on disk.
+
+Records queued but not committed yet are kept in memory (``_unstored``) and
+merged into history reads, so a reader never sees a gap between what was
+delivered live and what the database already holds.
+
+``durability="normal"`` is ``synchronous=NORMAL``: in WAL mode a commit
+survives a crash of the server process (``kill -9``); ``"full"`` is
+``synchronous=FULL`` and also survives power loss, at the cost of an fsync
+per batch.
+
+Reads run on the caller's thread with their own connection (WAL readers
+never block the writer); they are indexed and short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.messages import DmEvent, Message
+from .base import HistoryPage, RefRecord, RoomRecord
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+log = logging.getLogger("achat.store")
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from version i to i + 1.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE rooms (
+        name      TEXT PRIMARY KEY,
+        topic     TEXT NOT NULL DEFAULT '',
+        last_seq  INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE messages (
+        room    TEXT NOT NULL,
+        seq     INTEGER NOT NULL,
+        ts      INTEGER NOT NULL,
+        sender  TEXT NOT NULL,
+        text    TEXT NOT NULL,
+        PRIMARY KEY (room, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX messages_ts ON messages (ts);
+    CREATE TABLE dms (
+        id         INTEGER PRIMARY KEY,
+        ts         INTEGER NOT NULL,
+        sender     TEXT NOT NULL,
+        recipient  TEXT NOT NULL,
+        text       TEXT NOT NULL
+    );
+    CREATE TABLE refs (
+        nick_key  TEXT NOT NULL,
+        ref       TEXT NOT NULL,
+        expires   INTEGER NOT NULL,
+        ack       BLOB NOT NULL,
+        PRIMARY KEY (nick_key, ref)
+    ) WITHOUT ROWID;
+    CREATE INDEX refs_expires ON refs (expires);
+    """,
+)
+
+
+@dataclass(slots=True)
+class _Write:
+    message: Message | None
+    dm: DmEvent | None
+    ref: RefRecord | None
+    on_stored: Callable[[], None] | None
+    topic: tuple[str, str] | None = None
+    # Called on the writer thread itself (flush() waits on it, possibly from the loop thread).
+    in_thread: bool = False
+
+
+_STOP = object()
+
+
+class SQLiteStore:
+    """Rooms, messages, DMs and recent refs in one SQLite database file."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        durability: str = "normal",
+        history_days: float | None = None,
+        history_max: int | None = None,
+        clock: Callable[[], int] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise ValueError("durability is 'normal' or 'full'")
+        self.path = Path(path)
+        self.durability = durability
+        self.history_days = history_days
+        self.history_max = history_max
+        self._clock = clock
+        self._loop = loop
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reader = self._connect()
+        self._migrate(self._reader)
+        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._unstored: dict[str, list[Message]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.batches = 0
+        self.rows = 0
+        self._writer = threading.Thread(target=self._write_loop, name="achat-store", daemon=True)
+        self._writer.start()
+
+    # -- setup ------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the database has schema version {version}; this achat knows up to "
+                f"{SCHEMA_VERSION}: upgrade achat"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _MIGRATIONS[target - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={target}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            log.info("database %s migrated to schema version %d", self.path, target)
+
+    def _capture_loop(self) -> None:
+        # Callbacks go back to the loop that appends; with no loop running (plain
+        # synchronous use) they run on the writer thread.
+        if self._loop is None:
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until everything queued so far is committed (for tools and tests)."""
+        done = threading.Event()
+        self._queue.put(_Write(None, None, None, done.set, in_thread=True))
+        if not done.wait(timeout):
+            raise TimeoutError("the store did not commit in time")
+
+    # -- the Store interface -------------------------------------------------
+
+    def load_rooms(self) -> list[RoomRecord]:
+        rows = self._reader.execute(
+            "SELECT r.name, r.topic, max(r.last_seq, coalesce(m.seq, 0)) FROM rooms r "
+            "LEFT JOIN (SELECT room, max(seq) AS seq FROM messages GROUP BY room) m "
+            "ON m.room = r.name ORDER BY r.name"
+        ).fetchall()
+        return [RoomRecord(name, topic, int(seq)) for name, topic, seq in rows]
+
+    def last_dm_id(self) -> int:
+        row = self._reader.execute("SELECT coalesce(max(id), 0) FROM dms").fetchone()
+        return int(row[0])
+
+    def load_refs(self, now: int) -> list[RefRecord]:
+        rows = self._reader.execute(
+            "SELECT nick_key, ref, expires, ack FROM refs WHERE expires > ? ORDER BY expires",
+            (now,),
+        ).fetchall()
+        return [RefRecord(k, r, int(e), bytes(a)) for k, r, e, a in rows]
+
+    def append(
+        self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        self._capture_loop()
+        with self._lock:
+            self._unstored.setdefault(message.room, []).append(message)
+        self._queue.put(_Write(message, None, ref, on_stored))
+
+    def append_dm(
+        self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        self._capture_loop()
+        self._queue.put(_Write(None, dm, ref, on_stored))
+
+    def set_topic(self, room: str, topic: str) -> None:
+        self._queue.put(_Write(None, None, None, None, topic=(room, topic)))
+
+    def history(
+        self, room: str, *, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        with self._lock:
+            unstored = list(self._unstored.get(room, ()))
+        db = self._reader
+        if after is not None:
+            rows = db.execute(
+                "SELECT seq, ts, sender, text FROM messages WHERE room = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (room, after, limit + 1),
+            ).fetchall()
+            found = [Message(room=room, seq=s, ts=t, sender=f, text=x) for s, t, f, x in rows]
+            merged = _merge(found, [m for m in unstored if m.seq > after])
+            page = merged[:limit]
+            more = len(merged) > limit
+        else:
+            bound = before if before is not None else 2**63 - 1
+            rows = db.execute(
+                "SELECT seq, ts, sender, text FROM messages WHERE room = ? AND seq < ? "
+                "ORDER BY seq DESC LIMIT ?",
+                (room, bound, limit + 1),
+            ).fetchall()
+            found = [Message(room=room, seq=s, ts=t, sender=f, text=x) for s, t, f, x in rows]
+            found.reverse()
+            merged = _merge(found, [m for m in unstored if m.seq < bound])
+            page = merged[-limit:]
+            more = len(merged) > limit
+        gap = self._gap(room, page, after=after, before=before, limit=limit)
+        return HistoryPage(page, more=more, gap=gap)
+
+    def _gap(
+        self,
+        room: str,
+        page: list[Message],
+        *,
+        after: int | None,
+        before: int | None,
+        limit: int,
+    ) -> bool:
+        """True when messages the request reaches into have been deleted by retention."""
+        row = self._reader.execute(
+            "SELECT min(seq) FROM messages WHERE room = ?", (room,)
+        ).fetchone()
+        oldest = row[0]
+        if oldest is None:
+            oldest = page[0].seq if page else None
+        if oldest is None:
+            last = self._reader.execute(
+                "SELECT last_seq FROM rooms WHERE name = ?", (room,)
+            ).fetchone()
+            return bool(last and after is not None and last[0] > after)
+        if after is not None:
+            return int(oldest) > after + 1
+        return int(oldest) > 1 and len(page) < limit and (not page or page[0].seq == oldest)
+
+    def close(self) -> None:
+        """Commit everything queued, stop the writer thread and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._reader.close()
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        db = self._connect()
+        last_prune = 0
+        if self.history_days or self.history_max:
+            last_prune = self._now()
+            self._prune(db, last_prune)
+        try:
+            while True:
+                item = self._queue.get()
+                batch: list[_Write] = []
+                stop = item is _STOP
+                if not stop:
+                    batch.append(item)  # type: ignore[arg-type]
+                    while True:
+                        try:
+                            more = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is _STOP:
+                            stop = True
+                            break
+                        batch.append(more)  # type: ignore[arg-type]
+                if batch:
+                    self._commit(db, batch)
+                now = self._now()
+                if now - last_prune > 60_000 and (self.history_days or self.history_max):
+                    self._prune(db, now)
+                    last_prune = now
+                if stop:
+                    return
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.close()
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Write]) -> None:
+        messages = [w.message for w in batch if w.message is not None]
+        dms = [w.dm for w in batch if w.dm is not None]
+        refs = [w.ref for w in batch if w.ref is not None]
+        topics = [w.topic for w in batch if w.topic is not None]
+        last: dict[str, int] = {}
+        for m in messages:
+            last[m.room] = max(last.get(m.room, 0), m.seq)
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO messages (room, seq, ts, sender, text) VALUES (?,?,?,?,?)",
+                [(m.room, m.seq, m.ts, m.sender, m.text) for m in messages],
+            )
+            db.executemany(
+                "INSERT INTO rooms (name, last_seq) VALUES (?, ?) ON CONFLICT(name) "
+                "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+                list(last.items()),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO dms (id, ts, sender, recipient, text) VALUES (?,?,?,?,?)",
+                [(d.id, d.ts, d.sender, d.to, d.text) for d in dms],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) VALUES (?,?,?,?)",
+                [(r.nick_key, r.ref, r.expires, r.ack) for r in refs],
+            )
+            db.executemany(
+                "INSERT INTO rooms (name, topic) VALUES (?, ?) ON CONFLICT(name) "
+                "DO UPDATE SET topic = excluded.topic",
+                topics,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            log.exception("a batch of %d writes failed; nothing of it is acked", len(batch))
+            return
+        self.batches += 1
+        self.rows += len(batch)
+        with self._lock:
+            for m in messages:
+                pending = self._unstored.get(m.room)
+                if pending and pending[0] is m:
+                    pending.pop(0)
+                elif pending:
+                    with contextlib.suppress(ValueError):
+                        pending.remove(m)
+                if not pending:
+                    self._unstored.pop(m.room, None)
+        callbacks = [w.on_stored for w in batch if w.on_stored is not None and not w.in_thread]
+        for w in batch:
+            if w.in_thread and w.on_stored is not None:
+                w.on_stored()
+        if callbacks:
+            self._deliver(callbacks)
+
+    def _deliver(self, callbacks: list[Callable[[], None]]) -> None:
+        def run() -> None:
+            for callback in callbacks:
+                callback()
+
+        loop = self._loop
+        if loop is None:
+            run()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(run)
+
+    def _prune(self, db: sqlite3.Connection, now: int) -> None:
+        db.execute("BEGIN")
+        try:
+            if self.history_days:
+                cutoff = now - int(self.history_days * 86_400_000)
+                db.execute("DELETE FROM messages WHERE ts < ?", (cutoff,))
+                db.execute("DELETE FROM dms WHERE ts < ?", (cutoff,))
+            if self.history_max:
+                db.execute(
+                    "DELETE FROM messages WHERE (room, seq) IN ("
+                    " SELECT m.room, m.seq FROM messages m JOIN rooms r ON r.name = m.room"
+                    " WHERE m.seq <= r.last_seq - ?)",
+                    (self.history_max,),
+                )
+            db.execute("DELETE FROM refs WHERE expires < ?", (now,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            log.exception("pruning old history failed")
+
+    def prune_now(self) -> None:
+        """Apply the retention settings at once (the writer also does so every minute)."""
+        db = self._connect()
+        try:
+            self._prune(db, self._now())
+        finally:
+            db.close()
+
+    def _now(self) -> int:
+        if self._clock is not None:
+            return self._clock()
+        import time
+
+        return time.time_ns() // 1_000_000
+
+
+def _merge(stored: list[Message], unstored: list[Message]) -> list[Message]:
+    if not unstored:
+        return stored
+    seen = {m.seq for m in stored}
+    merged = stored + [m for m in unstored if m.seq not in seen]
+    merged.sort(key=lambda m: m.seq)
+    return merged

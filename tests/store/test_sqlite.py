@@ -1,0 +1,223 @@
+"""The SQLite store: persistence, group commit, schema versioning, retention, refs."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from achat.protocol.messages import DmEvent, Message
+from achat.store.base import RefRecord
+from achat.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+
+def msg(room: str, seq: int, ts: int = 1000, text: str = "hi") -> Message:
+    return Message(room=room, seq=seq, ts=ts, sender="ana", text=text)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "achat.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(db_path)
+    yield s
+    s.close()
+
+
+def test_messages_survive_reopening(db_path: Path) -> None:
+    """Appended messages, rooms and topics are there after the store is closed and reopened."""
+    s = SQLiteStore(db_path)
+    for seq in range(1, 6):
+        s.append(msg("general", seq), lambda: None)
+    s.set_topic("general", "hello world")
+    s.set_topic("empty", "nobody here")
+    s.close()
+    again = SQLiteStore(db_path)
+    try:
+        rooms = {r.name: r for r in again.load_rooms()}
+        assert rooms["general"].last_seq == 5
+        assert rooms["general"].topic == "hello world"
+        assert rooms["empty"].last_seq == 0
+        page = again.history("general", before=None, after=None, limit=10)
+        assert [m.seq for m in page.messages] == [1, 2, 3, 4, 5]
+    finally:
+        again.close()
+
+
+def test_on_stored_runs_after_commit(store: SQLiteStore, db_path: Path) -> None:
+    """on_stored is called only once the row can be read by another connection."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def stored() -> None:
+        other = sqlite3.connect(db_path)
+        seen.append(other.execute("SELECT count(*) FROM messages").fetchone()[0])
+        other.close()
+        done.set()
+
+    store.append(msg("r", 1), stored)
+    assert done.wait(5)
+    assert seen == [1]
+
+
+async def test_callbacks_come_back_on_the_loop(store: SQLiteStore) -> None:
+    """With a running loop, on_stored runs on the loop's thread, not the writer's."""
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    done = asyncio.Event()
+
+    def stored() -> None:
+        threads.append(threading.get_ident())
+        done.set()
+
+    store.append(msg("r", 1), stored)
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert threads == [loop_thread]
+
+
+async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:
+    """Messages appended in one tick are committed in far fewer transactions than messages."""
+    acked: list[int] = []
+    done = asyncio.Event()
+    count = 2000
+
+    def stored(i: int) -> None:
+        acked.append(i)
+        if len(acked) == count:
+            done.set()
+
+    for i in range(1, count + 1):
+        store.append(msg("r", i), lambda i=i: stored(i))
+    async with asyncio.timeout(10):
+        await done.wait()
+    assert acked == list(range(1, count + 1))
+    assert store.batches < count // 10
+
+
+def test_history_sees_unstored_messages(db_path: Path) -> None:
+    """A message queued but not committed yet is already part of history (no gap)."""
+    s = SQLiteStore(db_path)
+    try:
+        gate = threading.Event()
+        # Block the writer thread inside a callback so later appends stay queued.
+        s.append(msg("r", 1), gate.wait)
+        s.append(msg("r", 2), lambda: None)
+        page = s.history("r", before=None, after=0, limit=10)
+        assert [m.seq for m in page.messages] == [1, 2]
+        gate.set()
+    finally:
+        s.close()
+
+
+def test_history_paging(store: SQLiteStore) -> None:
+    """before/after/limit select the right window, oldest first, with `more` set correctly."""
+    for seq in range(1, 21):
+        store.append(msg("r", seq), lambda: None)
+    store.flush()
+    latest = store.history("r", before=None, after=None, limit=5)
+    assert [m.seq for m in latest.messages] == [16, 17, 18, 19, 20]
+    assert latest.more
+    before = store.history("r", before=4, after=None, limit=5)
+    assert [m.seq for m in before.messages] == [1, 2, 3]
+    assert not before.more
+    after = store.history("r", before=None, after=17, limit=5)
+    assert [m.seq for m in after.messages] == [18, 19, 20]
+    assert not after.more
+    middle = store.history("r", before=None, after=5, limit=3)
+    assert [m.seq for m in middle.messages] == [6, 7, 8]
+    assert middle.more
+    assert store.history("nowhere", before=None, after=None, limit=5).messages == []
+
+
+def test_refs_persist_until_they_expire(db_path: Path) -> None:
+    """Refs stored with a message are loaded again after a restart, unless expired."""
+    s = SQLiteStore(db_path)
+    s.append(msg("r", 1), lambda: None, RefRecord("ana", "ref-1", 5_000, b"ack-1"))
+    s.append_dm(
+        DmEvent(sender="ana", to="bob", id=1, ts=10, text="psst"),
+        lambda: None,
+        RefRecord("ana", "ref-2", 9_000, b"ack-2"),
+    )
+    s.close()
+    again = SQLiteStore(db_path)
+    try:
+        assert [(r.ref, r.ack) for r in again.load_refs(now=1_000)] == [
+            ("ref-1", b"ack-1"),
+            ("ref-2", b"ack-2"),
+        ]
+        assert [r.ref for r in again.load_refs(now=6_000)] == ["ref-2"]
+        assert again.last_dm_id() == 1
+    finally:
+        again.close()
+
+
+def test_schema_version_is_recorded(store: SQLiteStore, db_path: Path) -> None:
+    """A new database carries the current schema version in user_version, in WAL mode."""
+    other = sqlite3.connect(db_path)
+    try:
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    """A database written by a newer achat is refused instead of being misread."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path)
+    raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(RuntimeError, match="schema version"):
+        SQLiteStore(db_path)
+
+
+def test_retention_by_count_reports_a_gap(db_path: Path) -> None:
+    """history_max deletes the oldest messages of a room and history reports the gap."""
+    s = SQLiteStore(db_path, history_max=5)
+    try:
+        for seq in range(1, 13):
+            s.append(msg("r", seq), lambda: None)
+        s.flush()
+        s.prune_now()
+        page = s.history("r", before=None, after=0, limit=100)
+        assert [m.seq for m in page.messages] == [8, 9, 10, 11, 12]
+        assert page.gap
+        assert not s.history("r", before=None, after=9, limit=100).gap
+    finally:
+        s.close()
+
+
+def test_retention_by_age(db_path: Path) -> None:
+    """history_days deletes messages older than the cut-off, judged by the injected clock."""
+    day = 86_400_000
+    now = 100 * day
+    s = SQLiteStore(db_path, history_days=2, clock=lambda: now)
+    try:
+        s.append(msg("r", 1, ts=now - 3 * day), lambda: None)
+        s.append(msg("r", 2, ts=now - 1 * day), lambda: None)
+        s.flush()
+        s.prune_now()
+        page = s.history("r", before=None, after=None, limit=10)
+        assert [m.seq for m in page.messages] == [2]
+        assert s.load_rooms()[0].last_seq == 2
+    finally:
+        s.close()
+
+
+def test_full_durability_is_accepted(db_path: Path) -> None:
+    """durability='full' opens the database with synchronous=FULL; anything else is refused."""
+    s = SQLiteStore(db_path, durability="full")
+    try:
+        assert s._reader.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="durability"):
+        SQLiteStore(db_path, durability="sometimes")
