@@ -34,6 +34,9 @@ types: install
 
 check: lint types test
 
+bench: install
+	$(BIN)/python benchmarks/durability.py --update docs/performance.md
+
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

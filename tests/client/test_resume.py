@@ -1,0 +1,135 @@
+"""Reconnect and resume through a hostile network: nothing lost, nothing shown twice."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from achat.client.connection import Backoff, Client, ConnectionLost, Reconnected
+from achat.errors import ConnectionClosed
+from achat.protocol.messages import Message
+from achat.server.app import Server
+from achat.server.config import ServerConfig
+from achat.store.sqlite import SQLiteStore
+from tests.helpers.faultproxy import FaultProxy
+
+ROOM = "net"
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    srv = Server(ServerConfig(host="127.0.0.1", port=0), SQLiteStore(tmp_path / "achat.db"))
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
+    p = await FaultProxy("127.0.0.1", server.port, fragment=7, delay=0.001, seed=3).start()
+    yield p
+    await p.close()
+
+
+async def test_cuts_mid_frame_lose_nothing_and_show_nothing_twice(
+    server: Server, proxy: FaultProxy
+) -> None:
+    """A client behind a proxy that fragments, delays and resets mid-frame sees every message once."""
+    rng = random.Random(11)
+    backoff = Backoff(initial=0.01, cap=0.05, rng=random.Random(2))
+    talker = Client("127.0.0.1", server.port, "talker")
+    victim = Client("127.0.0.1", proxy.port, "victim", reconnect=True, backoff=backoff)
+    await talker.connect()
+    await victim.connect()
+    await talker.join(ROOM)
+    await victim.join(ROOM)
+
+    shown: list[Message] = []
+    lost_events = 0
+
+    async def watch() -> None:
+        nonlocal lost_events
+        async for event in victim.events():
+            if isinstance(event, Message):
+                shown.append(event)
+            elif isinstance(event, ConnectionLost):
+                lost_events += 1
+
+    watching = asyncio.create_task(watch())
+    victim_acks: list[int] = []
+
+    async def victim_talks() -> None:
+        for k in range(40):
+            ack = await victim.say(ROOM, f"from victim {k}", timeout=20)
+            assert ack.seq is not None
+            victim_acks.append(ack.seq)
+
+    talking = asyncio.create_task(victim_talks())
+    for k in range(200):
+        await talker.say(ROOM, f"from talker {k}")
+        if k % 20 == 10:
+            # Cut the victim's connection a few bytes into the next frames.
+            proxy.reset_after(rng.randint(1, 40))
+    async with asyncio.timeout(20):
+        await talking
+    total = 240
+    async with asyncio.timeout(20):
+        while len(shown) < total:
+            await asyncio.sleep(0.01)
+    assert proxy.resets >= 5, "the proxy did not cut the connection"
+    assert lost_events >= 5
+    seqs = [m.seq for m in shown]
+    assert seqs == list(range(1, total + 1)), "a message was lost, repeated or reordered"
+    assert sorted(victim_acks) == sorted({*victim_acks}), "one message acked twice"
+    texts = [m.text for m in shown]
+    assert len(set(texts)) == total
+    await talker.close()
+    await victim.close()
+    watching.cancel()
+
+
+async def test_messages_typed_offline_are_sent_on_reconnect(
+    server: Server, proxy: FaultProxy
+) -> None:
+    """A say sent while the connection is down is queued, sent after reconnecting, acked once."""
+    victim = Client(
+        "127.0.0.1", proxy.port, "victim", reconnect=True, backoff=Backoff(0.2, 0.3)
+    )
+    await victim.connect()
+    await victim.join(ROOM)
+    proxy.reset_all()
+    async with asyncio.timeout(5):
+        while victim.connected:
+            await asyncio.sleep(0.005)
+    ack_task = asyncio.create_task(victim.say(ROOM, "typed while offline", timeout=10))
+    await asyncio.sleep(0)
+    assert victim.pending == 1
+    ack = await ack_task
+    assert victim.pending == 0
+    history = await victim.history(ROOM)
+    assert [m.text for m in history.messages] == ["typed while offline"]
+    assert ack.seq == history.messages[0].seq
+    events = []
+    while not victim._events.empty():
+        events.append(victim._events.get_nowait())
+    assert any(isinstance(e, Reconnected) for e in events)
+    await victim.close()
+
+
+async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: FaultProxy) -> None:
+    """With reconnect off, a cut connection fails pending requests and ends the events."""
+    client = Client("127.0.0.1", proxy.port, "plain")
+    await client.connect()
+    await client.join(ROOM)
+    proxy.reset_all()
+    async with asyncio.timeout(5):
+        while client.connected:
+            await asyncio.sleep(0.005)
+    with pytest.raises(ConnectionClosed):
+        client.send(client.say_frame(ROOM, "nobody will get this"))
+    assert client.pending == 0
+    await client.close()
