@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from achat.client.connection import Client  # noqa: E402
-from achat.protocol.messages import Ack, Say  # noqa: E402
-from tests.helpers.procs import ServerProcess  # noqa: E402
+from tests.helpers.procs import ServerProcess
+
+from achat.client.connection import Client
+from achat.protocol.messages import Ack, Say
 
 
 async def run_mode(mode: str, seconds: float, clients: int, window: int) -> dict[str, float]:
@@ -66,7 +67,9 @@ async def _load(port: int, seconds: float, clients: int, window: int) -> dict[st
                 ref = f"{i}-{k}"
                 k += 1
                 sent[ref] = time.perf_counter()
-                client.send(Say(room="bench", text=f"benchmark message {k:08d} " + "x" * 30, ref=ref))
+                client.send(
+                    Say(room="bench", text=f"benchmark message {k:08d} " + "x" * 30, ref=ref)
+                )
             if sent:
                 await asyncio.wait_for(done.wait(), 30)
             reader.cancel()

@@ -41,7 +41,7 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro_factory())
-    return uvloop.run(coro_factory())  # type: ignore[no-any-return]
+    return uvloop.run(coro_factory())
 
 
 # -- server -----------------------------------------------------------------

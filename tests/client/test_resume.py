@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from achat.client.connection import Backoff, Client, ConnectionLost, Reconnected
+from achat.client.connection import (
+    Backoff,
+    Client,
+    ConnectionLost,
+    Disconnected,
+    Event,
+    Reconnected,
+)
 from achat.errors import ConnectionClosed
 from achat.protocol.messages import Message
 from achat.server.app import Server
@@ -18,6 +25,15 @@ from achat.store.sqlite import SQLiteStore
 from tests.helpers.faultproxy import FaultProxy
 
 ROOM = "net"
+
+
+async def wait_for_event(client: Client, kind: type, timeout: float = 5) -> Event:
+    """The next event of ``kind`` from ``client``, skipping others."""
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await client.next_event()
+            if isinstance(event, kind):
+                return event
 
 
 @pytest.fixture
@@ -38,7 +54,7 @@ async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
 async def test_cuts_mid_frame_lose_nothing_and_show_nothing_twice(
     server: Server, proxy: FaultProxy
 ) -> None:
-    """A client behind a proxy that fragments, delays and resets mid-frame sees every message once."""
+    """Behind a proxy that fragments, delays and cuts mid-frame, every message is seen once."""
     rng = random.Random(11)
     backoff = Backoff(initial=0.01, cap=0.05, rng=random.Random(2))
     talker = Client("127.0.0.1", server.port, "talker")
@@ -50,12 +66,16 @@ async def test_cuts_mid_frame_lose_nothing_and_show_nothing_twice(
 
     shown: list[Message] = []
     lost_events = 0
+    total = 240
+    all_shown = asyncio.Event()
 
     async def watch() -> None:
         nonlocal lost_events
         async for event in victim.events():
             if isinstance(event, Message):
                 shown.append(event)
+                if len(shown) >= total:
+                    all_shown.set()
             elif isinstance(event, ConnectionLost):
                 lost_events += 1
 
@@ -76,10 +96,8 @@ async def test_cuts_mid_frame_lose_nothing_and_show_nothing_twice(
             proxy.reset_after(rng.randint(1, 40))
     async with asyncio.timeout(20):
         await talking
-    total = 240
     async with asyncio.timeout(20):
-        while len(shown) < total:
-            await asyncio.sleep(0.01)
+        await all_shown.wait()
     assert proxy.resets >= 5, "the proxy did not cut the connection"
     assert lost_events >= 5
     seqs = [m.seq for m in shown]
@@ -96,15 +114,11 @@ async def test_messages_typed_offline_are_sent_on_reconnect(
     server: Server, proxy: FaultProxy
 ) -> None:
     """A say sent while the connection is down is queued, sent after reconnecting, acked once."""
-    victim = Client(
-        "127.0.0.1", proxy.port, "victim", reconnect=True, backoff=Backoff(0.2, 0.3)
-    )
+    victim = Client("127.0.0.1", proxy.port, "victim", reconnect=True, backoff=Backoff(0.2, 0.3))
     await victim.connect()
     await victim.join(ROOM)
     proxy.reset_all()
-    async with asyncio.timeout(5):
-        while victim.connected:
-            await asyncio.sleep(0.005)
+    await wait_for_event(victim, ConnectionLost)
     ack_task = asyncio.create_task(victim.say(ROOM, "typed while offline", timeout=10))
     await asyncio.sleep(0)
     assert victim.pending == 1
@@ -113,10 +127,9 @@ async def test_messages_typed_offline_are_sent_on_reconnect(
     history = await victim.history(ROOM)
     assert [m.text for m in history.messages] == ["typed while offline"]
     assert ack.seq == history.messages[0].seq
-    events = []
-    while not victim._events.empty():
-        events.append(victim._events.get_nowait())
-    assert any(isinstance(e, Reconnected) for e in events)
+    reconnected = await wait_for_event(victim, Reconnected)
+    assert isinstance(reconnected, Reconnected)
+    assert reconnected.resent == 1
     await victim.close()
 
 
@@ -126,9 +139,8 @@ async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: F
     await client.connect()
     await client.join(ROOM)
     proxy.reset_all()
-    async with asyncio.timeout(5):
-        while client.connected:
-            await asyncio.sleep(0.005)
+    await wait_for_event(client, Disconnected)
+    assert not client.connected
     with pytest.raises(ConnectionClosed):
         client.send(client.say_frame(ROOM, "nobody will get this"))
     assert client.pending == 0

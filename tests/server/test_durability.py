@@ -44,11 +44,15 @@ async def test_kill9_cycles_keep_every_acked_message(tmp_path: Path) -> None:
             await client.connect()
             await client.join(ROOM)
         seen: list[Message] = []
+        caught_up = asyncio.Event()
+        final_seq = 0
 
         async def watch() -> None:
             async for event in watcher.events():
                 if isinstance(event, Message) and event.room == ROOM:
                     seen.append(event)
+                    if final_seq and event.seq >= final_seq:
+                        caught_up.set()
 
         acked: dict[str, int] = {}
         stop = asyncio.Event()
@@ -86,9 +90,11 @@ async def test_kill9_cycles_keep_every_acked_message(tmp_path: Path) -> None:
         assert len(acked) > CYCLES  # the test really ran traffic through the crashes
 
         # The reconnecting watcher ends with the complete, ordered, duplicate-free log.
+        final_seq = log[-1].seq
+        if seen and seen[-1].seq >= final_seq:
+            caught_up.set()
         async with asyncio.timeout(15):
-            while not seen or seen[-1].seq < log[-1].seq:
-                await asyncio.sleep(0.01)
+            await caught_up.wait()
         assert [m.seq for m in seen] == [m.seq for m in log]
         assert [m.text for m in seen] == texts
 

@@ -191,4 +191,6 @@ def parse(line: str) -> Command | None:
         return HelpCmd()
     if name == "/quit":
         return QuitCmd(rest or None)
-    raise CommandError(f"unknown command {head}; /help lists them (// sends a line starting with /)")
+    raise CommandError(
+        f"unknown command {head}; /help lists them (// sends a line starting with /)"
+    )

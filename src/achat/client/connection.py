@@ -283,15 +283,15 @@ class Client:
         resent after a reconnect. Raises :class:`ConnectionClosed` when the
         frame cannot be sent or kept.
         """
-        keep = isinstance(frame, Say | Dm) and bool(frame.ref)
+        kept = frame if isinstance(frame, Say | Dm) and frame.ref else None
         if self._online and self._writer is not None:
-            if keep:
-                self.unacked[frame.ref or ""] = frame  # type: ignore[assignment]
+            if kept is not None:
+                self.unacked[kept.ref or ""] = kept
             self._write(frame)
             return
         if self.reconnect and not self._closing:
-            if keep:
-                self.unacked[frame.ref or ""] = frame  # type: ignore[assignment]
+            if kept is not None:
+                self.unacked[kept.ref or ""] = kept
                 return  # goes out with the resend after reconnecting
             if isinstance(frame, Join):
                 self.rooms.setdefault(frame.room, frame.since)
@@ -522,7 +522,9 @@ class Client:
             frame = decode_server(body)
         except ProtocolError as exc:
             log.warning("dropped a bad frame from the server: %s", exc)
-            self._events.put_nowait(LocalNotice(f"ignored a bad frame from the server ({exc.code})"))
+            self._events.put_nowait(
+                LocalNotice(f"ignored a bad frame from the server ({exc.code})")
+            )
             return
         if not self._track(frame):
             return
@@ -559,9 +561,8 @@ class Client:
         elif isinstance(frame, Names):
             if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
                 self.rooms[frame.room] = frame.seq
-        elif isinstance(frame, Renamed):
-            if nick_key(frame.old) == me:
-                self.nick = frame.new
+        elif isinstance(frame, Renamed) and nick_key(frame.old) == me:
+            self.nick = frame.new
         return True
 
 

@@ -224,7 +224,9 @@ class Renderer:
         people = ", ".join(visible(n) for n in nicks) or "nobody"
         count = len(nicks)
         lines = [
-            self.notice(f"#{visible(room)}: {people} ({count} {'person' if count == 1 else 'people'})")
+            self.notice(
+                f"#{visible(room)}: {people} ({count} {'person' if count == 1 else 'people'})"
+            )
         ]
         if topic:
             lines.append(self.notice(f"topic of #{visible(room)}: {visible(topic)}"))

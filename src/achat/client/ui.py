@@ -244,7 +244,9 @@ class ChatUI:
             text = command.text if isinstance(command, cmd.SayCmd) else "/me " + command.action
             client.send(Say(room=state.room, text=text, ref=client.new_ref()))
             if not client.connected:
-                self.show([self.renderer.notice(f"(pending, sent when reconnected) {visible(text)}")])
+                self.show(
+                    [self.renderer.notice(f"(pending, sent when reconnected) {visible(text)}")]
+                )
         elif isinstance(command, cmd.PartCmd):
             room = command.room or state.room
             if room is None:
@@ -281,9 +283,7 @@ class ChatUI:
             if state.room is None:
                 self.show([self.renderer.problem("join a room first")])
                 return
-            client.send(
-                HistoryRequest(room=state.room, limit=command.limit, ref=client.new_ref())
-            )
+            client.send(HistoryRequest(room=state.room, limit=command.limit, ref=client.new_ref()))
 
     # -- events ---------------------------------------------------------------
 
@@ -354,7 +354,9 @@ class ChatUI:
                 return
             members = state.rooms.get(event.room)
             if members is not None:
-                state.rooms[event.room] = [n for n in members if nick_key(n) != nick_key(event.nick)]
+                state.rooms[event.room] = [
+                    n for n in members if nick_key(n) != nick_key(event.nick)
+                ]
         elif isinstance(event, Renamed):
             if nick_key(event.old) == me:
                 state.nick = event.new
@@ -397,9 +399,7 @@ class ChatUI:
             fragments.extend(line)
             fragments.append(("", "\n"))
         self._pending.clear()
-        print_formatted_text(
-            FormattedText(fragments), end="", style=STYLE, output=self._output
-        )
+        print_formatted_text(FormattedText(fragments), end="", style=STYLE, output=self._output)
 
     def _prompt(self) -> FormattedText:
         room = f"#{self.state.room}" if self.state.room else "(no room)"
@@ -460,9 +460,7 @@ async def run_ui(
         host, port, nick, password=password, client_name="achat-terminal", reconnect=True
     )
     await client.connect()
-    ui = ChatUI(
-        client, room=cmd.normalise_room(room) if room else None, input=input, output=output
-    )
+    ui = ChatUI(client, room=cmd.normalise_room(room) if room else None, input=input, output=output)
     with contextlib.suppress(asyncio.CancelledError):
         await ui.run()
     return 0

@@ -32,9 +32,9 @@ __all__ = [
     "Dm",
     "DmEvent",
     "Error",
+    "Hello",
     "History",
     "HistoryRequest",
-    "Hello",
     "Join",
     "Joined",
     "Message",
@@ -76,52 +76,52 @@ class _Frame(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True, 
 # -- client -> server -------------------------------------------------------
 
 
-class Hello(_Frame, tag="hello"):
+class Hello(_Frame, tag="hello", frozen=True, kw_only=True):
     nick: str
     version: int
     password: str | None = None
     client: str | None = None
 
 
-class Join(_Frame, tag="join"):
+class Join(_Frame, tag="join", frozen=True, kw_only=True):
     room: str
     since: Seq | None = None
     ref: Ref | None = None
 
 
-class Part(_Frame, tag="part"):
+class Part(_Frame, tag="part", frozen=True, kw_only=True):
     room: str
     reason: str | None = None
     ref: Ref | None = None
 
 
-class Say(_Frame, tag="say"):
+class Say(_Frame, tag="say", frozen=True, kw_only=True):
     room: str
     text: str
     ref: Ref | None = None
 
 
-class Dm(_Frame, tag="dm"):
+class Dm(_Frame, tag="dm", frozen=True, kw_only=True):
     to: str
     text: str
     ref: Ref | None = None
 
 
-class Nick(_Frame, tag="nick"):
+class Nick(_Frame, tag="nick", frozen=True, kw_only=True):
     nick: str
     ref: Ref | None = None
 
 
-class Who(_Frame, tag="who"):
+class Who(_Frame, tag="who", frozen=True, kw_only=True):
     room: str
     ref: Ref | None = None
 
 
-class RoomsRequest(_Frame, tag="rooms"):
+class RoomsRequest(_Frame, tag="rooms", frozen=True, kw_only=True):
     ref: Ref | None = None
 
 
-class HistoryRequest(_Frame, tag="history"):
+class HistoryRequest(_Frame, tag="history", frozen=True, kw_only=True):
     room: str
     before: Seq | None = None
     after: Seq | None = None
@@ -129,17 +129,17 @@ class HistoryRequest(_Frame, tag="history"):
     ref: Ref | None = None
 
 
-class Topic(_Frame, tag="topic"):
+class Topic(_Frame, tag="topic", frozen=True, kw_only=True):
     room: str
     topic: str
     ref: Ref | None = None
 
 
-class Ping(_Frame, tag="ping"):
+class Ping(_Frame, tag="ping", frozen=True, kw_only=True):
     ref: Ref | None = None
 
 
-class Bye(_Frame, tag="bye"):
+class Bye(_Frame, tag="bye", frozen=True, kw_only=True):
     reason: str | None = None
     ref: Ref | None = None
 
@@ -151,7 +151,7 @@ ClientFrame = (
 # -- server -> client -------------------------------------------------------
 
 
-class Welcome(_Frame, tag="welcome"):
+class Welcome(_Frame, tag="welcome", frozen=True, kw_only=True):
     nick: str
     server: str
     version: int
@@ -160,7 +160,7 @@ class Welcome(_Frame, tag="welcome"):
     motd: str | None = None
 
 
-class Message(_Frame, tag="message"):
+class Message(_Frame, tag="message", frozen=True, kw_only=True):
     room: str
     seq: int
     ts: int
@@ -168,7 +168,7 @@ class Message(_Frame, tag="message"):
     text: str
 
 
-class DmEvent(_Frame, tag="dm"):
+class DmEvent(_Frame, tag="dm", frozen=True, kw_only=True):
     sender: str = msgspec.field(name="from")
     to: str
     id: int
@@ -176,7 +176,7 @@ class DmEvent(_Frame, tag="dm"):
     text: str
 
 
-class Ack(_Frame, tag="ack"):
+class Ack(_Frame, tag="ack", frozen=True, kw_only=True):
     ref: str
     ts: int
     room: str | None = None
@@ -184,26 +184,26 @@ class Ack(_Frame, tag="ack"):
     id: int | None = None
 
 
-class Joined(_Frame, tag="joined"):
+class Joined(_Frame, tag="joined", frozen=True, kw_only=True):
     room: str
     nick: str
     ts: int
 
 
-class Parted(_Frame, tag="parted"):
+class Parted(_Frame, tag="parted", frozen=True, kw_only=True):
     room: str
     nick: str
     ts: int
     reason: str | None = None
 
 
-class Renamed(_Frame, tag="renamed"):
+class Renamed(_Frame, tag="renamed", frozen=True, kw_only=True):
     old: str
     new: str
     ts: int
 
 
-class Names(_Frame, tag="names"):
+class Names(_Frame, tag="names", frozen=True, kw_only=True):
     room: str
     nicks: list[str]
     topic: str
@@ -219,35 +219,35 @@ class RoomInfo(msgspec.Struct, frozen=True):
     topic: str
 
 
-class Rooms(_Frame, tag="rooms"):
+class Rooms(_Frame, tag="rooms", frozen=True, kw_only=True):
     rooms: list[RoomInfo]
     ref: str | None = None
     # Extension: a list too long for one frame is split; all but the last part say more.
     more: bool = False
 
 
-class History(_Frame, tag="history"):
+class History(_Frame, tag="history", frozen=True, kw_only=True):
     room: str
     messages: list[Message]
     more: bool
     ref: str | None = None
 
 
-class TopicEvent(_Frame, tag="topic"):
+class TopicEvent(_Frame, tag="topic", frozen=True, kw_only=True):
     room: str
     topic: str
     by: str
     ts: int
 
 
-class Error(_Frame, tag="error"):
+class Error(_Frame, tag="error", frozen=True, kw_only=True):
     code: str
     message: str
     fatal: bool
     ref: str | None = None
 
 
-class Pong(_Frame, tag="pong"):
+class Pong(_Frame, tag="pong", frozen=True, kw_only=True):
     ref: str | None = None
 
 

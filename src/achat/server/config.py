@@ -49,4 +49,3 @@ class ServerConfig:
     @property
     def max_frame(self) -> int:
         return self.limits.max_frame
-

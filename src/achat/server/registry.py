@@ -280,8 +280,7 @@ class Registry:
                         Error(
                             code="history_gap",
                             message=(
-                                f"messages {since + 1} to {oldest - 1} of #{room.name}"
-                                " have expired"
+                                f"messages {since + 1} to {oldest - 1} of #{room.name} have expired"
                             ),
                             fatal=False,
                             ref=ref,
@@ -345,7 +344,9 @@ class Registry:
         if entry is None:
             return
         self._last_dm += 1
-        dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=self.clock(), text=text)
+        dm = DmEvent(
+            sender=member.nick, to=target.nick, id=self._last_dm, ts=self.clock(), text=text
+        )
         ack = encode(Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id))
 
         def stored() -> None:
@@ -372,9 +373,7 @@ class Registry:
         told = {member.key: member}
         for name in member.rooms:
             room = self.rooms[name]
-            room.members = {
-                (key if m is member else k): m for k, m in room.members.items()
-            }
+            room.members = {(key if m is member else k): m for k, m in room.members.items()}
             told.update((m.key, m) for m in room.members.values())
         for m in told.values():
             m.peer.send(data)
