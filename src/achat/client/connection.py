@@ -284,6 +284,9 @@ class Client:
         frame cannot be sent or kept.
         """
         kept = frame if isinstance(frame, Say | Dm) and frame.ref else None
+        if isinstance(frame, Join) and frame.since is not None:
+            # The backlog after `since` is wanted: deliver from there, not from names.seq.
+            self.rooms[frame.room] = frame.since
         if self._online and self._writer is not None:
             if kept is not None:
                 self.unacked[kept.ref or ""] = kept

@@ -90,6 +90,9 @@ class Session:
         self._closing = True
         self._out.clear()
         self._writer.close()
+        # Wake the read loop now, so the member leaves the registry at once instead of
+        # when the (possibly stuck) transport finally lets go.
+        self._reader.feed_eof()
         # A peer that stops reading would keep a closing transport alive forever.
         self._loop.call_later(self._limits.close_timeout, self._abort)
 

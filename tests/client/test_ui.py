@@ -1,0 +1,512 @@
+"""The prompt_toolkit chat window, typed into through a pipe, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import fragment_list_to_text
+from prompt_toolkit.input import PipeInput, create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from achat.client import commands as cmd
+from achat.client.connection import Client, Event
+from achat.client.ui import ChatCompleter, ChatState, ChatUI
+from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEvent
+from achat.server.app import Server
+from achat.server.config import ServerConfig
+from achat.store.memory import MemoryStore
+
+ESC_ENTER = "\x1b\r"
+CTRL_D = "\x04"
+TAB = "\t"
+UP = "\x1b[A"
+
+E = TypeVar("E")
+
+
+async def until(what: str, condition: Callable[[], bool], timeout: float = 2) -> None:
+    """Return once ``condition()`` is true; fail saying ``what`` was awaited after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def next_of(client: Client, kind: type[E], timeout: float = 2) -> E:
+    """The next event of ``kind`` that ``client`` receives, skipping every other event."""
+    async with asyncio.timeout(timeout):
+        while True:
+            event: Event = await client.next_event()
+            if isinstance(event, kind):
+                return event
+
+
+@dataclass
+class Window:
+    """A running :class:`ChatUI` and the pipe its keyboard is."""
+
+    ui: ChatUI
+    keyboard: PipeInput
+    task: asyncio.Task[None]
+    seen: int = 0
+
+    def type(self, keys: str) -> None:
+        self.keyboard.send_text(keys)
+
+    def mark(self) -> None:
+        """Only lines shown from now on count for :meth:`new_lines`."""
+        self.seen = len(self.ui.transcript)
+
+    def new_lines(self) -> list[str]:
+        return self.ui.transcript[self.seen :]
+
+    def has(self, text: str) -> bool:
+        """True once a line shown since :meth:`mark` contains ``text``."""
+        return any(text in line for line in self.new_lines())
+
+    async def wait_for(self, text: str, timeout: float = 2) -> str:
+        """The first line shown since :meth:`mark` that contains ``text``."""
+        try:
+            await until(repr(text), lambda: self.has(text), timeout)
+        except AssertionError:
+            shown = "\n".join(self.new_lines())
+            raise AssertionError(f"{text!r} never shown; shown since mark:\n{shown}") from None
+        return next(line for line in self.new_lines() if text in line)
+
+    def toolbar(self) -> str:
+        return fragment_list_to_text(self.ui._toolbar())
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server(ServerConfig(host="127.0.0.1", port=0), MemoryStore())
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture
+async def bob(server: Server) -> AsyncIterator[Client]:
+    """Another person in #general, using the plain client API."""
+    async with Client("127.0.0.1", server.port, "bob") as client:
+        await client.join("general")
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def chat_window(
+    server: Server, nick: str = "ana", room: str | None = "general"
+) -> AsyncIterator[Window]:
+    """``nick``'s chat window, running, and (with ``room``) joined to it."""
+    client = Client("127.0.0.1", server.port, nick)
+    await client.connect()
+    with create_pipe_input() as keyboard:
+        ui = ChatUI(client, room=room, input=keyboard, output=DummyOutput())
+        task = asyncio.create_task(ui.run())
+        window = Window(ui, keyboard, task)
+        try:
+            if room is not None:
+                await until(f"{nick} to be in #{room}", lambda: ui.state.room == room)
+            else:
+                await until("the prompt", lambda: ui.session.app.is_running)
+            yield window
+        finally:
+            if not task.done():
+                ui.quit()
+            async with asyncio.timeout(5):
+                await task
+
+
+@pytest.fixture
+async def ana(server: Server, bob: Client) -> AsyncIterator[Window]:
+    """Ana's chat window in #general, where bob already is."""
+    async with chat_window(server) as window:
+        window.mark()
+        yield window
+
+
+# -- joining and talking ---------------------------------------------------------
+
+
+async def test_initial_join_shows_names_and_sets_current_room(server: Server, bob: Client) -> None:
+    """The first join shows who is in the room and makes it the current room."""
+    async with chat_window(server) as window:
+        ui = window.ui
+        await window.wait_for("-- #general: ")
+        assert "-- connected to achat as ana" in ui.transcript
+        assert "-- #general: ana, bob (2 people)" in ui.transcript
+        assert ui.state.nick == "ana"
+        assert ui.state.room == "general"
+        assert ui.state.rooms == {"general": ["ana", "bob"]}
+        assert ui.state.connection == "connected"
+        assert "[#general]" in window.toolbar()
+        assert "2 here" in window.toolbar()
+
+
+async def test_without_a_room_the_window_starts_in_no_room(server: Server) -> None:
+    """With no first room nothing is joined and a typed line says to join first."""
+    async with chat_window(server, room=None) as window:
+        assert window.ui.state.room is None
+        assert "(no room)" in window.toolbar()
+        window.type("hello\r")
+        await window.wait_for("! join a room first: /join #general")
+
+
+async def test_typed_text_is_sent_and_its_echo_shown(ana: Window, bob: Client) -> None:
+    """A typed line goes to the current room and appears once the server echoes it."""
+    ana.type("hello everyone\r")
+    received = await next_of(bob, Message)
+    assert (received.room, received.sender, received.text) == ("general", "ana", "hello everyone")
+    line = await ana.wait_for("<ana> hello everyone")
+    assert line.endswith("<ana> hello everyone")
+    assert sum("hello everyone" in shown for shown in ana.new_lines()) == 1
+
+
+async def test_message_from_another_client_appears(ana: Window, bob: Client) -> None:
+    """A message someone else says in the current room is shown with their nick."""
+    await bob.say("general", "hi ana")
+    line = await ana.wait_for("<bob> hi ana")
+    assert "#general" not in line  # the current room is not repeated on each line
+
+
+async def test_message_in_another_room_is_labelled_with_it(ana: Window, bob: Client) -> None:
+    """A message in a joined room that is not the current one shows that room's name."""
+    ana.type("/join #dev\r")
+    await until("#dev to be current", lambda: ana.ui.state.room == "dev")
+    await bob.say("general", "over here")
+    line = await ana.wait_for("over here")
+    assert "#general <bob> over here" in line
+
+
+async def test_slash_slash_sends_a_line_starting_with_slash(ana: Window, bob: Client) -> None:
+    """``//etc`` sends the text ``/etc`` instead of running a command."""
+    ana.type("//etc/hosts is fine\r")
+    received = await next_of(bob, Message)
+    assert received.text == "/etc/hosts is fine"
+
+
+async def test_me_sends_an_action(ana: Window, bob: Client) -> None:
+    """``/me waves`` is sent as ``/me waves`` and shown as ``* ana waves``."""
+    ana.type("/me waves\r")
+    assert (await next_of(bob, Message)).text == "/me waves"
+    await ana.wait_for("* ana waves")
+
+
+async def test_escape_enter_makes_one_multiline_message(ana: Window, bob: Client) -> None:
+    """Esc Enter inserts a newline, so two lines go out as one message."""
+    ana.type("first line" + ESC_ENTER + "second line\r")
+    received = await next_of(bob, Message)
+    assert received.text == "first line\nsecond line"
+    line = await ana.wait_for("<ana> first line")
+    assert line.endswith("<ana> first line\n      second line")
+    assert not any(shown.startswith("second line") for shown in ana.new_lines())
+
+
+async def test_up_arrow_recalls_the_previous_line(ana: Window, bob: Client) -> None:
+    """Up recalls the line sent before, and Enter sends it again."""
+    ana.type("once more\r")
+    assert (await next_of(bob, Message)).text == "once more"
+    ana.type(UP + "\r")
+    assert (await next_of(bob, Message)).text == "once more"
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+async def test_join_switches_room_and_toolbar(ana: Window, bob: Client) -> None:
+    """/join makes the new room current, the toolbar brackets it, and text goes there."""
+    ana.type("/join #Dev\r")
+    await until("#dev to be current", lambda: ana.ui.state.room == "dev")
+    await ana.wait_for("-- #dev: ana (1 person)")
+    assert set(ana.ui.state.rooms) == {"general", "dev"}
+    toolbar = ana.toolbar()
+    assert "[#dev] #general" in toolbar
+    assert "[#general]" not in toolbar
+    assert "1 here" in toolbar
+
+    await bob.join("dev")
+    ana.type("in dev\r")
+    received = await next_of(bob, Message)
+    assert (received.room, received.text) == ("dev", "in dev")
+
+
+async def test_join_of_a_joined_room_only_switches(ana: Window, bob: Client) -> None:
+    """/join of a room already joined switches to it without asking the server again."""
+    ana.type("/join #dev\r")
+    await until("#dev to be current", lambda: ana.ui.state.room == "dev")
+    ana.mark()
+    ana.type("/join #general\r")
+    await ana.wait_for("-- now talking in #general")
+    assert ana.ui.state.room == "general"
+    assert "#dev [#general]" in ana.toolbar()
+    assert not ana.has("-- #general:")  # no second names list: nothing was sent
+
+
+async def test_msg_shows_the_dm_after_the_ack(ana: Window, bob: Client) -> None:
+    """/msg delivers a direct message and shows ``you → *bob*`` once the server acks it."""
+    ana.type("/msg bob psst\r")
+    received = await next_of(bob, DmEvent)
+    assert (received.sender, received.to, received.text) == ("ana", "bob", "psst")
+    line = await ana.wait_for("you → *bob*: psst")
+    assert line.endswith("you → *bob*: psst")
+
+
+async def test_msg_to_nobody_shows_the_error_not_the_dm(ana: Window) -> None:
+    """/msg to a nick that is not online shows the refusal and never ``you → *ghost*``."""
+    ana.type("/msg ghost boo\r")
+    await ana.wait_for("nobody by that name is online")
+    assert not ana.has("you → *ghost*")
+
+
+async def test_dm_from_someone_shows_as_to_you(ana: Window, bob: Client) -> None:
+    """A direct message received shows as ``*bob* → you: …``."""
+    await bob.dm("ana", "hey you")
+    await ana.wait_for("*bob* → you: hey you")
+
+
+async def test_nick_updates_state_and_toolbar(ana: Window, bob: Client) -> None:
+    """/nick renames: the state, the member list and the toolbar follow the server's reply."""
+    ana.type("/nick anna\r")
+    renamed = await next_of(bob, Renamed)
+    assert (renamed.old, renamed.new) == ("ana", "anna")
+    await until("state.nick to be anna", lambda: ana.ui.state.nick == "anna")
+    await ana.wait_for("-- ana is now known as anna")
+    assert ana.ui.state.rooms["general"] == ["anna", "bob"]
+    assert ana.toolbar().startswith(" anna │")
+
+
+async def test_nick_taken_keeps_the_old_nick(ana: Window) -> None:
+    """/nick to a nick in use shows the refusal and the nick stays as it was."""
+    ana.type("/nick bob\r")
+    await ana.wait_for("that nick is taken")
+    assert ana.ui.state.nick == "ana"
+
+
+async def test_part_leaves_the_current_room(ana: Window, bob: Client) -> None:
+    """/part leaves the current room and the next joined room becomes current."""
+    ana.type("/join #dev\r")
+    await until("#dev to be current", lambda: ana.ui.state.room == "dev")
+    await bob.join("dev")
+    ana.type("/part see you\r")
+    parted = await next_of(bob, Parted)
+    assert (parted.room, parted.nick, parted.reason) == ("dev", "ana", "see you")
+    await ana.wait_for("-- you left #dev; now in #general")
+    assert ana.ui.state.room == "general"
+    assert set(ana.ui.state.rooms) == {"general"}
+    assert "[#general]" in ana.toolbar()
+    assert "#dev" not in ana.toolbar()
+
+
+async def test_part_of_the_last_room_leaves_no_room(ana: Window) -> None:
+    """/part of the only room leaves the window in no room, and says so."""
+    ana.type("/part\r")
+    await ana.wait_for("-- you left #general")
+    assert ana.ui.state.room is None
+    assert ana.ui.state.rooms == {}
+    assert "(no room)" in ana.toolbar()
+
+
+async def test_who_lists_the_people_in_the_room(ana: Window, server: Server) -> None:
+    """/who lists the people in the current room, including someone who came in later."""
+    async with Client("127.0.0.1", server.port, "cy") as cy:
+        await cy.join("general")
+        await ana.wait_for("cy joined #general")
+        ana.mark()
+        ana.type("/who\r")
+        await ana.wait_for("-- #general: ana, bob, cy (3 people)")
+
+
+async def test_who_of_a_room_not_joined(ana: Window, bob: Client) -> None:
+    """/who #room lists a room the user is not in, without joining it."""
+    await bob.join("ops")
+    ana.type("/who #ops\r")
+    await ana.wait_for("-- #ops: bob (1 person)")
+    assert "ops" not in ana.ui.state.rooms
+
+
+async def test_rooms_lists_rooms_with_counts_and_topics(ana: Window, bob: Client) -> None:
+    """/rooms lists every room with how many are in it and its topic."""
+    await bob.join("ops")
+    bob.set_topic("ops", "deploys")
+    await next_of(bob, TopicEvent)
+    ana.type("/rooms\r")
+    await ana.wait_for("-- 2 rooms:")
+    await ana.wait_for("--   #general (2)")
+    await ana.wait_for("--   #ops (1) — deploys")
+
+
+async def test_topic_set_and_show(ana: Window, bob: Client) -> None:
+    """/topic TEXT sets the topic for everyone and /topic alone shows it."""
+    ana.type("/topic\r")
+    await ana.wait_for("-- #general has no topic")
+    ana.type("/topic ship it friday\r")
+    await ana.wait_for("ana set the topic of #general: ship it friday")
+    assert ana.ui.state.topics["general"] == "ship it friday"
+    ana.mark()
+    ana.type("/topic\r")
+    await ana.wait_for("-- topic of #general: ship it friday")
+
+
+async def test_topic_set_by_someone_else_is_shown(ana: Window, bob: Client) -> None:
+    """A topic change by another member is shown and remembered for /topic."""
+    bob.set_topic("general", "lunch at noon")
+    await ana.wait_for("bob set the topic of #general: lunch at noon")
+    ana.type("/topic\r")
+    await ana.wait_for("-- topic of #general: lunch at noon")
+
+
+async def test_history_shows_the_last_messages(ana: Window, bob: Client) -> None:
+    """/history N shows the last N messages of the current room, oldest first."""
+    for text in ("one", "two", "three"):
+        await bob.say("general", text)
+    await ana.wait_for("<bob> three")
+    ana.mark()
+    ana.type("/history 2\r")
+    await ana.wait_for("-- history of #general:")
+    await ana.wait_for("<bob> three")
+    lines = ana.new_lines()
+    start = lines.index("-- history of #general:")
+    shown = [line.split(" ", 1)[1] for line in lines[start + 1 : start + 3]]
+    assert shown == ["<bob> two", "<bob> three"]
+    assert not any("<bob> one" in line for line in lines)
+
+
+async def test_joining_shows_recent_messages_for_context(server: Server, bob: Client) -> None:
+    """Joining a room with messages in it shows its recent history once."""
+    await bob.say("general", "before you came")
+    async with chat_window(server) as window:
+        await window.wait_for("<bob> before you came")
+        assert sum("before you came" in line for line in window.ui.transcript) == 1
+
+
+async def test_help_lists_every_command(ana: Window) -> None:
+    """/help lists every command the README documents, with its usage."""
+    ana.type("/help\r")
+    await ana.wait_for("Tab completes")
+    text = "\n".join(ana.new_lines())
+    for usage in (
+        "/join #room",
+        "/part [#room] [reason]",
+        "/msg NICK TEXT",
+        "/me ACTION",
+        "/nick NEWNICK",
+        "/who [#room]",
+        "/rooms",
+        "/topic [#room] [TEXT]",
+        "/history [N]",
+        "/help",
+        "/quit [reason]",
+    ):
+        assert usage in text, usage
+
+
+async def test_unknown_command_shows_an_error_and_sends_nothing(ana: Window, bob: Client) -> None:
+    """An unknown /command shows an error line and nothing reaches the server."""
+    ana.type("/frobnicate now\r")
+    line = await ana.wait_for("unknown command")
+    assert line.startswith("! unknown command /frobnicate")
+    ana.type("after\r")
+    assert (await next_of(bob, Message)).text == "after"  # nothing was said before it
+    assert not ana.has("<ana> /frobnicate")
+
+
+async def test_bad_usage_shows_how_to_write_it(ana: Window) -> None:
+    """A command missing its arguments shows its usage."""
+    ana.type("/msg bob\r")
+    await ana.wait_for("! usage: /msg NICK TEXT")
+
+
+# -- quitting and the connection ---------------------------------------------------
+
+
+async def test_ctrl_d_quits_cleanly(server: Server, bob: Client) -> None:
+    """Ctrl-D ends the window without error and the others see ana leave (quit)."""
+    async with chat_window(server) as window:
+        window.type(CTRL_D)
+        async with asyncio.timeout(2):
+            await window.task
+        assert not window.ui.client.connected
+    parted = await next_of(bob, Parted)
+    assert (parted.nick, parted.room, parted.reason) == ("ana", "general", "quit")
+
+
+async def test_quit_with_a_reason(server: Server, bob: Client) -> None:
+    """/quit REASON ends the window and the others see that reason."""
+    async with chat_window(server) as window:
+        window.type("/quit gone fishing\r")
+        async with asyncio.timeout(2):
+            await window.task
+    parted = await next_of(bob, Parted)
+    assert (parted.nick, parted.reason) == ("ana", "gone fishing")
+
+
+async def test_server_closing_shows_disconnected(ana: Window, server: Server) -> None:
+    """When the server goes away the state and a line say disconnected; typing sends nothing."""
+    await server.close()
+    await until("disconnected", lambda: ana.ui.state.connection == "disconnected")
+    await ana.wait_for("! disconnected: ")
+    assert "disconnected" in ana.toolbar()
+    assert not ana.task.done()  # the window stays open so the user can read it
+    ana.type("anyone there?\r")
+    await ana.wait_for("! not connected: nothing was sent")
+
+
+# -- tab completion ----------------------------------------------------------------
+
+
+def complete(state: ChatState, before_cursor: str) -> list[str]:
+    """What Tab offers with ``before_cursor`` typed, as the texts that would be inserted."""
+    document = Document(before_cursor, len(before_cursor))
+    completions = ChatCompleter(state).get_completions(document, CompleteEvent())
+    return [c.text for c in completions]
+
+
+@pytest.fixture
+def state() -> ChatState:
+    return ChatState(
+        nick="ana",
+        room="general",
+        rooms={"general": ["ana", "Bob", "bea"], "dev": ["bob", "dave"]},
+    )
+
+
+def test_tab_completes_commands(state: ChatState) -> None:
+    """A leading /prefix completes to the commands that start with it, with a space."""
+    assert complete(state, "/jo") == ["/join "]
+    assert sorted(complete(state, "/H")) == ["/help ", "/history "]
+    assert complete(state, "/") == [name + " " for name in cmd.COMMANDS]
+    assert complete(state, "/zz") == []
+
+
+def test_tab_completes_rooms(state: ChatState) -> None:
+    """A #prefix completes to joined rooms, also as a command's argument."""
+    assert complete(state, "#") == ["#dev", "#general"]
+    assert complete(state, "/join #g") == ["#general"]
+    assert complete(state, "see #D") == ["#dev"]
+    assert complete(state, "#ops") == []
+
+
+def test_tab_completes_nicks(state: ChatState) -> None:
+    """A word completes to nicks in joined rooms, case-insensitively, once per person."""
+    assert complete(state, "b") == ["bea: ", "Bob: "]
+    assert complete(state, "thanks BO") == ["Bob"]
+    assert complete(state, "/msg da") == ["dave"]
+    assert complete(state, "") == []
+    assert complete(state, "hello ") == []
+
+
+async def test_tab_in_the_window_completes_a_command(ana: Window) -> None:
+    """Tab at the prompt inserts the only completion, so ``/hel<Tab><Enter>`` runs /help."""
+    ana.type("/hel" + TAB)
+    await until("the completion", lambda: ana.ui.session.default_buffer.text == "/help ")
+    ana.type("\r")
+    await ana.wait_for("-- commands:")

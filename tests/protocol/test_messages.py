@@ -1,0 +1,182 @@
+"""Typed frames and the strict JSON codec: every content error gets the contract's code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from achat.errors import ProtocolError
+from achat.protocol import messages as m
+from achat.protocol.frames import FrameDecoder
+
+
+def code_of(body: bytes) -> str:
+    with pytest.raises(ProtocolError) as exc:
+        m.decode_client(body)
+    assert not exc.value.fatal
+    return exc.value.code
+
+
+CLIENT_FRAMES: list[tuple[dict[str, Any], type]] = [
+    ({"type": "hello", "nick": "ana", "version": 1, "client": "x"}, m.Hello),
+    ({"type": "join", "room": "a", "since": 4}, m.Join),
+    ({"type": "part", "room": "a", "reason": "bye"}, m.Part),
+    ({"type": "say", "room": "a", "text": "hi", "ref": "r"}, m.Say),
+    ({"type": "dm", "to": "bob", "text": "hi"}, m.Dm),
+    ({"type": "nick", "nick": "ana2"}, m.Nick),
+    ({"type": "who", "room": "a"}, m.Who),
+    ({"type": "rooms"}, m.RoomsRequest),
+    ({"type": "history", "room": "a", "before": 9, "limit": 5}, m.HistoryRequest),
+    ({"type": "topic", "room": "a", "topic": ""}, m.Topic),
+    ({"type": "ping", "ref": "p"}, m.Ping),
+    ({"type": "bye"}, m.Bye),
+]
+
+
+@pytest.mark.parametrize(("obj", "kind"), CLIENT_FRAMES)
+def test_every_client_frame_decodes(obj: dict[str, Any], kind: type) -> None:
+    """Each client frame type of protocol v1 decodes to its struct with its fields."""
+    frame = m.decode_client(json.dumps(obj).encode())
+    assert type(frame) is kind
+    for key, value in obj.items():
+        if key != "type":
+            assert getattr(frame, key) == value
+
+
+SERVER_FRAMES: list[msgspec.Struct] = [
+    m.Welcome(nick="ana", server="s", version=1, max_frame=65536, max_text=4000, motd="hi"),
+    m.Message(room="a", seq=1, ts=2, sender="ana", text="hello\nworld"),
+    m.DmEvent(sender="ana", to="bob", id=3, ts=4, text="psst"),
+    m.Ack(ref="r", ts=5, room="a", seq=1),
+    m.Ack(ref="r", ts=5, id=9),
+    m.Joined(room="a", nick="ana", ts=1),
+    m.Parted(room="a", nick="ana", ts=1, reason="quit"),
+    m.Renamed(old="a", new="b", ts=1),
+    m.Names(room="a", nicks=["ana", "bob"], topic="t", seq=7, ref="x"),
+    m.Rooms(rooms=[m.RoomInfo(room="a", members=2, topic="")]),
+    m.History(
+        room="a", messages=[m.Message(room="a", seq=1, ts=2, sender="x", text="y")], more=True
+    ),
+    m.TopicEvent(room="a", topic="t", by="ana", ts=1),
+    m.Error(code="not_in_room", message="no", fatal=False, ref="r"),
+    m.Pong(ref="p"),
+]
+
+
+@pytest.mark.parametrize("frame", SERVER_FRAMES, ids=lambda f: type(f).__name__)
+def test_server_frames_round_trip(frame: msgspec.Struct) -> None:
+    """Every server frame survives encode (with its length prefix) and decode_server."""
+    data = m.encode(frame)
+    [body] = FrameDecoder().receive_data(data)
+    assert m.decode_server(body) == frame
+
+
+def test_from_is_the_wire_name_of_sender() -> None:
+    """Message and dm carry the sender under the JSON key 'from'."""
+    body = m.encode_body(m.Message(room="a", seq=1, ts=2, sender="ana", text="x"))
+    assert json.loads(body)["from"] == "ana"
+    assert "sender" not in json.loads(body)
+
+
+def test_error_always_says_whether_fatal() -> None:
+    """An error frame carries fatal even when false."""
+    body = m.encode_body(m.Error(code="x", message="y", fatal=False))
+    assert json.loads(body)["fatal"] is False
+
+
+def test_unknown_fields_are_ignored() -> None:
+    """Fields a frame does not define are ignored, for forward compatibility."""
+    frame = m.decode_client(b'{"type":"ping","future":{"a":[1,2]},"x":null}')
+    assert isinstance(frame, m.Ping)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"type":"say","room":"a","text":"\xff"}', "invalid_json"),
+        (b'{"type":"say","room":"a","text":"\\ud800"}', "invalid_json"),
+        (b'{"type":"ping","x":NaN}', "invalid_json"),
+        (b'{"type":"ping","x":Infinity}', "invalid_json"),
+        (b'{"type":"ping","x":-Infinity}', "invalid_json"),
+        (b'{"type":"ping"', "invalid_json"),
+        (b"[1,2]", "invalid_json"),
+        (b'"ping"', "invalid_json"),
+        (b'{"type":"ping","ref":"a","ref":"b"}', "invalid_json"),
+        (b'{"type":"ping","r\\u0065f":"a","ref":"b"}', "invalid_json"),
+        (b'{"type":"ping","x":{"k":1,"k":2}}', "invalid_json"),
+        (b'{"type":"teleport"}', "unknown_type"),
+        (b'{"room":"a"}', "unknown_type"),
+        (b'{"type":"say","room":"a"}', "missing_field"),
+        (b'{"type":"say","room":5,"text":"x"}', "missing_field"),
+        (b'{"type":"join","room":"a","since":-1}', "missing_field"),
+        (b'{"type":"join","room":"a","since":123456789012345678901234567890}', "missing_field"),
+        (b'{"type":"history","room":"a","limit":0}', "missing_field"),
+        (b'{"type":"history","room":"a","limit":501}', "missing_field"),
+        (b'{"type":"ping","ref":"' + b"r" * 65 + b'"}', "missing_field"),
+    ],
+)
+def test_content_errors_have_contract_codes(body: bytes, code: str) -> None:
+    """Each kind of bad content is refused, non-fatally, with the contract's code."""
+    assert code_of(body) == code
+
+
+def test_nesting_limit_is_eight() -> None:
+    """Eight levels of nesting are accepted, nine are refused."""
+    eight = b'{"type":"ping","x":' + b"[" * 7 + b"1" + b"]" * 7 + b"}"
+    nine = b'{"type":"ping","x":' + b"[" * 8 + b"1" + b"]" * 8 + b"}"
+    assert isinstance(m.decode_client(eight), m.Ping)
+    assert code_of(nine) == "invalid_json"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """A text full of brackets is not mistaken for deep nesting."""
+    frame = m.decode_client(b'{"type":"say","room":"a","text":"[[[[[[[[[[{{{{{{{{{{"}')
+    assert isinstance(frame, m.Say)
+
+
+def test_same_key_in_different_objects_is_fine() -> None:
+    """Repeating a key in two different objects is not a duplicate."""
+    assert isinstance(m.decode_client(b'{"type":"ping","a":{"k":1},"b":{"k":2}}'), m.Ping)
+
+
+def test_ref_is_salvaged_for_the_error() -> None:
+    """A frame that fails validation still has its ref echoed on the error."""
+    with pytest.raises(ProtocolError) as exc:
+        m.decode_client(b'{"type":"say","room":"a","ref":"r-7"}')
+    assert exc.value.ref == "r-7"
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_protocol_errors(body: bytes) -> None:
+    """Any byte string either decodes or raises ProtocolError, never anything else."""
+    try:
+        m.decode_client(body)
+    except ProtocolError as exc:
+        assert exc.code in {"invalid_json", "unknown_type", "missing_field"}
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    st.sampled_from(["say", "join", "dm", "history", "hello", "zzz", "ping"]),
+    st.dictionaries(st.sampled_from(["room", "text", "to", "ref", "limit", "since", "nick"]), JSON),
+)
+def test_arbitrary_objects_raise_only_protocol_errors(kind: str, fields: dict[str, Any]) -> None:
+    """Frames with arbitrary field values either decode or raise ProtocolError."""
+    body = json.dumps({"type": kind, **fields}).encode()
+    try:
+        m.decode_client(body)
+    except ProtocolError as exc:
+        assert exc.code in {"invalid_json", "unknown_type", "missing_field"}
