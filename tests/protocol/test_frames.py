@@ -115,6 +115,7 @@ def test_in_frame_tracks_partial_frames() -> None:
     decoder.receive_data(b"\x00")
     assert decoder.in_frame
     decoder.receive_data(b"\x00\x00\x02a")
-    assert decoder.in_frame and decoder.buffered == 1
+    assert decoder.in_frame
+    assert decoder.buffered == 1
     assert decoder.receive_data(b"b") == [b"ab"]
     assert not decoder.in_frame

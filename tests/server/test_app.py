@@ -19,7 +19,6 @@ from achat.server.config import ServerConfig
 from achat.server.session import SessionLimits
 from achat.store.memory import MemoryStore
 
-
 OPEN: list[Raw] = []
 
 
@@ -166,11 +165,13 @@ async def test_who_rooms_history_and_since(server: Server, clients: list[Client]
         await ana.join("a")
         await ana.say("a", f"m{k}")
     names = await ana.who("a")
-    assert names.nicks == ["ana"] and names.seq == 5
+    assert names.nicks == ["ana"]
+    assert names.seq == 5
     listing = await ana.rooms_list()
     assert [(r.room, r.members) for r in listing.rooms] == [("a", 1)]
     page = await ana.history("a", before=4, limit=2)
-    assert [x.text for x in page.messages] == ["m1", "m2"] and page.more
+    assert [x.text for x in page.messages] == ["m1", "m2"]
+    assert page.more
     bob = await connect(server, clients, "bob")
     await bob.join("a", since=3)
     assert [x.seq for x in await messages(bob, 2)] == [4, 5]

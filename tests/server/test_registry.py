@@ -80,7 +80,8 @@ def test_register_sends_welcome(reg: Registry) -> None:
     [welcome] = peer.take()
     assert isinstance(welcome, m.Welcome)
     assert (welcome.nick, welcome.server, welcome.version) == ("Ana", "test", 1)
-    assert welcome.max_frame == 65536 and welcome.max_text == 4000
+    assert welcome.max_frame == 65536
+    assert welcome.max_text == 4000
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,8 @@ def test_join_tells_the_room_then_names_the_joiner(reg: Registry) -> None:
     bob_m, bob = add(reg, "bob")
     reg.handle(bob_m, m.Join(room="general", ref="j1"))
     joined, names = bob.take()
-    assert isinstance(joined, m.Joined) and joined.nick == "bob"
+    assert isinstance(joined, m.Joined)
+    assert joined.nick == "bob"
     assert isinstance(names, m.Names)
     assert (names.nicks, names.ref, names.seq) == (["ana", "bob"], "j1", 0)
     assert [type(f) for f in ana.take()] == [m.Joined]
@@ -183,7 +185,8 @@ def test_rename_tells_each_sharer_once(reg: Registry) -> None:
     assert [(f.old, f.new) for f in ana.take()] == [("ana", "Anna")]
     assert len(bob.take()) == 1
     assert carol.take() == []
-    assert reg.member("anna") is ana_m and reg.member("ana") is None
+    assert reg.member("anna") is ana_m
+    assert reg.member("ana") is None
     reg.handle(ana_m, m.Say(room="a", text="x"))
     assert bob.of(m.Message)[0].sender == "Anna"
 
@@ -249,7 +252,7 @@ def test_history_pages(reg: Registry) -> None:
 
 def test_join_since_sends_the_backlog_once(reg: Registry) -> None:
     """join with since sends every message after since, in order, no duplicates."""
-    ana_m, ana = add(reg, "ana", "a")
+    ana_m, _ana = add(reg, "ana", "a")
     for i in range(6):
         reg.handle(ana_m, m.Say(room="a", text=f"t{i}"))
     bob_m, bob = add(reg, "bob")
@@ -268,7 +271,8 @@ def test_history_gap_before_the_backlog(clock: Clock) -> None:
     bob_m, bob = add(reg, "bob")
     reg.handle(bob_m, m.Join(room="a", since=2))
     frames = bob.take()
-    assert isinstance(frames[2], m.Error) and frames[2].code == "history_gap"
+    assert isinstance(frames[2], m.Error)
+    assert frames[2].code == "history_gap"
     assert not frames[2].fatal
     assert [f.seq for f in frames[3:]] == [6, 7, 8]
 
@@ -281,7 +285,8 @@ def test_repeated_ref_is_not_stored_again(reg: Registry, clock: Clock) -> None:
     reg.handle(ana_m, m.Say(room="a", text="once", ref="same"))
     reg.handle(ana_m, m.Say(room="a", text="once", ref="same"))
     acks = ana.of(m.Ack)
-    assert len(acks) == 2 and acks[0] == acks[1]
+    assert len(acks) == 2
+    assert acks[0] == acks[1]
     assert len(bob.of(m.Message)) == 1
     reg.handle(bob_m, m.Say(room="a", text="mine", ref="same"))
     assert len(bob.of(m.Message)) == 2  # another nick may use the same ref
@@ -310,7 +315,8 @@ def test_names_split_to_fit_max_frame(clock: Clock) -> None:
     reg.handle(member, m.Who(room="big", ref="w"))
     parts = peer.take()
     assert len(parts) > 1
-    assert all(p.more for p in parts[:-1]) and not parts[-1].more
+    assert all(p.more for p in parts[:-1])
+    assert not parts[-1].more
     assert all(p.ref == "w" for p in parts)
     assert sorted(n for p in parts for n in p.nicks) == sorted(f"user{i:02d}" for i in range(60))
 

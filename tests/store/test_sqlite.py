@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -95,7 +96,7 @@ async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:
             done.set()
 
     for i in range(1, count + 1):
-        store.append(msg("r", i), lambda i=i: stored(i))
+        store.append(msg("r", i), functools.partial(stored, i))
     async with asyncio.timeout(10):
         await done.wait()
     assert acked == list(range(1, count + 1))
@@ -108,7 +109,10 @@ def test_history_sees_unstored_messages(db_path: Path) -> None:
     try:
         gate = threading.Event()
         # Block the writer thread inside a callback so later appends stay queued.
-        s.append(msg("r", 1), gate.wait)
+        def block() -> None:
+            gate.wait()
+
+        s.append(msg("r", 1), block)
         s.append(msg("r", 2), lambda: None)
         page = s.history("r", before=None, after=0, limit=10)
         assert [m.seq for m in page.messages] == [1, 2]
