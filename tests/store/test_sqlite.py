@@ -108,6 +108,7 @@ def test_history_sees_unstored_messages(db_path: Path) -> None:
     s = SQLiteStore(db_path)
     try:
         gate = threading.Event()
+
         # Block the writer thread inside a callback so later appends stay queued.
         def block() -> None:
             gate.wait()
