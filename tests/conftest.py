@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 from achat.server.app import Server
 from achat.server.config import ServerConfig
+from achat.server.limits import FloodPolicy
 from achat.server.session import SessionLimits
 from achat.store.memory import MemoryStore
 
@@ -19,9 +21,10 @@ settings.register_profile("fuzz", deadline=None, max_examples=20_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-def make_config(**limits: float) -> ServerConfig:
-    """A loopback config on port 0 with flood limits off unless a test sets them."""
-    return ServerConfig(host="127.0.0.1", port=0, limits=SessionLimits(**limits))  # type: ignore[arg-type]
+def make_config(port: int = 0, **limits: Any) -> ServerConfig:
+    """A loopback config with flood limits off unless a test sets them (tests send bursts)."""
+    limits.setdefault("flood", FloodPolicy(rate=0))
+    return ServerConfig(host="127.0.0.1", port=port, limits=SessionLimits(**limits))
 
 
 @pytest.fixture

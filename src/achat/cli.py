@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .errors import AchatError, ConnectionClosed, ServerError
 from .server.config import DEFAULT_PORT, ServerConfig, default_data_dir
+from .server.limits import FloodPolicy
 from .server.session import SessionLimits
 
 __all__ = ["main", "parse_server_args", "server_main"]
@@ -103,6 +104,32 @@ def parse_server_args(
         help="seconds of silence before a client is dropped (ACHAT_IDLE_TIMEOUT, default 120)",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=float(_env(env, "RATE", "5") or 5),
+        help="frames a second one connection may send on average; 0 turns the limit off "
+        "(ACHAT_RATE, default 5)",
+    )
+    parser.add_argument(
+        "--burst",
+        type=float,
+        default=float(_env(env, "BURST", "10") or 10),
+        help="frames one connection may send at once (ACHAT_BURST, default 10)",
+    )
+    parser.add_argument(
+        "--max-per-ip",
+        type=int,
+        default=int(_env(env, "MAX_PER_IP", "64") or 64),
+        help="connections at once from one address, loopback exempt (ACHAT_MAX_PER_IP, default 64)",
+    )
+    parser.add_argument(
+        "--max-new-per-ip",
+        type=int,
+        default=int(_env(env, "MAX_NEW_PER_IP", "120") or 120),
+        help="new connections a minute from one address, loopback exempt "
+        "(ACHAT_MAX_NEW_PER_IP, default 120)",
+    )
+    parser.add_argument(
         "--store",
         default=_env(env, "STORE", "sqlite"),
         choices=["sqlite", "memory"],
@@ -142,6 +169,10 @@ def parse_server_args(
         parser.error("--motd has at most 1000 characters")
     if args.idle_timeout <= 0:
         parser.error("--idle-timeout must be positive")
+    if args.rate < 0 or args.burst < 1:
+        parser.error("--rate must be 0 or more and --burst at least 1")
+    if args.max_per_ip < 1 or args.max_new_per_ip < 1:
+        parser.error("--max-per-ip and --max-new-per-ip must be at least 1")
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -151,7 +182,12 @@ def parse_server_args(
         max_clients=args.max_clients,
         password=args.password,
         log_level=args.log_level,
-        limits=SessionLimits(idle_timeout=args.idle_timeout),
+        limits=SessionLimits(
+            idle_timeout=args.idle_timeout,
+            flood=FloodPolicy(rate=args.rate, burst=args.burst),
+        ),
+        max_per_ip=args.max_per_ip,
+        max_new_per_ip=args.max_new_per_ip,
         store=args.store,
         durability=args.durability,
         history_days=args.history_days,

@@ -20,8 +20,8 @@ from achat.client.connection import (
 from achat.errors import ConnectionClosed
 from achat.protocol.messages import Message
 from achat.server.app import Server
-from achat.server.config import ServerConfig
 from achat.store.sqlite import SQLiteStore
+from tests.conftest import make_config
 from tests.helpers.faultproxy import FaultProxy
 
 ROOM = "net"
@@ -38,7 +38,7 @@ async def wait_for_event(client: Client, kind: type, timeout: float = 5) -> Even
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    srv = Server(ServerConfig(host="127.0.0.1", port=0), SQLiteStore(tmp_path / "achat.db"))
+    srv = Server(make_config(), SQLiteStore(tmp_path / "achat.db"))
     await srv.start()
     yield srv
     await srv.close()

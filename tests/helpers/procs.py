@@ -49,6 +49,9 @@ class ServerProcess:
             str(self.data_dir),
             "--log-level",
             "warning",
+            # Tests and benchmarks send bursts; a test of the limits passes its own --rate.
+            "--rate",
+            "0",
             *self.extra,
         ]
         with open(self.log, "ab") as log:

@@ -15,9 +15,8 @@ from achat.client.connection import Client, Disconnected
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
-from achat.server.config import ServerConfig
-from achat.server.session import SessionLimits
 from achat.store.memory import MemoryStore
+from tests.conftest import make_config
 
 OPEN: list[Raw] = []
 
@@ -80,9 +79,7 @@ class Raw:
 
 
 async def start(**limits: Any) -> Server:
-    srv = Server(
-        ServerConfig(host="127.0.0.1", port=0, limits=SessionLimits(**limits)), MemoryStore()
-    )
+    srv = Server(make_config(**limits), MemoryStore())
     await srv.start()
     return srv
 
@@ -311,7 +308,7 @@ async def test_shutdown_tells_everyone_and_frees_the_port(clients: list[Client])
     error = next(e for e in events if isinstance(e, m.Error))
     assert (error.code, error.fatal) == ("server_shutdown", True)
     assert isinstance(events[-1], Disconnected)
-    again = Server(ServerConfig(host="127.0.0.1", port=port), MemoryStore())
+    again = Server(make_config(port), MemoryStore())
     await again.start()
     assert again.port == port
     await again.close()

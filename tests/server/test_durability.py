@@ -9,8 +9,8 @@ from pathlib import Path
 from achat.client.connection import Backoff, Client
 from achat.protocol.messages import Message, Say
 from achat.server.app import Server
-from achat.server.config import ServerConfig
 from achat.store.sqlite import SQLiteStore
+from tests.conftest import make_config
 from tests.helpers.procs import ServerProcess
 
 ROOM = "crash"
@@ -111,14 +111,14 @@ async def test_kill9_cycles_keep_every_acked_message(tmp_path: Path) -> None:
 async def test_repeated_ref_after_restart_gets_the_original_ack(tmp_path: Path) -> None:
     """A say resent with the same ref after a restart is not stored again: same ack, one row."""
     db = tmp_path / "achat.db"
-    first = Server(ServerConfig(host="127.0.0.1", port=0), SQLiteStore(db))
+    first = Server(make_config(), SQLiteStore(db))
     await first.start()
     async with Client("127.0.0.1", first.port, "ana") as ana:
         await ana.join(ROOM)
         original = await ana.request(Say(room=ROOM, text="only once", ref="fixed-ref"))
     await first.close()
 
-    second = Server(ServerConfig(host="127.0.0.1", port=0), SQLiteStore(db))
+    second = Server(make_config(), SQLiteStore(db))
     await second.start()
     try:
         async with Client("127.0.0.1", second.port, "ana") as ana:

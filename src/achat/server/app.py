@@ -17,6 +17,7 @@ from collections.abc import Callable
 from ..errors import ProtocolError
 from ..store.base import Store
 from .config import ServerConfig
+from .limits import AddressLimits
 from .registry import Registry
 from .session import Session
 
@@ -51,6 +52,11 @@ class Server:
             max_frame=config.max_frame,
             max_clients=config.max_clients,
             password=config.password,
+        )
+        self._addresses = AddressLimits(
+            max_concurrent=config.max_per_ip,
+            max_per_minute=config.max_new_per_ip,
+            exempt_loopback=config.exempt_loopback,
         )
         self._sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -118,6 +124,12 @@ class Server:
         if self._closing:
             session.fail(ProtocolError("server_shutdown", "the server is shutting down"))
             return
+        host = session.host
+        refused = self._addresses.admit(host, asyncio.get_running_loop().time())
+        if refused is not None:
+            log.info("refused addr=%s: %s", session.addr, refused)
+            session.fail(ProtocolError("rate_limited", refused, fatal=True))
+            return
         self._sessions.add(session)
         if task is not None:
             self._tasks.add(task)
@@ -132,6 +144,7 @@ class Server:
             # The loop is going away without close(); this task is the top of its stack.
             session.close()
         finally:
+            self._addresses.release(host)
             self._sessions.discard(session)
             if task is not None:
                 self._tasks.discard(task)

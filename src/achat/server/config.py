@@ -36,6 +36,10 @@ class ServerConfig:
     log_level: str = "info"
     max_text: int = DEFAULT_MAX_TEXT
     limits: SessionLimits = field(default_factory=SessionLimits)
+    max_per_ip: int = 64
+    max_new_per_ip: int = 120
+    #: Loopback clients (local tools, bridges, load tests) skip the per-address limits.
+    exempt_loopback: bool = True
     store: str = "sqlite"
     durability: str = "normal"
     history_days: float | None = None

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import FrameError, ProtocolError
 from ..protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
 from ..protocol.messages import Bye, ClientFrame, Error, Hello, decode_client, encode
+from .limits import FloodPolicy, TokenBucket
 from .log import esc
 from .registry import Member, Registry
 
@@ -43,6 +44,7 @@ class SessionLimits:
     frame_timeout: float = 10.0
     idle_timeout: float = 120.0
     close_timeout: float = 5.0
+    flood: FloodPolicy = field(default_factory=FloodPolicy)
 
 
 class Session:
@@ -61,6 +63,7 @@ class Session:
         self._limits = limits
         self._loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(limits.max_frame)
+        self._bucket = TokenBucket(limits.flood, self._loop.time())
         self._out: list[bytes] = []
         self._scheduled = False
         self._closing = False
@@ -68,6 +71,7 @@ class Session:
         self._quit_reason = "quit"
         peer = writer.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
     # -- Peer ---------------------------------------------------------------
 
@@ -163,10 +167,15 @@ class Session:
             if self._member is None:
                 self.fail(exc)
                 return False
+            # Garbage costs a token like any frame, so it cannot flood for free.
+            if not self._bucket.take(self._loop.time()):
+                return self._flooded(exc.ref)
             self._refuse(exc)
             return True
         if self._member is None:
             return self._hello(frame)
+        if not isinstance(frame, Bye) and not self._bucket.take(self._loop.time()):
+            return self._flooded(getattr(frame, "ref", None))
         try:
             self._registry.handle(self._member, frame)
         except ProtocolError as exc:
@@ -179,6 +188,26 @@ class Session:
                 self._quit_reason = frame.reason
             log.info("bye nick=%s", esc(self._member.nick))
             return False
+        return True
+
+    def _flooded(self, ref: str | None) -> bool:
+        """Refuse a frame over the rate limit; drop a connection that keeps flooding."""
+        if self._bucket.flooding():
+            log.info("flooding addr=%s nick=%s", self.addr, esc(self.nick or ""))
+            self.fail(ProtocolError("rate_limited", "disconnected for flooding", fatal=True))
+            return False
+        policy = self._limits.flood
+        self.send(
+            encode(
+                Error(
+                    code="rate_limited",
+                    message=f"slow down: at most {policy.rate:g} frames a second "
+                    f"(bursts of {policy.burst:g}); this frame was dropped",
+                    fatal=False,
+                    ref=ref,
+                )
+            )
+        )
         return True
 
     def _hello(self, frame: ClientFrame) -> bool:
