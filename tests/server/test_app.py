@@ -269,12 +269,12 @@ async def test_hello_timeout() -> None:
 
 
 async def test_idle_timeout() -> None:
-    """A registered connection that sends nothing is closed with idle_timeout."""
+    """A registered connection that ignores the keepalive ping is closed with idle_timeout."""
     server = await start(idle_timeout=0.3)
     try:
         raw = await Raw.open(server.port)
         await raw.hello("quiet")
-        error = await raw.next()
+        error = await raw.until(m.Error)
         assert (error.code, error.fatal) == ("idle_timeout", True)
     finally:
         await server.close()
@@ -322,3 +322,34 @@ async def test_a_burst_is_coalesced_into_few_writes(server: Server) -> None:
     first = await raw.reader.read(1 << 20)
     # All 200 pongs were written at once, so one read sees (nearly) all of them.
     assert len(raw.decoder.receive_data(first)) >= 150
+
+
+async def test_server_pings_a_quiet_client_and_keeps_it_if_it_answers() -> None:
+    """Half-way to idle_timeout the server pings; a pong resets the clock; silence closes."""
+    server = await start(idle_timeout=0.4)
+    try:
+        raw = await Raw.open(server.port)
+        await raw.hello("quiet")
+        ping = await raw.next()
+        assert ping == m.Ping(ref="keepalive")
+        raw.send({"type": "pong", "ref": "keepalive"})
+        again = await raw.next()
+        assert again == m.Ping(ref="keepalive")  # still connected: pinged a second time
+        error = await raw.next()
+        assert (error.code, error.fatal) == ("idle_timeout", True)
+    finally:
+        await server.close()
+
+
+async def test_client_answers_server_pings() -> None:
+    """The Client answers the server's keepalive pings, so a silent reader stays connected."""
+    server = await start(idle_timeout=0.3)
+    try:
+        async with Client("127.0.0.1", server.port, "lurker") as lurker:
+            # Nothing may happen for well over idle_timeout: no error, no disconnect.
+            with pytest.raises(TimeoutError):
+                await lurker.next_event(timeout=0.9)
+            assert lurker.connected
+            assert server.registry.member("lurker") is not None
+    finally:
+        await server.close()

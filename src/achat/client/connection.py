@@ -59,6 +59,7 @@ from ..protocol.messages import (
     Parted,
     Ping,
     Pong,
+    PongReply,
     Renamed,
     Rooms,
     RoomsRequest,
@@ -528,6 +529,11 @@ class Client:
             self._events.put_nowait(
                 LocalNotice(f"ignored a bad frame from the server ({exc.code})")
             )
+            return
+        if isinstance(frame, Ping):
+            # The server checks we are alive; answering is all it takes.
+            if self._online and self._writer is not None:
+                self._write(PongReply(ref=frame.ref))
             return
         if not self._track(frame):
             return

@@ -44,6 +44,7 @@ __all__ = [
     "Parted",
     "Ping",
     "Pong",
+    "PongReply",
     "Renamed",
     "RoomInfo",
     "Rooms",
@@ -144,8 +145,26 @@ class Bye(_Frame, tag="bye", frozen=True, kw_only=True):
     ref: Ref | None = None
 
 
+class PongReply(_Frame, tag="pong", frozen=True, kw_only=True):
+    """A client's answer to a server's ``ping`` (the contract lets either side ping)."""
+
+    ref: Ref | None = None
+
+
 ClientFrame = (
-    Hello | Join | Part | Say | Dm | Nick | Who | RoomsRequest | HistoryRequest | Topic | Ping | Bye
+    Hello
+    | Join
+    | Part
+    | Say
+    | Dm
+    | Nick
+    | Who
+    | RoomsRequest
+    | HistoryRequest
+    | Topic
+    | Ping
+    | PongReply
+    | Bye
 )
 
 # -- server -> client -------------------------------------------------------
@@ -265,6 +284,7 @@ ServerFrame = (
     | TopicEvent
     | Error
     | Pong
+    | Ping
 )
 
 # -- codec -------------------------------------------------------------------

@@ -48,6 +48,7 @@ from ..protocol.messages import (
     Parted,
     Ping,
     Pong,
+    PongReply,
     Renamed,
     RoomInfo,
     Rooms,
@@ -170,6 +171,7 @@ class Registry:
             HistoryRequest: self._history,  # type: ignore[dict-item]
             Topic: self._topic,  # type: ignore[dict-item]
             Ping: self._ping,  # type: ignore[dict-item]
+            PongReply: self._pong,  # type: ignore[dict-item]
         }
 
     # -- lifecycle of a member ---------------------------------------------
@@ -441,6 +443,10 @@ class Registry:
 
     def _ping(self, member: Member, frame: Ping) -> None:
         member.peer.send(encode(Pong(ref=frame.ref)))
+
+    def _pong(self, member: Member, frame: PongReply) -> None:
+        # The answer to our keepalive ping: arriving at all is what counts.
+        return None
 
     # -- helpers ------------------------------------------------------------
 

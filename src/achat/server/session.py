@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import FrameError, ProtocolError
 from ..protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
-from ..protocol.messages import Bye, ClientFrame, Error, Hello, decode_client, encode
+from ..protocol.messages import Bye, ClientFrame, Error, Hello, Ping, decode_client, encode
 from .limits import FloodPolicy, TokenBucket
 from .log import esc
 from .registry import Member, Registry
@@ -127,9 +127,13 @@ class Session:
         connected = loop.time()
         last_frame = connected
         frame_started: float | None = None
+        pinged = False
         while not self._closing:
             if self._member is None:
                 deadline, why = connected + limits.hello_timeout, "no hello"
+            elif not pinged:
+                # Half-way through the idle time, ask a quiet client whether it is still there.
+                deadline, why = last_frame + limits.idle_timeout / 2, "ping"
             else:
                 deadline, why = last_frame + limits.idle_timeout, "idle"
             if frame_started is not None and frame_started + limits.frame_timeout < deadline:
@@ -138,6 +142,10 @@ class Session:
                 async with asyncio.timeout_at(deadline):
                     data = await self._reader.read(READ_CHUNK)
             except TimeoutError:
+                if why == "ping":
+                    pinged = True
+                    self.send(encode(Ping(ref="keepalive")))
+                    continue
                 self._timed_out(why)
                 return
             if not data:
@@ -151,6 +159,7 @@ class Session:
             now = loop.time()
             if bodies:
                 last_frame = now
+                pinged = False
             if not self._decoder.in_frame:
                 frame_started = None
             elif frame_started is None or bodies:
