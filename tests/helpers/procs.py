@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -29,10 +30,13 @@ def free_port() -> int:
 class ServerProcess:
     """One ``achat-server`` on 127.0.0.1 that can be killed and started again on its data."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *extra: str, nofile: int | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.extra = extra
+        self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir / "server.log"
 
@@ -55,7 +59,13 @@ class ServerProcess:
             *self.extra,
         ]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=self._limit_files if self.nofile else None,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -67,6 +77,10 @@ class ServerProcess:
                 return
             time.sleep(0.02)
         raise TimeoutError("achat-server did not start listening")
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def kill9(self) -> None:
         """SIGKILL: no shutdown code runs, exactly like a crash."""
