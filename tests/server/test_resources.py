@@ -25,8 +25,7 @@ def open_fds() -> int:
 async def settle(server: Server) -> None:
     """Wait until the server has forgotten every connection."""
     async with asyncio.timeout(5):
-        while server.connections or server.registry.members:
-            await asyncio.sleep(0.01)
+        await server.wait_connections(0)
 
 
 async def test_no_leak_after_every_kind_of_disconnect() -> None:
@@ -52,8 +51,7 @@ async def test_no_leak_after_every_kind_of_disconnect() -> None:
 
 async def settle_one(server: Server, host: Client) -> None:
     async with asyncio.timeout(5):
-        while server.connections != 1 or len(server.registry.members) != 1:
-            await asyncio.sleep(0.01)
+        await server.wait_connections(1)
     await host.ping()
 
 

@@ -59,6 +59,7 @@ class Server:
             exempt_loopback=config.exempt_loopback,
         )
         self._sessions: set[Session] = set()
+        self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._closed = asyncio.Event()
@@ -81,6 +82,17 @@ class Server:
     @property
     def connections(self) -> int:
         return len(self._sessions)
+
+    async def wait_connections(self, count: int) -> None:
+        """Return once exactly ``count`` connections are open (and registered, if any)."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: len(self._sessions) == count and len(self.registry.members) <= count
+            )
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given, else on the configured host and port."""
@@ -133,6 +145,7 @@ class Server:
         self._sessions.add(session)
         if task is not None:
             self._tasks.add(task)
+        await self._notify()
         log.debug("connect addr=%s", session.addr)
         try:
             await session.run()
@@ -148,4 +161,5 @@ class Server:
             self._sessions.discard(session)
             if task is not None:
                 self._tasks.discard(task)
+            await self._notify()
             log.debug("disconnect addr=%s", session.addr)
