@@ -1,0 +1,158 @@
+"""Rendering events: readable lines, and nothing from the network reaches the terminal raw."""
+
+from __future__ import annotations
+
+from datetime import timezone
+
+import pyte
+import pytest
+
+from achat.client.render import Renderer, nick_style, plain, visible
+from achat.protocol import messages as m
+
+UTC = timezone.utc
+
+
+@pytest.fixture
+def r() -> Renderer:
+    return Renderer(tz=UTC, me=lambda: "ana")
+
+
+def msg(text: str, sender: str = "bob", room: str = "general", ts: int = 0) -> m.Message:
+    return m.Message(room=room, seq=1, ts=ts, sender=sender, text=text)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("\x1b[2J", "␛[2J"),
+        ("a\rb", "a␍b"),
+        ("bell\x07", "bell␇"),
+        ("del\x7f", "del␡"),
+        ("\x9b31m", "<U+009B>31m"),
+        ("evil\u202eexe.txt", "evil<U+202E>exe.txt"),
+        ("zero\u200bwidth", "zero<U+200B>width"),
+        ("iso\u2066late", "iso<U+2066>late"),
+        ("line\u2028sep", "line<U+2028>sep"),
+        ("tab\tbed", "tab    bed"),
+        ("two\nlines", "two↵lines"),
+        ("plain ✓ ünïcode 日本", "plain ✓ ünïcode 日本"),
+    ],
+)
+def test_visible_replaces_what_could_act_on_a_terminal(raw: str, shown: str) -> None:
+    """Controls, C1, bidi and invisible format characters become visible stand-ins."""
+    assert visible(raw) == shown
+
+
+def test_visible_keeps_newlines_when_asked() -> None:
+    """Multi-line messages keep their newlines."""
+    assert visible("a\nb", keep_newlines=True) == "a\nb"
+
+
+def test_combining_mark_runs_are_cut_short() -> None:
+    """A long run of combining marks keeps two and shows an ellipsis for the rest."""
+    shown = visible("Z" + "\u0301" * 500 + "!")
+    assert shown == "Z\u0301\u0301⋯!"
+
+
+def test_nick_style_is_stable_and_case_blind() -> None:
+    """A nick has the same colour every time, whatever its case; styles differ between nicks."""
+    assert nick_style("Ana") == nick_style("ana") == nick_style("ANA")
+    assert len({nick_style(f"user{i}") for i in range(40)}) > 5
+
+
+def test_message_line(r: Renderer) -> None:
+    """A message shows time, <nick> and text; another room's message shows the room."""
+    assert plain(r.message(msg("hi"), show_room=False)) == "00:00 <bob> hi"
+    assert plain(r.message(msg("hi", room="ops"), show_room=True)) == "00:00 #ops <bob> hi"
+    assert r.event(msg("hi", room="ops"), current_room="general")[0][1] == ("class:room", "#ops ")
+
+
+def test_multiline_message_is_indented(r: Renderer) -> None:
+    """Continuation lines of a message line up under the text."""
+    assert plain(r.message(msg("one\ntwo"), show_room=False)) == "00:00 <bob> one\n      two"
+
+
+def test_action_and_mention(r: Renderer) -> None:
+    """/me shows as an action; a message naming me is highlighted."""
+    assert plain(r.message(msg("/me waves"), show_room=False)) == "00:00 * bob waves"
+    line = r.message(msg("hey Ana, look"), show_room=False)
+    assert ("class:mention", "hey Ana, look") in line
+    mine = r.message(msg("I am ana", sender="ana"), show_room=False)
+    assert all(style != "class:mention" for style, _ in mine)
+
+
+def test_notices(r: Renderer) -> None:
+    """Joins, parts, renames, topics, DMs, names, rooms and history read as sentences."""
+    cases = [
+        (m.Joined(room="general", nick="bob", ts=0), "00:00 -- bob joined #general"),
+        (
+            m.Parted(room="general", nick="bob", ts=0, reason="quit"),
+            "00:00 -- bob left #general (quit)",
+        ),
+        (m.Renamed(old="bob", new="rob", ts=0), "00:00 -- bob is now known as rob"),
+        (
+            m.TopicEvent(room="general", topic="plans", by="bob", ts=0),
+            "00:00 -- bob set the topic of #general: plans",
+        ),
+        (m.DmEvent(sender="bob", to="ana", id=1, ts=0, text="psst"), "00:00 *bob* → you: psst"),
+    ]
+    for event, text in cases:
+        assert [plain(line) for line in r.event(event, current_room="general")] == [text]
+    names = r.event(m.Names(room="g", nicks=["ana", "bob"], topic="t", seq=0), current_room=None)
+    assert [plain(x) for x in names] == ["-- #g: ana, bob (2 people)", "-- topic of #g: t"]
+    rooms = r.event(m.Rooms(rooms=[m.RoomInfo(room="g", members=1, topic="")]), current_room=None)
+    assert [plain(x) for x in rooms] == ["-- 1 room:", "--   #g (1)"]
+    page = m.History(room="g", messages=[msg("old")], more=True)
+    assert [plain(x) for x in r.event(page, current_room="g")][1] == "00:00 <bob> old"
+    assert plain(r.dm_sent("bob", "hi", 0)) == "00:00 you → *bob*: hi"
+
+
+def test_errors_in_plain_words(r: Renderer) -> None:
+    """Known codes are explained; unknown codes are shown with the server's message."""
+    known = r.event(m.Error(code="nick_taken", message="in use", fatal=False), current_room=None)
+    assert plain(known[0]) == "! that nick is taken: in use (nick_taken)"
+    odd = r.event(m.Error(code="quantum_flux", message="try later", fatal=False), current_room=None)
+    assert plain(odd[0]) == "! try later (quantum_flux)"
+
+
+def test_welcome_with_motd(r: Renderer) -> None:
+    """welcome names the server and shows the message of the day."""
+    w = m.Welcome(nick="ana", server="school", version=1, max_frame=1, max_text=1, motd="be kind")
+    assert [plain(x) for x in r.event(w, current_room=None)] == [
+        "-- connected to school as ana",
+        "-- be kind",
+    ]
+
+
+HOSTILE = [
+    "\x1b[2J\x1b[H wiped",
+    "\x1b]0;pwned title\x07",
+    "\x1b]52;c;cGF5bG9hZA==\x07",
+    "\x9b31mred via C1",
+    "\x1b[10A\x1b[5Cmoved",
+    "overwrite\rXXXX",
+    "\u202egnp.exe",
+    "Z" + "\u0336" * 500,
+    "\x1bP+q544e\x1b\\",
+    "\x1b[?1049h alt screen",
+]
+
+
+def test_hostile_text_cannot_touch_the_terminal(r: Renderer) -> None:
+    """Rendered hostile messages leave a terminal's title, modes and earlier lines untouched."""
+    screen = pyte.Screen(80, 40)
+    stream = pyte.Stream(screen)
+    stream.feed("KEEP THIS LINE\r\n")
+    for i, text in enumerate(HOSTILE):
+        for line in r.event(msg(text, sender=f"m\x1b[31m{i}"), current_room="general"):
+            stream.feed(plain(line).replace("\n", "\r\n") + "\r\n")
+    assert screen.display[0].rstrip() == "KEEP THIS LINE"
+    assert screen.title == ""
+    assert screen.cursor.y == len(HOSTILE) + 1  # one line per message, nothing moved it
+    assert not any(char.fg != "default" for row in screen.buffer.values() for char in row.values())
+    shown = "\n".join(screen.display)
+    assert "␛]0;pwned title␇" in shown
+    assert "<U+009B>31mred via C1" in shown
+    assert "overwrite␍XXXX" in shown
+    assert "<U+202E>gnp.exe" in shown
