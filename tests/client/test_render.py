@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 
 import pyte
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from achat.client.render import Renderer, nick_style, plain, visible
 from achat.protocol import messages as m
 
-UTC = timezone.utc
+UTC = UTC
 
 
 @pytest.fixture
