@@ -101,10 +101,15 @@ class ProtocolError(AchatError):
 
 
 class FrameError(ProtocolError):
-    """The byte stream cannot be split into frames any more; the connection must close."""
+    """The byte stream cannot be split into frames any more; the connection must close.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``frames`` holds the complete frames that arrived before the bad header,
+    for a caller that wants to act on them before closing.
+    """
+
+    def __init__(self, code: str, message: str, frames: list[bytes] | None = None) -> None:
         super().__init__(code, message, fatal=True)
+        self.frames = frames or []
 
 
 class PeerRejected(ProtocolError):

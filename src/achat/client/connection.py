@@ -464,6 +464,8 @@ class Client:
                 try:
                     bodies = decoder.receive_data(data)
                 except FrameError as exc:
+                    for body in exc.frames:
+                        self._deliver_body(body)
                     return f"the server sent a broken frame ({exc.message})"
                 for body in bodies:
                     self._deliver_body(body)

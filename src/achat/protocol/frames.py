@@ -52,9 +52,8 @@ class FrameDecoder:
         """Consume ``data`` and return the bodies of every frame it completed, in order.
 
         Raises :class:`FrameError` (``bad_frame`` for a zero length,
-        ``frame_too_large`` above ``max_frame``) as soon as a bad header is seen.
-        Frames completed before the bad header are not returned; the
-        connection is about to close anyway.
+        ``frame_too_large`` above ``max_frame``) as soon as a bad header is seen;
+        the frames completed before it are on the exception's ``frames``.
         """
         if self._broken:
             raise FrameError("bad_frame", "stream already failed")
@@ -72,12 +71,13 @@ class FrameDecoder:
                 pos += HEADER_SIZE
                 if need == 0:
                     self._fail()
-                    raise FrameError("bad_frame", "frame length 0")
+                    raise FrameError("bad_frame", "frame length 0", frames)
                 if need > self.max_frame:
                     self._fail()
                     raise FrameError(
                         "frame_too_large",
                         f"frame of {need} bytes is over the limit of {self.max_frame}",
+                        frames,
                     )
             if end - pos < need:
                 break

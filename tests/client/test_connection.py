@@ -1,0 +1,192 @@
+"""The async client API against a real server, and against a hostile fake one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from achat.client.connection import Backoff, Client, Disconnected, Event, LocalNotice
+from achat.errors import ConnectionClosed, ServerError
+from achat.protocol import messages as m
+from achat.protocol.frames import encode_frame
+from achat.server.app import Server
+
+
+async def next_of(client: Client, kind: type, timeout: float = 3) -> Event:
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await client.next_event()
+            if isinstance(event, kind):
+                return event
+
+
+async def test_connect_and_use_every_helper(server: Server) -> None:
+    """connect returns welcome; join/say/dm/who/rooms/history/ping all get their replies."""
+    async with (
+        Client("127.0.0.1", server.port, "ana") as ana,
+        Client("127.0.0.1", server.port, "bob") as bob,
+    ):
+        assert ana.welcome is not None
+        assert ana.welcome.nick == "ana"
+        names = await ana.join("general")
+        assert names.nicks == ["ana"]
+        await bob.join("general")
+        ack = await ana.say("general", "hello")
+        assert (ack.room, ack.seq) == ("general", 1)
+        got = await next_of(bob, m.Message)
+        assert isinstance(got, m.Message)
+        assert got.text == "hello"
+        dm_ack = await ana.dm("bob", "psst")
+        assert dm_ack.id is not None
+        assert (await ana.who("general")).nicks == ["ana", "bob"]
+        assert [r.room for r in (await ana.rooms_list()).rooms] == ["general"]
+        assert [x.text for x in (await ana.history("general")).messages] == ["hello"]
+        await ana.ping()
+        assert ana.rooms == {"general": 1}
+
+
+async def test_refusals_raise_server_errors(server: Server) -> None:
+    """A taken nick (any case) or an invalid nick makes connect raise ServerError."""
+    async with Client("127.0.0.1", server.port, "Ana"):
+        with pytest.raises(ServerError) as taken:
+            await Client("127.0.0.1", server.port, "aNA").connect()
+        assert taken.value.code == "nick_taken"
+    with pytest.raises(ServerError) as bad:
+        await Client("127.0.0.1", server.port, "9lives").connect()
+    assert bad.value.code == "invalid_nick"
+
+
+async def test_request_errors_raise(server: Server) -> None:
+    """A request answered with an error raises ServerError carrying its code."""
+    async with Client("127.0.0.1", server.port, "ana") as ana:
+        with pytest.raises(ServerError) as exc:
+            await ana.say("nowhere", "hi")
+        assert exc.value.code == "not_in_room"
+        assert ana.pending == 0
+
+
+async def test_nothing_listening() -> None:
+    """Connecting to a closed port raises ConnectionClosed quickly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionClosed, match="cannot reach"):
+        await Client("127.0.0.1", port, "ana", connect_timeout=2).connect()
+
+
+async def test_events_end_with_disconnected(server: Server) -> None:
+    """When the server goes away, pending requests fail and events end with Disconnected."""
+    ana = Client("127.0.0.1", server.port, "ana")
+    await ana.connect()
+    await ana.join("a")
+    await server.close()
+    events = [e async for e in ana.events()]
+    assert isinstance(events[-1], Disconnected)
+    with pytest.raises(ConnectionClosed):
+        await ana.request(m.Ping(ref="late"))
+    await ana.close()
+
+
+async def test_renamed_updates_the_client_nick(server: Server) -> None:
+    """After a rename, the client knows its new nick (and reconnects with it)."""
+    async with Client("127.0.0.1", server.port, "ana") as ana:
+        ana.rename("anna")
+        await next_of(ana, m.Renamed)
+        assert ana.nick == "anna"
+
+
+def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
+    """Delays are random, grow exponentially and never pass the cap."""
+    import random
+
+    backoff = Backoff(initial=0.1, cap=2.0, rng=random.Random(5))
+    delays = [backoff.delay(n) for n in range(12)]
+    assert all(0.1 <= d <= 2.0 for d in delays)
+    assert max(delays[:2]) <= 0.2
+    assert len(set(delays)) == len(delays)
+    assert max(delays[6:]) > 1.0
+
+
+FakeServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_server(handler: FakeServer) -> AsyncIterator[int]:
+    """A one-off server running ``handler``; every connection is closed on the way out."""
+    writers: list[asyncio.StreamWriter] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await handler(reader, writer)
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+WELCOME = m.encode(m.Welcome(nick="ana", server="evil", version=1, max_frame=65536, max_text=4000))
+
+
+async def test_hostile_server_frames_are_dropped_not_raised() -> None:
+    """Bad JSON and unknown types become LocalNotice; good frames still arrive; an
+    oversized length ends the connection with Disconnected, not an exception."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(WELCOME)
+        await reader.read(65536)  # the client's ping: it has the welcome, now the garbage
+        writer.write(encode_frame(b'{"type":"message",'))
+        writer.write(encode_frame(b'{"type":"teleport","x":1}'))
+        writer.write(encode_frame(b'{"type":"message","room":"a","seq":1,"ts":1,"from":"x"}'))
+        writer.write(m.encode(m.Message(room="a", seq=1, ts=1, sender="x", text="\x1b[2Jfine")))
+        writer.write(b"\x7f\xff\xff\xff")
+        await writer.drain()
+        await reader.read(65536)
+        writer.close()
+
+    async with fake_server(handler) as port:
+        client = Client("127.0.0.1", port, "ana")
+        await client.connect()
+        client.send(m.Ping(ref="go"))
+        events = []
+        async with asyncio.timeout(3):
+            events = [e async for e in client.events()]
+        await client.close()
+    kinds = [type(e) for e in events]
+    assert kinds == [LocalNotice, LocalNotice, LocalNotice, m.Message, Disconnected]
+    message = events[3]
+    assert isinstance(message, m.Message)
+    assert message.text == "\x1b[2Jfine"  # delivered as data; the renderer neuters it
+    last = events[-1]
+    assert isinstance(last, Disconnected)
+    assert "broken frame" in last.reason
+
+
+async def test_server_that_never_welcomes() -> None:
+    """A server that accepts but never answers hello makes connect fail after its timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await reader.read(65536)  # until the client gives up and closes
+
+    async with fake_server(handler) as port:
+        with pytest.raises(ConnectionClosed, match="no welcome"):
+            await Client("127.0.0.1", port, "ana", connect_timeout=0.3).connect()
