@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 7777
 ARGS   ?=
 
-.PHONY: install run test test-fast lint types check bench clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: install run test test-fast lint types check bench fuzz clean
 
 install: $(STAMP)
 
@@ -37,6 +39,13 @@ check: lint types test
 bench: install
 	$(BIN)/python benchmarks/durability.py --update docs/performance.md
 
+# Coverage-guided fuzzing (atheris) of the protocol core, then Hypothesis at 20,000 examples.
+fuzz: install
+	$(BIN)/python -m pip install --quiet atheris
+	mkdir -p .fuzz-corpus && cp fuzz/corpus/* .fuzz-corpus/
+	$(BIN)/python fuzz/fuzz_protocol.py -max_total_time=$(FUZZ_SECONDS) .fuzz-corpus
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/protocol -q
+
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .fuzz-corpus
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
