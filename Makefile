@@ -7,8 +7,9 @@ PORT   ?= 7777
 ARGS   ?=
 
 FUZZ_SECONDS ?= 60
+SOAK_SECONDS ?= 60
 
-.PHONY: install run test test-fast lint types check bench fuzz clean
+.PHONY: install run test test-fast lint types check bench soak fuzz clean
 
 install: $(STAMP)
 
@@ -38,6 +39,10 @@ check: lint types test
 
 bench: install
 	$(BIN)/python benchmarks/durability.py --update docs/performance.md
+
+# Mixed hostile load against one server (loopback only, bounded); figures into the docs.
+soak: install
+	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS) --update docs/performance.md
 
 # Coverage-guided fuzzing (atheris) of the protocol core, then Hypothesis at 20,000 examples.
 fuzz: install

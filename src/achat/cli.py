@@ -104,6 +104,37 @@ def parse_server_args(
         help="seconds of silence before a client is dropped (ACHAT_IDLE_TIMEOUT, default 120)",
     )
     parser.add_argument(
+        "--hello-timeout",
+        type=float,
+        default=float(_env(env, "HELLO_TIMEOUT", "10") or 10),
+        help="seconds a new connection has to say hello (ACHAT_HELLO_TIMEOUT, default 10)",
+    )
+    parser.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=float(_env(env, "FRAME_TIMEOUT", "10") or 10),
+        help="seconds a started frame has to arrive in full (ACHAT_FRAME_TIMEOUT, default 10)",
+    )
+    parser.add_argument(
+        "--max-frame",
+        type=int,
+        default=int(_env(env, "MAX_FRAME", "65536") or 65536),
+        help="largest frame in bytes (ACHAT_MAX_FRAME, default 65536)",
+    )
+    parser.add_argument(
+        "--max-text",
+        type=int,
+        default=int(_env(env, "MAX_TEXT", "4000") or 4000),
+        help="longest message in characters (ACHAT_MAX_TEXT, default 4000)",
+    )
+    parser.add_argument(
+        "--sendq-limit",
+        type=int,
+        default=int(_env(env, "SENDQ_LIMIT", str(1 << 20)) or 1 << 20),
+        help="bytes of unsent output a connection may have before it is cut off "
+        "(ACHAT_SENDQ_LIMIT, default 1048576)",
+    )
+    parser.add_argument(
         "--rate",
         type=float,
         default=float(_env(env, "RATE", "5") or 5),
@@ -169,6 +200,15 @@ def parse_server_args(
         parser.error("--motd has at most 1000 characters")
     if args.idle_timeout <= 0:
         parser.error("--idle-timeout must be positive")
+    if args.hello_timeout <= 0 or args.frame_timeout <= 0:
+        parser.error("--hello-timeout and --frame-timeout must be positive")
+    if not 1 <= args.max_text <= 100_000:
+        parser.error("--max-text must be 1 to 100000")
+    # A message of max_text characters, 4 bytes each in UTF-8, must fit in one frame.
+    if args.max_frame < args.max_text * 4 + 1024 or args.max_frame > 16 * 1024 * 1024:
+        parser.error("--max-frame must hold a full message (max_text * 4 + 1024) and be <= 16 MiB")
+    if args.sendq_limit < args.max_frame:
+        parser.error("--sendq-limit must be at least --max-frame")
     if args.rate < 0 or args.burst < 1:
         parser.error("--rate must be 0 or more and --burst at least 1")
     if args.max_per_ip < 1 or args.max_new_per_ip < 1:
@@ -182,7 +222,12 @@ def parse_server_args(
         max_clients=args.max_clients,
         password=args.password,
         log_level=args.log_level,
+        max_text=args.max_text,
         limits=SessionLimits(
+            max_frame=args.max_frame,
+            sendq_limit=args.sendq_limit,
+            hello_timeout=args.hello_timeout,
+            frame_timeout=args.frame_timeout,
             idle_timeout=args.idle_timeout,
             flood=FloodPolicy(rate=args.rate, burst=args.burst),
         ),
@@ -230,6 +275,13 @@ async def _serve(config: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+    def log_stats() -> None:
+        stats = " ".join(f"{k}={v}" for k, v in server.stats().items())
+        logging.getLogger("achat.server").warning("stats %s", stats)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGUSR1, log_stats)
     host, port = config.host, server.port
     where = "localhost" if host in ("0.0.0.0", "::", "") else host
     logging.getLogger("achat.server").info(

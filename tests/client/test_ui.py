@@ -1,4 +1,9 @@
-"""The prompt_toolkit chat window, typed into through a pipe, against a real server."""
+"""The prompt_toolkit chat window, typed into through a pipe, against a real server.
+
+``server`` (tests/conftest.py) is a real :class:`Server` on 127.0.0.1 and a free
+port; the window reads a pipe and writes to a dummy output, and the tests assert
+on ``ui.transcript`` and ``ui.state``, polling with a deadline.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from achat.client import commands as cmd
-from achat.client.connection import Client, Event
+from achat.client.connection import Backoff, Client, Event
 from achat.client.ui import ChatCompleter, ChatState, ChatUI
 from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEvent
 from achat.server.app import Server
@@ -25,6 +30,7 @@ from achat.store.memory import MemoryStore
 
 ESC_ENTER = "\x1b\r"
 CTRL_D = "\x04"
+CTRL_C = "\x03"
 TAB = "\t"
 UP = "\x1b[A"
 
@@ -87,14 +93,6 @@ class Window:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[Server]:
-    srv = Server(ServerConfig(host="127.0.0.1", port=0), MemoryStore())
-    await srv.start()
-    yield srv
-    await srv.close()
-
-
-@pytest.fixture
 async def bob(server: Server) -> AsyncIterator[Client]:
     """Another person in #general, using the plain client API."""
     async with Client("127.0.0.1", server.port, "bob") as client:
@@ -104,10 +102,11 @@ async def bob(server: Server) -> AsyncIterator[Client]:
 
 @contextlib.asynccontextmanager
 async def chat_window(
-    server: Server, nick: str = "ana", room: str | None = "general"
+    server: Server, nick: str = "ana", room: str | None = "general", *, reconnect: bool = False
 ) -> AsyncIterator[Window]:
     """``nick``'s chat window, running, and (with ``room``) joined to it."""
-    client = Client("127.0.0.1", server.port, nick)
+    backoff = Backoff(initial=0.01, cap=0.05)
+    client = Client("127.0.0.1", server.port, nick, reconnect=reconnect, backoff=backoff)
     await client.connect()
     with create_pipe_input() as keyboard:
         ui = ChatUI(client, room=room, input=keyboard, output=DummyOutput())
@@ -306,6 +305,16 @@ async def test_part_leaves_the_current_room(ana: Window, bob: Client) -> None:
     assert "#dev" not in ana.toolbar()
 
 
+async def test_part_of_another_room_keeps_the_current_one(ana: Window) -> None:
+    """/part #room for a room that is not current leaves it and stays where the user is."""
+    ana.type("/join #dev\r")
+    await until("#dev to be current", lambda: ana.ui.state.room == "dev")
+    ana.type("/join #general\r/part #dev\r")
+    await ana.wait_for("-- you left #dev; now in #general")
+    assert ana.ui.state.room == "general"
+    assert set(ana.ui.state.rooms) == {"general"}
+
+
 async def test_part_of_the_last_room_leaves_no_room(ana: Window) -> None:
     """/part of the only room leaves the window in no room, and says so."""
     ana.type("/part\r")
@@ -460,6 +469,32 @@ async def test_server_closing_shows_disconnected(ana: Window, server: Server) ->
     await ana.wait_for("! not connected: nothing was sent")
 
 
+async def test_reconnecting_keeps_typed_lines_and_sends_them(server: Server) -> None:
+    """With reconnect on, a lost server shows reconnecting; a line typed meanwhile is sent later."""
+    port = server.port
+    async with chat_window(server, reconnect=True) as window:
+        await server.close()
+        await until("reconnecting", lambda: window.ui.state.connection.startswith("reconnecting"))
+        await window.wait_for("! connection lost: ")
+        assert "reconnecting" in window.toolbar()
+        window.type("while you were out\r")
+        await window.wait_for("-- (pending, sent when reconnected) while you were out")
+        assert "1 unsent" in window.toolbar()
+
+        # The same port, released a moment ago: the client only knows that address.
+        again = Server(ServerConfig(host="127.0.0.1", port=port), MemoryStore())
+        await again.start()
+        try:
+            await window.wait_for("-- reconnected; resending 1 unsent message(s)")
+            await window.wait_for("<ana> while you were out")
+            assert window.ui.state.connection == "connected"
+            assert window.ui.state.room == "general"
+        finally:
+            window.ui.quit()
+            await window.task
+            await again.close()
+
+
 # -- tab completion ----------------------------------------------------------------
 
 
@@ -510,3 +545,23 @@ async def test_tab_in_the_window_completes_a_command(ana: Window) -> None:
     await until("the completion", lambda: ana.ui.session.default_buffer.text == "/help ")
     ana.type("\r")
     await ana.wait_for("-- commands:")
+
+
+async def test_topic_of_a_room_not_joined_is_asked_for(ana: Window, bob: Client) -> None:
+    """/topic #room for a room not joined shows its real topic, not "no topic"."""
+    await bob.join("ops")
+    bob.set_topic("ops", "deploys")
+    await next_of(bob, TopicEvent)
+    ana.type("/topic #ops\r")
+    await ana.wait_for("-- topic of #ops: deploys")
+    assert not ana.has("#ops has no topic")
+
+
+async def test_ctrl_c_quits_cleanly(server: Server, bob: Client) -> None:
+    """Ctrl-C ends the window like Ctrl-D: no error, and the others see ana leave."""
+    async with chat_window(server) as window:
+        window.type(CTRL_C)
+        async with asyncio.timeout(2):
+            await window.task
+    parted = await next_of(bob, Parted)
+    assert (parted.nick, parted.reason) == ("ana", "quit")

@@ -16,8 +16,10 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,10 @@ PROMPT = "#general>"
 TOOLBAR = "│ /help"
 
 
-def child_env() -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """The environment of every process started here: fixed terminal and locale, no ACHAT_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACHAT_", "TMUX"))}
-    env.update(TERM="xterm-256color", LANG="C.UTF-8", LC_ALL="C.UTF-8")
+    env.update(TERM="xterm-256color", LANG="C.UTF-8", LC_ALL="C.UTF-8", **extra)
     return env
 
 
@@ -54,20 +56,29 @@ class Tmux:
 
     def __init__(self, workdir: Path) -> None:
         self.socket = f"achat-test-{os.getpid()}-{secrets.token_hex(4)}"
+        # The socket lives in a directory of its own (short: sockets paths are limited),
+        # removed with the server, so no stale socket is left in the shared tmux directory.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="achat-tmux-"))
+        self.workdir = workdir
         self.config = workdir / "tmux.conf"
-        # No status line: the client gets the whole 100x30. Dead panes stay so their
-        # exit status can be read. TERM inside panes comes from default-terminal.
+        # No status line: the client gets the whole 100x30. TERM inside panes comes from
+        # default-terminal (tmux overrides a TERM given with -e). Panes stay after their
+        # process ends so the last screen can still be read.
         self.config.write_text(
-            "set -g status off\nset -g remain-on-exit on\nset -g default-terminal xterm-256color\n"
+            "set -g status off\n"
+            "set -g remain-on-exit on\n"
+            "set -g default-terminal xterm-256color\n"
+            "set -g default-shell /bin/sh\n"
         )
         self._started = False
+        self._status_files: dict[str, Path] = {}
 
     def tmux(self, *args: str) -> str:
         done = subprocess.run(
             ["tmux", "-L", self.socket, "-f", str(self.config), *args],
             capture_output=True,
             text=True,
-            env=child_env(),
+            env=child_env(TMUX_TMPDIR=str(self.socket_dir)),
             timeout=10,
             check=False,
         )
@@ -82,14 +93,18 @@ class Tmux:
         else:
             head = ["new-session", "-d", "-s", self.SESSION, "-x", str(WIDTH), "-y", str(HEIGHT)]
         self._started = True
-        pane = self.tmux(
-            *head, "-n", name, "-P", "-F", "#{pane_id}", "-e", "LANG=C.UTF-8", shlex.join(command)
-        )
-        return pane.strip()
+        # The shell records the exit status itself: tmux's own pane_dead_status is not
+        # always filled in (tmux 3.3a sometimes leaves the exited client unreaped).
+        status_file = self.workdir / f"{name}.status"
+        shell = f"{shlex.join(command)}; echo $? > {shlex.quote(str(status_file))}"
+        pane = self.tmux(*head, "-n", name, "-P", "-F", "#{pane_id}", "-e", "LANG=C.UTF-8", shell)
+        pane = pane.strip()
+        self._status_files[pane] = status_file
+        return pane
 
     def screen(self, pane: str) -> list[str]:
         """The visible lines of ``pane``, right-trimmed."""
-        return [line.rstrip() for line in self.tmux("capture-pane", "-p", "-t", pane).split("\n")]
+        return [line.rstrip() for line in self.tmux("capture-pane", "-p", "-t", pane).splitlines()]
 
     def type(self, pane: str, text: str) -> None:
         """Type ``text`` literally (no key names), without Enter."""
@@ -99,13 +114,12 @@ class Tmux:
         self.tmux("send-keys", "-t", pane, key)
 
     def exit_status(self, pane: str) -> int | None:
-        """The exit status of the pane's process once it has ended, else None."""
-        dead, _, status = (
-            self.tmux("display-message", "-p", "-t", pane, "#{pane_dead} #{pane_dead_status}")
-            .strip()
-            .partition(" ")
-        )
-        return int(status) if dead == "1" else None
+        """The exit status of the command run in ``pane``; None while it runs."""
+        try:
+            text = self._status_files[pane].read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None
 
     def wait_screen(self, pane: str, what: str, check: Callable[[list[str]], bool]) -> list[str]:
         """Poll ``pane`` until ``check(screen)`` holds; returns that screen or fails showing it."""
@@ -123,10 +137,11 @@ class Tmux:
         subprocess.run(
             ["tmux", "-L", self.socket, "kill-server"],
             capture_output=True,
-            env=child_env(),
+            env=child_env(TMUX_TMPDIR=str(self.socket_dir)),
             timeout=10,
             check=False,
         )
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def find(lines: list[str], pattern: str) -> int:
@@ -155,7 +170,7 @@ def ready(here: int) -> Callable[[list[str]], bool]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     """``achat-server`` on a free 127.0.0.1 port, accepting connections."""
     proc = ServerProcess(tmp_path / "server", None, "--store", "memory")
     try:
@@ -178,22 +193,22 @@ def join_command(server: ServerProcess, nick: str) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
 class Chat:
     """Ana and bob, each in ``achat join`` in their own tmux window, both in #general."""
 
-    def __init__(self, tmux: Tmux, ana: str, bob: str) -> None:
-        self.tmux = tmux
-        self.ana = ana
-        self.bob = bob
+    tmux: Tmux
+    ana: str  # pane ids
+    bob: str
 
 
 @pytest.fixture
-def chat(server: ServerProcess, tmp_path: Path) -> Iterator[Chat]:
+def chat(server_process: ServerProcess, tmp_path: Path) -> Iterator[Chat]:
     tmux = Tmux(tmp_path)
     try:
-        ana = tmux.open("ana", join_command(server, "ana"))
+        ana = tmux.open("ana", join_command(server_process, "ana"))
         tmux.wait_screen(ana, "ana's prompt", ready(1))
-        bob = tmux.open("bob", join_command(server, "bob"))
+        bob = tmux.open("bob", join_command(server_process, "bob"))
         tmux.wait_screen(bob, "bob's prompt", ready(2))
         tmux.wait_screen(ana, "ana to see bob come in", ready(2))
         yield Chat(tmux, ana, bob)
@@ -215,7 +230,7 @@ def test_message_appears_above_the_prompt_and_toolbar(chat: Chat) -> None:
     message = find(lines, r"<bob> hello from bob$")
     prompt = prompt_line(lines)
     assert re.fullmatch(r"\d\d:\d\d <bob> hello from bob", lines[message])
-    assert message < prompt < toolbar_line(lines)
+    assert message < prompt < toolbar_line(lines) == HEIGHT - 1  # the bar is the bottom row
     assert lines[prompt] == PROMPT
     assert sum("hello from bob" in line for line in lines) == 1
 
@@ -301,11 +316,11 @@ async def next_message(client: Client) -> Message:
                 return event
 
 
-async def test_send_delivers_one_message(server: ServerProcess) -> None:
+async def test_send_delivers_one_message(server_process: ServerProcess) -> None:
     """``achat send`` posts its argument to the room, reports the seq and exits 0."""
-    async with Client("127.0.0.1", server.port, "ana") as ana:
+    async with Client("127.0.0.1", server_process.port, "ana") as ana:
         await ana.join("ops")
-        where = ("--host", "127.0.0.1", "--port", str(server.port))
+        where = ("--host", "127.0.0.1", "--port", str(server_process.port))
         status, out, err = await run_send(*where, "--nick", "bot", "--room", "#Ops", "deployed")
         assert (status, err) == (0, "")
         assert out == "sent to #ops as message 1\n"
@@ -313,11 +328,11 @@ async def test_send_delivers_one_message(server: ServerProcess) -> None:
         assert (message.room, message.sender, message.text) == ("ops", "bot", "deployed")
 
 
-async def test_send_reads_stdin_when_no_text(server: ServerProcess) -> None:
+async def test_send_reads_stdin_when_no_text(server_process: ServerProcess) -> None:
     """``achat send`` without a text argument sends what it reads from stdin."""
-    async with Client("127.0.0.1", server.port, "ana") as ana:
+    async with Client("127.0.0.1", server_process.port, "ana") as ana:
         await ana.join("general")
-        where = ("--host", "127.0.0.1", "--port", str(server.port))
+        where = ("--host", "127.0.0.1", "--port", str(server_process.port))
         status, _, err = await run_send(*where, "--nick", "ci", stdin=b"build 42 is green\n")
         assert (status, err) == (0, "")
         message = await next_message(ana)

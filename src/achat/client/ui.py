@@ -142,6 +142,7 @@ class ChatUI:
         self._want_context: set[str] = set()
         self._sent_dms: dict[str, tuple[str, str]] = {}
         self._asked: set[str] = set()  # refs of /who requests, whose names are shown
+        self._asked_topic: set[str] = set()  # refs of /topic requests for rooms not joined
         self._quit = asyncio.Event()
         self._output = output
         self.session: PromptSession[str] = PromptSession(
@@ -273,10 +274,13 @@ class ChatUI:
             room = command.room or state.room
             if room is None:
                 self.show([self.renderer.problem("join a room first")])
+            elif command.topic is None and room not in state.rooms:
+                # Only the topics of joined rooms are known here: ask for any other.
+                ref = client.new_ref()
+                self._asked_topic.add(ref)
+                client.send(Who(room=room, ref=ref))
             elif command.topic is None:
-                topic = state.topics.get(room, "")
-                text = f"topic of #{room}: {visible(topic)}" if topic else f"#{room} has no topic"
-                self.show([self.renderer.notice(text)])
+                self.show([self._topic_line(room, state.topics.get(room, ""))])
             else:
                 client.send(Topic(room=room, topic=command.topic, ref=client.new_ref()))
         elif isinstance(command, cmd.HistoryCmd):
@@ -335,6 +339,9 @@ class ChatUI:
             if event.ref is not None and event.ref in self._asked:
                 self._asked.discard(event.ref)
                 self.show(self.renderer.names(event.room, collected, event.topic))
+            if event.ref is not None and event.ref in self._asked_topic:
+                self._asked_topic.discard(event.ref)
+                self.show([self._topic_line(event.room, event.topic)])
             # Otherwise a refresh (after a reconnect): the state is updated, nothing to print.
             return
         if isinstance(event, Joined):
@@ -371,6 +378,7 @@ class ChatUI:
             return
         elif isinstance(event, Error):
             self._sent_dms.pop(event.ref or "", None)
+            self._asked_topic.discard(event.ref or "")
         elif isinstance(event, History) and not event.messages and event.ref is None:
             return
         self.show(self.renderer.event(event, current_room=state.room))
@@ -424,6 +432,11 @@ class ChatUI:
                 ("", " │ /help"),
             ]
         )
+
+    def _topic_line(self, room: str, topic: str) -> Line:
+        room = visible(room)
+        text = f"topic of #{room}: {visible(topic)}" if topic else f"#{room} has no topic"
+        return self.renderer.notice(text)
 
     def _help(self) -> list[Line]:
         lines = [self.renderer.notice("commands:")]

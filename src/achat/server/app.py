@@ -9,7 +9,10 @@ sessions to finish and closes the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -82,6 +85,22 @@ class Server:
     @property
     def connections(self) -> int:
         return len(self._sessions)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for operators (logged on SIGUSR1): connections, members, rooms, tasks, fds."""
+        fds = rss_kb = -1
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fds = len(os.listdir("/proc/self/fd"))
+            with open("/proc/self/statm") as statm:
+                rss_kb = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+        return {
+            "connections": len(self._sessions),
+            "members": len(self.registry.members),
+            "rooms": len(self.registry.rooms),
+            "tasks": len(asyncio.all_tasks()),
+            "rss_kb": rss_kb,
+            "fds": fds,
+        }
 
     async def wait_connections(self, count: int) -> None:
         """Return once exactly ``count`` connections are open (and registered, if any)."""

@@ -18,7 +18,8 @@ DEFAULT_PORT = 7777
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
     """``$XDG_DATA_HOME/achat``, or ``~/.local/share/achat`` when that is unset."""
     env = os.environ if env is None else env
-    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    base = env.get("XDG_DATA_HOME") or str(home / ".local" / "share")
     return Path(base) / "achat"
 
 

@@ -1,0 +1,74 @@
+"""The command lines: options, environment variables, validation, exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from achat import cli
+
+
+def test_server_defaults() -> None:
+    """With no flags and no environment, the documented defaults apply."""
+    config = cli.parse_server_args([], env={"HOME": "/home/ana"})
+    assert (config.host, config.port, config.store, config.durability) == (
+        "0.0.0.0",
+        7777,
+        "sqlite",
+        "normal",
+    )
+    assert config.data_dir == Path("/home/ana/.local/share/achat")
+    assert config.limits.flood.rate == 5
+    assert config.limits.sendq_limit == 1 << 20
+    assert config.max_per_ip == 64
+
+
+def test_environment_and_flags() -> None:
+    """ACHAT_* variables set options; flags win over them."""
+    env = {
+        "ACHAT_PORT": "9000",
+        "ACHAT_NAME": "school",
+        "XDG_DATA_HOME": "/data",
+        "ACHAT_RATE": "0",
+    }
+    config = cli.parse_server_args(["--name", "lab", "--history-max", "50"], env=env)
+    assert (config.port, config.name, config.history_max) == (9000, "lab", 50)
+    assert config.data_dir == Path("/data/achat")
+    assert config.limits.flood.rate == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "70000"],
+        ["--max-clients", "0"],
+        ["--idle-timeout", "0"],
+        ["--history-days", "-1"],
+        ["--max-frame", "100"],
+        ["--store", "paper"],
+        ["--sendq-limit", "10"],
+    ],
+)
+def test_bad_options_exit_with_usage_error(argv: list[str]) -> None:
+    """Out-of-range or unknown option values stop with exit code 2 and a message."""
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_server_args(argv, env={})
+    assert exc.value.code == 2
+
+
+def test_send_refuses_empty_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """achat send with nothing to send exits 2 without connecting."""
+    assert cli.main(["send", "--nick", "bot", "--port", "1", "   "]) == 2
+    assert "nothing to send" in capsys.readouterr().err
+
+
+def test_send_to_nowhere_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    """achat send exits 1 with a readable message when no server listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["send", "--nick", "bot", "--port", str(port), "hello"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
