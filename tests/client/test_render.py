@@ -156,3 +156,18 @@ def test_hostile_text_cannot_touch_the_terminal(r: Renderer) -> None:
     assert "<U+009B>31mred via C1" in shown
     assert "overwrite␍XXXX" in shown
     assert "<U+202E>gnp.exe" in shown
+
+
+def test_mentions_are_whole_words() -> None:
+    """A nick inside another word is not a mention; next to punctuation it is."""
+    r = Renderer(tz=UTC, me=lambda: "al")
+    assert all(s != "class:mention" for s, _ in r.message(msg("also fine"), show_room=False))
+    assert ("class:mention", "hi Al!") in r.message(msg("hi Al!"), show_room=False)
+
+
+def test_error_words_are_not_repeated(r: Renderer) -> None:
+    """When the server's message already says it, the plain words are not added again."""
+    shut = m.Error(code="server_shutdown", message="the server is shutting down", fatal=True)
+    assert plain(r.event(shut, current_room=None)[0]) == (
+        "! the server is shutting down (server_shutdown)"
+    )

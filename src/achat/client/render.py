@@ -161,7 +161,11 @@ class Renderer:
             return line
         style = "class:text"
         me = self._me()
-        if me and nick_key(me) in nick_key(msg.text) and nick_key(msg.sender) != nick_key(me):
+        if (
+            me
+            and nick_key(msg.sender) != nick_key(me)
+            and _mentions(nick_key(msg.text), nick_key(me))
+        ):
             style = "class:mention"
         line += [("", "<"), (nick_style(msg.sender), sender), ("", "> "), (style, _indent(text))]
         return line
@@ -253,8 +257,26 @@ class Renderer:
     def error(self, code: str, message: str) -> Line:
         words = ERROR_WORDS.get(code)
         detail = visible(message)
-        text = f"{words}: {detail}" if words else detail
+        # Skip the plain-words prefix when the server already said the same thing.
+        text = f"{words}: {detail}" if words and words not in detail.lower() else detail
         return self.problem(f"{text} ({visible(code)})")
+
+
+def _mentions(text: str, nick: str) -> bool:
+    """True when ``nick`` stands in ``text`` as a word of its own (not inside another word)."""
+    start = text.find(nick)
+    while start >= 0:
+        end = start + len(nick)
+        before = text[start - 1] if start else " "
+        after = text[end] if end < len(text) else " "
+        if not _word_char(before) and not _word_char(after):
+            return True
+        start = text.find(nick, start + 1)
+    return False
+
+
+def _word_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_-"
 
 
 def _indent(text: str) -> str:

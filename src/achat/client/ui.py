@@ -69,6 +69,8 @@ STYLE = Style.from_dict(
 )
 
 CONTEXT_LINES = 20
+#: Lines of plain-text transcript kept (for tests and tools); older ones are dropped.
+TRANSCRIPT_LINES = 10_000
 
 
 @dataclass
@@ -354,9 +356,10 @@ class ChatUI:
         elif isinstance(event, Parted):
             if nick_key(event.nick) == me:
                 state.rooms.pop(event.room, None)
+                where = ""
                 if state.room == event.room:
                     state.room = next(iter(state.rooms), None)
-                where = f"; now in #{state.room}" if state.room else ""
+                    where = f"; now in #{state.room}" if state.room else ""
                 self.show([self.renderer.notice(f"you left #{visible(event.room)}{where}")])
                 return
             members = state.rooms.get(event.room)
@@ -390,6 +393,8 @@ class ChatUI:
         if not lines:
             return
         self.transcript.extend(plain(line) for line in lines)
+        if len(self.transcript) > 2 * TRANSCRIPT_LINES:
+            del self.transcript[:TRANSCRIPT_LINES]
         self._pending.extend(lines)
         if not self._flush_scheduled:
             self._flush_scheduled = True
