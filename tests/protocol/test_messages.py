@@ -114,7 +114,9 @@ def test_unknown_fields_are_ignored() -> None:
         (b'{"type":"say","room":"a"}', "missing_field"),
         (b'{"type":"say","room":5,"text":"x"}', "missing_field"),
         (b'{"type":"join","room":"a","since":-1}', "missing_field"),
-        (b'{"type":"join","room":"a","since":123456789012345678901234567890}', "missing_field"),
+        (b'{"type":"join","room":"a","since":123456789012345678901234567890}', "invalid_json"),
+        (b'{"type":"ping","x":1.000000000000000000001}', "invalid_json"),
+        (b'{"type":"ping","x":1e000000000000000000001}', "invalid_json"),
         (b'{"type":"history","room":"a","limit":0}', "missing_field"),
         (b'{"type":"history","room":"a","limit":501}', "missing_field"),
         (b'{"type":"ping","ref":"' + b"r" * 65 + b'"}', "missing_field"),
@@ -184,3 +186,10 @@ def test_arbitrary_objects_raise_only_protocol_errors(kind: str, fields: dict[st
     except ProtocolError as exc:
         code = exc.code
     assert code in {None, "invalid_json", "unknown_type", "missing_field"}
+
+
+def test_long_digit_runs_inside_strings_are_fine() -> None:
+    """A phone number or id in a text is not a number: only JSON numbers are limited."""
+    frame = m.decode_client(b'{"type":"say","room":"a","text":"call 0012345678901234567890123"}')
+    assert isinstance(frame, m.Say)
+    assert isinstance(m.decode_client(b'{"type":"ping","x":12345678901234567890}'), m.Ping)

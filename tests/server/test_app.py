@@ -17,6 +17,7 @@ from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
 from achat.store.memory import MemoryStore
 from tests.conftest import make_config
+from tests.helpers.faultproxy import FaultProxy
 
 OPEN: list[Raw] = []
 
@@ -353,3 +354,29 @@ async def test_client_answers_server_pings() -> None:
             assert server.registry.member("lurker") is not None
     finally:
         await server.close()
+
+
+async def test_fragmented_slow_link_is_served_correctly(
+    server: Server, clients: list[Client]
+) -> None:
+    """Through a proxy that cuts traffic into 1-7 byte pieces, delays and throttles it,
+    the server parses every frame and the client receives every reply."""
+    proxy = await FaultProxy(
+        "127.0.0.1", server.port, fragment=7, delay=0.001, bandwidth=200_000, seed=5
+    ).start()
+    try:
+        far = Client("127.0.0.1", proxy.port, "faraway")
+        await far.connect()
+        clients.append(far)
+        near = await connect(server, clients, "near")
+        await far.join("a")
+        await near.join("a")
+        for k in range(20):
+            ack = await far.say("a", f"over a bad link {k} " + "é" * 50)
+            assert ack.seq == k + 1
+        got = await messages(near, 20)
+        assert [x.text.split(" ")[4] for x in got] == [str(k) for k in range(20)]
+        page = await far.history("a", limit=20)
+        assert len(page.messages) == 20
+    finally:
+        await proxy.close()

@@ -63,6 +63,8 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_DEPTH = 8
+#: Longest run of digits allowed in a JSON number (integer or fraction part, or exponent).
+MAX_DIGITS = 20
 MAX_REF = 64
 
 Ref = Annotated[str, msgspec.Meta(max_length=MAX_REF)]
@@ -295,6 +297,7 @@ _SERVER_DECODER: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(Server
 
 # A JSON string, written so that the regex engine never backtracks.
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_DIGITS + 1))
 _KEY = re.compile(rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*+:')
 
 F = TypeVar("F")
@@ -333,9 +336,12 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[F]) -> F:
 
 
 def _check_json(body: bytes) -> None:
-    """Refuse what the fast decoder lets through: duplicate keys and deep nesting."""
+    """Refuse what the fast decoder lets through: duplicate keys, deep nesting, huge numbers."""
     if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
         raise ProtocolError("invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels")
+    # A long digit run is almost always inside a string; only then look closer.
+    if _LONG_DIGITS.search(body) and _LONG_DIGITS.search(_STRING.sub(b'""', body)):
+        raise ProtocolError("invalid_json", f"a number has more than {MAX_DIGITS} digits")
     keys = _KEY.findall(body)
     if len(set(keys)) == len(keys) and not any(b"\\" in k for k in keys):
         return
