@@ -1,0 +1,1 @@
+"""``achat-bench``: a load generator that speaks protocol v1 from several processes."""

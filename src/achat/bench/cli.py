@@ -1,0 +1,413 @@
+"""``achat-bench``: run a named load scenario against an achat server and report the figures.
+
+Scenarios::
+
+    busy-room   N clients in one room, each saying R messages/s (random phase)
+    many-rooms  N clients in rooms of K, each saying R messages/s
+    idle        N clients connect, join and sit idle: server RSS per client, connect+join time
+    ingest      one client keeping W say frames in flight: frames/s stored and acked
+                (its server runs with the flood limit off, and the report says so)
+    self-check  the generator against a trivial sink that floods it: its own ceiling
+
+By default ``achat-bench`` starts ``achat-server`` itself on a free loopback
+port, pinned to CPU 0 with ``taskset`` when there is more than one CPU, and
+pins its worker processes to the other CPUs; ``--port`` targets a running
+server instead (server CPU and RSS are then not reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..protocol.frames import encode_frame
+from .load import ClientPlan, WorkerPlan, WorkerReport, run_worker
+
+__all__ = ["Result", "main", "run"]
+
+
+@dataclass
+class Result:
+    scenario: str
+    params: dict[str, Any]
+    seconds: float
+    offered_per_s: float = 0.0
+    delivered_per_s: float = 0.0
+    delivered_ratio: float = 0.0
+    sent: int = 0
+    acked_per_s: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    connect_join_s: float = 0.0
+    joined: int = 0
+    errors: int = 0
+    closed: int = 0
+    server_cpu_pct: float | None = None
+    server_rss_mib: float | None = None
+    rss_per_client_kib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- the server under test ------------------------------------------------------------
+
+
+def _cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+class _Server:
+    def __init__(self, extra: list[str], pin: int | None) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.tmp = tempfile.TemporaryDirectory()
+        exe = str(Path(sys.executable).parent / "achat-server")
+        cmd = [
+            exe,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            self.tmp.name,
+            "--log-level",
+            "warning",
+            "--max-clients",
+            "200000",
+            *extra,
+        ]
+        if pin is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(pin), *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        time.sleep(0.3)
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.tmp.cleanup()
+
+
+# -- running a scenario -----------------------------------------------------------------
+
+
+def _plans(args: argparse.Namespace) -> tuple[list[ClientPlan], int]:
+    """The clients of the scenario and the size of each room."""
+    tag = f"{os.getpid() % 10000}"
+    if args.scenario == "busy-room":
+        return [ClientPlan(f"b{tag}u{i}", "busy", args.rate) for i in range(args.clients)], args.clients
+    if args.scenario == "many-rooms":
+        k = args.room_size
+        return [ClientPlan(f"m{tag}u{i}", f"r{i // k}", args.rate) for i in range(args.clients)], k
+    if args.scenario == "idle":
+        return [ClientPlan(f"i{tag}u{i}", "lobby", 0.0) for i in range(args.clients)], args.clients
+    if args.scenario == "ingest":
+        return [ClientPlan(f"g{tag}u0", "ingest", 0.0)], 1
+    raise ValueError(args.scenario)
+
+
+def run(args: argparse.Namespace) -> Result:
+    """Run one scenario as described by parsed command-line ``args``."""
+    cpus = _cpus()
+    server: _Server | None = None
+    result = Result(args.scenario, _params(args), args.duration)
+    if args.port is None:
+        extra = ["--rate", "0"] if args.scenario == "ingest" else []
+        if args.scenario == "ingest":
+            result.notes.append("server started with --rate 0 (flood limit off) for ingest")
+        server = _Server(extra, cpus[0] if len(cpus) > 1 else None)
+        host, port = "127.0.0.1", server.port
+    else:
+        host, port = args.host, args.port
+    load_cpus = cpus[1:] if server is not None and len(cpus) > 1 else cpus
+    try:
+        clients, room_size = _plans(args)
+        procs = max(1, min(args.procs, len(clients)))
+        rss_before = server.rss_kib() if server else 0
+        reports = _drive(args, host, port, clients, procs, load_cpus, result, server)
+        if server is not None and args.scenario == "idle":
+            result.server_rss_mib = server.rss_kib() / 1024
+            result.rss_per_client_kib = (server.rss_kib() - rss_before) / max(1, result.joined)
+        _summarise(args, result, reports, clients, room_size)
+    finally:
+        if server is not None:
+            server.stop()
+    return result
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    keys = {
+        "busy-room": ("clients", "rate"),
+        "many-rooms": ("clients", "room_size", "rate"),
+        "idle": ("clients",),
+        "ingest": ("pipeline",),
+        "self-check": ("clients",),
+    }[args.scenario]
+    return {k: getattr(args, k) for k in keys} | {"duration": args.duration}
+
+
+def _drive(
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    clients: list[ClientPlan],
+    procs: int,
+    cpus: list[int],
+    result: Result,
+    server: _Server | None,
+) -> list[WorkerReport]:
+    ctx = mp.get_context("spawn")
+    pipes = []
+    workers = []
+    for w in range(procs):
+        plan = WorkerPlan(
+            host=host,
+            port=port,
+            clients=clients[w::procs],
+            duration=args.duration,
+            warmup=args.warmup,
+            seed=w,
+            cpu=cpus[w % len(cpus)] if cpus else None,
+            pipeline=args.pipeline if args.scenario == "ingest" else 0,
+        )
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=run_worker, args=(plan, child), daemon=True)
+        p.start()
+        pipes.append(parent)
+        workers.append(p)
+    started = time.monotonic()
+    joined = 0
+    slowest = 0.0
+    for pipe in pipes:
+        _, n, seconds = pipe.recv()
+        joined += n
+        slowest = max(slowest, seconds)
+    result.joined = joined
+    result.connect_join_s = round(time.monotonic() - started, 3)
+    _progress(f"{joined}/{len(clients)} clients joined in {result.connect_join_s:.2f} s")
+    for pipe in pipes:
+        pipe.send("go")
+    cpu0 = server.cpu_seconds() if server else 0.0
+    t0 = time.monotonic()
+    reports: list[WorkerReport] = []
+    ticks: dict[int, tuple[int, int, int, int]] = {}
+    rss_max = 0
+    while len(reports) < procs:
+        for i, pipe in enumerate(pipes):
+            while pipe.poll():
+                kind, *rest = pipe.recv()
+                if kind == "tick":
+                    ticks[i] = tuple(rest)  # type: ignore[assignment]
+                elif kind == "done":
+                    reports.append(rest[0])
+        if server is not None:
+            rss_max = max(rss_max, server.rss_kib())
+        elapsed = time.monotonic() - t0 - args.warmup
+        if ticks and elapsed > 0:
+            sent = sum(t[0] for t in ticks.values())
+            delivered = sum(t[1] for t in ticks.values())
+            _progress(
+                f"{elapsed:5.1f}/{args.duration:g} s  sent {sent / elapsed:10,.0f}/s  "
+                f"delivered {delivered / elapsed:12,.0f}/s"
+            )
+        time.sleep(0.2)
+    measured = time.monotonic() - t0 - args.warmup
+    if server is not None:
+        result.server_cpu_pct = round(100 * (server.cpu_seconds() - cpu0) / max(measured, 1e-9), 1)
+        if result.server_rss_mib is None:
+            result.server_rss_mib = round(rss_max / 1024, 1)
+    for p in workers:
+        p.join(10)
+    print(file=sys.stderr)
+    return reports
+
+
+def _summarise(
+    args: argparse.Namespace,
+    result: Result,
+    reports: list[WorkerReport],
+    clients: list[ClientPlan],
+    room_size: int,
+) -> None:
+    d = args.duration
+    sent = sum(r.sent for r in reports)
+    delivered = sum(r.delivered for r in reports)
+    result.sent = sent
+    result.errors = sum(r.errors for r in reports)
+    result.closed = sum(r.closed for r in reports)
+    result.delivered_per_s = round(delivered / d)
+    senders = sum(1 for c in clients if c.rate > 0)
+    result.offered_per_s = round(senders * args.rate * room_size) if senders else 0
+    if args.scenario == "ingest":
+        result.acked_per_s = round(sum(r.acked for r in reports) / d)
+    expected = sent * room_size
+    result.delivered_ratio = round(delivered / expected, 5) if expected else 0.0
+    lat = sorted(x for r in reports for x in r.latencies)
+    if len(lat) > 1:
+        q = statistics.quantiles(lat, n=1000)
+        result.latency_ms = {
+            "p50": round(q[499] * 1000, 2),
+            "p99": round(q[989] * 1000, 2),
+            "p99.9": round(q[998] * 1000, 2),
+        }
+
+
+def _progress(text: str) -> None:
+    print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+# -- self-check: the generator's own ceiling ------------------------------------------------
+
+
+def _sink_main(port_pipe: Any, frames_per_write: int) -> None:
+    """A trivial 'server' that welcomes and then floods every client with message frames."""
+    frame = encode_frame(
+        b'{"type":"message","room":"busy","seq":1,"ts":1,"from":"sink","text":"t=%d '
+        % time.time_ns()
+        + b"x" * 30
+        + b'"}'
+    )
+    burst = frame * frames_per_write
+    welcome = encode_frame(
+        b'{"type":"welcome","nick":"x","server":"sink","version":1,"max_frame":65536,'
+        b'"max_text":4000}'
+    )
+    names = encode_frame(b'{"type":"names","room":"busy","nicks":[],"topic":"","seq":0}')
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(welcome + names)
+        try:
+            while True:
+                writer.write(burst)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port_pipe.send(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def self_check(args: argparse.Namespace) -> Result:
+    """Measure how many deliveries per second the generator itself can count."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    sink = ctx.Process(target=_sink_main, args=(child, 64), daemon=True)
+    sink.start()
+    port = parent.recv()
+    result = Result("self-check", _params(args), args.duration)
+    clients = [ClientPlan(f"s{i}", "busy", 0.0) for i in range(args.clients)]
+    cpus = _cpus()
+    try:
+        reports = _drive(args, "127.0.0.1", port, clients, args.procs, cpus[1:] or cpus, result, None)
+    finally:
+        sink.terminate()
+    result.delivered_per_s = round(sum(r.delivered for r in reports) / args.duration)
+    result.notes.append("a sink floods the generator; this is the most it can count")
+    return result
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def table(results: Sequence[Result]) -> str:
+    lines = [
+        "| scenario | parameters | offered/s | delivered/s | delivered | p50 | p99 | p99.9 "
+        "| acked/s | connect+join | server CPU | server RSS | RSS/client |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        params = ", ".join(f"{k}={v}" for k, v in r.params.items())
+        lat = r.latency_ms
+        lines.append(
+            f"| {r.scenario} | {params} | {r.offered_per_s:,.0f} | {r.delivered_per_s:,.0f} | "
+            f"{r.delivered_ratio:.2%} | {lat.get('p50', '-')} ms | {lat.get('p99', '-')} ms | "
+            f"{lat.get('p99.9', '-')} ms | {r.acked_per_s:,.0f} | {r.connect_join_s} s | "
+            f"{_opt(r.server_cpu_pct, '%')} | {_opt(r.server_rss_mib, ' MiB')} | "
+            f"{_opt(r.rss_per_client_kib, ' KiB', 2)} |"
+        )
+    for r in results:
+        for note in r.notes:
+            lines.append(f"\n{r.scenario}: {note}")
+    return "\n".join(lines)
+
+
+def _opt(value: float | None, unit: str, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="achat-bench", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "scenario", choices=["busy-room", "many-rooms", "idle", "ingest", "self-check"]
+    )
+    p.add_argument("--clients", "-n", type=int, default=300)
+    p.add_argument("--rate", "-r", type=float, default=1.0, help="messages/s per client")
+    p.add_argument("--room-size", "-k", type=int, default=10)
+    p.add_argument("--pipeline", type=int, default=256, help="ingest: says in flight")
+    p.add_argument("--duration", "-d", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1) * 2))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="target a running server")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.scenario == "ingest":
+        args.procs = 1
+    result = self_check(args) if args.scenario == "self-check" else run(args)
+    print(table([result]))
+    if args.json is not None:
+        args.json.write_text(json.dumps(asdict(result), indent=2))
+    return 0
