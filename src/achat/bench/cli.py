@@ -134,7 +134,9 @@ def _plans(args: argparse.Namespace) -> tuple[list[ClientPlan], int]:
     """The clients of the scenario and the size of each room."""
     tag = f"{os.getpid() % 10000}"
     if args.scenario == "busy-room":
-        return [ClientPlan(f"b{tag}u{i}", "busy", args.rate) for i in range(args.clients)], args.clients
+        return [
+            ClientPlan(f"b{tag}u{i}", "busy", args.rate) for i in range(args.clients)
+        ], args.clients
     if args.scenario == "many-rooms":
         k = args.room_size
         return [ClientPlan(f"m{tag}u{i}", f"r{i // k}", args.rate) for i in range(args.clients)], k
@@ -218,7 +220,10 @@ def _drive(
     joined = 0
     slowest = 0.0
     for pipe in pipes:
-        _, n, seconds = pipe.recv()
+        try:
+            _, n, seconds = pipe.recv()
+        except EOFError:
+            continue
         joined += n
         slowest = max(slowest, seconds)
     result.joined = joined
@@ -231,14 +236,23 @@ def _drive(
     reports: list[WorkerReport] = []
     ticks: dict[int, tuple[int, int, int, int]] = {}
     rss_max = 0
-    while len(reports) < procs:
+    alive = set(range(procs))
+    while alive:
         for i, pipe in enumerate(pipes):
-            while pipe.poll():
-                kind, *rest = pipe.recv()
+            while i in alive and pipe.poll():
+                try:
+                    kind, *rest = pipe.recv()
+                except EOFError:
+                    alive.discard(i)
+                    result.notes.append(
+                        f"worker {i} died before reporting; its clients are missing"
+                    )
+                    break
                 if kind == "tick":
-                    ticks[i] = tuple(rest)  # type: ignore[assignment]
+                    ticks[i] = tuple(rest)
                 elif kind == "done":
                     reports.append(rest[0])
+                    alive.discard(i)
         if server is not None:
             rss_max = max(rss_max, server.rss_kib())
         elapsed = time.monotonic() - t0 - args.warmup
@@ -347,7 +361,9 @@ def self_check(args: argparse.Namespace) -> Result:
     clients = [ClientPlan(f"s{i}", "busy", 0.0) for i in range(args.clients)]
     cpus = _cpus()
     try:
-        reports = _drive(args, "127.0.0.1", port, clients, args.procs, cpus[1:] or cpus, result, None)
+        reports = _drive(
+            args, "127.0.0.1", port, clients, args.procs, cpus[1:] or cpus, result, None
+        )
     finally:
         sink.terminate()
     result.delivered_per_s = round(sum(r.delivered for r in reports) / args.duration)
@@ -387,7 +403,9 @@ def _opt(value: float | None, unit: str, digits: int = 1) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="achat-bench", description=__doc__.splitlines()[0])
     p.add_argument(
-        "scenario", choices=["busy-room", "many-rooms", "idle", "ingest", "self-check"]
+        "scenario",
+        choices=["busy-room", "many-rooms", "idle", "ingest", "self-check"],
+        help="or 'standard' (first argument) for the whole set; --update FILE writes it",
     )
     p.add_argument("--clients", "-n", type=int, default=300)
     p.add_argument("--rate", "-r", type=float, default=1.0, help="messages/s per client")
@@ -402,12 +420,52 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The set ``make bench`` runs: the issue's targets, in the order of its table.
+STANDARD: list[list[str]] = [
+    ["self-check", "-n", "100"],
+    ["busy-room", "-n", "300", "-r", "1"],
+    ["busy-room", "-n", "2500", "-r", "1"],
+    ["many-rooms", "-n", "2000", "-k", "10", "-r", "1"],
+    ["idle", "-n", "10000"],
+    ["ingest"],
+]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["standard"]:
+        rest = argv[1:]
+        update = None
+        if "--update" in rest:
+            i = rest.index("--update")
+            update = Path(rest[i + 1])
+            rest = rest[:i] + rest[i + 2 :]
+        results = [_one(parser().parse_args(s + rest)) for s in STANDARD]
+        text = table(results)
+        print(text)
+        if update is not None:
+            _update(update, text)
+        return 0
+    result = _one(parser().parse_args(argv))
+    print(table([result]))
+    return 0
+
+
+def _one(args: argparse.Namespace) -> Result:
     if args.scenario == "ingest":
         args.procs = 1
+    _progress(f"{args.scenario} …")
     result = self_check(args) if args.scenario == "self-check" else run(args)
-    print(table([result]))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(result), indent=2))
-    return 0
+    return result
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _update(path: Path, text: str) -> None:
+    doc = path.read_text()
+    head, _, rest = doc.partition(START)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")

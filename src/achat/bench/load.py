@@ -65,6 +65,7 @@ class WorkerReport:
     errors: int = 0
     closed: int = 0
     latencies: list[float] = field(default_factory=list)
+    samples_seen: int = 0
     connect_seconds: float = 0.0
     done: bool = False
 
@@ -95,8 +96,26 @@ class _Counter:
         return n
 
 
+MAX_SAMPLES = 100_000
+
+
+def _sample(report: WorkerReport, value: float, rng: random.Random) -> None:
+    """Keep a uniform sample of at most MAX_SAMPLES latencies (reservoir sampling)."""
+    report.samples_seen += 1
+    if len(report.latencies) < MAX_SAMPLES:
+        report.latencies.append(value)
+    else:
+        slot = rng.randrange(report.samples_seen)
+        if slot < MAX_SAMPLES:
+            report.latencies[slot] = value
+
+
 async def _client(
-    plan: WorkerPlan, c: ClientPlan, report: WorkerReport, measuring: asyncio.Event, rng: random.Random
+    plan: WorkerPlan,
+    c: ClientPlan,
+    report: WorkerReport,
+    measuring: asyncio.Event,
+    rng: random.Random,
 ) -> None:
     reader, writer = await asyncio.open_connection(plan.host, plan.port)
     report.connected += 1
@@ -168,7 +187,7 @@ async def _client(
                             end = data.find(b" ", pos)
                             with contextlib.suppress(ValueError):
                                 sent_ns = int(data[pos + len(STAMP) : end])
-                                report.latencies.append((now - sent_ns) / 1e9)
+                                _sample(report, (now - sent_ns) / 1e9, rng)
             if time.monotonic() > stop + 2:
                 return
     except (ConnectionError, OSError):
@@ -217,12 +236,14 @@ def run_worker(plan: WorkerPlan, pipe: Connection) -> None:
     if plan.cpu is not None:
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setaffinity(0, {plan.cpu})
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        import uvloop
+    # The parent may have gone (interrupted run): then there is nobody to report to.
+    with contextlib.suppress(BrokenPipeError, EOFError, ConnectionResetError, KeyboardInterrupt):
+        try:
+            import uvloop
 
-        uvloop.run(_worker(plan, pipe))
-    except ImportError:
-        asyncio.run(_worker(plan, pipe))
+            uvloop.run(_worker(plan, pipe))
+        except ImportError:
+            asyncio.run(_worker(plan, pipe))

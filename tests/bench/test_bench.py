@@ -1,0 +1,58 @@
+"""A smoke run of achat-bench with tiny numbers: the tool works end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.procs import script
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["busy-room", "-n", "4", "-r", "5"],
+        ["many-rooms", "-n", "6", "-k", "3", "-r", "5"],
+        ["idle", "-n", "5"],
+        ["ingest", "--pipeline", "16"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_scenario_smoke(tmp_path: Path, argv: list[str]) -> None:
+    """Each scenario starts its own server, joins every client and reports JSON figures."""
+    out = tmp_path / "result.json"
+    run = subprocess.run(
+        [
+            script("achat-bench"),
+            *argv,
+            "-d",
+            "1",
+            "--warmup",
+            "0.3",
+            "--procs",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    clients = int(argv[2]) if argv[0] != "ingest" else 1
+    assert result["joined"] == clients
+    assert result["errors"] == 0
+    assert "| " + argv[0] in run.stdout
+    if argv[0] == "idle":
+        assert result["rss_per_client_kib"] is not None
+    elif argv[0] == "ingest":
+        assert result["acked_per_s"] > 0
+    else:
+        assert result["sent"] > 0
+        assert result["delivered_ratio"] > 0.9
+        assert result["latency_ms"]["p99"] > 0
