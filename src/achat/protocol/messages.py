@@ -343,7 +343,7 @@ def _check_json(body: bytes) -> None:
     if _LONG_DIGITS.search(body) and _LONG_DIGITS.search(_STRING.sub(b'""', body)):
         raise ProtocolError("invalid_json", f"a number has more than {MAX_DIGITS} digits")
     keys = _KEY.findall(body)
-    if len(set(keys)) == len(keys) and not any(b"\\" in k for k in keys):
+    if len(set(keys)) == len(keys) and (b"\\" not in body or b"\\" not in b"".join(keys)):
         return
     # Repeated or escaped key spellings: let a full parse decide per object.
     try:

@@ -138,13 +138,16 @@ def _is_letter(ch: str) -> bool:
     return unicodedata.category(ch).startswith("L")
 
 
+# Category Cc is exactly C0, DEL and C1; Cs (lone surrogates) cannot come out of valid
+# UTF-8 but is refused too, so the rule does not depend on which decoder ran first.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_LAYOUT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _first_control(text: str, allowed: str) -> str | None:
-    # Cc covers C0, DEL and C1; Cs cannot appear in valid UTF-8 input but is refused
-    # here too, so that the rule does not depend on which decoder came first.
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed:
-            return ch
-    return None
+    pattern = _CONTROL_BUT_LAYOUT if allowed else _CONTROL
+    found = pattern.search(text)
+    return found.group() if found is not None else None
 
 
 def _describe(ch: str) -> str:
