@@ -9,7 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from achat.client.connection import Backoff, Client, Disconnected, Event, LocalNotice
+from achat.client.connection import (
+    Backoff,
+    Client,
+    ConnectionLost,
+    Disconnected,
+    Event,
+    LocalNotice,
+    Reconnected,
+)
 from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import encode_frame
@@ -190,3 +198,34 @@ async def test_server_that_never_welcomes() -> None:
     async with fake_server(handler) as port:
         with pytest.raises(ConnectionClosed, match="no welcome"):
             await Client("127.0.0.1", port, "ana", connect_timeout=0.3).connect()
+
+
+async def test_silent_server_is_dropped_and_retried() -> None:
+    """A server that stops answering (even pings) is dropped after 2x keepalive; the client
+    then tries to connect again."""
+    hellos = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal hellos
+        await reader.read(65536)
+        hellos += 1
+        writer.write(WELCOME)
+        while await reader.read(65536):  # reads pings, never answers
+            pass
+
+    async with fake_server(handler) as port:
+        client = Client(
+            "127.0.0.1",
+            port,
+            "ana",
+            keepalive=0.2,
+            reconnect=True,
+            backoff=Backoff(initial=0.01, cap=0.02),
+        )
+        await client.connect()
+        lost = await next_of(client, ConnectionLost, timeout=3)
+        assert isinstance(lost, ConnectionLost)
+        back = await next_of(client, Reconnected, timeout=3)
+        assert isinstance(back, Reconnected)
+        assert hellos == 2
+        await client.close()

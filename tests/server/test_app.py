@@ -1,4 +1,8 @@
-"""A real server on 127.0.0.1 port 0, spoken to by real clients and raw sockets."""
+"""A real server on 127.0.0.1 port 0, spoken to by real clients and raw sockets.
+
+Every wait has a deadline (``asyncio.timeout``) so that a broken server fails a
+test quickly instead of hanging it; nothing here sleeps to let things happen.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,24 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
-from achat.client.connection import Client, Disconnected
+from achat.client.connection import Client, Disconnected, Event
+from achat.errors import ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
 from achat.store.memory import MemoryStore
 from tests.conftest import make_config
 from tests.helpers.faultproxy import FaultProxy
+
+E = TypeVar("E")
+
+#: Seconds any single wait may take before the test fails.
+WAIT = 3.0
 
 OPEN: list[Raw] = []
 
@@ -47,10 +57,12 @@ class Raw:
         return raw
 
     def send(self, obj: dict[str, Any] | bytes) -> None:
+        """Send one frame: a dict is encoded as JSON, bytes are sent as the body as they are."""
         body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.writer.write(encode_frame(body))
 
-    async def next(self, timeout: float = 3) -> Any:
+    async def next(self, timeout: float = WAIT) -> Any:
+        """The next frame from the server; EOFError if it closed first."""
         async with asyncio.timeout(timeout):
             while not self.frames:
                 data = await self.reader.read(65536)
@@ -59,13 +71,22 @@ class Raw:
                 self.frames += [m.decode_server(b) for b in self.decoder.receive_data(data)]
         return self.frames.pop(0)
 
-    async def until(self, kind: type, timeout: float = 3) -> Any:
+    async def until(self, kind: type, timeout: float = WAIT) -> Any:
+        """Skip frames up to the first of type ``kind`` and return it."""
         while True:
             frame = await self.next(timeout)
             if isinstance(frame, kind):
                 return frame
 
-    async def closed(self, timeout: float = 3) -> bool:
+    async def rest(self, timeout: float = WAIT) -> list[Any]:
+        """Every frame until the server closes the connection."""
+        frames: list[Any] = []
+        with contextlib.suppress(EOFError):
+            while True:
+                frames.append(await self.next(timeout))
+        return frames
+
+    async def closed(self, timeout: float = WAIT) -> bool:
         """True once the server has closed the connection (frames before it are skipped)."""
         async with asyncio.timeout(timeout):
             while await self.reader.read(65536):
@@ -79,14 +100,25 @@ class Raw:
         return welcome
 
 
-async def start(**limits: Any) -> Server:
-    srv = Server(make_config(**limits), MemoryStore())
-    await srv.start()
-    return srv
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    """A factory of servers with custom SessionLimits; every one is closed at the end."""
+    made: list[Server] = []
+
+    async def factory(**limits: Any) -> Server:
+        srv = Server(make_config(**limits), MemoryStore())
+        await srv.start()
+        made.append(srv)
+        return srv
+
+    yield factory
+    for srv in made:
+        await srv.close()
 
 
 @pytest.fixture
-async def clients(server: Server) -> AsyncIterator[list[Client]]:
+async def clients() -> AsyncIterator[list[Client]]:
+    """Clients made by connect(); each is closed at the end of the test."""
     made: list[Client] = []
     yield made
     for c in made:
@@ -100,90 +132,287 @@ async def connect(server: Server, clients: list[Client], nick: str) -> Client:
     return c
 
 
-async def messages(client: Client, count: int) -> list[m.Message]:
-    got: list[m.Message] = []
-    async with asyncio.timeout(15):
-        while len(got) < count:
+async def next_of(client: Client, kind: type[E], timeout: float = WAIT) -> E:
+    """Skip events up to the first of type ``kind`` and return it."""
+    async with asyncio.timeout(timeout):
+        while True:
             event = await client.next_event()
-            if isinstance(event, m.Message):
-                got.append(event)
+            if isinstance(event, kind):
+                return event
+
+
+async def messages(client: Client, count: int, timeout: float = WAIT) -> list[m.Message]:
+    """The next ``count`` room messages the client receives (other events skipped)."""
+    return [x for x in await events_until(client, count, timeout) if isinstance(x, m.Message)]
+
+
+async def events_until(client: Client, count: int, timeout: float = WAIT) -> list[Event]:
+    """Every event up to and including the ``count``-th room message."""
+    got: list[Event] = []
+    seen = 0
+    async with asyncio.timeout(timeout):
+        while seen < count:
+            event = await client.next_event()
+            got.append(event)
+            seen += isinstance(event, m.Message)
     return got
 
 
-async def test_broadcast_reaches_every_member_in_seq_order(
+async def nothing_pending(client: Client, kind: type) -> bool:
+    """True when no event of ``kind`` reached ``client`` before the answer to a fresh ping."""
+    await client.ping()
+    pending: list[Event] = []
+    while True:
+        event = await client.next_event(WAIT)
+        pending.append(event)
+        if isinstance(event, m.Pong):
+            return not any(isinstance(e, kind) for e in pending)
+
+
+# -- rooms and messages ---------------------------------------------------------------
+
+
+async def test_broadcast_reaches_every_member_and_nobody_else(
     server: Server, clients: list[Client]
 ) -> None:
-    """Messages from several senders reach all members, each in the same seq order."""
+    """A message reaches every member of the room, the sender included, and no outsider."""
+    ana, bob, carol = [await connect(server, clients, n) for n in ("ana", "bob", "carol")]
+    outsider = await connect(server, clients, "zed")
+    for c in (ana, bob, carol):
+        await c.join("general")
+    await outsider.join("elsewhere")
+    ack = await ana.say("general", "hello everyone")
+    assert (ack.room, ack.seq) == ("general", 1)
+    for c in (ana, bob, carol):
+        [message] = await messages(c, 1)
+        assert (message.room, message.seq, message.sender, message.text) == (
+            "general",
+            1,
+            "ana",
+            "hello everyone",
+        )
+        assert message.ts == ack.ts
+    assert await nothing_pending(outsider, m.Message)
+
+
+async def test_several_senders_are_seen_in_one_seq_order(
+    server: Server, clients: list[Client]
+) -> None:
+    """Messages from several concurrent senders reach all members in the same gapless seq order."""
     members = [await connect(server, clients, f"user{i}") for i in range(4)]
     for c in members:
         await c.join("general")
-    await asyncio.gather(
-        *(c.say("general", f"{c.nick} says {k}") for c in members for k in range(5))
+    acks = await asyncio.gather(
+        *(c.say("general", f"{c.nick} says {k}") for c in members for k in range(10))
     )
-    streams = [await messages(c, 20) for c in members]
+    assert sorted(a.seq or 0 for a in acks) == list(range(1, 41))
+    streams = [await messages(c, 40) for c in members]
     for stream in streams:
-        assert [x.seq for x in stream] == list(range(1, 21))
+        assert [x.seq for x in stream] == list(range(1, 41))
         assert stream == streams[0]
+    # Each sender's own messages keep the order they were sent in.
+    for c in members:
+        own = [x.text for x in streams[0] if x.sender == c.nick]
+        assert own == [f"{c.nick} says {k}" for k in range(10)]
 
 
-async def test_dm_rename_part_and_quit(server: Server, clients: list[Client]) -> None:
-    """DMs, renames, parts and quits are seen by the right people over the wire."""
+async def test_dm_reaches_only_the_recipient(server: Server, clients: list[Client]) -> None:
+    """A DM (to a nick in any case) reaches only its recipient; an unknown nick is refused."""
+    ana = await connect(server, clients, "ana")
+    bob = await connect(server, clients, "Bob")
+    carol = await connect(server, clients, "carol")
+    ack = await ana.dm("BOB", "psst")
+    dm = await next_of(bob, m.DmEvent)
+    assert (dm.sender, dm.to, dm.text, dm.id, dm.ts) == ("ana", "Bob", "psst", ack.id, ack.ts)
+    assert await nothing_pending(carol, m.DmEvent)
+    with pytest.raises(ServerError) as refused:
+        await ana.dm("nobody", "hello?")
+    assert (refused.value.code, refused.value.fatal) == ("no_such_nick", False)
+    await ana.ping()  # still connected
+
+
+async def test_rename_is_seen_by_room_sharers(server: Server, clients: list[Client]) -> None:
+    """A rename reaches the user and everyone sharing a room with them, and later frames use it."""
+    ana = await connect(server, clients, "ana")
+    bob = await connect(server, clients, "bob")
+    loner = await connect(server, clients, "loner")
+    await ana.join("a")
+    await bob.join("a")
+    ana.rename("Anna")
+    for c in (ana, bob):
+        renamed = await next_of(c, m.Renamed)
+        assert (renamed.old, renamed.new) == ("ana", "Anna")
+    assert ana.nick == "Anna"
+    await ana.say("a", "new name")
+    [message] = await messages(bob, 1)
+    assert message.sender == "Anna"
+    assert (await bob.who("a")).nicks == ["Anna", "bob"]
+    assert await nothing_pending(loner, m.Renamed)
+
+
+async def test_part_and_quit_notices(server: Server, clients: list[Client]) -> None:
+    """part tells the room with its reason; a client that closes is seen leaving with quit."""
     ana = await connect(server, clients, "ana")
     bob = await connect(server, clients, "bob")
     await ana.join("a")
     await bob.join("a")
-    ack = await ana.dm("BOB", "psst")
-    assert ack.id is not None
-
-    async def next_of(client: Client, kind: type) -> Any:
-        async with asyncio.timeout(3):
-            while True:
-                event = await client.next_event()
-                if isinstance(event, kind):
-                    return event
-
-    dm = await next_of(bob, m.DmEvent)
-    assert (dm.sender, dm.text, dm.id) == ("ana", "psst", ack.id)
-    ana.rename("anna")
-    renamed = await next_of(bob, m.Renamed)
-    assert (renamed.old, renamed.new) == ("ana", "anna")
     await bob.part("a", "brb")
-    parted = await next_of(ana, m.Parted)
-    assert (parted.nick, parted.reason) == ("bob", "brb")
+    for c in (ana, bob):
+        parted = await next_of(c, m.Parted)
+        assert (parted.room, parted.nick, parted.reason) == ("a", "bob", "brb")
     await bob.join("a")
     await bob.close()
     quit_ = await next_of(ana, m.Parted)
-    assert (quit_.nick, quit_.reason) == ("bob", "quit")
+    assert (quit_.room, quit_.nick, quit_.reason) == ("a", "bob", "quit")
+    assert (await ana.who("a")).nicks == ["ana"]
+
+
+async def test_dropped_connection_quits_every_room(server: Server, clients: list[Client]) -> None:
+    """A connection that is reset, with no bye, leaves each of its rooms with reason quit."""
+    ana = await connect(server, clients, "ana")
+    await ana.join("a")
+    await ana.join("b")
+    raw = await Raw.open(server.port)
+    await raw.hello("mallory")
+    raw.send({"type": "join", "room": "a"})
+    raw.send({"type": "join", "room": "b", "ref": "last"})
+    await raw.until(m.Names)
+    await raw.until(m.Names)
+    raw.writer.transport.abort()
+    first = await next_of(ana, m.Parted)
+    second = await next_of(ana, m.Parted)
+    assert {(p.room, p.nick, p.reason) for p in (first, second)} == {
+        ("a", "mallory", "quit"),
+        ("b", "mallory", "quit"),
+    }
+
+
+async def test_bye_flushes_then_closes(server: Server, clients: list[Client]) -> None:
+    """bye after a say: the say is answered, then the server closes; the room sees the reason."""
+    ana = await connect(server, clients, "ana")
+    await ana.join("a")
+    raw = await Raw.open(server.port)
+    await raw.hello("bob")
+    raw.send({"type": "join", "room": "a"})
+    raw.send({"type": "say", "room": "a", "text": "bye all", "ref": "s"})
+    raw.send({"type": "bye", "reason": "off to bed"})
+    frames = await raw.rest()
+    assert [type(f) for f in frames] == [m.Joined, m.Names, m.Message, m.Ack]
+    parted = await next_of(ana, m.Parted)
+    assert (parted.nick, parted.reason) == ("bob", "off to bed")
 
 
 async def test_who_rooms_history_and_since(server: Server, clients: list[Client]) -> None:
-    """who, rooms, history and join-since answer over the wire with the ref echoed."""
+    """who, rooms, history (latest, before, after) and join-since answer over the wire."""
     ana = await connect(server, clients, "ana")
+    await ana.join("a")
     for k in range(5):
-        await ana.join("a")
         await ana.say("a", f"m{k}")
+    ana.set_topic("a", "the topic")
+    await next_of(ana, m.TopicEvent)
     names = await ana.who("a")
-    assert names.nicks == ["ana"]
-    assert names.seq == 5
+    assert (names.nicks, names.seq, names.topic) == (["ana"], 5, "the topic")
     listing = await ana.rooms_list()
-    assert [(r.room, r.members) for r in listing.rooms] == [("a", 1)]
-    page = await ana.history("a", before=4, limit=2)
-    assert [x.text for x in page.messages] == ["m1", "m2"]
-    assert page.more
+    assert [(r.room, r.members, r.topic) for r in listing.rooms] == [("a", 1, "the topic")]
+    latest = await ana.history("a", limit=2)
+    assert ([x.text for x in latest.messages], latest.more) == (["m3", "m4"], True)
+    before = await ana.history("a", before=4, limit=2)
+    assert ([x.text for x in before.messages], before.more) == (["m1", "m2"], True)
+    after = await ana.history("a", after=3)
+    assert ([x.seq for x in after.messages], after.more) == ([4, 5], False)
     bob = await connect(server, clients, "bob")
-    await bob.join("a", since=3)
+    joined = await bob.join("a", since=3)
+    assert (joined.nicks, joined.seq) == (["ana", "bob"], 5)
     assert [x.seq for x in await messages(bob, 2)] == [4, 5]
+    await ana.say("a", "live")
+    [live] = await messages(bob, 1)
+    assert (live.seq, live.text) == (6, "live")
 
 
-async def test_nick_collision_over_the_wire(server: Server) -> None:
-    """A second connection with the same nick in another case gets a fatal nick_taken."""
-    first = await Raw.open(server.port)
-    await first.hello("Ana")
-    second = await Raw.open(server.port)
-    second.send({"type": "hello", "nick": "aNA", "version": 1})
-    error = await second.next()
+@pytest.mark.parametrize(("first", "second"), [("Ana", "aNA"), ("aoe", "аое")])
+async def test_nick_collision_over_the_wire(server: Server, first: str, second: str) -> None:
+    """A second connection whose nick differs only in case or by look-alikes gets nick_taken."""
+    holder = await Raw.open(server.port)
+    await holder.hello(first)
+    raw = await Raw.open(server.port)
+    raw.send({"type": "hello", "nick": second, "version": 1})
+    error = await raw.next()
     assert (error.code, error.fatal) == ("nick_taken", True)
-    assert await second.closed()
+    assert await raw.closed()
+    holder.send({"type": "ping", "ref": "p"})
+    assert await holder.next() == m.Pong(ref="p")
+
+
+async def test_client_reports_a_refused_hello(server: Server, clients: list[Client]) -> None:
+    """Client.connect raises ServerError(nick_taken) for a nick in use in another case."""
+    await connect(server, clients, "ana")
+    with pytest.raises(ServerError) as refused:
+        await connect(server, clients, "ANA")
+    assert refused.value.code == "nick_taken"
+
+
+# -- limits and errors -------------------------------------------------------------------
+
+
+async def test_slow_reader_is_cut_off_alone(clients: list[Client]) -> None:
+    """A member that stops reading gets sendq_exceeded and is dropped; the others get everything.
+
+    It loses nothing either: what it missed comes back with join since.
+    """
+    # Accepted sockets inherit the listener's small send buffer, so the server's unsent
+    # output builds up in its own queue after a few kilobytes, as on a slow link.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server = Server(make_config(sendq_limit=32 * 1024), MemoryStore())
+    await server.start(sock=listener)
+    loop = asyncio.get_running_loop()
+    sloth = socket.socket()
+    try:
+        talker = await connect(server, clients, "talker")
+        watcher = await connect(server, clients, "watcher")
+        await talker.join("a")
+        await watcher.join("a")
+        sloth.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sloth.setblocking(False)
+        await loop.sock_connect(sloth, ("127.0.0.1", server.port))
+        await loop.sock_sendall(
+            sloth,
+            encode_frame(b'{"type":"hello","nick":"sloth","version":1}')
+            + encode_frame(b'{"type":"join","room":"a"}'),
+        )
+        while (await next_of(watcher, m.Joined)).nick != "sloth":
+            pass
+        sent = 0
+        async with asyncio.timeout(WAIT):
+            while server.registry.member("sloth") is not None:
+                sent += 1
+                await talker.say("a", f"{sent:04d} " + "x" * 1000)
+        assert sent < 1000
+        seen = await events_until(watcher, sent)
+        assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
+        # The cut happens while a message fans out, so the part notice may follow it.
+        left = [x for x in seen if isinstance(x, m.Parted)] or [await next_of(watcher, m.Parted)]
+        assert [(p.nick, p.reason) for p in left] == [("sloth", "quit")]
+        # The slow reader finally reads: a gapless prefix of the room, then the fatal error.
+        decoder = FrameDecoder(max_frame=10**6)
+        frames: list[Any] = []
+        async with asyncio.timeout(WAIT):
+            while data := await loop.sock_recv(sloth, 65536):
+                frames += [m.decode_server(b) for b in decoder.receive_data(data)]
+        got = [f.seq for f in frames if isinstance(f, m.Message)]
+        assert got == list(range(1, len(got) + 1))
+        assert len(got) < sent
+        assert isinstance(frames[-1], m.Error)
+        assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
+        resumed = await connect(server, clients, "sloth")
+        await resumed.join("a", since=got[-1] if got else 0)
+        rest = await messages(resumed, sent - len(got))
+        assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
+    finally:
+        sloth.close()
+        for c in clients:
+            await c.close()
+        await server.close()
 
 
 async def test_first_frame_must_be_hello(server: Server) -> None:
@@ -193,30 +422,74 @@ async def test_first_frame_must_be_hello(server: Server) -> None:
     error = await raw.next()
     assert (error.code, error.fatal) == ("not_registered", True)
     assert await raw.closed()
+    assert server.registry.members == []
 
 
-async def test_content_errors_keep_the_connection(server: Server) -> None:
-    """Bad JSON, unknown types and bad fields get non-fatal errors; the session goes on."""
+async def test_hello_timeout(start: Callable[..., Awaitable[Server]]) -> None:
+    """A connection that never says hello gets a fatal not_registered and is closed."""
+    server = await start(hello_timeout=0.2)
     raw = await Raw.open(server.port)
-    await raw.hello("ana")
-    cases = [
-        (b'{"type":"ping"', "invalid_json"),
-        (b'{"type":"warp","ref":"u"}', "unknown_type"),
-        (b'{"type":"say","room":"a","ref":"s"}', "missing_field"),
-        (b'{"type":"join","room":"NOPE","ref":"j"}', "invalid_room"),
-        (b'{"type":"hello","nick":"x","version":1}', "already_registered"),
-    ]
-    for body, code in cases:
-        raw.send(body)
-        error = await raw.next()
-        assert (error.code, error.fatal) == (code, False)
-    raw.send({"type": "ping", "ref": "still-here"})
-    assert await raw.next() == m.Pong(ref="still-here")
+    error = await raw.next()
+    assert (error.code, error.fatal) == ("not_registered", True)
+    assert await raw.closed()
+
+
+async def test_idle_timeout(start: Callable[..., Awaitable[Server]]) -> None:
+    """A registered connection that sends nothing (not even a pong) gets idle_timeout."""
+    server = await start(idle_timeout=0.3)
+    raw = await Raw.open(server.port)
+    await raw.hello("quiet")
+    frames = await raw.rest()
+    assert frames[:-1] == [m.Ping(ref="keepalive")]
+    assert isinstance(frames[-1], m.Error)
+    assert (frames[-1].code, frames[-1].fatal) == ("idle_timeout", True)
+    assert server.registry.member("quiet") is None
+
+
+async def test_server_pings_a_quiet_client_and_keeps_it_if_it_answers(
+    start: Callable[..., Awaitable[Server]],
+) -> None:
+    """Half-way to idle_timeout the server pings; a pong resets the clock; silence closes."""
+    server = await start(idle_timeout=0.4)
+    raw = await Raw.open(server.port)
+    await raw.hello("quiet")
+    ping = await raw.next()
+    assert ping == m.Ping(ref="keepalive")
+    raw.send({"type": "pong", "ref": "keepalive"})
+    again = await raw.next()
+    assert again == m.Ping(ref="keepalive")  # still connected: pinged a second time
+    error = await raw.next()
+    assert (error.code, error.fatal) == ("idle_timeout", True)
+
+
+async def test_client_answers_server_pings(start: Callable[..., Awaitable[Server]]) -> None:
+    """The Client answers the server's keepalive pings, so a silent reader stays connected."""
+    server = await start(idle_timeout=0.2)
+    async with Client("127.0.0.1", server.port, "lurker") as lurker:
+        # Nothing may happen for well over idle_timeout: no error, no disconnect.
+        with pytest.raises(TimeoutError):
+            await lurker.next_event(timeout=0.6)
+        assert lurker.connected
+        assert server.registry.member("lurker") is not None
+
+
+async def test_half_sent_frame_times_out(start: Callable[..., Awaitable[Server]]) -> None:
+    """A frame that starts but never completes (slowloris) is closed with idle_timeout."""
+    server = await start(frame_timeout=0.2)
+    raw = await Raw.open(server.port)
+    await raw.hello("slow")
+    raw.writer.write(b"\x00\x00\x00\x20{")
+    error = await raw.next()
+    assert (error.code, error.fatal) == ("idle_timeout", True)
 
 
 @pytest.mark.parametrize(
     ("header", "code"),
-    [(b"\x00\x00\x00\x00", "bad_frame"), (b"\x00\x10\x00\x01", "frame_too_large")],
+    [
+        (b"\x00\x00\x00\x00", "bad_frame"),
+        (b"\x00\x01\x00\x01", "frame_too_large"),
+        (b"\xff\xff\xff\xff", "frame_too_large"),
+    ],
 )
 async def test_framing_errors_are_fatal_and_hurt_nobody_else(
     server: Server, clients: list[Client], header: bytes, code: str
@@ -226,93 +499,128 @@ async def test_framing_errors_are_fatal_and_hurt_nobody_else(
     await bystander.join("a")
     raw = await Raw.open(server.port)
     await raw.hello("mallory")
+    raw.send({"type": "join", "room": "a"})
+    await raw.until(m.Names)
     raw.writer.write(header)
     error = await raw.next()
     assert (error.code, error.fatal) == (code, True)
     assert await raw.closed()
+    parted = await next_of(bystander, m.Parted)
+    assert (parted.nick, parted.reason) == ("mallory", "quit")
     ack = await bystander.say("a", "still fine")
     assert ack.seq == 1
+    newcomer = await connect(server, clients, "newcomer")
+    await newcomer.ping()
 
 
-async def test_slow_reader_is_cut_off_alone(clients: list[Client]) -> None:
-    """A member that stops reading is dropped with sendq_exceeded; the others get everything."""
-    server = await start(sendq_limit=64 * 1024)
-    try:
-        talker = await connect(server, clients, "talker")
-        listener = await connect(server, clients, "listener")
-        await talker.join("a")
-        await listener.join("a")
-        sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(encode_frame(b'{"type":"hello","nick":"sloth","version":1}'))
-        sock.sendall(encode_frame(b'{"type":"join","room":"a"}'))
-        count = 1500
-        got = asyncio.create_task(messages(listener, count))
-        for k in range(count):
-            await talker.say("a", f"{k:04d} " + "x" * 3500)
-        received = await got
-        assert [x.seq for x in received] == list(range(1, count + 1))
-        assert server.registry.member("sloth") is None
-        sock.close()
-    finally:
-        await server.close()
+async def test_frames_before_a_bad_header_are_still_served(
+    server: Server, clients: list[Client]
+) -> None:
+    """Complete frames that arrived in the same read as a bad header are handled before closing."""
+    ana = await connect(server, clients, "ana")
+    await ana.join("a")
+    raw = await Raw.open(server.port)
+    raw.writer.write(
+        encode_frame(b'{"type":"hello","nick":"bob","version":1}')
+        + encode_frame(b'{"type":"join","room":"a"}')
+        + encode_frame(b'{"type":"say","room":"a","text":"last words","ref":"s"}')
+        + b"\x00\x00\x00\x00"
+    )
+    frames = await raw.rest()
+    assert [type(f) for f in frames] == [m.Welcome, m.Joined, m.Names, m.Message, m.Ack, m.Error]
+    assert (frames[-1].code, frames[-1].fatal) == ("bad_frame", True)
+    [message] = await messages(ana, 1)
+    assert (message.sender, message.text) == ("bob", "last words")
 
 
-async def test_hello_timeout() -> None:
-    """A connection that never says hello is closed with not_registered."""
-    server = await start(hello_timeout=0.2)
-    try:
-        raw = await Raw.open(server.port)
-        error = await raw.next()
-        assert (error.code, error.fatal) == ("not_registered", True)
-    finally:
-        await server.close()
+@pytest.mark.parametrize(
+    ("body", "code", "ref"),
+    [
+        (b'{"type":"ping"', "invalid_json", None),
+        (b"\xff\xfe", "invalid_json", None),
+        (b"[1, 2]", "invalid_json", None),
+        (b'{"type":"ping","ref":"d","ref":"d"}', "invalid_json", None),
+        (b'{"type":"warp","ref":"u"}', "unknown_type", "u"),
+        (b'{"ref":"n"}', "unknown_type", "n"),
+        (b'{"type":"say","room":"a","ref":"s"}', "missing_field", "s"),
+        (b'{"type":"history","room":"a","limit":"ten","ref":"h"}', "missing_field", "h"),
+        (b'{"type":"join","room":"NOPE","ref":"j"}', "invalid_room", "j"),
+        (b'{"type":"say","room":"a","text":"x","ref":"r"}', "not_in_room", "r"),
+        (b'{"type":"hello","nick":"x","version":1,"ref":"a"}', "already_registered", None),
+    ],
+)
+async def test_content_errors_keep_the_connection(
+    server: Server, body: bytes, code: str, ref: str | None
+) -> None:
+    """A frame with bad content gets a non-fatal error (echoing a ref); the session goes on."""
+    raw = await Raw.open(server.port)
+    await raw.hello("ana")
+    raw.send(body)
+    error = await raw.next()
+    assert isinstance(error, m.Error)
+    assert (error.code, error.fatal) == (code, False)
+    if ref is not None:
+        assert error.ref == ref
+    raw.send({"type": "join", "room": "a", "ref": "j2"})
+    assert isinstance(await raw.next(), m.Joined)
+    assert (await raw.next()).ref == "j2"
+    raw.send({"type": "say", "room": "a", "text": "still here", "ref": "s2"})
+    assert isinstance(await raw.next(), m.Message)
+    assert (await raw.next()).ref == "s2"
 
 
-async def test_idle_timeout() -> None:
-    """A registered connection that ignores the keepalive ping is closed with idle_timeout."""
-    server = await start(idle_timeout=0.3)
-    try:
-        raw = await Raw.open(server.port)
-        await raw.hello("quiet")
-        error = await raw.until(m.Error)
-        assert (error.code, error.fatal) == ("idle_timeout", True)
-    finally:
-        await server.close()
+async def test_already_registered_keeps_the_first_nick(server: Server) -> None:
+    """A second hello on a registered connection is refused without changing the nick."""
+    raw = await Raw.open(server.port)
+    await raw.hello("ana")
+    raw.send({"type": "hello", "nick": "bob", "version": 1})
+    error = await raw.next()
+    assert (error.code, error.fatal) == ("already_registered", False)
+    assert server.registry.member("ana") is not None
+    assert server.registry.member("bob") is None
 
 
-async def test_half_sent_frame_times_out() -> None:
-    """A frame that starts but never completes (slowloris) is closed with idle_timeout."""
-    server = await start(frame_timeout=0.2)
-    try:
-        raw = await Raw.open(server.port)
-        await raw.hello("slow")
-        raw.writer.write(b"\x00\x00\x00\x20{")
-        error = await raw.next()
-        assert (error.code, error.fatal) == ("idle_timeout", True)
-    finally:
-        await server.close()
+# -- lifecycle ---------------------------------------------------------------------------
 
 
-async def test_shutdown_tells_everyone_and_frees_the_port(clients: list[Client]) -> None:
-    """close() sends a fatal server_shutdown to every client and releases the port."""
+async def test_shutdown_tells_everyone_and_frees_the_port(
+    start: Callable[..., Awaitable[Server]],
+) -> None:
+    """close() sends a fatal server_shutdown to every connection, closes them, frees the port."""
     server = await start()
     port = server.port
-    ana = Client("127.0.0.1", port, "ana")
-    await ana.connect()
+    users = [Client("127.0.0.1", port, nick) for nick in ("ana", "bob")]
+    for c in users:
+        await c.connect()
+        await c.join("a")
+    registered = await Raw.open(port)
+    await registered.hello("carol")
+    unregistered = await Raw.open(port)
+    async with asyncio.timeout(WAIT):
+        await server.wait_connections(4)
     await server.close()
     await server.close()  # idempotent
-    events = []
-    async with asyncio.timeout(3):
-        async for event in ana.events():
-            events.append(event)
-    error = next(e for e in events if isinstance(e, m.Error))
-    assert (error.code, error.fatal) == ("server_shutdown", True)
-    assert isinstance(events[-1], Disconnected)
+    for c in users:
+        events: list[Event] = []
+        async with asyncio.timeout(WAIT):
+            async for event in c.events():
+                events.append(event)
+        errors = [e for e in events if isinstance(e, m.Error)]
+        assert [(e.code, e.fatal) for e in errors] == [("server_shutdown", True)]
+        assert isinstance(events[-1], Disconnected)
+        await c.close()
+    for raw in (registered, unregistered):
+        [error] = await raw.rest()
+        assert (error.code, error.fatal) == ("server_shutdown", True)
+    assert server.connections == 0
     again = Server(make_config(port), MemoryStore())
     await again.start()
-    assert again.port == port
-    await again.close()
+    try:
+        assert again.port == port
+        async with Client("127.0.0.1", port, "ana") as ana:
+            await ana.ping()
+    finally:
+        await again.close()
 
 
 async def test_a_burst_is_coalesced_into_few_writes(server: Server) -> None:
@@ -320,40 +628,12 @@ async def test_a_burst_is_coalesced_into_few_writes(server: Server) -> None:
     raw = await Raw.open(server.port)
     await raw.hello("ana")
     raw.writer.write(b"".join(encode_frame(b'{"type":"ping","ref":"%d"}' % i) for i in range(200)))
-    first = await raw.reader.read(1 << 20)
+    async with asyncio.timeout(WAIT):
+        first = await raw.reader.read(1 << 20)
     # All 200 pongs were written at once, so one read sees (nearly) all of them.
-    assert len(raw.decoder.receive_data(first)) >= 150
-
-
-async def test_server_pings_a_quiet_client_and_keeps_it_if_it_answers() -> None:
-    """Half-way to idle_timeout the server pings; a pong resets the clock; silence closes."""
-    server = await start(idle_timeout=0.4)
-    try:
-        raw = await Raw.open(server.port)
-        await raw.hello("quiet")
-        ping = await raw.next()
-        assert ping == m.Ping(ref="keepalive")
-        raw.send({"type": "pong", "ref": "keepalive"})
-        again = await raw.next()
-        assert again == m.Ping(ref="keepalive")  # still connected: pinged a second time
-        error = await raw.next()
-        assert (error.code, error.fatal) == ("idle_timeout", True)
-    finally:
-        await server.close()
-
-
-async def test_client_answers_server_pings() -> None:
-    """The Client answers the server's keepalive pings, so a silent reader stays connected."""
-    server = await start(idle_timeout=0.3)
-    try:
-        async with Client("127.0.0.1", server.port, "lurker") as lurker:
-            # Nothing may happen for well over idle_timeout: no error, no disconnect.
-            with pytest.raises(TimeoutError):
-                await lurker.next_event(timeout=0.9)
-            assert lurker.connected
-            assert server.registry.member("lurker") is not None
-    finally:
-        await server.close()
+    pongs = raw.decoder.receive_data(first)
+    assert len(pongs) >= 150
+    assert [m.decode_server(b) for b in pongs[:3]] == [m.Pong(ref=str(i)) for i in range(3)]
 
 
 async def test_fragmented_slow_link_is_served_correctly(

@@ -312,11 +312,12 @@ class Registry:
         log.info("part room=%s nick=%s", room.name, esc(member.nick))
 
     def _say(self, member: Member, frame: Say) -> None:
+        # A resend is answered before any check: its room may have been left since.
+        if self._answered_again(member, frame.ref):
+            return
         room = self._joined_room(member, frame.room)
         text = validate_text(frame.text, self.max_text)
-        entry = self._remembered(member, frame.ref)
-        if entry is None:
-            return
+        entry = self._remember(member, frame.ref)
         room.last_seq += 1
         message = Message(
             room=room.name, seq=room.last_seq, ts=self.clock(), sender=member.nick, text=text
@@ -338,13 +339,14 @@ class Registry:
         self._acknowledge(member, entry, ack)
 
     def _dm(self, member: Member, frame: Dm) -> None:
+        # A resend is answered before any check: its recipient may have gone since.
+        if self._answered_again(member, frame.ref):
+            return
         target = self._by_key.get(nick_key(frame.to))
         if target is None:
             raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
         text = validate_text(frame.text, self.max_text)
-        entry = self._remembered(member, frame.ref)
-        if entry is None:
-            return
+        entry = self._remember(member, frame.ref)
         self._last_dm += 1
         dm = DmEvent(
             sender=member.nick, to=target.nick, id=self._last_dm, ts=self.clock(), text=text
@@ -363,7 +365,7 @@ class Registry:
             return
         key, skeleton = nick_key(new), nick_skeleton(new)
         if key != member.key:
-            self._check_free(key, skeleton, fatal=False)
+            self._check_free(key, skeleton, fatal=False, me=member)
         old = member.nick
         del self._by_key[member.key]
         if self._by_skeleton.get(member.skeleton) is member:
@@ -450,13 +452,18 @@ class Registry:
 
     # -- helpers ------------------------------------------------------------
 
-    def _check_free(self, key: str, skeleton: str, *, fatal: bool) -> None:
+    def _check_free(
+        self, key: str, skeleton: str, *, fatal: bool, me: Member | None = None
+    ) -> None:
         if key in self._by_key:
             raise ProtocolError("nick_taken", "that nick is in use", fatal=fatal)
-        if skeleton in self._by_skeleton:
-            other = self._by_skeleton[skeleton].nick
+        holder = self._by_skeleton.get(skeleton)
+        # Looking like one's own current nick (lol -> l0l) takes nothing from anyone.
+        if holder is not None and holder is not me:
             raise ProtocolError(
-                "nick_taken", f"that nick looks too much like {other!r}, who is online", fatal=fatal
+                "nick_taken",
+                f"that nick looks too much like {holder.nick!r}, who is online",
+                fatal=fatal,
             )
 
     def _joined_room(self, member: Member, raw: str) -> Room:
@@ -507,8 +514,8 @@ class Registry:
         for m in room.members.values():
             m.peer.send(data)
 
-    def _remembered(self, member: Member, ref: str | None) -> _RefEntry | None:
-        """A fresh entry for ``ref``, or None when ``ref`` was already used (then answered)."""
+    def _answered_again(self, member: Member, ref: str | None) -> bool:
+        """True when ``ref`` repeats one of the nick's recent refs; its original ack is sent."""
         now = self.clock()
         refs = self._refs
         while refs:
@@ -516,18 +523,20 @@ class Registry:
             if oldest.expires > now:
                 break
             refs.popitem(last=False)
-        entry = _RefEntry(expires=now + REF_TTL_MS)
-        if not ref:
-            return entry
-        slot = (member.key, ref)
-        previous = refs.get(slot)
-        if previous is not None:
-            if previous.ack is not None:
-                member.peer.send(previous.ack)
-            else:
-                previous.waiters.append(member)
-            return None
-        refs[slot] = entry
+        previous = refs.get((member.key, ref)) if ref else None
+        if previous is None:
+            return False
+        if previous.ack is not None:
+            member.peer.send(previous.ack)
+        else:
+            previous.waiters.append(member)
+        return True
+
+    def _remember(self, member: Member, ref: str | None) -> _RefEntry:
+        """A fresh entry for a new ``say``/``dm``, remembered under ``ref`` if it has one."""
+        entry = _RefEntry(expires=self.clock() + REF_TTL_MS)
+        if ref:
+            self._refs[(member.key, ref)] = entry
         return entry
 
     @staticmethod

@@ -154,6 +154,11 @@ class Session:
                 bodies = self._decoder.receive_data(data)
             except FrameError as exc:
                 log.info("bad frame addr=%s code=%s", self.addr, exc.code)
+                # Frames completed before the bad header are served, so that what happens
+                # does not depend on how TCP happened to split the stream.
+                for body in exc.frames:
+                    if not self._dispatch(body) or self._closing:
+                        return
                 self.fail(exc)
                 return
             now = loop.time()
