@@ -110,12 +110,22 @@ def _sample(report: WorkerReport, value: float, rng: random.Random) -> None:
             report.latencies[slot] = value
 
 
+class _Deadline:
+    """When the run ends: unknown (far away) until the parent says go."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = float("inf")
+
+
 async def _client(
     plan: WorkerPlan,
     c: ClientPlan,
     report: WorkerReport,
     measuring: asyncio.Event,
     rng: random.Random,
+    deadline: _Deadline,
 ) -> None:
     reader, writer = await asyncio.open_connection(plan.host, plan.port)
     report.connected += 1
@@ -126,14 +136,13 @@ async def _client(
     messages = _Counter(MESSAGE)
     acks = _Counter(ACK)
     joined = False
-    stop = time.monotonic() + plan.duration + plan.warmup
     window = {"sent": 0, "acked": 0}
     acked_more = asyncio.Event()
 
     async def send() -> None:
         ref = 0
         if plan.pipeline:
-            while time.monotonic() < stop:
+            while time.monotonic() < deadline.at:
                 while window["sent"] - window["acked"] < plan.pipeline:
                     ref += 1
                     window["sent"] += 1
@@ -149,7 +158,7 @@ async def _client(
         period = 1.0 / c.rate
         await asyncio.sleep(rng.random() * period)
         next_at = time.monotonic()
-        while next_at < stop:
+        while next_at < deadline.at:
             ref += 1
             writer.write(_say(room, ref))
             if measuring.is_set():
@@ -188,7 +197,7 @@ async def _client(
                             with contextlib.suppress(ValueError):
                                 sent_ns = int(data[pos + len(STAMP) : end])
                                 _sample(report, (now - sent_ns) / 1e9, rng)
-            if time.monotonic() > stop + 2:
+            if time.monotonic() > deadline.at + 2:
                 return
     except (ConnectionError, OSError):
         report.closed += 1
@@ -205,8 +214,9 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     started = time.monotonic()
     tasks: list[asyncio.Task[None]] = []
     gap = 1.0 / plan.connect_rate
+    deadline = _Deadline()
     for c in plan.clients:
-        tasks.append(asyncio.create_task(_client(plan, c, report, measuring, rng)))
+        tasks.append(asyncio.create_task(_client(plan, c, report, measuring, rng, deadline)))
         await asyncio.sleep(gap)
     while report.joined + report.closed < len(plan.clients):
         await asyncio.sleep(0.01)
@@ -216,6 +226,7 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     pipe.send(("joined", report.joined, report.connect_seconds))
     # Wait for the parent's go: all workers start measuring together.
     await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    deadline.at = time.monotonic() + plan.warmup + plan.duration
     await asyncio.sleep(plan.warmup)
     measuring.set()
     end = time.monotonic() + plan.duration

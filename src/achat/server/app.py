@@ -29,6 +29,9 @@ __all__ = ["Server", "wall_clock_ms"]
 log = logging.getLogger("achat.server")
 
 
+LISTEN_BACKLOG = 4096
+
+
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch, the ``ts`` of protocol v1."""
     return time.time_ns() // 1_000_000
@@ -119,7 +122,13 @@ class Server:
             self._server = await asyncio.start_server(self._on_connect, sock=sock, limit=2**16)
         else:
             self._server = await asyncio.start_server(
-                self._on_connect, self.config.host, self.config.port, reuse_address=True
+                self._on_connect,
+                self.config.host,
+                self.config.port,
+                reuse_address=True,
+                # A class joining at once must not overflow the accept queue (asyncio's
+                # default is 100); the kernel caps this at net.core.somaxconn.
+                backlog=LISTEN_BACKLOG,
             )
         addrs = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("listening on %s name=%s", addrs, self.config.name)
