@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,4 +34,6 @@ async def server() -> AsyncIterator[Server]:
     srv = Server(make_config(), MemoryStore())
     await srv.start()
     yield srv
-    await srv.close()
+    # close() may wait close_timeout (5 s) for a peer that does not read; never forever.
+    async with asyncio.timeout(10):
+        await srv.close()

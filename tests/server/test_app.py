@@ -113,7 +113,8 @@ async def start() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
 
     yield factory
     for srv in made:
-        await srv.close()
+        async with asyncio.timeout(10):
+            await srv.close()
 
 
 @pytest.fixture
@@ -412,7 +413,8 @@ async def test_slow_reader_is_cut_off_alone(clients: list[Client]) -> None:
         sloth.close()
         for c in clients:
             await c.close()
-        await server.close()
+        async with asyncio.timeout(10):
+            await server.close()
 
 
 async def test_first_frame_must_be_hello(server: Server) -> None:
@@ -464,11 +466,11 @@ async def test_server_pings_a_quiet_client_and_keeps_it_if_it_answers(
 
 async def test_client_answers_server_pings(start: Callable[..., Awaitable[Server]]) -> None:
     """The Client answers the server's keepalive pings, so a silent reader stays connected."""
-    server = await start(idle_timeout=0.2)
+    server = await start(idle_timeout=0.3)
     async with Client("127.0.0.1", server.port, "lurker") as lurker:
-        # Nothing may happen for well over idle_timeout: no error, no disconnect.
+        # Nothing may happen for over two idle_timeouts: no error, no disconnect.
         with pytest.raises(TimeoutError):
-            await lurker.next_event(timeout=0.6)
+            await lurker.next_event(timeout=0.7)
         assert lurker.connected
         assert server.registry.member("lurker") is not None
 
@@ -546,7 +548,7 @@ async def test_frames_before_a_bad_header_are_still_served(
         (b'{"type":"history","room":"a","limit":"ten","ref":"h"}', "missing_field", "h"),
         (b'{"type":"join","room":"NOPE","ref":"j"}', "invalid_room", "j"),
         (b'{"type":"say","room":"a","text":"x","ref":"r"}', "not_in_room", "r"),
-        (b'{"type":"hello","nick":"x","version":1,"ref":"a"}', "already_registered", None),
+        (b'{"type":"hello","nick":"x","version":1,"ref":"a"}', "already_registered", "a"),
     ],
 )
 async def test_content_errors_keep_the_connection(
@@ -598,8 +600,9 @@ async def test_shutdown_tells_everyone_and_frees_the_port(
     unregistered = await Raw.open(port)
     async with asyncio.timeout(WAIT):
         await server.wait_connections(4)
-    await server.close()
-    await server.close()  # idempotent
+    async with asyncio.timeout(WAIT):
+        await server.close()
+        await server.close()  # idempotent
     for c in users:
         events: list[Event] = []
         async with asyncio.timeout(WAIT):

@@ -4,7 +4,8 @@ Scenarios::
 
     busy-room   N clients in one room, each saying R messages/s (random phase)
     many-rooms  N clients in rooms of K, each saying R messages/s
-    idle        N clients connect, join and sit idle: server RSS per client, connect+join time
+    idle        N clients connect, join rooms of K and sit idle: server RSS per client,
+                connect+join time
     ingest      one client keeping W say frames in flight: frames/s stored and acked
                 (its server runs with the flood limit off, and the report says so)
     self-check  the generator against a trivial sink that floods it: its own ceiling
@@ -141,7 +142,9 @@ def _plans(args: argparse.Namespace) -> tuple[list[ClientPlan], int]:
         k = args.room_size
         return [ClientPlan(f"m{tag}u{i}", f"r{i // k}", args.rate) for i in range(args.clients)], k
     if args.scenario == "idle":
-        return [ClientPlan(f"i{tag}u{i}", "lobby", 0.0) for i in range(args.clients)], args.clients
+        # Rooms of K: one room of N would cost N^2/2 join notices before anyone is idle.
+        k = args.room_size
+        return [ClientPlan(f"i{tag}u{i}", f"lobby{i // k}", 0.0) for i in range(args.clients)], k
     if args.scenario == "ingest":
         return [ClientPlan(f"g{tag}u0", "ingest", 0.0)], 1
     raise ValueError(args.scenario)
@@ -180,7 +183,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     keys = {
         "busy-room": ("clients", "rate"),
         "many-rooms": ("clients", "room_size", "rate"),
-        "idle": ("clients",),
+        "idle": ("clients", "room_size"),
         "ingest": ("pipeline",),
         "self-check": ("clients",),
     }[args.scenario]

@@ -192,8 +192,9 @@ async def _client(
                 if n:
                     now = time.time_ns()
                     for pos in (data.find(STAMP), data.rfind(STAMP)):
-                        if pos >= 0:
-                            end = data.find(b" ", pos)
+                        end = data.find(b" ", pos) if pos >= 0 else -1
+                        # A stamp cut off at the end of the read is skipped, not misread.
+                        if pos >= 0 and pos + len(STAMP) < end <= pos + len(STAMP) + 20:
                             with contextlib.suppress(ValueError):
                                 sent_ns = int(data[pos + len(STAMP) : end])
                                 _sample(report, (now - sent_ns) / 1e9, rng)

@@ -84,6 +84,7 @@ class Hello(_Frame, tag="hello", frozen=True, kw_only=True):
     version: int
     password: str | None = None
     client: str | None = None
+    ref: Ref | None = None
 
 
 class Join(_Frame, tag="join", frozen=True, kw_only=True):
