@@ -22,6 +22,7 @@ from . import __version__
 from .errors import AchatError, ConnectionClosed, ServerError
 from .server.config import DEFAULT_PORT, ServerConfig, default_data_dir
 from .server.limits import FloodPolicy
+from .server.runtime import tune_for_latency
 from .server.session import SessionLimits
 
 __all__ = ["main", "parse_server_args", "server_main"]
@@ -265,6 +266,7 @@ async def _serve(config: ServerConfig) -> int:
             history_max=config.history_max,
         )
     server = Server(config, store)
+    tune_for_latency()
     try:
         await server.start()
     except BaseException:

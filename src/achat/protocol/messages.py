@@ -72,7 +72,12 @@ Ref = Annotated[str, msgspec.Meta(max_length=MAX_REF)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
-class _Frame(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True, kw_only=True):
+# gc=False: frames hold only strings, numbers and lists of them, so they can never be part
+# of a reference cycle; untracked, the many a busy server keeps alive cost the cyclic
+# garbage collector nothing.
+class _Frame(
+    msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True, kw_only=True, gc=False
+):
     pass
 
 
@@ -235,7 +240,7 @@ class Names(_Frame, tag="names", frozen=True, kw_only=True):
     more: bool = False
 
 
-class RoomInfo(msgspec.Struct, frozen=True):
+class RoomInfo(msgspec.Struct, frozen=True, gc=False):
     room: str
     members: int
     topic: str

@@ -19,7 +19,6 @@ ten minutes is answered with the original ``ack`` and not stored again.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -71,6 +70,7 @@ from ..protocol.names import (
 )
 from ..store.base import RefRecord, Store
 from .log import esc
+from .refs import RecentRefs, ref_key
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
 
@@ -120,13 +120,6 @@ class Room:
     members: dict[str, Member] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
-class _RefEntry:
-    expires: int
-    ack: bytes | None = None
-    waiters: list[Member] = field(default_factory=list)
-
-
 class Registry:
     """Rooms, nicks and members of one server, and every rule about them."""
 
@@ -156,10 +149,9 @@ class Registry:
             r.name: Room(r.name, r.topic, r.last_seq, r.last_seq) for r in store.load_rooms()
         }
         self._last_dm = store.last_dm_id()
-        self._refs: OrderedDict[tuple[str, str], _RefEntry] = OrderedDict(
-            ((r.nick_key, r.ref), _RefEntry(expires=r.expires, ack=r.ack))
-            for r in store.load_refs(clock())
-        )
+        self._refs: RecentRefs[Member] = RecentRefs()
+        for r in store.load_refs(clock()):
+            self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -317,26 +309,25 @@ class Registry:
             return
         room = self._joined_room(member, frame.room)
         text = validate_text(frame.text, self.max_text)
-        entry = self._remember(member, frame.ref)
+        now = self.clock()
         room.last_seq += 1
-        message = Message(
-            room=room.name, seq=room.last_seq, ts=self.clock(), sender=member.nick, text=text
-        )
-        ack = encode(Ack(ref=frame.ref or "", ts=message.ts, room=room.name, seq=message.seq))
+        message = Message(room=room.name, seq=room.last_seq, ts=now, sender=member.nick, text=text)
+        ack = encode(Ack(ref=frame.ref or "", ts=now, room=room.name, seq=message.seq))
+        key = self._remember(member, frame.ref, now)
         self.store.append(
             message,
-            lambda: self._message_stored(room, message, member, entry, ack),
-            self._ref_record(member, frame.ref, entry, ack),
+            lambda: self._message_stored(room, message, member, key, ack),
+            self._ref_record(member, frame.ref, now, ack),
         )
 
     def _message_stored(
-        self, room: Room, message: Message, member: Member, entry: _RefEntry, ack: bytes
+        self, room: Room, message: Message, member: Member, key: str | None, ack: bytes
     ) -> None:
         # Delivered only once stored: a crash can never show members a seq that the
         # store then hands out again. The store calls back in seq order.
         room.stored_seq = message.seq
         self._broadcast(room, encode(message))
-        self._acknowledge(member, entry, ack)
+        self._acknowledge(member, key, ack)
 
     def _dm(self, member: Member, frame: Dm) -> None:
         # A resend is answered before any check: its recipient may have gone since.
@@ -346,18 +337,17 @@ class Registry:
         if target is None:
             raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
         text = validate_text(frame.text, self.max_text)
-        entry = self._remember(member, frame.ref)
+        now = self.clock()
+        key = self._remember(member, frame.ref, now)
         self._last_dm += 1
-        dm = DmEvent(
-            sender=member.nick, to=target.nick, id=self._last_dm, ts=self.clock(), text=text
-        )
+        dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=now, text=text)
         ack = encode(Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id))
 
         def stored() -> None:
             target.peer.send(encode(dm))
-            self._acknowledge(member, entry, ack)
+            self._acknowledge(member, key, ack)
 
-        self.store.append_dm(dm, stored, self._ref_record(member, frame.ref, entry, ack))
+        self.store.append_dm(dm, stored, self._ref_record(member, frame.ref, now, ack))
 
     def _nick(self, member: Member, frame: Nick) -> None:
         new = validate_nick(frame.nick)
@@ -516,39 +506,32 @@ class Registry:
 
     def _answered_again(self, member: Member, ref: str | None) -> bool:
         """True when ``ref`` repeats one of the nick's recent refs; its original ack is sent."""
-        now = self.clock()
-        refs = self._refs
-        while refs:
-            oldest = next(iter(refs.values()))
-            if oldest.expires > now:
-                break
-            refs.popitem(last=False)
-        previous = refs.get((member.key, ref)) if ref else None
-        if previous is None:
+        if not ref:
             return False
-        if previous.ack is not None:
-            member.peer.send(previous.ack)
-        else:
-            previous.waiters.append(member)
-        return True
+        self._refs.expire(self.clock())
+        key = ref_key(member.key, ref)
+        ack = self._refs.ack(key)
+        if ack is not None:
+            member.peer.send(ack)
+            return True
+        # Still on its way to the store: the resender gets the ack when it comes.
+        return self._refs.wait(key, member)
 
-    def _remember(self, member: Member, ref: str | None) -> _RefEntry:
-        """A fresh entry for a new ``say``/``dm``, remembered under ``ref`` if it has one."""
-        entry = _RefEntry(expires=self.clock() + REF_TTL_MS)
-        if ref:
-            self._refs[(member.key, ref)] = entry
-        return entry
+    def _remember(self, member: Member, ref: str | None, now: int) -> str | None:
+        """Remember a new ``say``/``dm`` under ``ref`` (if it has one) for REF_TTL_MS."""
+        if not ref:
+            return None
+        key = ref_key(member.key, ref)
+        self._refs.add(key, now + REF_TTL_MS)
+        return key
 
     @staticmethod
-    def _ref_record(
-        member: Member, ref: str | None, entry: _RefEntry, ack: bytes
-    ) -> RefRecord | None:
-        return RefRecord(member.key, ref, entry.expires, ack) if ref else None
+    def _ref_record(member: Member, ref: str | None, now: int, ack: bytes) -> RefRecord | None:
+        return RefRecord(member.key, ref, now + REF_TTL_MS, ack) if ref else None
 
-    def _acknowledge(self, member: Member, entry: _RefEntry, data: bytes) -> None:
-        entry.ack = data
+    def _acknowledge(self, member: Member, key: str | None, data: bytes) -> None:
         member.peer.send(data)
-        for waiter in entry.waiters:
-            if waiter is not member:
-                waiter.peer.send(data)
-        entry.waiters.clear()
+        if key is not None:
+            for waiter in self._refs.acked(key, data):
+                if waiter is not member:
+                    waiter.peer.send(data)

@@ -19,6 +19,13 @@ per batch.
 
 Reads run on the caller's thread with their own connection (WAL readers
 never block the writer); they are indexed and short.
+
+Checkpoints (copying the WAL back into the database file, with the fsyncs
+that takes) never run on the writer thread: SQLite's automatic checkpoint is
+turned off there, and a third thread runs a ``PASSIVE`` checkpoint, which
+never blocks the writer, at most every ``CHECKPOINT_INTERVAL`` seconds while
+there are new commits. A disk stall during a
+checkpoint therefore delays no commit, so no ``ack`` and no delivery.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 log = logging.getLogger("achat.store")
 
 SCHEMA_VERSION = 1
+
+#: Seconds between checkpoints while commits keep coming (bounds the WAL's growth).
+CHECKPOINT_INTERVAL = 0.5
 
 # Each entry upgrades the schema from version i to i + 1.
 _MIGRATIONS: tuple[str, ...] = (
@@ -122,7 +132,13 @@ class SQLiteStore:
         self._closed = False
         self.batches = 0
         self.rows = 0
+        self._checkpoint_due = threading.Event()
+        self._stopping = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="achat-checkpoint", daemon=True
+        )
         self._writer = threading.Thread(target=self._write_loop, name="achat-store", daemon=True)
+        self._checkpointer.start()
         self._writer.start()
 
     # -- setup ------------------------------------------------------------------
@@ -269,12 +285,16 @@ class SQLiteStore:
         self._closed = True
         self._queue.put(_STOP)
         self._writer.join()
+        self._stopping.set()
+        self._checkpoint_due.set()
+        self._checkpointer.join()
         self._reader.close()
 
     # -- the writer thread -------------------------------------------------------
 
     def _write_loop(self) -> None:
         db = self._connect()
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         last_prune = 0
         if self.history_days or self.history_max:
             last_prune = self._now()
@@ -297,6 +317,7 @@ class SQLiteStore:
                         batch.append(more)  # type: ignore[arg-type]
                 if batch:
                     self._commit(db, batch)
+                    self._checkpoint_due.set()
                 now = self._now()
                 if now - last_prune > 60_000 and (self.history_days or self.history_max):
                     self._prune(db, now)
@@ -308,6 +329,22 @@ class SQLiteStore:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             db.close()
 
+    def _checkpoint_loop(self) -> None:
+        db = self._connect()
+        try:
+            while True:
+                self._checkpoint_due.wait()
+                if self._stopping.is_set():
+                    return  # the writer truncates the WAL as it stops
+                self._checkpoint_due.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    log.exception("checkpoint failed; the next one will retry")
+                self._stopping.wait(CHECKPOINT_INTERVAL)
+        finally:
+            db.close()
+
     def _commit(self, db: sqlite3.Connection, batch: list[_Write]) -> None:
         messages = [w.message for w in batch if w.message is not None]
         dms = [w.dm for w in batch if w.dm is not None]
@@ -316,30 +353,38 @@ class SQLiteStore:
         last: dict[str, int] = {}
         for m in messages:
             last[m.room] = max(last.get(m.room, 0), m.seq)
+        # Every statement hands the GIL back and forth with the event loop: run only
+        # the ones this batch needs.
         db.execute("BEGIN")
         try:
-            db.executemany(
-                "INSERT OR IGNORE INTO messages (room, seq, ts, sender, text) VALUES (?,?,?,?,?)",
-                [(m.room, m.seq, m.ts, m.sender, m.text) for m in messages],
-            )
-            db.executemany(
-                "INSERT INTO rooms (name, last_seq) VALUES (?, ?) ON CONFLICT(name) "
-                "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
-                list(last.items()),
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO dms (id, ts, sender, recipient, text) VALUES (?,?,?,?,?)",
-                [(d.id, d.ts, d.sender, d.to, d.text) for d in dms],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) VALUES (?,?,?,?)",
-                [(r.nick_key, r.ref, r.expires, r.ack) for r in refs],
-            )
-            db.executemany(
-                "INSERT INTO rooms (name, topic) VALUES (?, ?) ON CONFLICT(name) "
-                "DO UPDATE SET topic = excluded.topic",
-                topics,
-            )
+            if messages:
+                db.executemany(
+                    "INSERT OR IGNORE INTO messages (room, seq, ts, sender, text) "
+                    "VALUES (?,?,?,?,?)",
+                    [(m.room, m.seq, m.ts, m.sender, m.text) for m in messages],
+                )
+                db.executemany(
+                    "INSERT INTO rooms (name, last_seq) VALUES (?, ?) ON CONFLICT(name) "
+                    "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+                    list(last.items()),
+                )
+            if dms:
+                db.executemany(
+                    "INSERT OR IGNORE INTO dms (id, ts, sender, recipient, text) "
+                    "VALUES (?,?,?,?,?)",
+                    [(d.id, d.ts, d.sender, d.to, d.text) for d in dms],
+                )
+            if refs:
+                db.executemany(
+                    "INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) VALUES (?,?,?,?)",
+                    [(r.nick_key, r.ref, r.expires, r.ack) for r in refs],
+                )
+            if topics:
+                db.executemany(
+                    "INSERT INTO rooms (name, topic) VALUES (?, ?) ON CONFLICT(name) "
+                    "DO UPDATE SET topic = excluded.topic",
+                    topics,
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

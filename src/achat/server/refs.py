@@ -1,0 +1,83 @@
+"""The refs each nick used in the last ten minutes, and the ``ack`` each one got.
+
+A ``say`` or ``dm`` that repeats a recent ``ref`` of the same nick is a
+resend: it is answered with the original ``ack`` (or, if that is not known
+yet, with the ack when it comes) and never stored twice.
+
+Theory of operation: a busy server remembers millions of refs at once
+(every message of the last ten minutes), so an entry is kept as plain
+strings and bytes, which Python's cyclic garbage collector never has to
+look at: the key is ``nick_key + "\\0" + ref`` (a nick can hold no control
+character, so the first NUL splits it unambiguously), the value is the
+encoded ``ack``. Entries expire in the order they were made, so two deques
+of keys and deadlines are all the bookkeeping expiry needs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+__all__ = ["RecentRefs", "ref_key"]
+
+W = TypeVar("W")
+
+
+def ref_key(nick_key: str, ref: str) -> str:
+    """The one string that names ``ref`` as used by the nick whose key is ``nick_key``."""
+    return f"{nick_key}\0{ref}"
+
+
+class RecentRefs(Generic[W]):
+    """Recent refs: acked ones with their ack, unacked ones with whoever waits for it."""
+
+    def __init__(self) -> None:
+        self._acks: dict[str, bytes] = {}
+        # Said but not stored yet; the value is the list of resenders waiting, if any.
+        self._pending: dict[str, list[W] | None] = {}
+        self._keys: deque[str] = deque()
+        self._deadlines: deque[int] = deque()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def expire(self, now: int) -> None:
+        """Forget every ref whose deadline is not after ``now``."""
+        keys, deadlines = self._keys, self._deadlines
+        while deadlines and deadlines[0] <= now:
+            deadlines.popleft()
+            key = keys.popleft()
+            self._acks.pop(key, None)
+            self._pending.pop(key, None)
+
+    def ack(self, key: str) -> bytes | None:
+        """The ack of ``key``, if it was acked and has not expired."""
+        return self._acks.get(key)
+
+    def wait(self, key: str, waiter: W) -> bool:
+        """Queue ``waiter`` for the ack of an unacked ``key``; False when ``key`` is unknown."""
+        if key not in self._pending:
+            return False
+        waiting = self._pending[key]
+        if waiting is None:
+            self._pending[key] = [waiter]
+        else:
+            waiting.append(waiter)
+        return True
+
+    def add(self, key: str, deadline: int, ack: bytes | None = None) -> None:
+        """Remember ``key`` until ``deadline``: acked if ``ack`` is given, else pending."""
+        if ack is None:
+            self._pending[key] = None
+        else:
+            self._acks[key] = ack
+        self._keys.append(key)
+        self._deadlines.append(deadline)
+
+    def acked(self, key: str, ack: bytes) -> list[W]:
+        """Record the ``ack`` of ``key``; returns the resenders that were waiting for it."""
+        if key not in self._pending:
+            return []  # expired while it was being stored: nothing to remember it for
+        waiting = self._pending.pop(key)
+        self._acks[key] = ack
+        return waiting or []

@@ -1,0 +1,64 @@
+"""RecentRefs: the memory of refs behind idempotent resends."""
+
+from __future__ import annotations
+
+import gc
+
+from achat.server.refs import RecentRefs, ref_key
+
+
+def test_a_pending_ref_collects_waiters_until_it_is_acked() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    key = ref_key("ana", "r1")
+    refs.add(key, deadline=100)
+    assert refs.ack(key) is None
+    assert refs.wait(key, "first resend")
+    assert refs.wait(key, "second resend")
+    assert refs.acked(key, b"ACK") == ["first resend", "second resend"]
+    assert refs.ack(key) == b"ACK"
+    assert refs.acked(key, b"ACK") == []
+
+
+def test_unknown_refs_are_not_waited_for() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    assert not refs.wait(ref_key("ana", "nope"), "x")
+
+
+def test_refs_expire_in_order_at_their_deadline() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    refs.add(ref_key("ana", "a"), deadline=10, ack=b"A")
+    refs.add(ref_key("ana", "b"), deadline=20)
+    refs.expire(9)
+    assert refs.ack(ref_key("ana", "a")) == b"A"
+    refs.expire(10)
+    assert refs.ack(ref_key("ana", "a")) is None
+    assert refs.wait(ref_key("ana", "b"), "w")
+    refs.expire(20)
+    assert not refs.wait(ref_key("ana", "b"), "w")
+    assert len(refs) == 0
+
+
+def test_an_ack_arriving_after_expiry_is_not_kept() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    key = ref_key("ana", "slow")
+    refs.add(key, deadline=5)
+    refs.expire(6)
+    assert refs.acked(key, b"ACK") == []
+    assert refs.ack(key) is None
+
+
+def test_keys_of_different_nicks_never_collide() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    refs.add(ref_key("ana", "1"), 10, b"ANA")
+    refs.add(ref_key("bob", "1"), 10, b"BOB")
+    assert refs.ack(ref_key("ana", "1")) == b"ANA"
+    assert refs.ack(ref_key("bob", "1")) == b"BOB"
+
+
+def test_remembered_refs_give_the_garbage_collector_nothing_to_scan() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(10_000):
+        refs.add(ref_key("ana", str(i)), 100, b"ack")
+    assert len(gc.get_objects()) - before < 100
