@@ -232,12 +232,13 @@ def _drive(
     result.joined = joined
     result.connect_join_s = round(time.monotonic() - started, 3)
     _progress(f"{joined}/{len(clients)} clients joined in {result.connect_join_s:.2f} s")
+    go_at = time.monotonic() + 0.2
     for pipe in pipes:
-        pipe.send("go")
+        pipe.send(("go", go_at))
     cpu0 = server.cpu_seconds() if server else 0.0
     t0 = time.monotonic()
     reports: list[WorkerReport] = []
-    ticks: dict[int, tuple[int, int, int, int]] = {}
+    ticks: dict[int, tuple[int, int, int, int, float]] = {}
     rss_max = 0
     alive = set(range(procs))
     while alive:
@@ -258,8 +259,8 @@ def _drive(
                     alive.discard(i)
         if server is not None:
             rss_max = max(rss_max, server.rss_kib())
-        elapsed = time.monotonic() - t0 - args.warmup
-        if ticks and elapsed > 0:
+        elapsed = min(t[4] for t in ticks.values()) if ticks else 0.0
+        if elapsed > 0:
             sent = sum(t[0] for t in ticks.values())
             delivered = sum(t[1] for t in ticks.values())
             _progress(

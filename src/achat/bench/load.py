@@ -12,6 +12,10 @@ Receiving is counted, not parsed: deliveries are the occurrences of
 counted once), and latency is sampled from the first and last timestamp in
 each read — the oldest and newest message in it. A worker reports its
 counters to the parent once a second over a pipe.
+
+Clients are :class:`asyncio.Protocol` objects driven by callbacks and
+timers: no stream objects, no task and no future per read, so one worker
+process can take millions of deliveries a second.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import cast
 
 from ..protocol.frames import encode_frame
 
@@ -111,114 +116,144 @@ def _sample(report: WorkerReport, value: float, rng: random.Random) -> None:
             report.latencies[slot] = value
 
 
-class _Deadline:
-    """When the run ends: unknown (far away) until the parent says go."""
+class _Window:
+    """The measured window, on the monotonic clock all processes share; unknown until go."""
 
-    __slots__ = ("at",)
+    __slots__ = ("end", "start")
 
     def __init__(self) -> None:
-        self.at = float("inf")
+        self.start = float("inf")
+        self.end = float("inf")
+
+    def __contains__(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+class _BenchClient(asyncio.Protocol):
+    """One raw protocol client, driven by callbacks (no stream objects, no task per read)."""
+
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        c: ClientPlan,
+        report: WorkerReport,
+        window: _Window,
+        rng: random.Random,
+    ) -> None:
+        self.plan, self.c, self.report, self.window, self.rng = plan, c, report, window, rng
+        self.room = c.room.encode()
+        self.messages = _Counter(MESSAGE)
+        self.acks = _Counter(ACK)
+        self.joined = False
+        self.ref = 0
+        self.in_flight = 0
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.closed = self.loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.report.connected += 1
+        nick = self.c.nick.encode()
+        self.transport.write(
+            encode_frame(b'{"type":"hello","nick":"%s","version":1,"client":"achat-bench"}' % nick)
+            + encode_frame(b'{"type":"join","room":"%s"}' % self.room)
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.report.closed += 1
+
+    def _write_say(self) -> None:
+        assert self.transport is not None
+        self.ref += 1
+        self.transport.write(_say(self.room, self.ref))
+        if time.monotonic() in self.window:
+            self.report.sent += 1
+
+    def _tick(self, at: float) -> None:
+        # Sends on a fixed schedule (no drift), whatever the loop's lateness.
+        if at >= self.window.end or self.transport is None or self.transport.is_closing():
+            return
+        self._write_say()
+        at += 1.0 / self.c.rate
+        self.timer = self.loop.call_at(at, self._tick, at)
+
+    def _fill(self) -> None:
+        while self.in_flight < self.plan.pipeline and time.monotonic() < self.window.end:
+            self.in_flight += 1
+            self._write_say()
+
+    def _start_sending(self) -> None:
+        if self.plan.pipeline:
+            self._fill()
+        elif self.c.rate > 0:
+            first = self.loop.time() + self.rng.random() / self.c.rate
+            self.timer = self.loop.call_at(first, self._tick, first)
+
+    def data_received(self, data: bytes) -> None:
+        report = self.report
+        if not self.joined and b'"type":"names"' in data:
+            self.joined = True
+            report.joined += 1
+            self._start_sending()
+        if b'"type":"ping"' in data:
+            assert self.transport is not None
+            self.transport.write(encode_frame(b'{"type":"pong","ref":"keepalive"}'))
+        if b'"type":"error"' in data:
+            report.errors += data.count(b'"type":"error"')
+        n = self.messages.count(data)
+        measuring = time.monotonic() in self.window
+        if self.plan.pipeline:
+            got_acks = self.acks.count(data)
+            if got_acks:
+                self.in_flight -= got_acks
+                if measuring:
+                    report.acked += got_acks
+                self._fill()
+        if measuring and n:
+            report.delivered += n
+            now = time.time_ns()
+            for pos in (data.find(STAMP), data.rfind(STAMP)):
+                end = data.find(b" ", pos) if pos >= 0 else -1
+                # A stamp cut off at the end of the read is skipped, not misread.
+                if pos >= 0 and pos + len(STAMP) < end <= pos + len(STAMP) + 20:
+                    with contextlib.suppress(ValueError):
+                        sent_ns = int(data[pos + len(STAMP) : end])
+                        _sample(report, (now - sent_ns) / 1e9, self.rng)
 
 
 async def _client(
-    plan: WorkerPlan,
-    c: ClientPlan,
-    report: WorkerReport,
-    measuring: asyncio.Event,
-    rng: random.Random,
-    deadline: _Deadline,
+    plan: WorkerPlan, c: ClientPlan, report: WorkerReport, window: _Window, rng: random.Random
 ) -> None:
-    reader, writer = await asyncio.open_connection(plan.host, plan.port)
-    report.connected += 1
-    hello = b'{"type":"hello","nick":"%s","version":1,"client":"achat-bench"}' % c.nick.encode()
-    writer.write(encode_frame(hello))
-    writer.write(encode_frame(b'{"type":"join","room":"%s"}' % c.room.encode()))
-    room = c.room.encode()
-    messages = _Counter(MESSAGE)
-    acks = _Counter(ACK)
-    joined = False
-    window = {"sent": 0, "acked": 0}
-    acked_more = asyncio.Event()
-
-    async def send() -> None:
-        ref = 0
-        if plan.pipeline:
-            while time.monotonic() < deadline.at:
-                while window["sent"] - window["acked"] < plan.pipeline:
-                    ref += 1
-                    window["sent"] += 1
-                    writer.write(_say(room, ref))
-                    if measuring.is_set():
-                        report.sent += 1
-                acked_more.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(acked_more.wait(), 1.0)
-            return
-        if c.rate <= 0:
-            return
-        period = 1.0 / c.rate
-        await asyncio.sleep(rng.random() * period)
-        next_at = time.monotonic()
-        while next_at < deadline.at:
-            ref += 1
-            writer.write(_say(room, ref))
-            if measuring.is_set():
-                report.sent += 1
-            next_at += period
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-    sender: asyncio.Task[None] | None = None
+    loop = asyncio.get_running_loop()
     try:
-        while True:
-            data = await reader.read(1 << 18)
-            if not data:
-                report.closed += 1
-                return
-            if not joined and b'"type":"names"' in data:
-                joined = True
-                report.joined += 1
-                sender = asyncio.create_task(send())
-            if b'"type":"ping"' in data:
-                writer.write(encode_frame(b'{"type":"pong","ref":"keepalive"}'))
-            if b'"type":"error"' in data:
-                report.errors += data.count(b'"type":"error"')
-            n = messages.count(data)
-            got_acks = acks.count(data) if plan.pipeline else 0
-            if got_acks:
-                window["acked"] += got_acks
-                acked_more.set()
-            if measuring.is_set():
-                report.delivered += n
-                report.acked += got_acks
-                if n:
-                    now = time.time_ns()
-                    for pos in (data.find(STAMP), data.rfind(STAMP)):
-                        end = data.find(b" ", pos) if pos >= 0 else -1
-                        # A stamp cut off at the end of the read is skipped, not misread.
-                        if pos >= 0 and pos + len(STAMP) < end <= pos + len(STAMP) + 20:
-                            with contextlib.suppress(ValueError):
-                                sent_ns = int(data[pos + len(STAMP) : end])
-                                _sample(report, (now - sent_ns) / 1e9, rng)
-            if time.monotonic() > deadline.at + 2:
-                return
-    except (ConnectionError, OSError):
+        transport, client = await loop.create_connection(
+            lambda: _BenchClient(plan, c, report, window, rng), plan.host, plan.port
+        )
+    except OSError:
         report.closed += 1
+        return
+    try:
+        await client.closed
     finally:
-        if sender is not None:
-            sender.cancel()
-        writer.transport.abort()
+        transport.abort()
 
 
 async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     report = WorkerReport()
-    measuring = asyncio.Event()
+    window = _Window()
     rng = random.Random(plan.seed)
     started = time.monotonic()
     tasks: list[asyncio.Task[None]] = []
     gap = 1.0 / plan.connect_rate
-    deadline = _Deadline()
     for c in plan.clients:
-        tasks.append(asyncio.create_task(_client(plan, c, report, measuring, rng, deadline)))
+        tasks.append(asyncio.create_task(_client(plan, c, report, window, rng)))
         await asyncio.sleep(gap)
     while report.joined + report.closed < len(plan.clients):
         await asyncio.sleep(0.01)
@@ -231,16 +266,16 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    # Wait for the parent's go: all workers start measuring together.
-    await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-    deadline.at = time.monotonic() + plan.warmup + plan.duration
-    await asyncio.sleep(plan.warmup)
-    measuring.set()
-    end = time.monotonic() + plan.duration
-    while time.monotonic() < end:
-        await asyncio.sleep(1.0)
-        pipe.send(("tick", report.sent, report.delivered, report.acked, report.errors))
-    measuring.clear()
+    # Wait for the parent's go: one start time for every worker, so that a message sent
+    # inside the window by one worker is counted inside it by the others.
+    _, go_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    window.start = go_at + plan.warmup
+    window.end = window.start + plan.duration
+    await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+    while time.monotonic() < window.end:
+        await asyncio.sleep(min(1.0, max(0.0, window.end - time.monotonic())))
+        elapsed = min(time.monotonic(), window.end) - window.start
+        pipe.send(("tick", report.sent, report.delivered, report.acked, report.errors, elapsed))
     await asyncio.sleep(0.5)
     report.done = True
     pipe.send(("done", report))
