@@ -59,8 +59,10 @@ class Session:
     ) -> None:
         self._reader = reader
         self._writer = writer
+        self._transport = writer.transport
         self._registry = registry
         self._limits = limits
+        self._sendq_limit = limits.sendq_limit
         self._loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder(limits.max_frame)
         self._bucket = TokenBucket(limits.flood, self._loop.time())
@@ -258,10 +260,10 @@ class Session:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        transport = self._writer.transport
+        transport = self._transport
         if transport.is_closing():
             return
-        if transport.get_write_buffer_size() + len(data) > self._limits.sendq_limit:
+        if transport.get_write_buffer_size() + len(data) > self._sendq_limit:
             log.info("sendq exceeded addr=%s nick=%s", self.addr, esc(self.nick or ""))
             self.fail(
                 ProtocolError(

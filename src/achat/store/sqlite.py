@@ -1,10 +1,12 @@
 """The durable default store: SQLite in WAL mode, written by one thread with group commit.
 
 Theory of operation: the event loop never waits for the disk. :meth:`append`
-puts the record on a queue and returns at once; a single writer thread takes
-*everything* queued since its last commit, writes it in one transaction,
-commits, and then hands the whole batch's ``on_stored`` callbacks back to the
-loop in one ``call_soon_threadsafe``. Messages that arrive within one tick
+collects the record with the rest of the current loop tick's writes and
+returns at once; at the end of the tick they are handed to the writer
+thread in one piece (one wake-up, one GIL round trip). The single writer
+thread takes *everything* handed over since its last commit, writes it in
+one transaction, commits, and then hands the whole batch's ``on_stored``
+callbacks back to the loop in one ``call_soon_threadsafe``. Messages that arrive within one tick
 are therefore committed together, and an ``ack`` is sent only after its
 message is on disk.
 
@@ -99,9 +101,6 @@ class _Write:
     in_thread: bool = False
 
 
-_STOP = object()
-
-
 class SQLiteStore:
     """Rooms, messages, DMs and recent refs in one SQLite database file."""
 
@@ -126,7 +125,10 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reader = self._connect()
         self._migrate(self._reader)
-        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        # Lists of writes for the writer thread; None tells it to stop.
+        self._queue: queue.SimpleQueue[list[_Write] | None] = queue.SimpleQueue()
+        # Writes of the current loop tick, handed to the writer thread together.
+        self._tick: list[_Write] = []
         self._unstored: dict[str, list[Message]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -177,10 +179,35 @@ class SQLiteStore:
             with contextlib.suppress(RuntimeError):
                 self._loop = asyncio.get_running_loop()
 
+    def _put(self, write: _Write) -> None:
+        # On the loop, one hand-over per tick: waking the writer thread costs a GIL
+        # round trip, so a tick's writes travel together (and commit together).
+        self._capture_loop()
+        loop = self._loop
+        if loop is None or not self._on_loop():
+            self._queue.put([write])
+            return
+        if not self._tick:
+            loop.call_soon(self._submit)
+        self._tick.append(write)
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _submit(self) -> None:
+        if self._tick:
+            self._queue.put(self._tick)
+            self._tick = []
+
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is committed (for tools and tests)."""
+        if self._on_loop():
+            self._submit()
         done = threading.Event()
-        self._queue.put(_Write(None, None, None, done.set, in_thread=True))
+        self._queue.put([_Write(None, None, None, done.set, in_thread=True)])
         if not done.wait(timeout):
             raise TimeoutError("the store did not commit in time")
 
@@ -208,19 +235,17 @@ class SQLiteStore:
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        self._capture_loop()
         with self._lock:
             self._unstored.setdefault(message.room, []).append(message)
-        self._queue.put(_Write(message, None, ref, on_stored))
+        self._put(_Write(message, None, ref, on_stored))
 
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        self._capture_loop()
-        self._queue.put(_Write(None, dm, ref, on_stored))
+        self._put(_Write(None, dm, ref, on_stored))
 
     def set_topic(self, room: str, topic: str) -> None:
-        self._queue.put(_Write(None, None, None, None, topic=(room, topic)))
+        self._put(_Write(None, None, None, None, topic=(room, topic)))
 
     def history(
         self, room: str, *, before: int | None, after: int | None, limit: int
@@ -283,7 +308,9 @@ class SQLiteStore:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        if self._on_loop():
+            self._submit()
+        self._queue.put(None)
         self._writer.join()
         self._stopping.set()
         self._checkpoint_due.set()
@@ -303,18 +330,18 @@ class SQLiteStore:
             while True:
                 item = self._queue.get()
                 batch: list[_Write] = []
-                stop = item is _STOP
-                if not stop:
-                    batch.append(item)  # type: ignore[arg-type]
+                stop = item is None
+                if item is not None:
+                    batch.extend(item)
                     while True:
                         try:
                             more = self._queue.get_nowait()
                         except queue.Empty:
                             break
-                        if more is _STOP:
+                        if more is None:
                             stop = True
                             break
-                        batch.append(more)  # type: ignore[arg-type]
+                        batch.extend(more)
                 if batch:
                     self._commit(db, batch)
                     self._checkpoint_due.set()
