@@ -22,7 +22,7 @@ from ..store.base import Store
 from .config import ServerConfig
 from .limits import AddressLimits
 from .registry import Registry
-from .session import Session
+from .session import FlushRounds, Session
 
 __all__ = ["Server", "wall_clock_ms"]
 
@@ -58,6 +58,7 @@ class Server:
             max_frame=config.max_frame,
             max_clients=config.max_clients,
             password=config.password,
+            defer=lambda callback: asyncio.get_running_loop().call_soon(callback),
         )
         self._addresses = AddressLimits(
             max_concurrent=config.max_per_ip,
@@ -65,6 +66,7 @@ class Server:
             exempt_loopback=config.exempt_loopback,
         )
         self._sessions: set[Session] = set()
+        self._rounds: FlushRounds | None = None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -160,7 +162,9 @@ class Server:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        session = Session(reader, writer, self.registry, self.config.limits)
+        if self._rounds is None:
+            self._rounds = FlushRounds(asyncio.get_running_loop())
+        session = Session(reader, writer, self.registry, self.config.limits, self._rounds)
         if self._closing:
             session.fail(ProtocolError("server_shutdown", "the server is shutting down"))
             return

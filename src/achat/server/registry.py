@@ -134,8 +134,10 @@ class Registry:
         max_frame: int = DEFAULT_MAX_FRAME,
         max_clients: int = 10_000,
         password: str | None = None,
+        defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.store = store
+        self._defer = defer
         self.clock = clock
         self.name = name
         self.motd = motd
@@ -152,6 +154,9 @@ class Registry:
         self._refs: RecentRefs[Member] = RecentRefs()
         for r in store.load_refs(clock()):
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
+        # Stored messages not yet fanned out: per room, its frames and their last seq.
+        self._stored: dict[Room, tuple[list[bytes], int]] = {}
+        self._stored_acks: list[tuple[Member, str | None, bytes]] = []
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -183,6 +188,7 @@ class Registry:
         Raises a fatal :class:`ProtocolError` (``unsupported_version``,
         ``bad_password``, ``invalid_nick``, ``nick_taken``, ``server_full``).
         """
+        self.fan_out()
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(
                 "unsupported_version",
@@ -221,6 +227,7 @@ class Registry:
         """Forget ``member``: every room it was in is told it left with ``reason``."""
         if self._by_key.get(member.key) is not member:
             return
+        self.fan_out()
         del self._by_key[member.key]
         if self._by_skeleton.get(member.skeleton) is member:
             del self._by_skeleton[member.skeleton]
@@ -238,6 +245,7 @@ class Registry:
         Raises :class:`ProtocolError` for a refusal; the caller answers with
         ``error`` (echoing the frame's ``ref``) and the connection goes on.
         """
+        self.fan_out()
         if isinstance(frame, Hello):
             raise ProtocolError("already_registered", "you are already registered")
         if isinstance(frame, Bye):
@@ -324,10 +332,40 @@ class Registry:
         self, room: Room, message: Message, member: Member, key: str | None, ack: bytes
     ) -> None:
         # Delivered only once stored: a crash can never show members a seq that the
-        # store then hands out again. The store calls back in seq order.
-        room.stored_seq = message.seq
-        self._broadcast(room, encode(message))
-        self._acknowledge(member, key, ack)
+        # store then hands out again. The store calls back in seq order, a whole commit
+        # at a time; the batch is fanned out once it is complete (see fan_out).
+        frame = encode(message)
+        first = not self._stored and not self._stored_acks
+        pending = self._stored.get(room)
+        if pending is None:
+            self._stored[room] = ([frame], message.seq)
+        else:
+            pending[0].append(frame)
+            self._stored[room] = (pending[0], message.seq)
+        self._stored_acks.append((member, key, ack))
+        if self._defer is None:
+            self.fan_out()
+        elif first:
+            self._defer(self.fan_out)
+
+    def fan_out(self) -> None:
+        """Deliver every stored message not delivered yet, then their acks.
+
+        A room's messages of one commit are joined into one blob that each
+        member gets with one append, so a busy room costs one step per member
+        per batch instead of one per member per message. Everything that could
+        observe a room (any frame handled, a member leaving) calls this first,
+        so nobody ever sees events out of their order.
+        """
+        stored, acks = self._stored, self._stored_acks
+        if not stored and not acks:
+            return
+        self._stored, self._stored_acks = {}, []
+        for room, (frames, last_seq) in stored.items():
+            room.stored_seq = last_seq
+            self._broadcast(room, frames[0] if len(frames) == 1 else b"".join(frames))
+        for member, key, ack in acks:
+            self._acknowledge(member, key, ack)
 
     def _dm(self, member: Member, frame: Dm) -> None:
         # A resend is answered before any check: its recipient may have gone since.
@@ -344,6 +382,7 @@ class Registry:
         ack = encode(Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id))
 
         def stored() -> None:
+            self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
             self._acknowledge(member, key, ack)
 
