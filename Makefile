@@ -40,6 +40,7 @@ check: lint types test
 bench: install
 	$(BIN)/python benchmarks/durability.py --update docs/performance.md
 	$(BIN)/achat-bench standard --update docs/performance.md
+	$(BIN)/python benchmarks/client.py --update docs/performance.md
 
 # Mixed hostile load against one server (loopback only, bounded); figures into the docs.
 soak: install

@@ -44,6 +44,8 @@ class FaultProxy:
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reset_budget: int | None = None
+        #: Set whenever the proxy cuts its connections (cleared by reset_after).
+        self.cut = asyncio.Event()
 
     @property
     def port(self) -> int:
@@ -74,9 +76,12 @@ class FaultProxy:
             if count:
                 self.resets += 1
         self._pairs.clear()
+        if count:
+            self.cut.set()
 
     def reset_after(self, nbytes: int) -> None:
         """Abort every connection after ``nbytes`` more bytes flow from server to client."""
+        self.cut.clear()
         self._reset_budget = nbytes
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
