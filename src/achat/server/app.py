@@ -120,6 +120,7 @@ class Server:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given, else on the configured host and port."""
+        self._rounds = FlushRounds(asyncio.get_running_loop())
         if sock is not None:
             self._server = await asyncio.start_server(self._on_connect, sock=sock, limit=2**16)
         else:
@@ -162,8 +163,7 @@ class Server:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if self._rounds is None:
-            self._rounds = FlushRounds(asyncio.get_running_loop())
+        assert self._rounds is not None  # set by start(), before any connection
         session = Session(reader, writer, self.registry, self.config.limits, self._rounds)
         if self._closing:
             session.fail(ProtocolError("server_shutdown", "the server is shutting down"))

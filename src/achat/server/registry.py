@@ -154,8 +154,8 @@ class Registry:
         self._refs: RecentRefs[Member] = RecentRefs()
         for r in store.load_refs(clock()):
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
-        # Stored messages not yet fanned out: per room, its frames and their last seq.
-        self._stored: dict[Room, tuple[list[bytes], int]] = {}
+        # Stored messages not fanned out yet (per room, in seq order), and their acks.
+        self._stored: dict[Room, list[Message]] = {}
         self._stored_acks: list[tuple[Member, str | None, bytes]] = []
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
@@ -334,14 +334,8 @@ class Registry:
         # Delivered only once stored: a crash can never show members a seq that the
         # store then hands out again. The store calls back in seq order, a whole commit
         # at a time; the batch is fanned out once it is complete (see fan_out).
-        frame = encode(message)
-        first = not self._stored and not self._stored_acks
-        pending = self._stored.get(room)
-        if pending is None:
-            self._stored[room] = ([frame], message.seq)
-        else:
-            pending[0].append(frame)
-            self._stored[room] = (pending[0], message.seq)
+        first = not self._stored_acks
+        self._stored.setdefault(room, []).append(message)
         self._stored_acks.append((member, key, ack))
         if self._defer is None:
             self.fan_out()
@@ -358,12 +352,12 @@ class Registry:
         so nobody ever sees events out of their order.
         """
         stored, acks = self._stored, self._stored_acks
-        if not stored and not acks:
+        if not acks:
             return
         self._stored, self._stored_acks = {}, []
-        for room, (frames, last_seq) in stored.items():
-            room.stored_seq = last_seq
-            self._broadcast(room, frames[0] if len(frames) == 1 else b"".join(frames))
+        for room, messages in stored.items():
+            room.stored_seq = messages[-1].seq
+            self._broadcast(room, b"".join([encode(message) for message in messages]))
         for member, key, ack in acks:
             self._acknowledge(member, key, ack)
 

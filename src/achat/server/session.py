@@ -6,8 +6,8 @@ registry. Output never goes straight to the socket: :meth:`Session.send`
 appends to an outbox and has the connection written in the next round of
 :class:`FlushRounds` (the end of the current loop tick, or later when the
 loop is saturated), so a connection gets at most one ``write`` per round
-whatever the number of events. When the bytes the transport could not send yet plus the outbox
-pass ``sendq_limit``, the outbox is dropped and the peer gets a fatal
+whatever the number of events. When the bytes the transport could not send
+yet plus the outbox pass ``sendq_limit``, the outbox is dropped and the peer gets a fatal
 ``sendq_exceeded``; nobody else ever waits for a slow reader.
 
 Timeouts are deadlines on the read: ``hello`` within ``hello_timeout`` of
@@ -101,16 +101,15 @@ class Session:
         writer: asyncio.StreamWriter,
         registry: Registry,
         limits: SessionLimits,
-        rounds: FlushRounds | None = None,
+        rounds: FlushRounds,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport
         self._registry = registry
         self._limits = limits
-        self._sendq_limit = limits.sendq_limit
         self._loop = asyncio.get_running_loop()
-        self._rounds = rounds if rounds is not None else FlushRounds(self._loop)
+        self._rounds = rounds
         self._decoder = FrameDecoder(limits.max_frame)
         self._bucket = TokenBucket(limits.flood, self._loop.time())
         self._out: list[bytes] = []
@@ -312,7 +311,7 @@ class Session:
         transport = self._transport
         if transport.is_closing():
             return
-        if transport.get_write_buffer_size() + len(data) > self._sendq_limit:
+        if transport.get_write_buffer_size() + len(data) > self._limits.sendq_limit:
             log.info("sendq exceeded addr=%s nick=%s", self.addr, esc(self.nick or ""))
             self.fail(
                 ProtocolError(

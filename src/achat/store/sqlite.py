@@ -6,9 +6,9 @@ returns at once; at the end of the tick they are handed to the writer
 thread in one piece (one wake-up, one GIL round trip). The single writer
 thread takes *everything* handed over since its last commit, writes it in
 one transaction, commits, and then hands the whole batch's ``on_stored``
-callbacks back to the loop in one ``call_soon_threadsafe``. Messages that arrive within one tick
-are therefore committed together, and an ``ack`` is sent only after its
-message is on disk.
+callbacks back to the loop in one ``call_soon_threadsafe``. Messages that
+arrive within one tick are therefore committed together, and an ``ack`` is
+sent only after its message is on disk.
 
 Records queued but not committed yet are kept in memory (``_unstored``) and
 merged into history reads, so a reader never sees a gap between what was
@@ -26,8 +26,8 @@ Checkpoints (copying the WAL back into the database file, with the fsyncs
 that takes) never run on the writer thread: SQLite's automatic checkpoint is
 turned off there, and a third thread runs a ``PASSIVE`` checkpoint, which
 never blocks the writer, at most every ``CHECKPOINT_INTERVAL`` seconds while
-there are new commits. A disk stall during a
-checkpoint therefore delays no commit, so no ``ack`` and no delivery.
+there are new commits. A disk stall during a checkpoint therefore delays no
+commit, so no ``ack`` and no delivery.
 """
 
 from __future__ import annotations
@@ -172,30 +172,29 @@ class SQLiteStore:
                 raise
             log.info("database %s migrated to schema version %d", self.path, target)
 
-    def _capture_loop(self) -> None:
-        # Callbacks go back to the loop that appends; with no loop running (plain
-        # synchronous use) they run on the writer thread.
+    def _on_loop(self) -> bool:
+        """True on the thread of the loop that appends (captured on first use).
+
+        Callbacks go back to that loop; with no loop running (plain synchronous
+        use) they run on the writer thread.
+        """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
         if self._loop is None:
-            with contextlib.suppress(RuntimeError):
-                self._loop = asyncio.get_running_loop()
+            self._loop = running
+        return running is self._loop
 
     def _put(self, write: _Write) -> None:
         # On the loop, one hand-over per tick: waking the writer thread costs a GIL
         # round trip, so a tick's writes travel together (and commit together).
-        self._capture_loop()
-        loop = self._loop
-        if loop is None or not self._on_loop():
+        if not self._on_loop():
             self._queue.put([write])
             return
         if not self._tick:
-            loop.call_soon(self._submit)
+            asyncio.get_running_loop().call_soon(self._submit)
         self._tick.append(write)
-
-    def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
 
     def _submit(self) -> None:
         if self._tick:
