@@ -150,7 +150,7 @@ def test_register_sends_welcome(reg: Registry) -> None:
         nick="Ana", server="test", version=1, max_frame=65536, max_text=4000, motd="be nice"
     )
     assert reg.member("ANA") is member
-    assert member.rooms == set()
+    assert member.rooms == []
 
 
 def test_register_keeps_the_nfkc_form(reg: Registry) -> None:
@@ -258,7 +258,7 @@ def test_join_tells_the_room_then_names_the_joiner(reg: Registry) -> None:
     [seen] = ana.take()
     assert seen == joined
     assert outsider.take() == []
-    assert bob_m.rooms == {"general"}
+    assert bob_m.rooms == ["general"]
 
 
 def test_first_join_creates_the_room(reg: Registry) -> None:
@@ -305,7 +305,7 @@ def test_part_tells_the_room_including_the_leaver(reg: Registry) -> None:
     assert (mine.room, mine.nick, mine.reason) == ("a", "ana", "lunch")
     assert bob.take() == [mine]
     assert outsider.take() == []
-    assert ana_m.rooms == set()
+    assert ana_m.rooms == []
     reg.handle(bob_m, m.Who(room="a"))
     assert bob.take()[0].nicks == ["bob"]
 
@@ -334,7 +334,7 @@ def test_unregister_parts_every_room_with_reason_quit(reg: Registry) -> None:
     assert [(f.room, f.reason) for f in carol.take()] == [("b", "quit")]
     assert ana.take() == []  # the leaver's connection is gone
     assert reg.member("ana") is None
-    assert bob_m.rooms == {"a", "b"}
+    assert bob_m.rooms == ["a", "b"]
     assert list(reg.rooms["a"].members) == ["bob"]
     reg.unregister(ana_m)  # idempotent
     assert bob.take() == []

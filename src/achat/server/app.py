@@ -1,9 +1,12 @@
 """The server's lifecycle: listen, run one session per connection, shut down cleanly.
 
 :class:`Server` owns the listening socket, the registry and every session.
-:meth:`Server.close` is idempotent: it stops accepting, tells every client
-``server_shutdown``, flushes and closes each connection, waits for their
-sessions to finish and closes the store.
+Each accepted connection gets a :class:`~achat.server.session.Session` as
+its protocol (``loop.create_server``, the layer under
+``asyncio.start_server``: a connection costs no task and no stream
+objects). :meth:`Server.close` is idempotent: it stops accepting, tells every
+client ``server_shutdown``, flushes and closes each connection, waits for
+them to be gone and closes the store.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 
 from ..errors import ProtocolError
 from ..store.base import Store
+from .alarms import Alarms
 from .config import ServerConfig
 from .limits import AddressLimits
 from .registry import Registry
@@ -67,8 +71,7 @@ class Server:
         )
         self._sessions: set[Session] = set()
         self._rounds: FlushRounds | None = None
-        self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._closed = asyncio.Event()
         self._closing = False
@@ -109,23 +112,29 @@ class Server:
 
     async def wait_connections(self, count: int) -> None:
         """Return once exactly ``count`` connections are open (and registered, if any)."""
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: len(self._sessions) == count and len(self.registry.members) <= count
-            )
+        while not (len(self._sessions) == count and len(self.registry.members) <= count):
+            await self._changed.wait()
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def _notify(self) -> None:
+        # Wake everyone waiting on a change; the next wait uses a fresh event.
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given, else on the configured host and port."""
-        self._rounds = FlushRounds(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        rounds = self._rounds = FlushRounds(loop)
+        alarms: Alarms[Session] = Alarms(loop)
+        registry, limits = self.registry, self.config.limits
+
+        def session() -> Session:
+            return Session(self, registry, limits, rounds, alarms)
+
         if sock is not None:
-            self._server = await asyncio.start_server(self._on_connect, sock=sock, limit=2**16)
+            self._server = await loop.create_server(session, sock=sock)
         else:
-            self._server = await asyncio.start_server(
-                self._on_connect,
+            self._server = await loop.create_server(
+                session,
                 self.config.host,
                 self.config.port,
                 reuse_address=True,
@@ -152,8 +161,12 @@ class Server:
             shutdown = ProtocolError("server_shutdown", message, fatal=True)
             for session in list(self._sessions):
                 session.fail(shutdown)
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=self.config.limits.close_timeout + 1)
+            # Each connection is gone once its peer has read the goodbye, or close_timeout
+            # later (the session aborts it then); the extra second is the safety net.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.limits.close_timeout + 1):
+                    while self._sessions:
+                        await self._changed.wait()
             if self._server is not None:
                 await self._server.wait_closed()
             self.store.close()
@@ -161,37 +174,25 @@ class Server:
         finally:
             self._closed.set()
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert self._rounds is not None  # set by start(), before any connection
-        session = Session(reader, writer, self.registry, self.config.limits, self._rounds)
+    # -- SessionOwner -------------------------------------------------------
+
+    def opened(self, session: Session) -> ProtocolError | None:
+        """Admit a new connection, or say why it is refused."""
         if self._closing:
-            session.fail(ProtocolError("server_shutdown", "the server is shutting down"))
-            return
-        host = session.host
-        refused = self._addresses.admit(host, asyncio.get_running_loop().time())
+            return ProtocolError("server_shutdown", "the server is shutting down")
+        refused = self._addresses.admit(session.host, asyncio.get_running_loop().time())
         if refused is not None:
             log.info("refused addr=%s: %s", session.addr, refused)
-            session.fail(ProtocolError("rate_limited", refused, fatal=True))
-            return
+            return ProtocolError("rate_limited", refused, fatal=True)
         self._sessions.add(session)
-        if task is not None:
-            self._tasks.add(task)
-        await self._notify()
+        self._notify()
         log.debug("connect addr=%s", session.addr)
-        try:
-            await session.run()
-            # Let the close handshake finish so the socket is released before we forget it.
-            await writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-        except asyncio.CancelledError:
-            # The loop is going away without close(); this task is the top of its stack.
-            session.close()
-        finally:
-            self._addresses.release(host)
+        return None
+
+    def closed(self, session: Session) -> None:
+        """Forget a connection that is gone (refused ones were never counted)."""
+        if session in self._sessions:
             self._sessions.discard(session)
-            if task is not None:
-                self._tasks.discard(task)
-            await self._notify()
+            self._addresses.release(session.host)
+            self._notify()
             log.debug("disconnect addr=%s", session.addr)

@@ -37,7 +37,8 @@ class TokenBucket:
         self._policy = policy
         self._tokens = policy.burst
         self._updated = now
-        self._strikes: deque[float] = deque()
+        # Most connections never strike: the deque (~600 bytes) is made on the first.
+        self._strikes: deque[float] | None = None
 
     def take(self, now: float) -> bool:
         """Spend one token; False (and a strike) when the bucket is empty."""
@@ -51,6 +52,8 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         strikes = self._strikes
+        if strikes is None:
+            strikes = self._strikes = deque()
         strikes.append(now)
         while strikes and strikes[0] < now - policy.strike_window:
             strikes.popleft()
@@ -58,7 +61,7 @@ class TokenBucket:
 
     def flooding(self) -> bool:
         """True once the connection has been refused too often, too recently."""
-        return len(self._strikes) >= self._policy.strikes
+        return self._strikes is not None and len(self._strikes) >= self._policy.strikes
 
 
 def is_exempt(host: str) -> bool:

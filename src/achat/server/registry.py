@@ -95,7 +95,7 @@ class Peer(Protocol):
         ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Member:
     """A registered connection: one nick, the rooms it is in, and its peer."""
 
@@ -103,8 +103,9 @@ class Member:
     key: str
     skeleton: str
     peer: Peer
-    addr: str
-    rooms: set[str] = field(default_factory=set)
+    #: The rooms joined, in joining order (a list: most members are in one or two rooms,
+    #: and an idle server holds one per client).
+    rooms: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -205,7 +206,7 @@ class Registry:
         self._check_free(key, skeleton, fatal=True)
         if len(self._by_key) >= self.max_clients:
             raise ProtocolError("server_full", "the server is full; try again later", fatal=True)
-        member = Member(nick, key, skeleton, peer, addr)
+        member = Member(nick, key, skeleton, peer)
         self._by_key[key] = member
         self._by_skeleton[skeleton] = member
         peer.send(
@@ -263,7 +264,7 @@ class Registry:
             log.info("room created room=%s by=%s", name, esc(member.nick))
         if member.key not in room.members:
             room.members[member.key] = member
-            member.rooms.add(name)
+            member.rooms.append(name)
             self._broadcast(room, encode(Joined(room=name, nick=member.nick, ts=self.clock())))
             log.info("join room=%s nick=%s", name, esc(member.nick))
         self._send_names(member, room, frame.ref)
@@ -308,7 +309,7 @@ class Registry:
             encode(Parted(room=room.name, nick=member.nick, ts=self.clock(), reason=reason)),
         )
         del room.members[member.key]
-        member.rooms.discard(room.name)
+        member.rooms.remove(room.name)
         log.info("part room=%s nick=%s", room.name, esc(member.nick))
 
     def _say(self, member: Member, frame: Say) -> None:

@@ -1,39 +1,48 @@
 """One client connection on the server: bytes in, frames to the registry, queued bytes out.
 
-Theory of operation: :meth:`Session.run` reads whatever chunk the socket has,
-feeds it to the frame decoder and hands every complete frame to the
-registry. Output never goes straight to the socket: :meth:`Session.send`
-appends to an outbox and has the connection written in the next round of
-:class:`FlushRounds` (the end of the current loop tick, or later when the
-loop is saturated), so a connection gets at most one ``write`` per round
-whatever the number of events. When the bytes the transport could not send
-yet plus the outbox pass ``sendq_limit``, the outbox is dropped and the peer gets a fatal
-``sendq_exceeded``; nobody else ever waits for a slow reader.
+Theory of operation: a :class:`Session` is the connection's
+:class:`asyncio.Protocol`. Each chunk the transport delivers goes through
+the frame decoder, and every complete frame is handed to the registry at
+once, in the same callback: no task, no stream objects and no future per
+connection, which is what keeps an idle client cheap (see
+``docs/performance.md``). Output never goes straight to the socket:
+:meth:`Session.send` appends to an outbox and has the connection written in
+the next round of :class:`FlushRounds` (the end of the current loop tick, or
+later when the loop is saturated), so a connection gets at most one
+``write`` per round whatever the number of events. When the bytes the
+transport could not send yet plus the outbox pass ``sendq_limit``, the
+outbox is dropped and the peer gets a fatal ``sendq_exceeded``; nobody else
+ever waits for a slow reader.
 
-Timeouts are deadlines on the read: ``hello`` within ``hello_timeout`` of
-connecting, a started frame completed within ``frame_timeout``, and some
-frame at least every ``idle_timeout``.
+Timeouts are deadlines (:func:`deadline`, pure): ``hello`` within
+``hello_timeout`` of connecting, a started frame completed within
+``frame_timeout``, and some frame at least every ``idle_timeout`` (with a
+``ping`` half-way). Each connection's alarm (one loop timer for all, see
+:mod:`achat.server.alarms`) is set no later than its deadline; traffic only
+updates timestamps, and when the alarm goes off the session either acts or
+sets it to the deadline that now applies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
+import typing
 from dataclasses import dataclass, field
 
 from ..errors import FrameError, ProtocolError
 from ..protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
 from ..protocol.messages import Bye, ClientFrame, Error, Hello, Ping, decode_client, encode
+from .alarms import Alarms
 from .limits import FloodPolicy, TokenBucket
 from .log import esc
 from .registry import Member, Registry
 
-__all__ = ["FlushRounds", "Session", "SessionLimits"]
+__all__ = ["FlushRounds", "Session", "SessionLimits", "SessionOwner", "deadline"]
 
 log = logging.getLogger("achat.server")
-
-READ_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,34 +101,98 @@ class FlushRounds:
         self._not_before = ended + took if took > self._min_pause else 0.0
 
 
-class Session:
+def deadline(
+    limits: SessionLimits,
+    *,
+    connected: float,
+    registered: bool,
+    last_frame: float,
+    pinged: bool,
+    frame_started: float | None,
+) -> tuple[float, str]:
+    """The next deadline of a connection and what happens at it.
+
+    ``"no hello"``, ``"frame"`` and ``"idle"`` end the connection; ``"ping"``
+    asks a quiet client whether it is still there (half-way to idle).
+    """
+    if not registered:
+        at, why = connected + limits.hello_timeout, "no hello"
+    elif not pinged:
+        at, why = last_frame + limits.idle_timeout / 2, "ping"
+    else:
+        at, why = last_frame + limits.idle_timeout, "idle"
+    if frame_started is not None and frame_started + limits.frame_timeout < at:
+        at, why = frame_started + limits.frame_timeout, "frame"
+    return at, why
+
+
+class SessionOwner(typing.Protocol):
+    """What a session reports to the server that accepted it."""
+
+    def opened(self, session: Session) -> ProtocolError | None:
+        """Admit a new connection, or say why it is refused."""
+        ...
+
+    def closed(self, session: Session) -> None:
+        """The connection is gone (called once, also for a refused one)."""
+        ...
+
+
+class Session(asyncio.Protocol):
     """Drives one connection; implements the registry's :class:`~achat.server.registry.Peer`."""
+
+    __slots__ = (
+        "_alarms",
+        "_bucket",
+        "_closing",
+        "_connected",
+        "_decoder",
+        "_frame_started",
+        "_last_frame",
+        "_limits",
+        "_loop",
+        "_member",
+        "_out",
+        "_owner",
+        "_pinged",
+        "_port",
+        "_quit_reason",
+        "_registry",
+        "_rounds",
+        "_scheduled",
+        "_transport",
+        "host",
+    )
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        owner: SessionOwner,
         registry: Registry,
         limits: SessionLimits,
         rounds: FlushRounds,
+        alarms: Alarms[Session],
     ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._transport = writer.transport
+        self._owner = owner
+        self._alarms = alarms
         self._registry = registry
         self._limits = limits
-        self._loop = asyncio.get_running_loop()
         self._rounds = rounds
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(limits.max_frame)
-        self._bucket = TokenBucket(limits.flood, self._loop.time())
-        self._out: list[bytes] = []
+        now = self._loop.time()
+        self._bucket = TokenBucket(limits.flood, now)
+        # Made on the first send: an idle connection needs no outbox.
+        self._out: list[bytes] | None = None
         self._scheduled = False
         self._closing = False
         self._member: Member | None = None
         self._quit_reason = "quit"
-        peer = writer.get_extra_info("peername")
-        self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        self._connected = self._last_frame = now
+        self._frame_started: float | None = None
+        self._pinged = False
+        self.host = "?"
+        self._port: int | None = None
 
     # -- Peer ---------------------------------------------------------------
 
@@ -127,7 +200,10 @@ class Session:
         """Queue ``frame``; it is written with everything else queued this tick."""
         if self._closing:
             return
-        self._out.append(frame)
+        if self._out is None:
+            self._out = [frame]
+        else:
+            self._out.append(frame)
         if not self._scheduled:
             self._scheduled = True
             self._rounds.mark(self)
@@ -139,89 +215,128 @@ class Session:
         # Messages already stored reach this peer too before it goes.
         self._registry.fan_out()
         self._flush()
-        if frame is not None and not self._writer.is_closing():
-            self._writer.write(frame)
         self._closing = True
-        self._out.clear()
-        self._writer.close()
-        # Wake the read loop now, so the member leaves the registry at once instead of
-        # when the (possibly stuck) transport finally lets go.
-        self._reader.feed_eof()
-        # A peer that stops reading would keep a closing transport alive forever.
-        self._loop.call_later(self._limits.close_timeout, self._abort)
-
-    # -- driving ------------------------------------------------------------
-
-    @property
-    def nick(self) -> str | None:
-        return self._member.nick if self._member is not None else None
-
-    async def run(self) -> None:
-        """Serve the connection until either side closes it; always cleans up."""
-        try:
-            await self._serve()
-        except (ConnectionError, OSError) as exc:
-            log.debug("connection error addr=%s: %s", self.addr, exc)
-        finally:
-            if self._member is not None:
-                self._registry.unregister(self._member, self._quit_reason)
-            self.close()
+        self._out = None
+        self._alarms.cancel(self)
+        transport = self._transport
+        if transport is None:
+            return
+        if frame is not None and not transport.is_closing():
+            transport.write(frame)
+        transport.close()
+        # The member leaves at once (the registry may be mid-iteration: right after it),
+        # not when a peer that does not read finally lets the transport go...
+        self._loop.call_soon(self._leave)
+        # ...which it is made to do after close_timeout.
+        self._loop.call_later(self._limits.close_timeout, transport.abort)
 
     def fail(self, exc: ProtocolError) -> None:
         """Answer with a fatal ``error`` built from ``exc`` and close."""
         self.close(encode(Error(code=exc.code, message=exc.message, fatal=True, ref=exc.ref)))
 
-    async def _serve(self) -> None:
-        loop = self._loop
-        limits = self._limits
-        connected = loop.time()
-        last_frame = connected
-        frame_started: float | None = None
-        pinged = False
-        while not self._closing:
-            if self._member is None:
-                deadline, why = connected + limits.hello_timeout, "no hello"
-            elif not pinged:
-                # Half-way through the idle time, ask a quiet client whether it is still there.
-                deadline, why = last_frame + limits.idle_timeout / 2, "ping"
-            else:
-                deadline, why = last_frame + limits.idle_timeout, "idle"
-            if frame_started is not None and frame_started + limits.frame_timeout < deadline:
-                deadline, why = frame_started + limits.frame_timeout, "frame"
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await self._reader.read(READ_CHUNK)
-            except TimeoutError:
-                if why == "ping":
-                    pinged = True
-                    self.send(encode(Ping(ref="keepalive")))
-                    continue
-                self._timed_out(why)
-                return
-            if not data:
-                return
-            try:
-                bodies = self._decoder.receive_data(data)
-            except FrameError as exc:
-                log.info("bad frame addr=%s code=%s", self.addr, exc.code)
-                # Frames completed before the bad header are served, so that what happens
-                # does not depend on how TCP happened to split the stream.
-                for body in exc.frames:
-                    if not self._dispatch(body) or self._closing:
-                        return
-                self.fail(exc)
-                return
-            now = loop.time()
-            if bodies:
-                last_frame = now
-                pinged = False
-            if not self._decoder.in_frame:
-                frame_started = None
-            elif frame_started is None or bodies:
-                frame_started = now
-            for body in bodies:
+    @property
+    def addr(self) -> str:
+        """``host:port`` of the peer (for logs)."""
+        return self.host if self._port is None else f"{self.host}:{self._port}"
+
+    @property
+    def nick(self) -> str | None:
+        return self._member.nick if self._member is not None else None
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            # Interned: every client behind one address shares the string.
+            self.host, self._port = sys.intern(str(peer[0])), int(peer[1])
+        else:
+            self.host = str(peer)
+        refused = self._owner.opened(self)
+        if refused is not None:
+            self.fail(refused)
+            return
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            bodies = self._decoder.receive_data(data)
+        except FrameError as exc:
+            log.info("bad frame addr=%s code=%s", self.addr, exc.code)
+            # Frames completed before the bad header are served, so that what happens
+            # does not depend on how TCP happened to split the stream.
+            for body in exc.frames:
                 if not self._dispatch(body) or self._closing:
                     return
+            self.fail(exc)
+            return
+        now = self._loop.time()
+        if bodies:
+            self._last_frame = now
+            self._pinged = False
+        if not self._decoder.in_frame:
+            self._frame_started = None
+        elif self._frame_started is None or bodies:
+            self._frame_started = now
+            # A frame in progress may bring the deadline forward: move the alarm up.
+            if now + self._limits.frame_timeout < (self._alarms.when(self) or 0.0):
+                self._arm()
+        for body in bodies:
+            if not self._dispatch(body) or self._closing:
+                return
+
+    def eof_received(self) -> bool:
+        # The peer is done sending: close our side too (the member leaves now).
+        self.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.debug("connection error addr=%s: %s", self.addr, exc)
+        self._closing = True
+        self._out = None
+        self._alarms.cancel(self)
+        self._leave()
+        self._owner.closed(self)
+
+    # -- inside -------------------------------------------------------------
+
+    def _leave(self) -> None:
+        member, self._member = self._member, None
+        if member is not None:
+            self._registry.unregister(member, self._quit_reason)
+
+    def _deadline(self) -> tuple[float, str]:
+        return deadline(
+            self._limits,
+            connected=self._connected,
+            registered=self._member is not None,
+            last_frame=self._last_frame,
+            pinged=self._pinged,
+            frame_started=self._frame_started,
+        )
+
+    def _arm(self) -> None:
+        """Set the alarm to the connection's current deadline."""
+        self._alarms.set(self, self._deadline()[0])
+
+    def on_deadline(self) -> None:
+        """The alarm went off: act on the deadline, unless traffic has moved it on since."""
+        if self._closing:
+            return
+        at, why = self._deadline()
+        if at > self._loop.time():
+            self._arm()
+        elif why == "ping":
+            self._pinged = True
+            self.send(encode(Ping(ref="keepalive")))
+            self._arm()
+        else:
+            self._timed_out(why)
 
     def _dispatch(self, body: bytes) -> bool:
         """Handle one frame body; False when the connection must end."""
@@ -251,6 +366,7 @@ class Session:
             if frame.reason:
                 self._quit_reason = frame.reason
             log.info("bye nick=%s", esc(self._member.nick))
+            self.close()
             return False
         return True
 
@@ -284,6 +400,10 @@ class Session:
             log.info("refused addr=%s code=%s nick=%s", self.addr, exc.code, esc(frame.nick))
             self.fail(exc)
             return False
+        # From the hello deadline to the idle one: the alarm moves only if that comes sooner
+        # (else it goes off at the hello deadline and moves itself on).
+        if self._deadline()[0] < (self._alarms.when(self) or 0.0):
+            self._arm()
         return True
 
     def _refuse(self, exc: ProtocolError) -> None:
@@ -309,7 +429,7 @@ class Session:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         transport = self._transport
-        if transport.is_closing():
+        if transport is None or transport.is_closing():
             return
         if transport.get_write_buffer_size() + len(data) > self._limits.sendq_limit:
             log.info("sendq exceeded addr=%s nick=%s", self.addr, esc(self.nick or ""))
@@ -322,7 +442,3 @@ class Session:
             )
             return
         transport.write(data)
-
-    def _abort(self) -> None:
-        # A no-op when the transport has already closed cleanly.
-        self._writer.transport.abort()
