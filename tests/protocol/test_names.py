@@ -7,6 +7,7 @@ import string
 import pytest
 
 from achat.errors import ProtocolError
+from achat.protocol import names
 from achat.protocol.names import (
     nick_key,
     nick_skeleton,
@@ -126,3 +127,10 @@ def test_reason_rules() -> None:
     assert validate_reason("gone") == "gone"
     assert refused(validate_reason, "a\x1bb") == "invalid_text"
     assert refused(validate_reason, "r" * 301) == "text_too_long"
+
+
+def test_preload_builds_the_look_alike_table() -> None:
+    names._prototypes.cache_clear()
+    names.preload()
+    assert names._prototypes.cache_info().currsize == 1
+    assert names.nick_skeleton("\u0430na") == names.nick_skeleton("ana")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import ProtocolError
+from ..protocol.names import preload as preload_names
 from ..store.base import Store
 from .alarms import Alarms
 from .config import ServerConfig
@@ -53,6 +54,8 @@ class Server:
     ) -> None:
         self.config = config
         self.store = store
+        # Now, not at the first hello (and before the caller freezes startup objects).
+        preload_names()
         self.registry = Registry(
             store,
             clock=clock,
