@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from achat.server.alarms import MIN_REBUILD, Alarms, Deadlines
 
@@ -110,3 +111,20 @@ async def test_a_failing_callback_does_not_stop_the_others() -> None:
     async with asyncio.timeout(2):
         await done
     assert woken == ["fine"]
+
+
+def test_a_cancelled_or_moved_item_is_not_kept_alive_by_its_old_entry() -> None:
+    class Item:
+        pass
+
+    d: Deadlines[Item] = Deadlines()
+    cancelled, moved = Item(), Item()
+    d.set(cancelled, 10.0)
+    d.set(moved, 10.0)
+    d.set(moved, 20.0)
+    d.cancel(cancelled)
+    gone = weakref.ref(cancelled)
+    del cancelled
+    assert gone() is None
+    assert d.pop_due(15.0) == []
+    assert d.pop_due(20.0) == [moved]

@@ -663,3 +663,45 @@ async def test_fragmented_slow_link_is_served_correctly(
         assert len(page.messages) == 20
     finally:
         await proxy.close()
+
+
+async def test_a_bug_in_a_handler_closes_only_that_connection_after_its_replies(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception is logged; replies already queued still go out; others go on."""
+
+    def broken(member: object, frame: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(server.registry._handlers, m.Ping, broken)
+    bystander = await Raw.open(server.port)
+    await bystander.hello("bystander")
+    raw = await Raw.open(server.port)
+    raw.writer.write(
+        encode_frame(json.dumps({"type": "hello", "nick": "victim", "version": 1}).encode())
+        + encode_frame(b'{"type":"join","room":"lobby"}')
+        + encode_frame(b'{"type":"ping","ref":"p"}')
+    )
+    frames = await raw.rest()
+    assert [type(f) for f in frames] == [m.Welcome, m.Joined, m.Names]
+    assert "error serving" in caplog.text
+    await server.wait_connections(1)
+    assert server.registry.member("victim") is None
+    bystander.send({"type": "join", "room": "lobby"})
+    assert isinstance(await bystander.until(m.Names), m.Names)
+
+
+async def test_a_connection_is_forgotten_even_if_leaving_the_registry_fails(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(member: object, reason: str = "quit") -> None:
+        raise RuntimeError("a bug")
+
+    raw = await Raw.open(server.port)
+    await raw.hello("ana")
+    monkeypatch.setattr(server.registry, "unregister", broken)
+    raw.writer.close()
+    # The loop logs the callback's exception; the session is still dropped and released.
+    async with asyncio.timeout(WAIT):
+        await server.wait_for(lambda: server.connections == 0)
+    assert server._addresses.connections("127.0.0.1") == 0

@@ -6,10 +6,11 @@ each of its clients. :class:`Deadlines` keeps them all in one heap instead
 (pure, clock-free: the caller says what time it is), and :class:`Alarms`
 drives it with a single ``loop.call_at`` set to the earliest deadline.
 
-Moving or cancelling a deadline leaves the old heap entry in place and only
-marks it stale; stale entries are skipped when they come up, and the heap is
+Moving or cancelling a deadline leaves the old heap entry in place but
+empties it (it lets go of its item at once, so a closed session is not kept
+alive by it); empty entries are skipped when they come up, and the heap is
 rebuilt once they outnumber the live ones, so a server with connection churn
-neither leaks entries nor keeps closed sessions alive.
+does not pile them up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import typing
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
 
@@ -34,59 +36,65 @@ MIN_REBUILD = 64
 class Deadlines(Generic[T]):
     """Items, each due at one time; the due ones come out in time order."""
 
-    __slots__ = ("_at", "_heap", "_order", "_stale")
+    __slots__ = ("_entries", "_heap", "_order", "_stale")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, T]] = []
-        self._at: dict[T, float] = {}
+        # Entries are [at, order, item]; an emptied one has item None.
+        self._heap: list[list[typing.Any]] = []
+        self._entries: dict[T, list[typing.Any]] = {}
         self._order = itertools.count()
         self._stale = 0
 
     def __len__(self) -> int:
-        return len(self._at)
+        return len(self._entries)
 
     def when(self, item: T) -> float | None:
         """When ``item`` is due, or None if it has no deadline."""
-        return self._at.get(item)
+        entry = self._entries.get(item)
+        return None if entry is None else float(entry[0])
 
     def set(self, item: T, at: float) -> None:
         """Make ``item`` due at ``at`` (replacing any deadline it had)."""
-        if item in self._at:
+        old = self._entries.get(item)
+        if old is not None:
+            old[2] = None
             self._stale += 1
-        self._at[item] = at
-        heapq.heappush(self._heap, (at, next(self._order), item))
+        entry = self._entries[item] = [at, next(self._order), item]
+        heapq.heappush(self._heap, entry)
         self._maybe_rebuild()
 
     def cancel(self, item: T) -> None:
         """Forget ``item``'s deadline, if it has one."""
-        if self._at.pop(item, None) is not None:
+        entry = self._entries.pop(item, None)
+        if entry is not None:
+            entry[2] = None
             self._stale += 1
             self._maybe_rebuild()
 
     def pop_due(self, now: float) -> list[T]:
         """Remove and return every item due at or before ``now``, earliest first."""
-        heap, current = self._heap, self._at
+        heap, entries = self._heap, self._entries
         due: list[T] = []
         while heap and heap[0][0] <= now:
-            at, _, item = heapq.heappop(heap)
-            if current.get(item) == at:
-                del current[item]
-                due.append(item)
-            else:
+            item = heapq.heappop(heap)[2]
+            if item is None:
                 self._stale -= 1
+            else:
+                del entries[item]
+                due.append(item)
         return due
 
     def next_at(self) -> float | None:
         """The earliest live deadline, or None."""
-        heap, current = self._heap, self._at
-        while heap and current.get(heap[0][2]) != heap[0][0]:
+        heap = self._heap
+        while heap and heap[0][2] is None:
             heapq.heappop(heap)
             self._stale -= 1
-        return heap[0][0] if heap else None
+        return float(heap[0][0]) if heap else None
 
     def _maybe_rebuild(self) -> None:
-        if self._stale > MIN_REBUILD and self._stale > len(self._at):
-            self._heap = [(at, next(self._order), item) for item, at in self._at.items()]
+        if self._stale > MIN_REBUILD and self._stale > len(self._entries):
+            self._heap = list(self._entries.values())
             heapq.heapify(self._heap)
             self._stale = 0
 

@@ -115,7 +115,13 @@ class Server:
 
     async def wait_connections(self, count: int) -> None:
         """Return once exactly ``count`` connections are open (and registered, if any)."""
-        while not (len(self._sessions) == count and len(self.registry.members) <= count):
+        await self.wait_for(
+            lambda: len(self._sessions) == count and len(self.registry.members) <= count
+        )
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; it is checked whenever a connection comes or goes."""
+        while not predicate():
             await self._changed.wait()
 
     def _notify(self) -> None:

@@ -212,23 +212,25 @@ class Session(asyncio.Protocol):
         """Flush what is queued, then ``frame``, then close. Idempotent."""
         if self._closing:
             return
-        # Messages already stored reach this peer too before it goes.
-        self._registry.fan_out()
-        self._flush()
-        self._closing = True
-        self._out = None
-        self._alarms.cancel(self)
-        transport = self._transport
-        if transport is None:
-            return
-        if frame is not None and not transport.is_closing():
-            transport.write(frame)
-        transport.close()
-        # The member leaves at once (the registry may be mid-iteration: right after it),
-        # not when a peer that does not read finally lets the transport go...
-        self._loop.call_soon(self._leave)
-        # ...which it is made to do after close_timeout.
-        self._loop.call_later(self._limits.close_timeout, transport.abort)
+        try:
+            # Messages already stored reach this peer too before it goes.
+            self._registry.fan_out()
+            self._flush()
+        finally:
+            # Whatever went wrong above, the connection still closes and the member leaves.
+            self._closing = True
+            self._out = None
+            self._alarms.cancel(self)
+            transport = self._transport
+            if transport is not None:
+                if frame is not None and not transport.is_closing():
+                    transport.write(frame)
+                transport.close()
+                # The member leaves at once (the registry may be mid-iteration: right after
+                # it), not when a peer that does not read finally lets the transport go...
+                self._loop.call_soon(self._leave)
+                # ...which it is made to do after close_timeout.
+                self._loop.call_later(self._limits.close_timeout, transport.abort)
 
     def fail(self, exc: ProtocolError) -> None:
         """Answer with a fatal ``error`` built from ``exc`` and close."""
@@ -263,6 +265,14 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        try:
+            self._receive(data)
+        except Exception:
+            # A bug, not the peer's fault: log it, and close after what is already queued.
+            log.exception("error serving addr=%s", self.addr)
+            self.close()
+
+    def _receive(self, data: bytes) -> None:
         try:
             bodies = self._decoder.receive_data(data)
         except FrameError as exc:
@@ -300,8 +310,10 @@ class Session(asyncio.Protocol):
         self._closing = True
         self._out = None
         self._alarms.cancel(self)
-        self._leave()
-        self._owner.closed(self)
+        try:
+            self._leave()
+        finally:
+            self._owner.closed(self)
 
     # -- inside -------------------------------------------------------------
 
