@@ -13,7 +13,7 @@ import pytest
 
 from achat.protocol.messages import DmEvent, Message
 from achat.store.base import RefRecord
-from achat.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from achat.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 
 def msg(room: str, seq: int, ts: int = 1000, text: str = "hi") -> Message:
@@ -226,3 +226,47 @@ def test_full_durability_is_accepted(db_path: Path) -> None:
         s.close()
     with pytest.raises(ValueError, match="durability"):
         SQLiteStore(db_path, durability="sometimes")
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_refs(db_path: Path) -> None:
+    """Schema 1 kept refs in their own table only; after migrating, both kinds load."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    raw.executescript(_MIGRATIONS[0])
+    raw.execute("INSERT INTO messages VALUES ('r', 1, 1000, 'ana', 'old')")
+    raw.execute("INSERT INTO refs VALUES ('ana', 'old-ref', 5000, x'01')")
+    raw.execute("PRAGMA user_version=1")
+    raw.close()
+    s = SQLiteStore(db_path)
+    try:
+        s.append(msg("r", 2), lambda: None, RefRecord("ana", "new-ref", 6_000, b"\x02"))
+        s.flush()
+        assert [(r.ref, r.ack) for r in s.load_refs(now=2_000)] == [
+            ("old-ref", b"\x01"),
+            ("new-ref", b"\x02"),
+        ]
+        page = s.history("r", before=None, after=None, limit=10)
+        assert [m.text for m in page.messages] == ["old", "hi"]
+        assert s._reader.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        s.close()
+
+
+def test_retention_keeps_refs_that_are_still_in_force(db_path: Path) -> None:
+    """Deleting old messages must not forget their refs before they expire (resend safety)."""
+    s = SQLiteStore(db_path, history_max=1, clock=lambda: 3_000)
+    try:
+        s.append(msg("r", 1), lambda: None, RefRecord("ana", "expired", 2_000, b"a"))
+        s.append(msg("r", 2), lambda: None, RefRecord("ana", "in-force", 9_000, b"b"))
+        s.append(msg("r", 3), lambda: None, RefRecord("ana", "kept-row", 9_500, b"c"))
+        s.flush()
+        s.prune_now()
+        assert [m.seq for m in s.history("r", before=None, after=None, limit=10).messages] == [3]
+        assert [r.ref for r in s.load_refs(now=3_000)] == ["in-force", "kept-row"]
+    finally:
+        s.close()
+    again = SQLiteStore(db_path)
+    try:
+        assert [r.ref for r in again.load_refs(now=3_000)] == ["in-force", "kept-row"]
+    finally:
+        again.close()

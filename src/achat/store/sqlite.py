@@ -49,7 +49,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 log = logging.getLogger("achat.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Seconds between checkpoints while commits keep coming (bounds the WAL's growth).
 CHECKPOINT_INTERVAL = 0.5
@@ -87,7 +87,25 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX refs_expires ON refs (expires);
     """,
+    # 2: a message's or DM's ref is kept in its own row (one insert per say instead of
+    # two); the refs table keeps only those whose row retention deleted before they expired.
+    """
+    ALTER TABLE messages ADD COLUMN ref_key TEXT;
+    ALTER TABLE messages ADD COLUMN ref TEXT;
+    ALTER TABLE messages ADD COLUMN ref_expires INTEGER;
+    ALTER TABLE messages ADD COLUMN ack BLOB;
+    ALTER TABLE dms ADD COLUMN ref_key TEXT;
+    ALTER TABLE dms ADD COLUMN ref TEXT;
+    ALTER TABLE dms ADD COLUMN ref_expires INTEGER;
+    ALTER TABLE dms ADD COLUMN ack BLOB;
+    """,
 )
+
+#: A ref lives at most this long (ms) after its message: load_refs looks no further back.
+#: The registry keeps refs 10 minutes; this leaves room without scanning all history.
+REF_HORIZON_MS = 24 * 3600 * 1000
+
+_REF_COLUMNS = "ref_key, ref, ref_expires, ack"
 
 
 @dataclass(slots=True)
@@ -225,9 +243,15 @@ class SQLiteStore:
         return int(row[0])
 
     def load_refs(self, now: int) -> list[RefRecord]:
+        since = now - REF_HORIZON_MS
         rows = self._reader.execute(
-            "SELECT nick_key, ref, expires, ack FROM refs WHERE expires > ? ORDER BY expires",
-            (now,),
+            "SELECT nick_key, ref, expires, ack FROM refs WHERE expires > ?1 "
+            f"UNION ALL SELECT {_REF_COLUMNS} FROM messages "
+            "WHERE ts > ?2 AND ref IS NOT NULL AND ref_expires > ?1 "
+            f"UNION ALL SELECT {_REF_COLUMNS} FROM dms "
+            "WHERE ts > ?2 AND ref IS NOT NULL AND ref_expires > ?1 "
+            "ORDER BY 3",
+            (now, since),
         ).fetchall()
         return [RefRecord(k, r, int(e), bytes(a)) for k, r, e, a in rows]
 
@@ -373,8 +397,8 @@ class SQLiteStore:
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Write]) -> None:
         messages = [w.message for w in batch if w.message is not None]
-        dms = [w.dm for w in batch if w.dm is not None]
-        refs = [w.ref for w in batch if w.ref is not None]
+        message_rows = [_row(w.message, w.ref) for w in batch if w.message is not None]
+        dm_rows = [_dm_row(w.dm, w.ref) for w in batch if w.dm is not None]
         topics = [w.topic for w in batch if w.topic is not None]
         last: dict[str, int] = {}
         for m in messages:
@@ -383,27 +407,22 @@ class SQLiteStore:
         # the ones this batch needs.
         db.execute("BEGIN")
         try:
-            if messages:
+            if message_rows:
                 db.executemany(
-                    "INSERT OR IGNORE INTO messages (room, seq, ts, sender, text) "
-                    "VALUES (?,?,?,?,?)",
-                    [(m.room, m.seq, m.ts, m.sender, m.text) for m in messages],
+                    "INSERT OR IGNORE INTO messages "
+                    f"(room, seq, ts, sender, text, {_REF_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                    message_rows,
                 )
                 db.executemany(
                     "INSERT INTO rooms (name, last_seq) VALUES (?, ?) ON CONFLICT(name) "
                     "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
                     list(last.items()),
                 )
-            if dms:
+            if dm_rows:
                 db.executemany(
-                    "INSERT OR IGNORE INTO dms (id, ts, sender, recipient, text) "
-                    "VALUES (?,?,?,?,?)",
-                    [(d.id, d.ts, d.sender, d.to, d.text) for d in dms],
-                )
-            if refs:
-                db.executemany(
-                    "INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) VALUES (?,?,?,?)",
-                    [(r.nick_key, r.ref, r.expires, r.ack) for r in refs],
+                    "INSERT OR IGNORE INTO dms "
+                    f"(id, ts, sender, recipient, text, {_REF_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                    dm_rows,
                 )
             if topics:
                 db.executemany(
@@ -452,20 +471,35 @@ class SQLiteStore:
         try:
             if self.history_days:
                 cutoff = now - int(self.history_days * 86_400_000)
-                db.execute("DELETE FROM messages WHERE ts < ?", (cutoff,))
-                db.execute("DELETE FROM dms WHERE ts < ?", (cutoff,))
+                self._delete(db, "messages", "ts < ?", (cutoff,), now)
+                self._delete(db, "dms", "ts < ?", (cutoff,), now)
             if self.history_max:
-                db.execute(
-                    "DELETE FROM messages WHERE (room, seq) IN ("
-                    " SELECT m.room, m.seq FROM messages m JOIN rooms r ON r.name = m.room"
-                    " WHERE m.seq <= r.last_seq - ?)",
+                self._delete(
+                    db,
+                    "messages",
+                    "(room, seq) IN (SELECT m.room, m.seq FROM messages m"
+                    " JOIN rooms r ON r.name = m.room WHERE m.seq <= r.last_seq - ?)",
                     (self.history_max,),
+                    now,
                 )
             db.execute("DELETE FROM refs WHERE expires < ?", (now,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             log.exception("pruning old history failed")
+
+    @staticmethod
+    def _delete(
+        db: sqlite3.Connection, table: str, where: str, args: tuple[int, ...], now: int
+    ) -> None:
+        # Refs outlive history: one still in force moves to the refs table first, so that
+        # a resend after a restart is still recognised.
+        db.execute(
+            f"INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) SELECT {_REF_COLUMNS} "
+            f"FROM {table} WHERE ({where}) AND ref IS NOT NULL AND ref_expires > ?",
+            (*args, now),
+        )
+        db.execute(f"DELETE FROM {table} WHERE {where}", args)
 
     def prune_now(self) -> None:
         """Apply the retention settings at once (the writer also does so every minute)."""
@@ -481,6 +515,23 @@ class SQLiteStore:
         import time
 
         return time.time_ns() // 1_000_000
+
+
+_RefColumns = tuple[str | None, str | None, int | None, bytes | None]
+
+
+def _ref_columns(ref: RefRecord | None) -> _RefColumns:
+    if ref is None:
+        return (None, None, None, None)
+    return (ref.nick_key, ref.ref, ref.expires, ref.ack)
+
+
+def _row(m: Message, ref: RefRecord | None) -> tuple[object, ...]:
+    return (m.room, m.seq, m.ts, m.sender, m.text, *_ref_columns(ref))
+
+
+def _dm_row(d: DmEvent, ref: RefRecord | None) -> tuple[object, ...]:
+    return (d.id, d.ts, d.sender, d.to, d.text, *_ref_columns(ref))
 
 
 def _merge(stored: list[Message], unstored: list[Message]) -> list[Message]:
