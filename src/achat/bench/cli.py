@@ -235,8 +235,10 @@ def _drive(
     go_at = time.monotonic() + 0.2
     for pipe in pipes:
         pipe.send(("go", go_at))
-    cpu0 = server.cpu_seconds() if server else 0.0
-    t0 = time.monotonic()
+    # Server CPU over the measured window only (not the warm-up or the wind-down).
+    window_start, window_end = go_at + args.warmup, go_at + args.warmup + args.duration
+    cpu_start: tuple[float, float] | None = None
+    cpu_end: tuple[float, float] | None = None
     reports: list[WorkerReport] = []
     ticks: dict[int, tuple[int, int, int, int, float]] = {}
     rss_max = 0
@@ -259,6 +261,11 @@ def _drive(
                     alive.discard(i)
         if server is not None:
             rss_max = max(rss_max, server.rss_kib())
+            now = time.monotonic()
+            if cpu_start is None and now >= window_start:
+                cpu_start = (now, server.cpu_seconds())
+            elif cpu_end is None and now >= window_end:
+                cpu_end = (now, server.cpu_seconds())
         elapsed = min(t[4] for t in ticks.values()) if ticks else 0.0
         if elapsed > 0:
             sent = sum(t[0] for t in ticks.values())
@@ -268,9 +275,10 @@ def _drive(
                 f"delivered {delivered / elapsed:12,.0f}/s"
             )
         time.sleep(0.2)
-    measured = time.monotonic() - t0 - args.warmup
     if server is not None:
-        result.server_cpu_pct = round(100 * (server.cpu_seconds() - cpu0) / max(measured, 1e-9), 1)
+        if cpu_start is not None and cpu_end is not None:
+            busy, wall = cpu_end[1] - cpu_start[1], cpu_end[0] - cpu_start[0]
+            result.server_cpu_pct = round(100 * busy / max(wall, 1e-9), 1)
         if result.server_rss_mib is None:
             result.server_rss_mib = round(rss_max / 1024, 1)
     for p in workers:
@@ -316,8 +324,12 @@ def _progress(text: str) -> None:
 # -- self-check: the generator's own ceiling ------------------------------------------------
 
 
-def _sink_main(port_pipe: Any, frames_per_write: int) -> None:
-    """A trivial 'server' that welcomes and then floods every client with message frames."""
+def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
+    """A trivial 'server' that welcomes every client, then floods them all with messages.
+
+    The flood starts once all ``clients`` have joined: a sink already flooding
+    some makes the others' connect and join crawl (tens of seconds).
+    """
     frame = encode_frame(
         b'{"type":"message","room":"busy","seq":1,"ts":1,"from":"sink","text":"t=%d '
         % time.time_ns()
@@ -331,9 +343,17 @@ def _sink_main(port_pipe: Any, frames_per_write: int) -> None:
     )
     names = encode_frame(b'{"type":"names","room":"busy","nicks":[],"topic":"","seq":0}')
 
+    everyone = asyncio.Event()
+    joined = 0
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal joined
         await reader.read(65536)
         writer.write(welcome + names)
+        joined += 1
+        if joined >= clients:
+            everyone.set()
+        await everyone.wait()
         try:
             while True:
                 writer.write(burst)
@@ -342,7 +362,7 @@ def _sink_main(port_pipe: Any, frames_per_write: int) -> None:
             writer.transport.abort()
 
     async def main() -> None:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
         port_pipe.send(server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
@@ -358,7 +378,7 @@ def self_check(args: argparse.Namespace) -> Result:
     """Measure how many deliveries per second the generator itself can count."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    sink = ctx.Process(target=_sink_main, args=(child, 64), daemon=True)
+    sink = ctx.Process(target=_sink_main, args=(child, 64, args.clients), daemon=True)
     sink.start()
     port = parent.recv()
     result = Result("self-check", _params(args), args.duration)
@@ -414,7 +434,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", "-n", type=int, default=300)
     p.add_argument("--rate", "-r", type=float, default=1.0, help="messages/s per client")
     p.add_argument("--room-size", "-k", type=int, default=10)
-    p.add_argument("--pipeline", type=int, default=256, help="ingest: says in flight")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=1024,
+        help="ingest: says in flight (deep enough that the server, not the round trip, limits)",
+    )
     p.add_argument("--duration", "-d", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1) * 2))

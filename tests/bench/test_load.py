@@ -1,0 +1,101 @@
+"""The generator's receive path: frames counted, not parsed, however the stream is split."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from achat.bench.load import ClientPlan, WorkerPlan, WorkerReport, _BenchClient, _Window
+from achat.protocol.frames import encode_frame
+
+
+class Wire:
+    """The transport end the client writes to (the receive path is what is tested)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+def message(seq: int) -> bytes:
+    text = b"t=%d xxxxxxxx" % time.time_ns()
+    return encode_frame(
+        b'{"type":"message","room":"r","seq":%d,"ts":1,"sender":"a","text":"%s"}' % (seq, text)
+    )
+
+
+STREAM = b"".join(
+    [
+        encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}'),
+        encode_frame(b'{"type":"joined","room":"r","nick":"b0","ts":1}'),
+        encode_frame(b'{"type":"names","room":"r","nicks":["b0"]}'),
+        message(1),
+        message(2),
+        encode_frame(b'{"type":"ping","ref":"keepalive"}'),
+        message(3),
+        encode_frame(b'{"type":"error","code":"rate_limited","message":"m","fatal":false}'),
+        encode_frame(b'{"type":"ack","ref":"1","ts":1,"room":"r","seq":4}'),
+        message(4),
+        encode_frame(b'{"type":"ack","ref":"2","ts":1,"room":"r","seq":5}'),
+    ]
+)
+
+
+def feed(chunks: list[bytes], pipeline: int = 0) -> tuple[WorkerReport, Wire]:
+    """Feed ``chunks`` to one client (measuring throughout); its report and what it wrote."""
+
+    async def run() -> tuple[WorkerReport, Wire]:
+        window = _Window()
+        window.start, window.end = 0.0, float("inf")
+        plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1, pipeline=pipeline)
+        report = WorkerReport()
+        client = _BenchClient(plan, ClientPlan("b0", "r", 0.0), report, window, random.Random(1))
+        wire = Wire()
+        client.connection_made(wire)  # type: ignore[arg-type]
+        client.in_flight = pipeline  # as if that many says were out
+        for chunk in chunks:
+            client.data_received(chunk)
+        return report, wire
+
+    return asyncio.run(run())
+
+
+def check(report: WorkerReport, wire: Wire) -> None:
+    assert report.delivered == 4
+    assert report.joined == 1
+    assert report.errors == 1
+    assert sum(b"pong" in w for w in wire.written) == 1
+    # At most the first and last stamp of each read; a stamp cut by a split is skipped.
+    assert all(0 <= x < 60 for x in report.latencies)
+
+
+def test_every_split_in_two() -> None:
+    for at in range(1, len(STREAM)):
+        report, wire = feed([STREAM[:at], STREAM[at:]])
+        check(report, wire)
+        assert 1 <= len(report.latencies) <= 4, at
+
+
+@given(st.lists(st.integers(1, len(STREAM) - 1), max_size=40))
+def test_any_split(cuts: list[int]) -> None:
+    points = [0, *sorted(set(cuts)), len(STREAM)]
+    check(*feed([STREAM[a:b] for a, b in itertools.pairwise(points)]))
+
+
+def test_one_byte_at_a_time_and_acks_count_for_ingest() -> None:
+    report, wire = feed([STREAM[i : i + 1] for i in range(len(STREAM))], pipeline=4)
+    check(report, wire)
+    assert report.acked == 2
