@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -270,3 +271,50 @@ def test_retention_keeps_refs_that_are_still_in_force(db_path: Path) -> None:
         assert [r.ref for r in again.load_refs(now=3_000)] == ["in-force", "kept-row"]
     finally:
         again.close()
+
+
+def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers opening an old database at once: the second finds it migrated, no error."""
+    waiting = threading.Event()
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db: sqlite3.Connection = connect(*args, **kwargs)
+        db.set_trace_callback(lambda sql: waiting.set() if "IMMEDIATE" in sql else None)
+        return db
+
+    db_path.parent.mkdir(parents=True)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("PRAGMA journal_mode=WAL")  # as every achat database is
+    other.executescript(_MIGRATIONS[0])
+    other.execute("PRAGMA user_version=1")
+    other.execute("BEGIN IMMEDIATE")  # the other process is migrating right now
+    opened: list[SQLiteStore | BaseException] = []
+
+    def open_store() -> None:
+        try:
+            opened.append(SQLiteStore(db_path))
+        except BaseException as exc:  # reported below
+            opened.append(exc)
+
+    thread = threading.Thread(target=open_store)
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    thread.start()
+    # The store has read version 1 and now waits for the lock the other process holds.
+    assert waiting.wait(10)
+    for statement in _MIGRATIONS[1].split(";"):
+        if statement.strip():
+            other.execute(statement)
+    other.execute("PRAGMA user_version=2")
+    other.execute("COMMIT")
+    other.close()
+    thread.join(10)
+    assert len(opened) == 1
+    store = opened[0]
+    assert isinstance(store, SQLiteStore), store
+    try:
+        assert store._reader.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        store.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -353,7 +354,9 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
         joined += 1
         if joined >= clients:
             everyone.set()
-        await everyone.wait()
+        # A client that never comes (refused, or its worker died) must not hold up the rest.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(everyone.wait(), 30)
         try:
             while True:
                 writer.write(burst)

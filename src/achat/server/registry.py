@@ -68,7 +68,7 @@ from ..protocol.names import (
     validate_text,
     validate_topic,
 )
-from ..store.base import RefRecord, Store
+from ..store.base import REF_TTL_MS, RefRecord, Store
 from .log import esc
 from .refs import RecentRefs, ref_key
 
@@ -77,7 +77,6 @@ __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room
 log = logging.getLogger("achat.server")
 
 DEFAULT_MAX_TEXT = 4_000
-REF_TTL_MS = 10 * 60 * 1000
 BACKLOG_PAGE = 500
 
 T = TypeVar("T")

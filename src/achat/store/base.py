@@ -15,7 +15,11 @@ from typing import Protocol
 
 from ..protocol.messages import DmEvent, Message
 
-__all__ = ["HistoryPage", "RefRecord", "RoomRecord", "Store"]
+__all__ = ["REF_TTL_MS", "HistoryPage", "RefRecord", "RoomRecord", "Store"]
+
+#: How long a ``ref`` is remembered after its message (ms): a resend within this time
+#: gets the first ``ack`` again. A store may forget refs of messages older than this.
+REF_TTL_MS = 10 * 60 * 1000
 
 
 @dataclass(frozen=True, slots=True)

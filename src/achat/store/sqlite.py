@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.messages import DmEvent, Message
-from .base import HistoryPage, RefRecord, RoomRecord
+from .base import REF_TTL_MS, HistoryPage, RefRecord, RoomRecord
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -101,9 +101,9 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-#: A ref lives at most this long (ms) after its message: load_refs looks no further back.
-#: The registry keeps refs 10 minutes; this leaves room without scanning all history.
-REF_HORIZON_MS = 24 * 3600 * 1000
+#: How far back (ms) load_refs looks for messages whose ref may still be in force: the
+#: refs' lifetime and a minute's margin, so a restart reads minutes of rows, not history.
+REF_HORIZON_MS = REF_TTL_MS + 60_000
 
 _REF_COLUMNS = "ref_key, ref, ref_expires, ack"
 
@@ -165,9 +165,10 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # First, so that the statements below wait for a lock instead of failing.
+        db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        db.execute("PRAGMA busy_timeout=5000")
         return db
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -179,6 +180,10 @@ class SQLiteStore:
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             db.execute("BEGIN IMMEDIATE")
+            # Another process may have migrated while this one waited for the lock.
+            if int(db.execute("PRAGMA user_version").fetchone()[0]) >= target:
+                db.execute("COMMIT")
+                continue
             try:
                 for statement in _MIGRATIONS[target - 1].split(";"):
                     if statement.strip():
