@@ -117,6 +117,7 @@ def test_unknown_fields_are_ignored() -> None:
         (b'{"type":"join","room":"a","since":123456789012345678901234567890}', "invalid_json"),
         (b'{"type":"ping","x":1.000000000000000000001}', "invalid_json"),
         (b'{"type":"ping","x":1e000000000000000000001}', "invalid_json"),
+        (b'{"type":"ping","x":-123456789012345678901}', "invalid_json"),
         (b'{"type":"history","room":"a","limit":0}', "missing_field"),
         (b'{"type":"history","room":"a","limit":501}', "missing_field"),
         (b'{"type":"ping","ref":"' + b"r" * 65 + b'"}', "missing_field"),

@@ -123,6 +123,16 @@ def test_history_sees_unstored_messages(db_path: Path) -> None:
         s.close()
 
 
+async def test_history_sees_messages_appended_this_tick(store: SQLiteStore) -> None:
+    """On the loop, a message appended a moment ago (not handed to the writer yet) is there."""
+    store.append(msg("r", 1), lambda: None)
+    store.append(msg("other", 1), lambda: None)
+    store.append(msg("r", 2), lambda: None)
+    assert store._tick  # still this tick
+    assert [m.seq for m in store.history("r", before=None, after=None, limit=10).messages] == [1, 2]
+    assert [m.seq for m in store.history("r", before=None, after=1, limit=10).messages] == [2]
+
+
 def test_history_paging(store: SQLiteStore) -> None:
     """before/after/limit select the right window, oldest first, with `more` set correctly."""
     for seq in range(1, 21):

@@ -303,7 +303,10 @@ _SERVER_DECODER: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(Server
 
 # A JSON string, written so that the regex engine never backtracks.
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
-_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_DIGITS + 1))
+# Every digit made "0": a run of MAX_DIGITS + 1 zeros is then a run of that many digits
+# (a translate and a substring search: a fifth of what a regex takes on a short frame).
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * (MAX_DIGITS + 1)
 _KEY = re.compile(rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*+:')
 
 F = TypeVar("F")
@@ -346,7 +349,7 @@ def _check_json(body: bytes) -> None:
     if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
         raise ProtocolError("invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels")
     # A long digit run is almost always inside a string; only then look closer.
-    if _LONG_DIGITS.search(body) and _LONG_DIGITS.search(_STRING.sub(b'""', body)):
+    if _long_digit_run(body) and _long_digit_run(_STRING.sub(b'""', body)):
         raise ProtocolError("invalid_json", f"a number has more than {MAX_DIGITS} digits")
     keys = _KEY.findall(body)
     if len(set(keys)) == len(keys) and (b"\\" not in body or b"\\" not in b"".join(keys)):
@@ -358,6 +361,10 @@ def _check_json(body: bytes) -> None:
         raise ProtocolError("invalid_json", f"duplicate key {exc.args[0]!r}") from None
     except (ValueError, RecursionError):
         raise ProtocolError("invalid_json", "not valid JSON") from None
+
+
+def _long_digit_run(data: bytes) -> bool:
+    return _LONG_RUN in data.translate(_DIGITS_TO_ZERO)
 
 
 class _DuplicateKey(ValueError):

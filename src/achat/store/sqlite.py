@@ -213,7 +213,7 @@ class SQLiteStore:
         # On the loop, one hand-over per tick: waking the writer thread costs a GIL
         # round trip, so a tick's writes travel together (and commit together).
         if not self._on_loop():
-            self._queue.put([write])
+            self._hand_over([write])
             return
         if not self._tick:
             asyncio.get_running_loop().call_soon(self._submit)
@@ -221,8 +221,17 @@ class SQLiteStore:
 
     def _submit(self) -> None:
         if self._tick:
-            self._queue.put(self._tick)
+            self._hand_over(self._tick)
             self._tick = []
+
+    def _hand_over(self, writes: list[_Write]) -> None:
+        # Messages on their way to the disk stay readable (history merges them in); one
+        # lock per hand-over, not per message, since the writer takes it once per commit.
+        with self._lock:
+            for w in writes:
+                if w.message is not None:
+                    self._unstored.setdefault(w.message.room, []).append(w.message)
+        self._queue.put(writes)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is committed (for tools and tests)."""
@@ -263,8 +272,6 @@ class SQLiteStore:
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        with self._lock:
-            self._unstored.setdefault(message.room, []).append(message)
         self._put(_Write(message, None, ref, on_stored))
 
     def append_dm(
@@ -280,6 +287,9 @@ class SQLiteStore:
     ) -> HistoryPage:
         with self._lock:
             unstored = list(self._unstored.get(room, ()))
+        if self._tick and self._on_loop():
+            # This tick's messages, not handed to the writer yet.
+            unstored += [w.message for w in self._tick if w.message and w.message.room == room]
         db = self._reader
         if after is not None:
             rows = db.execute(
