@@ -218,9 +218,7 @@ class Session(asyncio.Protocol):
             self._flush()
         finally:
             # Whatever went wrong above, the connection still closes and the member leaves.
-            self._closing = True
-            self._out = None
-            self._alarms.cancel(self)
+            self._stop()
             transport = self._transport
             if transport is not None:
                 if frame is not None and not transport.is_closing():
@@ -292,9 +290,8 @@ class Session(asyncio.Protocol):
             self._frame_started = None
         elif self._frame_started is None or bodies:
             self._frame_started = now
-            # A frame in progress may bring the deadline forward: move the alarm up.
-            if now + self._limits.frame_timeout < (self._alarms.when(self) or 0.0):
-                self._arm()
+            # A frame in progress may bring the deadline forward.
+            self._arm_if_sooner()
         for body in bodies:
             if not self._dispatch(body) or self._closing:
                 return
@@ -307,15 +304,19 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             log.debug("connection error addr=%s: %s", self.addr, exc)
-        self._closing = True
-        self._out = None
-        self._alarms.cancel(self)
+        self._stop()
         try:
             self._leave()
         finally:
             self._owner.closed(self)
 
     # -- inside -------------------------------------------------------------
+
+    def _stop(self) -> None:
+        """Nothing more is read, queued or timed for this connection."""
+        self._closing = True
+        self._out = None
+        self._alarms.cancel(self)
 
     def _leave(self) -> None:
         member, self._member = self._member, None
@@ -335,6 +336,15 @@ class Session(asyncio.Protocol):
     def _arm(self) -> None:
         """Set the alarm to the connection's current deadline."""
         self._alarms.set(self, self._deadline()[0])
+
+    def _arm_if_sooner(self) -> None:
+        """Move the alarm up if the deadline now comes before it.
+
+        A later deadline needs nothing: the alarm goes off early and moves itself on.
+        """
+        at, set_for = self._deadline()[0], self._alarms.when(self)
+        if set_for is not None and at < set_for:
+            self._alarms.set(self, at)
 
     def on_deadline(self) -> None:
         """The alarm went off: act on the deadline, unless traffic has moved it on since."""
@@ -412,10 +422,8 @@ class Session(asyncio.Protocol):
             log.info("refused addr=%s code=%s nick=%s", self.addr, exc.code, esc(frame.nick))
             self.fail(exc)
             return False
-        # From the hello deadline to the idle one: the alarm moves only if that comes sooner
-        # (else it goes off at the hello deadline and moves itself on).
-        if self._deadline()[0] < (self._alarms.when(self) or 0.0):
-            self._arm()
+        # From the hello deadline to the idle one, which may come sooner.
+        self._arm_if_sooner()
         return True
 
     def _refuse(self, exc: ProtocolError) -> None:
