@@ -48,7 +48,8 @@ PING = b'{"type":"ping"'
 ERROR = b'{"type":"error"'
 ACK = b'{"type":"ack"'
 TYPE = re.compile(rb'\{"type":"[a-z_]{1,16}"')
-#: Bytes of the stream kept from before a read: enough for any split TYPE match.
+#: Bytes of the stream kept from before a read: enough for any pattern or TYPE match
+#: split across two reads.
 KEEP = 32
 STAMP = b'"text":"t='
 TEXT_SIZE = 60
@@ -99,24 +100,14 @@ def _say(room: bytes, ref: int) -> bytes:
     return encode_frame(body)
 
 
-class _Counter:
-    """Counts a pattern in a stream of chunks, including occurrences split across two."""
+def _count(pattern: bytes, before: bytes, chunk: bytes) -> int:
+    """Occurrences of ``pattern`` completed in ``chunk``, given the stream ``before`` it.
 
-    __slots__ = ("pattern", "tail")
-
-    def __init__(self, pattern: bytes) -> None:
-        self.pattern = pattern
-        self.tail = b""  # the previous chunks' last len(pattern) - 1 bytes
-
-    def count(self, chunk: bytes) -> int:
-        pattern, keep = self.pattern, len(self.pattern) - 1
-        n = chunk.count(pattern)
-        if self.tail:
-            # Only an occurrence that straddles the boundary fits here (neither side
-            # alone is long enough), so nothing is counted twice; no copy of the chunk.
-            n += (self.tail + chunk[:keep]).count(pattern)
-        self.tail = chunk[-keep:] if len(chunk) >= keep else (self.tail + chunk)[-keep:]
-        return n
+    Only an occurrence that straddles the boundary fits in the joined edges (neither
+    side alone is long enough), so nothing is counted twice, and the chunk is not copied.
+    """
+    keep = len(pattern) - 1
+    return chunk.count(pattern) + (before[-keep:] + chunk[:keep]).count(pattern)
 
 
 MAX_SAMPLES = 100_000
@@ -159,8 +150,6 @@ class _BenchClient(asyncio.Protocol):
     ) -> None:
         self.plan, self.c, self.report, self.window, self.rng = plan, c, report, window, rng
         self.room = c.room.encode()
-        self.frames = _Counter(FRAME)
-        self.messages = _Counter(MESSAGE)
         # Frames begun whose type has not been looked at yet (nor counted as a message).
         self.unread = 0
         self.kept = b""
@@ -218,8 +207,8 @@ class _BenchClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         report = self.report
-        n = self.messages.count(data)
-        self.unread += self.frames.count(data) - n
+        n = _count(MESSAGE, self.kept, data)
+        self.unread += _count(FRAME, self.kept, data) - n
         measuring = time.monotonic() in self.window
         if self.unread:
             # Often the one unread frame is the last, cut before its type: nothing to do yet.
@@ -245,22 +234,16 @@ class _BenchClient(asyncio.Protocol):
         """Look for the frames that matter besides messages, completed in this read."""
         report = self.report
         kept = self.kept
-
-        def count(pattern: bytes) -> int:
-            # Occurrences completed in this read: inside it, or across its start.
-            keep = len(pattern) - 1
-            return data.count(pattern) + (kept[-keep:] + data[:keep]).count(pattern)
-
-        if not self.joined and count(NAMES):
+        if not self.joined and _count(NAMES, kept, data):
             self.joined = True
             report.joined += 1
             self._start_sending()
-        if count(PING):
+        if _count(PING, kept, data):
             assert self.transport is not None
             self.transport.write(encode_frame(b'{"type":"pong","ref":"keepalive"}'))
-        report.errors += count(ERROR)
+        report.errors += _count(ERROR, kept, data)
         if self.plan.pipeline:
-            acks = count(ACK)
+            acks = _count(ACK, kept, data)
             if acks:
                 self.in_flight -= acks
                 if measuring:
