@@ -73,7 +73,6 @@ class Server:
             exempt_loopback=config.exempt_loopback,
         )
         self._sessions: set[Session] = set()
-        self._rounds: FlushRounds | None = None
         self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._closed = asyncio.Event()
@@ -132,7 +131,7 @@ class Server:
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given, else on the configured host and port."""
         loop = asyncio.get_running_loop()
-        rounds = self._rounds = FlushRounds(loop)
+        rounds = FlushRounds(loop)
         alarms: Alarms[Session] = Alarms(loop)
         registry, limits = self.registry, self.config.limits
 

@@ -76,7 +76,6 @@ class FlushRounds:
         self._dirty: list[Session] = []
         self._scheduled = False
         self._not_before = 0.0
-        self.rounds = 0
 
     def mark(self, session: Session) -> None:
         """Have ``session`` flushed in the next round."""
@@ -91,7 +90,6 @@ class FlushRounds:
 
     def _round(self) -> None:
         self._scheduled = False
-        self.rounds += 1
         started = time.monotonic()
         dirty, self._dirty = self._dirty, []
         for session in dirty:
