@@ -1,8 +1,16 @@
-"""The session's deadlines (pure); the session itself is driven for real in test_app.py."""
+"""The session's deadlines and write pacing (pure, or on a fake loop and clock).
+
+The session itself is driven for real in test_app.py.
+"""
 
 from __future__ import annotations
 
-from achat.server.session import SessionLimits, deadline
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from achat.server.session import FlushRounds, Session, SessionLimits, WriteBudget, deadline
 
 LIMITS = SessionLimits(hello_timeout=10.0, frame_timeout=5.0, idle_timeout=120.0)
 
@@ -38,3 +46,120 @@ def test_a_frame_in_progress_brings_the_deadline_forward() -> None:
 def test_a_frame_deadline_later_than_the_others_does_not_count() -> None:
     assert at(registered=False, frame_started=108.0) == (110.0, "no hello")
     assert at(pinged=True, frame_started=318.0) == (320.0, "idle")
+
+
+# -- write pacing ----------------------------------------------------------------------
+
+
+def test_a_budget_with_credit_lets_the_next_round_run_at_once() -> None:
+    budget = WriteBudget(share=0.5, burst=0.010)
+    assert budget.ready_at() == float("-inf")
+    # 1 ms of writing every 3 ms is a third of the time: never a wait.
+    for k in range(1000):
+        budget.spent(k * 0.003, k * 0.003 + 0.001)
+        assert budget.ready_at() < k * 0.003 + 0.001
+
+
+def test_a_spent_budget_makes_the_next_round_wait_until_paid_back() -> None:
+    budget = WriteBudget(share=0.5, burst=0.010)
+    budget.spent(0.0, 0.030)  # 10 ms of credit, 30 ms taken, 15 ms earned meanwhile
+    assert budget.ready_at() == pytest.approx(0.040)  # 5 ms owed, earned back at half speed
+
+
+def test_a_saturated_writer_pauses_as_long_as_it_writes() -> None:
+    budget = WriteBudget(share=0.5, burst=0.010)
+    now = 0.0
+    for _ in range(100):
+        start = max(now, budget.ready_at())
+        now = start + 0.012
+        budget.spent(start, now)
+    pause = budget.ready_at() - now
+    assert pause == pytest.approx(0.012)
+
+
+def test_credit_saved_while_idle_is_capped_at_the_burst() -> None:
+    budget = WriteBudget(share=0.5, burst=0.010)
+    budget.spent(0.0, 0.001)
+    budget.spent(100.0, 100.030)  # a long idle time earns no more than the burst
+    assert budget.ready_at() == pytest.approx(100.040)
+
+
+def test_a_share_must_leave_time_for_reading() -> None:
+    with pytest.raises(ValueError, match="share"):
+        WriteBudget(share=1.0)
+
+
+class FakeLoop:
+    """Records what the rounds schedule instead of running it."""
+
+    def __init__(self) -> None:
+        self.soon: list[Callable[[], None]] = []
+        self.later: list[tuple[float, Callable[[], None]]] = []
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.soon.append(callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.later.append((delay, callback))
+
+
+class FakeSession:
+    """A connection whose write takes ``cost`` seconds of the fake clock."""
+
+    def __init__(self, name: str, clock: list[float], log: list[str], cost: float) -> None:
+        self.name, self.clock, self.log, self.cost = name, clock, log, cost
+
+    def _flush(self) -> None:
+        self.log.append(self.name)
+        self.clock[0] += self.cost
+
+
+def rounds(cost: float, count: int) -> tuple[FlushRounds, FakeLoop, list[Any], list[str]]:
+    loop, clock, log = FakeLoop(), [0.0], list[str]()
+    flush = FlushRounds(
+        cast(Any, loop), WriteBudget(0.5, 0.010), clock=lambda: clock[0], slice_seconds=0.0002
+    )
+    sessions = [FakeSession(f"s{i}", clock, log, cost) for i in range(count)]
+    return flush, loop, sessions, log
+
+
+def test_queued_connections_are_written_in_slices_in_order() -> None:
+    flush, loop, sessions, log = rounds(cost=0.00001, count=100)
+    for s in sessions:
+        flush.mark(cast(Session, s))
+    assert len(loop.soon) == 1  # one pass scheduled, not one per connection
+    loop.soon.pop()()
+    assert log == [f"s{i}" for i in range(24)]  # 0.2 ms, checked every 8 writes
+    while loop.soon:
+        loop.soon.pop()()
+    assert log == [f"s{i}" for i in range(100)]
+
+
+def test_a_connection_queued_again_after_its_write_goes_to_the_back() -> None:
+    flush, loop, sessions, log = rounds(cost=0.00001, count=40)
+    for s in sessions:
+        flush.mark(cast(Session, s))
+    loop.soon.pop()()  # s0..s23 written; a new event for s0 arrives between slices
+    flush.mark(cast(Session, sessions[0]))
+    assert not loop.soon[1:]  # still one pass
+    while loop.soon:
+        loop.soon.pop()()
+    assert log[24:] == [f"s{i}" for i in range(24, 40)] + ["s0"]
+
+
+def test_a_saturated_writer_waits_for_its_budget() -> None:
+    flush, loop, sessions, log = rounds(cost=0.002, count=20)  # 2 ms per write
+    for s in sessions:
+        flush.mark(cast(Session, s))
+    passes = 0
+    while loop.soon:
+        loop.soon.pop()()
+        passes += 1
+    # A slice stops at the first check past 0.2 ms: 8 writes, 16 ms, of which half is
+    # earned back while writing. The 10 ms burst pays for one slice and part of another.
+    assert passes == 2
+    assert len(log) == 16
+    ((delay, callback),) = loop.later
+    assert delay == pytest.approx(0.012)  # 6 ms owed, earned back at half speed
+    callback()
+    assert log == [f"s{i}" for i in range(20)]

@@ -6,10 +6,11 @@ the frame decoder, and every complete frame is handed to the registry at
 once, in the same callback: no task, no stream objects and no future per
 connection, which is what keeps an idle client cheap (see
 ``docs/performance.md``). Output never goes straight to the socket:
-:meth:`Session.send` appends to an outbox and has the connection written in
-the next round of :class:`FlushRounds` (the end of the current loop tick, or
-later when the loop is saturated), so a connection gets at most one
-``write`` per round whatever the number of events. When the bytes the
+:meth:`Session.send` appends to an outbox and queues the connection in
+:class:`FlushRounds`, which writes queued connections in short slices at the
+end of loop ticks (later when writing has used up its share of a saturated
+loop), so a connection gets at most one ``write`` per pass whatever the
+number of events. When the bytes the
 transport could not send yet plus the outbox pass ``sendq_limit``, the
 outbox is dropped and the peer gets a fatal ``sendq_exceeded``; nobody else
 ever waits for a slow reader.
@@ -30,6 +31,7 @@ import logging
 import sys
 import time
 import typing
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import FrameError, ProtocolError
@@ -40,7 +42,7 @@ from .limits import FloodPolicy, TokenBucket
 from .log import esc
 from .registry import Member, Registry
 
-__all__ = ["FlushRounds", "Session", "SessionLimits", "SessionOwner", "deadline"]
+__all__ = ["FlushRounds", "Session", "SessionLimits", "SessionOwner", "WriteBudget", "deadline"]
 
 log = logging.getLogger("achat.server")
 
@@ -58,45 +60,104 @@ class SessionLimits:
     flood: FloodPolicy = field(default_factory=FloodPolicy)
 
 
-class FlushRounds:
-    """Writes every connection that has queued output, all together, in rounds.
+class WriteBudget:
+    """How much of the loop's time writing may take: ``share`` on average, in bursts.
 
-    A round is scheduled for the end of the current loop tick, but never
-    sooner after the previous round than that round took (when it took more
-    than ``min_pause``): writing is at most half of the loop's time, and while
-    a round waits, everything queued meanwhile joins it. An idle server
-    writes at once; a saturated one writes each connection less often and in
-    bigger pieces, which is what keeps a 2,500-member room from spending all
-    its time in ``write``.
+    Pure (times are passed in). Each round spends what it took; credit comes
+    back at ``share`` seconds per second of wall time, up to ``burst``. While
+    there is credit the next round may run at once; once it is spent, the next
+    round waits until it is paid back. A server writing less than ``share`` of
+    the time therefore never waits (a busy room's message goes out in the tick
+    it was stored), and a saturated one settles at rounds that take as long as
+    the pauses between them, each writing everything queued meanwhile.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, min_pause: float = 0.0005) -> None:
+    __slots__ = ("_burst", "_credit", "_last", "_share")
+
+    def __init__(self, share: float = 0.5, burst: float = 0.010) -> None:
+        if not 0 < share < 1:
+            raise ValueError("share must be between 0 and 1")
+        self._share = share
+        self._burst = burst
+        self._credit = burst
+        self._last: float | None = None
+
+    def spent(self, started: float, ended: float) -> None:
+        """A round ran from ``started`` to ``ended``."""
+        if self._last is not None:
+            self._credit = min(self._burst, self._credit + (started - self._last) * self._share)
+        self._credit += (ended - started) * self._share - (ended - started)
+        self._last = ended
+
+    def ready_at(self) -> float:
+        """The earliest time the next round may start (in the past: at once)."""
+        if self._last is None or self._credit >= 0:
+            return float("-inf")
+        return self._last - self._credit / self._share
+
+
+class FlushRounds:
+    """Writes every connection that has queued output, in the order they were queued.
+
+    Writing happens in slices of at most ``slice_seconds`` at the end of a
+    loop tick, with the loop free to read sockets and take store commits
+    between slices: a message that arrives while hundreds of members are being
+    written does not wait for all of them. It is queued behind what members
+    not yet written have, and they get both in one write; those already
+    written are queued again at the end. A connection is in the queue at most
+    once, so it gets at most one ``write`` per pass whatever the number of
+    events.
+
+    When writing has used up its share of the loop's time
+    (:class:`WriteBudget`) the next slice waits, and everything queued
+    meanwhile joins the connections' next writes. A server that is not
+    saturated writes at once; a saturated one writes each connection less
+    often and in bigger pieces, which is what keeps a 2,500-member room from
+    spending all its time in ``write``.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        budget: WriteBudget | None = None,
+        clock: typing.Callable[[], float] = time.monotonic,
+        slice_seconds: float = 0.0002,
+    ) -> None:
         self._loop = loop
-        self._min_pause = min_pause
-        self._dirty: list[Session] = []
+        self._budget = budget or WriteBudget()
+        self._clock = clock
+        self._slice = slice_seconds
+        self._dirty: deque[Session] = deque()
         self._scheduled = False
-        self._not_before = 0.0
 
     def mark(self, session: Session) -> None:
-        """Have ``session`` flushed in the next round."""
+        """Have ``session`` written after those already queued."""
         self._dirty.append(session)
         if not self._scheduled:
-            self._scheduled = True
-            wait = self._not_before - time.monotonic()
-            if wait > 0:
-                self._loop.call_later(wait, self._round)
-            else:
-                self._loop.call_soon(self._round)
+            self._schedule()
 
-    def _round(self) -> None:
+    def _schedule(self) -> None:
+        self._scheduled = True
+        wait = self._budget.ready_at() - self._clock()
+        if wait > 0:
+            self._loop.call_later(wait, self._write_slice)
+        else:
+            self._loop.call_soon(self._write_slice)
+
+    def _write_slice(self) -> None:
         self._scheduled = False
-        started = time.monotonic()
-        dirty, self._dirty = self._dirty, []
-        for session in dirty:
-            session._flush()
-        ended = time.monotonic()
-        took = ended - started
-        self._not_before = ended + took if took > self._min_pause else 0.0
+        clock, dirty = self._clock, self._dirty
+        started = clock()
+        stop = started + self._slice
+        written = 0
+        while dirty:
+            dirty.popleft()._flush()
+            written += 1
+            if written % 8 == 0 and clock() >= stop:
+                break
+        self._budget.spent(started, clock())
+        if dirty and not self._scheduled:
+            self._schedule()
 
 
 def deadline(
