@@ -10,7 +10,15 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from achat.bench.load import ClientPlan, WorkerPlan, WorkerReport, _BenchClient, _Window
+from achat.bench.load import (
+    BRACE,
+    FRAME,
+    ClientPlan,
+    WorkerPlan,
+    WorkerReport,
+    _BenchClient,
+    _Window,
+)
 from achat.protocol.frames import encode_frame
 
 
@@ -54,8 +62,13 @@ STREAM = b"".join(
 )
 
 
-def feed(chunks: list[bytes], pipeline: int = 0) -> tuple[WorkerReport, Wire]:
-    """Feed ``chunks`` to one client (measuring throughout); its report and what it wrote."""
+def feed(
+    chunks: list[bytes], pipeline: int = 0, clients: list[_BenchClient] | None = None
+) -> tuple[WorkerReport, Wire]:
+    """Feed ``chunks`` to one client (measuring throughout); its report and what it wrote.
+
+    The client is appended to ``clients`` if given.
+    """
 
     async def run() -> tuple[WorkerReport, Wire]:
         window = _Window()
@@ -63,6 +76,8 @@ def feed(chunks: list[bytes], pipeline: int = 0) -> tuple[WorkerReport, Wire]:
         plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1, pipeline=pipeline)
         report = WorkerReport()
         client = _BenchClient(plan, ClientPlan("b0", "r", 0.0), report, window, random.Random(1))
+        if clients is not None:
+            clients.append(client)
         wire = Wire()
         client.connection_made(wire)  # type: ignore[arg-type]
         client.in_flight = pipeline  # as if that many says were out
@@ -99,3 +114,46 @@ def test_one_byte_at_a_time_and_acks_count_for_ingest() -> None:
     report, wire = feed([STREAM[i : i + 1] for i in range(len(STREAM))], pipeline=4)
     check(report, wire)
     assert report.acked == 2
+
+
+def test_braces_and_frame_lookalikes_in_texts_are_not_frames() -> None:
+    braces = encode_frame(
+        b'{"type":"message","room":"r","seq":9,"ts":1,"sender":"{x}",'
+        b'"text":"{\\"type\\":\\"ping\\"} {{"}'
+    )
+    stream = braces + STREAM + braces
+    for at in range(1, len(stream)):
+        report, wire = feed([stream[:at], stream[at:]])
+        assert report.delivered == 6
+        assert report.joined == 1
+        assert report.errors == 1
+        assert sum(b"pong" in w for w in wire.written) == 1
+
+
+def sized_message(seq: int, size: int) -> bytes:
+    """A message frame whose body is ``size`` bytes long."""
+    head = b'{"type":"message","room":"r","seq":%d,"ts":1,"sender":"a","text":"t=%d ' % (
+        seq,
+        time.time_ns(),
+    )
+    return encode_frame(head + b"x" * (size - len(head) - 2) + b'"}')
+
+
+def test_frames_are_counted_by_their_brace_while_that_holds() -> None:
+    seen: list[_BenchClient] = []
+    stream = STREAM + b"".join(sized_message(5 + i, 150) for i in range(20))
+    report, _ = feed([stream[i : i + 100] for i in range(0, len(stream), 100)], clients=seen)
+    assert report.delivered == 24
+    assert seen[0].starts == BRACE
+
+
+def test_length_prefixes_that_look_like_braces_switch_to_the_exact_count() -> None:
+    seen: list[_BenchClient] = []
+    lookalikes = b"".join(sized_message(5 + i, ord("{")) for i in range(20))
+    assert lookalikes.count(b"{") == 40  # each frame's length prefix ends in a brace
+    stream = STREAM + lookalikes
+    report, wire = feed([stream[i : i + 100] for i in range(0, len(stream), 100)], clients=seen)
+    check_counts = report.delivered, report.joined, report.errors
+    assert check_counts == (24, 1, 1)
+    assert sum(b"pong" in w for w in wire.written) == 1
+    assert seen[0].starts == FRAME

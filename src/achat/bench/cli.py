@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.frames import encode_frame
-from .load import ClientPlan, WorkerPlan, WorkerReport, run_worker
+from .load import ClientPlan, WorkerPlan, WorkerReport, run_worker, stamped_text
 
 __all__ = ["Result", "main", "run"]
 
@@ -331,11 +331,10 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
     The flood starts once all ``clients`` have joined: a sink already flooding
     some makes the others' connect and join crawl (tens of seconds).
     """
+    # Shaped like a busy room's messages: the generator's cost depends on the bytes.
     frame = encode_frame(
-        b'{"type":"message","room":"busy","seq":1,"ts":1,"from":"sink","text":"t=%d '
-        % time.time_ns()
-        + b"x" * 30
-        + b'"}'
+        b'{"type":"message","room":"busy","seq":123456,"ts":%d,"from":"b1234u1234",'
+        b'"text":"%s"}' % (time.time_ns() // 1_000_000, stamped_text())
     )
     burst = frame * frames_per_write
     welcome = encode_frame(
