@@ -258,8 +258,11 @@ class _BenchClient(asyncio.Protocol):
         end = data.find(b" ", start, start + 21) if pos >= 0 else -1
         # A stamp cut off at the end of the read is skipped, not misread.
         if end > start:
-            with contextlib.suppress(ValueError):
-                _sample(self.report, (now_ns - int(data[start:end])) / 1e9, self.rng)
+            try:
+                sent_ns = int(data[start:end])
+            except ValueError:  # not a stamp of ours after all
+                return
+            _sample(self.report, (now_ns - sent_ns) / 1e9, self.rng)
 
     def _other_frames(self, data: bytes, measuring: bool, arrived: int) -> None:
         """Look for the frames that matter besides messages, completed in this read.
