@@ -68,13 +68,17 @@ class WriteBudget:
     there is credit the next round may run at once; once it is spent, the next
     round waits until it is paid back. A server writing less than ``share`` of
     the time therefore never waits (a busy room's message goes out in the tick
-    it was stored), and a saturated one settles at rounds that take as long as
-    the pauses between them, each writing everything queued meanwhile.
+    it was stored), and a saturated one settles at rounds that take ``share``
+    of the time, each writing everything queued meanwhile, and leaves the rest
+    to reading and handling frames. The default, 0.7, was measured: at 0.5 a
+    2,500-member room at 6.25 M deliveries/s (``achat-bench busy-room -n
+    2500``) had its p99 over 250 ms in more runs, and 2,500 clients joining
+    one room were no faster.
     """
 
     __slots__ = ("_burst", "_credit", "_last", "_share")
 
-    def __init__(self, share: float = 0.5, burst: float = 0.010) -> None:
+    def __init__(self, share: float = 0.7, burst: float = 0.010) -> None:
         if not 0 < share < 1:
             raise ValueError("share must be between 0 and 1")
         self._share = share
