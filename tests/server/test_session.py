@@ -108,10 +108,16 @@ class FakeSession:
 
     def __init__(self, name: str, clock: list[float], log: list[str], cost: float) -> None:
         self.name, self.clock, self.log, self.cost = name, clock, log, cost
+        self.fail = False
+        self.then: Callable[[], None] | None = None
 
     def _flush(self) -> None:
-        self.log.append(self.name)
         self.clock[0] += self.cost
+        if self.fail:
+            raise RuntimeError("a bug in this connection's write")
+        self.log.append(self.name)
+        if self.then is not None:
+            self.then()
 
 
 def rounds(cost: float, count: int) -> tuple[FlushRounds, FakeLoop, list[Any], list[str]]:
@@ -163,3 +169,28 @@ def test_a_saturated_writer_waits_for_its_budget() -> None:
     assert delay == pytest.approx(0.012)  # 6 ms owed, earned back at half speed
     callback()
     assert log == [f"s{i}" for i in range(20)]
+
+
+def test_a_failing_write_does_not_stop_the_others() -> None:
+    flush, loop, sessions, log = rounds(cost=0.00001, count=3)
+    sessions[1].fail = True
+    for s in sessions:
+        flush.mark(cast(Session, s))
+    with pytest.raises(RuntimeError):
+        loop.soon.pop()()
+    assert len(loop.soon) == 1  # the rest is still on its way
+    loop.soon.pop()()
+    assert log == ["s0", "s2"]
+
+
+def test_a_connection_queued_by_a_write_waits_for_the_budget_too() -> None:
+    flush, loop, sessions, log = rounds(cost=0.004, count=9)  # one 36 ms slice
+    # The first connection's write queues another (say, it failed and its leaving is told).
+    sessions[0].then = lambda: flush.mark(cast(Session, sessions[8]))
+    for s in sessions[:8]:
+        flush.mark(cast(Session, s))
+    loop.soon.pop()()
+    assert log == [f"s{i}" for i in range(8)]
+    assert not loop.soon
+    ((delay, _),) = loop.later
+    assert delay > 0
