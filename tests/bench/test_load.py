@@ -41,7 +41,7 @@ class Wire:
 def message(seq: int) -> bytes:
     text = b"t=%d xxxxxxxx" % time.time_ns()
     return encode_frame(
-        b'{"type":"message","room":"r","seq":%d,"ts":1,"sender":"a","text":"%s"}' % (seq, text)
+        b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"%s"}' % (seq, text)
     )
 
 
@@ -118,7 +118,7 @@ def test_one_byte_at_a_time_and_acks_count_for_ingest() -> None:
 
 def test_braces_and_frame_lookalikes_in_texts_are_not_frames() -> None:
     braces = encode_frame(
-        b'{"type":"message","room":"r","seq":9,"ts":1,"sender":"{x}",'
+        b'{"type":"message","room":"r","seq":9,"ts":1,"from":"{x}",'
         b'"text":"{\\"type\\":\\"ping\\"} {{"}'
     )
     stream = braces + STREAM + braces
@@ -132,7 +132,7 @@ def test_braces_and_frame_lookalikes_in_texts_are_not_frames() -> None:
 
 def sized_message(seq: int, size: int) -> bytes:
     """A message frame whose body is ``size`` bytes long."""
-    head = b'{"type":"message","room":"r","seq":%d,"ts":1,"sender":"a","text":"t=%d ' % (
+    head = b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"t=%d ' % (
         seq,
         time.time_ns(),
     )
