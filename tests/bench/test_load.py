@@ -63,16 +63,21 @@ STREAM = b"".join(
 
 
 def feed(
-    chunks: list[bytes], pipeline: int = 0, clients: list[_BenchClient] | None = None
+    chunks: list[bytes],
+    pipeline: int = 0,
+    clients: list[_BenchClient] | None = None,
+    span: tuple[int, int] = (0, 2**63),
 ) -> tuple[WorkerReport, Wire]:
-    """Feed ``chunks`` to one client (measuring throughout); its report and what it wrote.
+    """Feed ``chunks`` to one client; its report and what it wrote.
 
+    Acks count throughout; messages count if sent in ``span`` (ns since the epoch).
     The client is appended to ``clients`` if given.
     """
 
     async def run() -> tuple[WorkerReport, Wire]:
         window = _Window()
         window.start, window.end = 0.0, float("inf")
+        window.start_ns, window.end_ns = span
         plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1, pipeline=pipeline)
         report = WorkerReport()
         client = _BenchClient(plan, ClientPlan("b0", "r", 0.0), report, window, random.Random(1))
@@ -119,7 +124,7 @@ def test_one_byte_at_a_time_and_acks_count_for_ingest() -> None:
 def test_braces_and_frame_lookalikes_in_texts_are_not_frames() -> None:
     braces = encode_frame(
         b'{"type":"message","room":"r","seq":9,"ts":1,"from":"{x}",'
-        b'"text":"{\\"type\\":\\"ping\\"} {{"}'
+        b'"text":"t=%d {\\"type\\":\\"ping\\"} {{"}' % time.time_ns()
     )
     stream = braces + STREAM + braces
     for at in range(1, len(stream)):
@@ -157,3 +162,27 @@ def test_length_prefixes_that_look_like_braces_switch_to_the_exact_count() -> No
     assert check_counts == (24, 1, 1)
     assert sum(b"pong" in w for w in wire.written) == 1
     assert seen[0].starts == FRAME
+
+
+def stamped(seq: int, sent_ns: int) -> bytes:
+    text = b"t=%d xxxxxxxxxxxxxxxx" % sent_ns
+    return encode_frame(
+        b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"%s"}' % (seq, text)
+    )
+
+
+def test_deliveries_count_by_when_the_message_was_said() -> None:
+    # Said at 1,000,000,000 + k ms; the window is [1.010, 1.020) s.
+    base = 10**18
+    said = [base + k * 1_000_000 for k in range(30)]
+    stream = b"".join(stamped(k, t) for k, t in enumerate(said))
+    span = (base + 10_000_000, base + 20_000_000)
+    for at in range(1, len(stream)):
+        report, _ = feed([stream[:at], stream[at:]], span=span)
+        assert report.delivered == 10, at
+    # Many reads, each spanning a few messages: the ones across an edge read each stamp.
+    for size in (40, 100, 333):
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        report, _ = feed(chunks, span=span)
+        assert report.delivered == 10, size
+        assert report.latencies, size

@@ -331,12 +331,16 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
     The flood starts once all ``clients`` have joined: a sink already flooding
     some makes the others' connect and join crawl (tens of seconds).
     """
-    # Shaped like a busy room's messages: the generator's cost depends on the bytes.
-    frame = encode_frame(
-        b'{"type":"message","room":"busy","seq":123456,"ts":%d,"from":"b1234u1234",'
-        b'"text":"%s"}' % (time.time_ns() // 1_000_000, stamped_text())
-    )
-    burst = frame * frames_per_write
+
+    def burst() -> bytes:
+        # Shaped like a busy room's messages (the generator's cost depends on the bytes),
+        # and stamped now: the generator counts what was said inside its window.
+        frame = encode_frame(
+            b'{"type":"message","room":"busy","seq":123456,"ts":%d,"from":"b1234u1234",'
+            b'"text":"%s"}' % (time.time_ns() // 1_000_000, stamped_text())
+        )
+        return frame * frames_per_write
+
     welcome = encode_frame(
         b'{"type":"welcome","nick":"x","server":"sink","version":1,"max_frame":65536,'
         b'"max_text":4000}'
@@ -358,7 +362,7 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
             await asyncio.wait_for(everyone.wait(), 30)
         try:
             while True:
-                writer.write(burst)
+                writer.write(burst())
                 await writer.drain()
         except (ConnectionError, OSError):
             writer.transport.abort()
@@ -392,6 +396,7 @@ def self_check(args: argparse.Namespace) -> Result:
         )
     finally:
         sink.terminate()
+        sink.join(5)
     result.delivered_per_s = round(sum(r.delivered for r in reports) / args.duration)
     result.notes.append("a sink floods the generator; this is the most it can count")
     return result

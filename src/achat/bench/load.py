@@ -9,20 +9,27 @@ latency from the bytes without decoding every frame.
 
 Receiving is counted, not parsed: deliveries are the occurrences of
 ``{"type":"message"`` in the byte stream (patterns split across reads are
-counted once), and latency is sampled from the first and last timestamp in
-each read — the oldest and newest message in it. Every frame is a JSON object
-whose first byte is ``{``, so a second count, of that one byte (the cheapest
-pattern to count: it raises the generator's ceiling by 10-20 % over counting
-``{"type":"``), tells
-whether a frame other than a message may have arrived; only then is the read
-searched for the other frames that matter, and only until as many as arrived
-are found: ``ack`` first (a sending client gets one for every ``say``), then
-``error``, ``ping``, ``names`` and ``joined`` (a join storm is all of them). A
-brace that starts no frame (in a text, or a length prefix byte of 123) costs
-a needless search, never a wrong count; a client that keeps meeting them
+counted once). What counts is when a message was said: the stamps of the
+oldest and newest message of a read place the whole read inside the
+measured window or outside it, and only a read that spans an edge of the
+window has each of its stamps read. Nobody says anything after the window,
+and the workers read on until the room is quiet, so the delivered ratio
+misses exactly the messages said inside the window and never read (give or
+take one per client at each edge). Latency is sampled from the same two
+stamps.
+
+Every frame is a JSON object whose first byte is ``{``, so a second count,
+of that one byte (the cheapest pattern to count: it raises the generator's
+ceiling by 10-20 % over counting ``{"type":"``), tells whether a frame other
+than a message may have arrived; only then is the read searched for the
+other frames that matter, and only until as many as arrived are found:
+``ack`` first (a sending client gets one for every ``say``), then ``error``,
+``ping``, ``names`` and ``joined`` (a join storm is all of them). A brace
+that starts no frame (in a text, or a length prefix byte of 123) costs a
+needless search, never a wrong count; a client that keeps meeting them
 counts ``{"type":"`` instead. Two passes over the bytes per read is what the
-generator's ceiling is made of (``achat-bench self-check``). A worker reports its
-counters to the parent once a second over a pipe.
+generator's ceiling is made of (``achat-bench self-check``). A worker
+reports its counters to the parent once a second over a pipe.
 
 Clients are :class:`asyncio.Protocol` objects driven by callbacks and
 timers: no stream objects, no task and no future per read, so one worker
@@ -63,7 +70,14 @@ TYPE = re.compile(rb'\{"type":"[a-z_]{1,16}"')
 #: split across two reads.
 KEEP = 32
 STAMP = b'"text":"t='
+STAMPS = re.compile(rb'"text":"t=(\d{1,20}) ')
+#: The most bytes a stamp takes, up to the space after its digits.
+_STAMP_SIZE = len(STAMP) + 21
+#: How close (ns) to an edge of the window a read's stamps are looked at more closely.
+_NEAR_NS = 1_000_000_000
 TEXT_SIZE = 60
+#: Longest wait after the window for messages said inside it.
+DRAIN_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,18 +111,20 @@ class WorkerReport:
     closed: int = 0
     latencies: list[float] = field(default_factory=list)
     samples_seen: int = 0
+    last_read: float = 0.0  # monotonic time of the last read holding a message
     connect_seconds: float = 0.0
     done: bool = False
 
 
-def stamped_text(text_size: int = TEXT_SIZE) -> bytes:
+def stamped_text(text_size: int = TEXT_SIZE, now_ns: int | None = None) -> bytes:
     """A say's text: its send time (ns since the epoch), padded to ``text_size`` bytes."""
-    head = b"t=%d " % time.time_ns()
+    head = b"t=%d " % (time.time_ns() if now_ns is None else now_ns)
     return head + b"x" * max(0, text_size - len(head))
 
 
-def _say(room: bytes, ref: int) -> bytes:
-    body = b'{"type":"say","room":"%s","text":"%s","ref":"%d"}' % (room, stamped_text(), ref)
+def _say(room: bytes, ref: int, now_ns: int) -> bytes:
+    text = stamped_text(now_ns=now_ns)
+    body = b'{"type":"say","room":"%s","text":"%s","ref":"%d"}' % (room, text, ref)
     return encode_frame(body)
 
 
@@ -129,6 +145,20 @@ def _count(pattern: bytes, before: bytes, chunk: bytes) -> int:
     return chunk.count(pattern) + (before[-keep:] + chunk[:keep]).count(pattern)
 
 
+def _stamp_at(data: bytes, pos: int) -> int | None:
+    """The send time stamped at ``pos`` (a STAMP's start), or None if cut off or not ours."""
+    if pos < 0:
+        return None
+    start = pos + len(STAMP)
+    end = data.find(b" ", start, start + 21)
+    if end <= start:
+        return None
+    try:
+        return int(data[start:end])
+    except ValueError:
+        return None
+
+
 MAX_SAMPLES = 100_000
 
 
@@ -143,13 +173,23 @@ def _sample(report: WorkerReport, value: float, rng: random.Random) -> None:
 
 
 class _Window:
-    """The measured window, on the monotonic clock all processes share; unknown until go."""
+    """The measured window; unknown until go.
 
-    __slots__ = ("end", "start")
+    On the monotonic clock all processes share (when to send, when acks count), and
+    the same on the wall clock of the messages' stamps (which says and deliveries count).
+    """
+
+    __slots__ = ("end", "end_ns", "start", "start_ns")
 
     def __init__(self) -> None:
-        self.start = float("inf")
-        self.end = float("inf")
+        self.start = self.end = float("inf")
+        self.start_ns = self.end_ns = 2**63
+
+    def open(self, start: float, duration: float) -> None:
+        self.start, self.end = start, start + duration
+        wall = time.time_ns() - time.monotonic_ns()
+        self.start_ns = round(self.start * 1e9) + wall
+        self.end_ns = round(self.end * 1e9) + wall
 
     def __contains__(self, t: float) -> bool:
         return self.start <= t < self.end
@@ -175,6 +215,8 @@ class _BenchClient(asyncio.Protocol):
         self.strikes = 0
         self.kept = b""
         self.joined = False
+        # Messages read whose stamp has not been (cut off by the read).
+        self.pending = 0
         self.ref = 0
         self.in_flight = 0
         self.transport: asyncio.Transport | None = None
@@ -202,8 +244,9 @@ class _BenchClient(asyncio.Protocol):
     def _write_say(self) -> None:
         assert self.transport is not None
         self.ref += 1
-        self.transport.write(_say(self.room, self.ref))
-        if time.monotonic() in self.window:
+        now_ns = time.time_ns()
+        self.transport.write(_say(self.room, self.ref, now_ns))
+        if self.window.start_ns <= now_ns < self.window.end_ns:
             self.report.sent += 1
 
     def _tick(self, at: float) -> None:
@@ -246,24 +289,61 @@ class _BenchClient(asyncio.Protocol):
                 self._other_frames(data, measuring, self.unread - cut)
                 self.unread = cut
         self.kept = data[-KEEP:] if len(data) >= KEEP else (kept + data)[-KEEP:]
-        if measuring and n:
-            self.report.delivered += n
-            # The oldest message of the read, and the newest when there is more than one.
-            now_ns = time.time_ns()
-            self._latency(data, data.find(STAMP), now_ns)
-            if n > 1:
-                self._latency(data, data.rfind(STAMP), now_ns)
+        if n or self.pending:
+            self.report.last_read = now
+            self._deliveries(kept, data, n, now)
 
-    def _latency(self, data: bytes, pos: int, now_ns: int) -> None:
-        start = pos + len(STAMP)
-        end = data.find(b" ", start, start + 21) if pos >= 0 else -1
-        # A stamp cut off at the end of the read is skipped, not misread.
-        if end > start:
-            try:
-                sent_ns = int(data[start:end])
-            except ValueError:  # not a stamp of ours after all
-                return
-            _sample(self.report, (now_ns - sent_ns) / 1e9, self.rng)
+    def _deliveries(self, kept: bytes, data: bytes, n: int, now: float) -> None:
+        """Count the ``n`` messages completed in ``data`` (``kept`` before it) said in the window.
+
+        The stamps of the read's oldest and newest message decide for all of them
+        (one stamp when the read holds one message); only a read that spans an edge
+        of the window has each of its stamps read. Messages read before any stamp
+        of theirs (cut off by the read) wait for the next read's. Their latencies
+        are the samples.
+        """
+        window = self.window
+        if now < window.start:  # read before the window, so said before it too
+            self.pending = 0
+            return
+        n += self.pending
+        start, end = window.start_ns, window.end_ns
+        first = _stamp_at(data, data.find(STAMP))
+        if first is None or abs(first - start) < _NEAR_NS or abs(first - end) < _NEAR_NS:
+            # Where it matters (no stamp yet, or near an edge of the window): the first
+            # stamp completed in this read may have begun in the one before.
+            edge = kept[-_STAMP_SIZE:] + data[:_STAMP_SIZE]
+            straddling = STAMPS.search(edge)
+            if straddling is not None and straddling.end() > min(len(kept), _STAMP_SIZE):
+                first = int(straddling[1])
+        if first is None:
+            self.pending = n
+            return
+        self.pending = 0
+        last = first
+        if n > 1:
+            at = data.rfind(STAMP)
+            # The newest, or if it is cut off the one before it.
+            last = _stamp_at(data, at) or _stamp_at(data, data.rfind(STAMP, 0, at)) or first
+        report = self.report
+        if last < start or first >= end:
+            return
+        if start <= first and last < end:
+            report.delivered += n
+        else:
+            # The read spans an edge: each stamp completed in it (one message either side
+            # of the read may be counted by its MESSAGE and its stamp, or by neither).
+            stream = kept + data
+            report.delivered += sum(
+                start <= int(m[1]) < end
+                for m in STAMPS.finditer(stream, max(0, len(kept) - len(STAMP) - 20))
+                if m.end() > len(kept)
+            )
+        now_ns = time.time_ns()
+        if start <= first < end:
+            _sample(report, (now_ns - first) / 1e9, self.rng)
+        if n > 1 and start <= last < end:
+            _sample(report, (now_ns - last) / 1e9, self.rng)
 
     def _other_frames(self, data: bytes, measuring: bool, arrived: int) -> None:
         """Look for the frames that matter besides messages, completed in this read.
@@ -364,14 +444,18 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     # Wait for the parent's go: one start time for every worker, so that a message sent
     # inside the window by one worker is counted inside it by the others.
     _, go_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-    window.start = go_at + plan.warmup
-    window.end = window.start + plan.duration
+    window.open(go_at + plan.warmup, plan.duration)
     await asyncio.sleep(max(0.0, window.start - time.monotonic()))
     while time.monotonic() < window.end:
         await asyncio.sleep(min(1.0, max(0.0, window.end - time.monotonic())))
         elapsed = min(time.monotonic(), window.end) - window.start
         pipe.send(("tick", report.sent, report.delivered, report.acked, report.errors, elapsed))
-    await asyncio.sleep(0.5)
+    # Nothing is said after the window: wait until what was said inside it has been read
+    # (a message read later, or never, is missing from the delivered ratio).
+    for _ in range(int(DRAIN_SECONDS / 0.05)):
+        if time.monotonic() - report.last_read >= 0.3:
+            break
+        await asyncio.sleep(0.05)
     report.done = True
     pipe.send(("done", report))
     for t in tasks:
