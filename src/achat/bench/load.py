@@ -3,7 +3,8 @@
 A worker process owns a slice of the clients. Each client is a bare asyncio
 connection (no :class:`~achat.client.connection.Client` machinery, so the
 generator stays cheaper than the server it measures): it says hello, joins
-its room, then sends ``say`` frames at its rate with a random phase. Texts
+its room and, once every client of the run has joined, sends ``say`` frames
+at its rate with a random phase. Texts
 carry their send time (``t=<ns since epoch>``), so a receiver can measure
 latency from the bytes without decoding every frame.
 
@@ -382,7 +383,6 @@ class _BenchClient(asyncio.Protocol):
             arrived -= 1
             self.joined = True
             report.joined += 1
-            self._start_sending()
         if arrived > 0:
             # Someone joining (a join storm is all of them)?
             arrived -= _count(JOINED, kept, data)
@@ -404,7 +404,12 @@ class _BenchClient(asyncio.Protocol):
 
 
 async def _client(
-    plan: WorkerPlan, c: ClientPlan, report: WorkerReport, window: _Window, rng: random.Random
+    plan: WorkerPlan,
+    c: ClientPlan,
+    report: WorkerReport,
+    window: _Window,
+    rng: random.Random,
+    everyone: list[_BenchClient],
 ) -> None:
     loop = asyncio.get_running_loop()
     try:
@@ -414,6 +419,7 @@ async def _client(
     except OSError:
         report.closed += 1
         return
+    everyone.append(client)
     try:
         await client.closed
     finally:
@@ -426,9 +432,10 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     rng = random.Random(plan.seed)
     started = time.monotonic()
     tasks: list[asyncio.Task[None]] = []
+    everyone: list[_BenchClient] = []
     gap = 1.0 / plan.connect_rate
     for c in plan.clients:
-        tasks.append(asyncio.create_task(_client(plan, c, report, window, rng)))
+        tasks.append(asyncio.create_task(_client(plan, c, report, window, rng, everyone)))
         await asyncio.sleep(gap)
     while report.joined + report.closed < len(plan.clients):
         await asyncio.sleep(0.01)
@@ -445,6 +452,11 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     # inside the window by one worker is counted inside it by the others.
     _, go_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
     window.open(go_at + plan.warmup, plan.duration)
+    # Everyone starts saying things once the whole room is there (a join storm under a
+    # room's full traffic is not what the scenarios measure); the warm-up settles it.
+    for client in everyone:
+        if client.joined:
+            client._start_sending()
     await asyncio.sleep(max(0.0, window.start - time.monotonic()))
     while time.monotonic() < window.end:
         await asyncio.sleep(min(1.0, max(0.0, window.end - time.monotonic())))
