@@ -40,6 +40,7 @@ check: lint types test
 bench: install
 	$(BIN)/python benchmarks/durability.py --update docs/performance.md
 	$(BIN)/achat-bench standard --update docs/performance.md
+	sleep 5  # let the kernel finish tearing down the load's sockets
 	$(BIN)/python benchmarks/client.py --update docs/performance.md
 
 # Mixed hostile load against one server (loopback only, bounded); figures into the docs.
