@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.frames import encode_frame
+from ..protocol.messages import Message, encode
 from .load import ClientPlan, WorkerPlan, WorkerReport, run_worker, stamped_text
 
 __all__ = ["Result", "main", "run"]
@@ -333,13 +334,14 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
     """
 
     def burst() -> bytes:
-        # Shaped like a busy room's messages (the generator's cost depends on the bytes),
-        # and stamped now: the generator counts what was said inside its window.
-        frame = encode_frame(
-            b'{"type":"message","room":"busy","seq":123456,"ts":%d,"from":"b1234u1234",'
-            b'"text":"%s"}' % (time.time_ns() // 1_000_000, stamped_text())
+        # A busy room's messages as the server encodes them (the generator's cost depends
+        # on the bytes), stamped now: the generator counts what was said in its window.
+        now_ns = time.time_ns()
+        text = stamped_text(now_ns=now_ns).decode()
+        message = Message(
+            room="busy", seq=123456, ts=now_ns // 1_000_000, sender="b1234u1234", text=text
         )
-        return frame * frames_per_write
+        return encode(message) * frames_per_write
 
     welcome = encode_frame(
         b'{"type":"welcome","nick":"x","server":"sink","version":1,"max_frame":65536,'
