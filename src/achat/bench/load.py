@@ -129,25 +129,32 @@ def _say(room: bytes, ref: int, now_ns: int) -> bytes:
     return encode_frame(body)
 
 
-#: Of each pattern counted on every read: the bytes of a stream end that can hold the start
-#: of an occurrence split by the read (see _count).
+#: The bytes of a stream end that can hold the start of a MESSAGE (or FRAME) split by a
+#: read (see _straddling; data_received inlines it for MESSAGE).
 _MESSAGE_EDGE = len(MESSAGE) - 1
 _FRAME_EDGE = len(FRAME) - 1
-_ACK_EDGE = len(ACK) - 1
+
+
+def _straddling(pattern: bytes, before: bytes, chunk: bytes) -> int:
+    """Occurrences of ``pattern`` begun in the stream ``before`` ``chunk`` and ended in it.
+
+    Only such an occurrence fits in the joined edges (neither side alone is long
+    enough), so nothing is counted twice, and the chunk is not copied.
+    """
+    keep = len(pattern) - 1
+    return (before[-keep:] + chunk[:keep]).count(pattern)
 
 
 def _count(pattern: bytes, before: bytes, chunk: bytes) -> int:
-    """Occurrences of ``pattern`` completed in ``chunk``, given the stream ``before`` it.
-
-    Only an occurrence that straddles the boundary fits in the joined edges (neither
-    side alone is long enough), so nothing is counted twice, and the chunk is not copied.
-    """
-    keep = len(pattern) - 1
-    return chunk.count(pattern) + (before[-keep:] + chunk[:keep]).count(pattern)
+    """Occurrences of ``pattern`` completed in ``chunk``, given the stream ``before`` it."""
+    return chunk.count(pattern) + _straddling(pattern, before, chunk)
 
 
 def _stamp_at(data: bytes, pos: int) -> int | None:
-    """The send time stamped at ``pos`` (a STAMP's start), or None if cut off or not ours."""
+    """The send time stamped at ``pos`` (a STAMP's start), or None if cut off or not ours.
+
+    What STAMPS matches, read without the regex engine: this runs on every read.
+    """
     if pos < 0:
         return None
     start = pos + len(STAMP)
@@ -191,9 +198,6 @@ class _Window:
         wall = time.time_ns() - time.monotonic_ns()
         self.start_ns = round(self.start * 1e9) + wall
         self.end_ns = round(self.end * 1e9) + wall
-
-    def __contains__(self, t: float) -> bool:
-        return self.start <= t < self.end
 
 
 class _BenchClient(asyncio.Protocol):
@@ -337,7 +341,7 @@ class _BenchClient(asyncio.Protocol):
             stream = kept + data
             report.delivered += sum(
                 start <= int(m[1]) < end
-                for m in STAMPS.finditer(stream, max(0, len(kept) - len(STAMP) - 20))
+                for m in STAMPS.finditer(stream, max(0, len(kept) - _STAMP_SIZE))
                 if m.end() > len(kept)
             )
         now_ns = time.time_ns()
@@ -357,7 +361,7 @@ class _BenchClient(asyncio.Protocol):
         if arrived <= 2:
             # Usually a say's ack, in a read of thousands of messages: finding it ends the
             # search half-way through on average, where counting would read to the end.
-            acks = (kept[-_ACK_EDGE:] + data[:_ACK_EDGE]).count(ACK)
+            acks = _straddling(ACK, kept, data)
             at = -1
             while acks < arrived and (at := data.find(ACK, at + 1)) >= 0:
                 acks += 1
