@@ -94,11 +94,11 @@ class WriteBudget:
         """A slice of writing ran from ``started`` to ``ended``."""
         if self._last is not None:
             self._credit = min(self._burst, self._credit + (started - self._last) * self._share)
-        self._credit += (ended - started) * self._share - (ended - started)
+        self._credit -= (ended - started) * (1 - self._share)  # earned while writing, too
         self._last = ended
 
     def ready_at(self) -> float:
-        """The earliest time the next round may start (in the past: at once)."""
+        """The earliest time the next slice may start (in the past: at once)."""
         if self._last is None or self._credit >= 0:
             return float("-inf")
         return self._last - self._credit / self._share
@@ -109,13 +109,12 @@ class FlushRounds:
 
     Writing happens in slices of about ``slice_seconds`` (the clock is read
     every 8 writes) at the end of a loop tick, with the loop free to read
-    sockets and take store commits
-    between slices: a message that arrives while hundreds of members are being
-    written does not wait for all of them. It is queued behind what members
-    not yet written have, and they get both in one write; those already
-    written are queued again at the end. A connection is in the queue at most
-    once, so it gets at most one ``write`` per pass whatever the number of
-    events.
+    sockets and take store commits between slices: a message that arrives
+    while hundreds of members are being written does not wait for all of
+    them. It is queued behind what members not yet written have, and they get
+    both in one write; those already written are queued again at the end. A
+    connection is in the queue at most once, so it gets at most one ``write``
+    per pass whatever the number of events.
 
     When writing has used up its share of the loop's time
     (:class:`WriteBudget`) the next slice waits, and everything queued
