@@ -312,20 +312,19 @@ class Registry:
         log.info("part room=%s nick=%s", room.name, esc(member.nick))
 
     def _say(self, member: Member, frame: Say) -> None:
+        now = self.clock()
+        key = self._recent_key(member, frame.ref, now)
         # A resend is answered before any check: its room may have been left since.
-        if self._answered_again(member, frame.ref):
+        if key is not None and self._answered_again(member, key):
             return
         room = self._joined_room(member, frame.room)
         text = validate_text(frame.text, self.max_text)
-        now = self.clock()
         room.last_seq += 1
         message = Message(room=room.name, seq=room.last_seq, ts=now, sender=member.nick, text=text)
         ack = encode(Ack(ref=frame.ref or "", ts=now, room=room.name, seq=message.seq))
-        key = self._remember(member, frame.ref, now)
+        record = self._remember(member, key, frame.ref, now, ack)
         self.store.append(
-            message,
-            lambda: self._message_stored(room, message, member, key, ack),
-            self._ref_record(member, frame.ref, now, ack),
+            message, lambda: self._message_stored(room, message, member, key, ack), record
         )
 
     def _message_stored(
@@ -363,24 +362,25 @@ class Registry:
 
     def _dm(self, member: Member, frame: Dm) -> None:
         # A resend is answered before any check: its recipient may have gone since.
-        if self._answered_again(member, frame.ref):
+        now = self.clock()
+        key = self._recent_key(member, frame.ref, now)
+        if key is not None and self._answered_again(member, key):
             return
         target = self._by_key.get(nick_key(frame.to))
         if target is None:
             raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
         text = validate_text(frame.text, self.max_text)
-        now = self.clock()
-        key = self._remember(member, frame.ref, now)
         self._last_dm += 1
         dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=now, text=text)
         ack = encode(Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id))
+        record = self._remember(member, key, frame.ref, now, ack)
 
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
             self._acknowledge(member, key, ack)
 
-        self.store.append_dm(dm, stored, self._ref_record(member, frame.ref, now, ack))
+        self.store.append_dm(dm, stored, record)
 
     def _nick(self, member: Member, frame: Nick) -> None:
         new = validate_nick(frame.nick)
@@ -490,10 +490,11 @@ class Registry:
             )
 
     def _joined_room(self, member: Member, raw: str) -> Room:
-        name = validate_room(raw)
-        if name not in member.rooms:
+        # Only valid names are ever joined, so a member's own room needs no other check.
+        if raw not in member.rooms:
+            name = validate_room(raw)
             raise ProtocolError("not_in_room", f"you are not in #{name}")
-        return self.rooms[name]
+        return self.rooms[raw]
 
     def _send_names(self, member: Member, room: Room, ref: str | None) -> None:
         for data in self._split(
@@ -537,12 +538,15 @@ class Registry:
         for m in room.members.values():
             m.peer.send(data)
 
-    def _answered_again(self, member: Member, ref: str | None) -> bool:
-        """True when ``ref`` repeats one of the nick's recent refs; its original ack is sent."""
+    def _recent_key(self, member: Member, ref: str | None, now: int) -> str | None:
+        """The key ``ref`` is remembered under (None without a ref); expired refs go first."""
         if not ref:
-            return False
-        self._refs.expire(self.clock())
-        key = ref_key(member.key, ref)
+            return None
+        self._refs.expire(now)
+        return ref_key(member.key, ref)
+
+    def _answered_again(self, member: Member, key: str) -> bool:
+        """True when ``key`` is one of the nick's recent refs; its original ack is sent."""
         ack = self._refs.ack(key)
         if ack is not None:
             member.peer.send(ack)
@@ -550,17 +554,14 @@ class Registry:
         # Still on its way to the store: the resender gets the ack when it comes.
         return self._refs.wait(key, member)
 
-    def _remember(self, member: Member, ref: str | None, now: int) -> str | None:
-        """Remember a new ``say``/``dm`` under ``ref`` (if it has one) for REF_TTL_MS."""
-        if not ref:
+    def _remember(
+        self, member: Member, key: str | None, ref: str | None, now: int, ack: bytes
+    ) -> RefRecord | None:
+        """Remember a new ``say``/``dm`` under its ref for REF_TTL_MS; the store's record of it."""
+        if key is None or not ref:
             return None
-        key = ref_key(member.key, ref)
         self._refs.add(key, now + REF_TTL_MS)
-        return key
-
-    @staticmethod
-    def _ref_record(member: Member, ref: str | None, now: int, ack: bytes) -> RefRecord | None:
-        return RefRecord(member.key, ref, now + REF_TTL_MS, ack) if ref else None
+        return RefRecord(member.key, ref, now + REF_TTL_MS, ack)
 
     def _acknowledge(self, member: Member, key: str | None, data: bytes) -> None:
         member.peer.send(data)

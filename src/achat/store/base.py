@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from ..protocol.messages import DmEvent, Message
 
 __all__ = ["REF_TTL_MS", "HistoryPage", "RefRecord", "RoomRecord", "Store"]
@@ -31,12 +33,13 @@ class RoomRecord:
     last_seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class RefRecord:
+class RefRecord(msgspec.Struct, frozen=True, gc=False):
     """A ``ref`` a nick used for a ``say`` or ``dm``, and the ``ack`` it got (encoded frame).
 
     Kept until ``expires`` (ms since the epoch) so that a resend after a
-    reconnect or a server restart is answered with the same ``ack``.
+    reconnect or a server restart is answered with the same ``ack``. One is
+    made per ``say`` with a ref, so it is a struct: a frozen dataclass took
+    ten times as long to build (0.46 µs against 0.04).
     """
 
     nick_key: str

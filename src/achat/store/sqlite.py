@@ -39,8 +39,9 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from ..protocol.messages import DmEvent, Message
 from .base import REF_TTL_MS, HistoryPage, RefRecord, RoomRecord
@@ -108,8 +109,9 @@ REF_HORIZON_MS = REF_TTL_MS + 60_000
 _REF_COLUMNS = "ref_key, ref, ref_expires, ack"
 
 
-@dataclass(slots=True)
-class _Write:
+class _Write(msgspec.Struct):
+    """One thing for the writer thread to store (a struct: one is made per message)."""
+
     message: Message | None
     dm: DmEvent | None
     ref: RefRecord | None
