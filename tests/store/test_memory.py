@@ -189,6 +189,15 @@ def test_refs_are_kept_until_they_expire() -> None:
     assert store.load_refs(200) == []
 
 
+def test_refs_beyond_the_bound_drop_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_REFS the oldest refs go first, however many have gone before them."""
+    monkeypatch.setattr("achat.store.memory.MAX_REFS", 3)
+    store = MemoryStore()
+    for i in range(1, 11):
+        store.append(msg("a", i), lambda: None, RefRecord("ana", f"r{i}", 1000 + i, b"ack"))
+    assert [r.ref for r in store.load_refs(0)] == ["r8", "r9", "r10"]
+
+
 def test_close_is_idempotent() -> None:
     """close can be called twice and the store still answers reads."""
     store = filled(2)

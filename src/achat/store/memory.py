@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ..protocol.messages import DmEvent, Message
@@ -25,7 +26,10 @@ class MemoryStore:
         self._topics: dict[str, str] = {}
         self._dms: list[DmEvent] = []
         self._last_dm = 0
-        self._refs: dict[tuple[str, str], RefRecord] = {}
+        # Ordered so that dropping the oldest is O(1): deleting a plain dict's first key
+        # over and over leaves a run of dead slots that every next(iter()) walks again,
+        # which made each say past MAX_REFS cost more than the last.
+        self._refs: OrderedDict[tuple[str, str], RefRecord] = OrderedDict()
         self._max = max_per_room
 
     def load_rooms(self) -> list[RoomRecord]:
@@ -69,7 +73,7 @@ class MemoryStore:
         self._refs[(ref.nick_key, ref.ref)] = ref
         # Refs arrive in expiry order, so the oldest are first; bound the memory they take.
         while len(self._refs) > MAX_REFS:
-            del self._refs[next(iter(self._refs))]
+            self._refs.popitem(last=False)
 
     def set_topic(self, room: str, topic: str) -> None:
         self._topics[room] = topic
