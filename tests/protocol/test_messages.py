@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from achat.errors import ProtocolError
@@ -187,6 +187,76 @@ def test_arbitrary_objects_raise_only_protocol_errors(kind: str, fields: dict[st
     except ProtocolError as exc:
         code = exc.code
     assert code in {None, "invalid_json", "unknown_type", "missing_field"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type":"say","room":"a","room":"a","text":"x"}',
+        b'{"type":"say","room":"a","text":"x","text":"y","ref":"1"}',
+        b'{"type":"say","type":"say","room":"a","text":"x"}',
+        b'{"type":"say","room" :"a","room":"b","text":"x"}',
+        b'{"type":"say","ref":null,"ref":null,"room":"a","text":"x"}',
+        b'{"type":"ping","x":1,"x":2}',
+        b'{"type":"ping","ref":"r","x":{"y":1,"y":":"}}',
+        b'{"type":"join","room":"a","since":1,"since":2}',
+    ],
+)
+def test_duplicates_in_frames_that_decode_are_refused(body: bytes) -> None:
+    """A frame the decoder accepts is still refused when a key repeats, whatever its shape."""
+    m._CLIENT_DECODER.decode(body)  # the fast decoder alone lets it through
+    assert code_of(body) == "invalid_json"
+
+
+_SEPARATORS = st.sampled_from(["", " ", "\n"])
+
+
+@st.composite
+def _objects_with_repeats(draw: st.DrawFn) -> bytes:
+    """A frame-like JSON object whose keys may repeat, spaced and (or not) escaped in any way."""
+    kind = draw(st.sampled_from(["say", "ping", "join"]))
+    required = {"say": ["room", "text"], "ping": [], "join": ["room"]}[kind]
+    extra = st.sampled_from(["room", "text", "ref", "since", "x", "type"])
+    keys = required + draw(st.lists(extra, max_size=4))
+    # Without a backslash anywhere the quick check decides; with one, the full one.
+    escapes = draw(st.booleans())
+    texts = ["a", "b", ":", "é", "{", " "] + (["\\", 'x"y'] if escapes else [])
+    pairs = [("type", json.dumps(kind))]
+    for key in keys:
+        if key in ("room", "text", "ref"):
+            value = json.dumps(draw(st.sampled_from(texts)), ensure_ascii=False)
+        elif key == "since":
+            value = json.dumps(draw(st.integers(min_value=0, max_value=10)))
+        elif key == "type":
+            value = json.dumps(kind)
+        else:
+            value = json.dumps(draw(JSON if escapes else st.integers() | st.booleans()))
+        pairs.append((key, value))
+    parts = []
+    for key, value in draw(st.permutations(pairs)):
+        spelled = json.dumps(key)
+        if escapes and draw(st.booleans()):
+            spelled = '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"'
+        parts.append(spelled + draw(_SEPARATORS) + ":" + draw(_SEPARATORS) + value)
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@settings(max_examples=400)
+@given(_objects_with_repeats())
+def test_the_quick_duplicate_check_agrees_with_the_full_one(body: bytes) -> None:
+    """For every frame that decodes, checking with the frame decides as the full check does."""
+    try:
+        frame = m._CLIENT_DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return
+    outcomes: list[str | None] = []
+    for with_frame in (frame, None):
+        try:
+            m._check_json(body, with_frame)
+            outcomes.append(None)
+        except ProtocolError as exc:
+            outcomes.append(exc.code)
+    assert outcomes[0] == outcomes[1]
 
 
 def test_long_digit_runs_inside_strings_are_fine() -> None:
