@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from achat.protocol.messages import DmEvent, Message
-from achat.store.base import HistoryPage, RefRecord, RoomRecord
+from achat.store.base import HistoryPage, RefRecord, RoomRecord, ack_of
 from achat.store.memory import MemoryStore
 
 
@@ -196,6 +196,18 @@ def test_refs_beyond_the_bound_drop_the_oldest(monkeypatch: pytest.MonkeyPatch) 
     for i in range(1, 11):
         store.append(msg("a", i), lambda: None, RefRecord("ana", f"r{i}", 1000 + i, b"ack"))
     assert [r.ref for r in store.load_refs(0)] == ["r8", "r9", "r10"]
+
+
+def test_an_ack_left_out_is_derived_from_its_record() -> None:
+    """A ref stored without its ack gets back the ack of its message or DM."""
+    store = MemoryStore()
+    dm = DmEvent(sender="a", to="b", id=3, ts=5, text="x")
+    store.append(msg("a", 1), lambda: None, RefRecord("ana", "r1", 100))
+    store.append_dm(dm, lambda: None, RefRecord("ana", "r2", 200))
+    assert [(r.ref, r.ack) for r in store.load_refs(0)] == [
+        ("r1", ack_of("r1", msg("a", 1))),
+        ("r2", ack_of("r2", dm)),
+    ]
 
 
 def test_close_is_idempotent() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from achat.protocol.messages import DmEvent, Message
-from achat.store.base import RefRecord
+from achat.store.base import RefRecord, ack_of
 from achat.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 
@@ -279,6 +279,30 @@ def test_retention_keeps_refs_that_are_still_in_force(db_path: Path) -> None:
     again = SQLiteStore(db_path)
     try:
         assert [r.ref for r in again.load_refs(now=3_000)] == ["in-force", "kept-row"]
+    finally:
+        again.close()
+
+
+def test_an_ack_left_out_is_derived_from_its_row(db_path: Path) -> None:
+    """A ref stored without its ack gets back the ack of its message or DM, also once pruned."""
+    s = SQLiteStore(db_path, history_max=1, clock=lambda: 3_000)
+    dm = DmEvent(sender="ana", to="bob", id=7, ts=40, text="psst")
+    try:
+        s.append(msg("r", 1), lambda: None, RefRecord("ana", "pruned", 9_000))
+        s.append(msg("r", 2), lambda: None, RefRecord("ana", "kept", 9_100))
+        s.append_dm(dm, lambda: None, RefRecord("ana", "dm", 9_200))
+        s.flush()
+        assert s._reader.execute("SELECT count(*) FROM messages WHERE ack IS NULL").fetchone()[0]
+        s.prune_now()
+    finally:
+        s.close()
+    again = SQLiteStore(db_path)
+    try:
+        assert [(r.ref, r.ack) for r in again.load_refs(now=3_000)] == [
+            ("pruned", ack_of("pruned", msg("r", 1))),
+            ("kept", ack_of("kept", msg("r", 2))),
+            ("dm", ack_of("dm", dm)),
+        ]
     finally:
         again.close()
 

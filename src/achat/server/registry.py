@@ -29,7 +29,6 @@ from ..errors import ProtocolError
 from ..protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
 from ..protocol.messages import (
     PROTOCOL_VERSION,
-    Ack,
     Bye,
     ClientFrame,
     Dm,
@@ -68,7 +67,7 @@ from ..protocol.names import (
     validate_text,
     validate_topic,
 )
-from ..store.base import REF_TTL_MS, RefRecord, Store
+from ..store.base import REF_TTL_MS, RefRecord, Store, ack_of
 from .log import esc
 from .refs import RecentRefs, ref_key
 
@@ -153,6 +152,7 @@ class Registry:
         self._last_dm = store.last_dm_id()
         self._refs: RecentRefs[Member] = RecentRefs()
         for r in store.load_refs(clock()):
+            assert r.ack is not None, "load_refs fills in every ack"
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}
@@ -321,8 +321,8 @@ class Registry:
         text = validate_text(frame.text, self.max_text)
         room.last_seq += 1
         message = Message(room=room.name, seq=room.last_seq, ts=now, sender=member.nick, text=text)
-        ack = encode(Ack(ref=frame.ref or "", ts=now, room=room.name, seq=message.seq))
-        record = self._remember(member, key, frame.ref, now, ack)
+        ack = ack_of(frame.ref or "", message)
+        record = self._remember(member, key, frame.ref, now)
         self.store.append(
             message, lambda: self._message_stored(room, message, member, key, ack), record
         )
@@ -372,8 +372,8 @@ class Registry:
         text = validate_text(frame.text, self.max_text)
         self._last_dm += 1
         dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=now, text=text)
-        ack = encode(Ack(ref=frame.ref or "", ts=dm.ts, id=dm.id))
-        record = self._remember(member, key, frame.ref, now, ack)
+        ack = ack_of(frame.ref or "", dm)
+        record = self._remember(member, key, frame.ref, now)
 
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
@@ -555,13 +555,16 @@ class Registry:
         return self._refs.wait(key, member)
 
     def _remember(
-        self, member: Member, key: str | None, ref: str | None, now: int, ack: bytes
+        self, member: Member, key: str | None, ref: str | None, now: int
     ) -> RefRecord | None:
-        """Remember a new ``say``/``dm`` under its ref for REF_TTL_MS; the store's record of it."""
+        """Remember a new ``say``/``dm`` under its ref for REF_TTL_MS; the store's record of it.
+
+        The record leaves out the ack: the store derives it from what it stores (``ack_of``).
+        """
         if key is None or not ref:
             return None
         self._refs.add(key, now + REF_TTL_MS)
-        return RefRecord(member.key, ref, now + REF_TTL_MS, ack)
+        return RefRecord(member.key, ref, now + REF_TTL_MS)
 
     def _acknowledge(self, member: Member, key: str | None, data: bytes) -> None:
         member.peer.send(data)

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..protocol.messages import DmEvent, Message
-from .base import HistoryPage, RefRecord, RoomRecord
+from .base import HistoryPage, RefRecord, RoomRecord, ack_of
 
 __all__ = ["MAX_REFS", "MemoryStore"]
 
@@ -52,7 +52,7 @@ class MemoryStore:
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        self._remember(ref)
+        self._remember(ref, message)
         log = self._messages.setdefault(message.room, [])
         log.append(message)
         if self._max is not None and len(log) > self._max:
@@ -62,14 +62,16 @@ class MemoryStore:
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        self._remember(ref)
+        self._remember(ref, dm)
         self._dms.append(dm)
         self._last_dm = max(self._last_dm, dm.id)
         on_stored()
 
-    def _remember(self, ref: RefRecord | None) -> None:
+    def _remember(self, ref: RefRecord | None, record: Message | DmEvent) -> None:
         if ref is None:
             return
+        if ref.ack is None:
+            ref = RefRecord(ref.nick_key, ref.ref, ref.expires, ack_of(ref.ref, record))
         self._refs[(ref.nick_key, ref.ref)] = ref
         # Refs arrive in expiry order, so the oldest are first; bound the memory they take.
         while len(self._refs) > MAX_REFS:

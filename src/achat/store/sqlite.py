@@ -40,11 +40,12 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from ..protocol.messages import DmEvent, Message
-from .base import REF_TTL_MS, HistoryPage, RefRecord, RoomRecord
+from .base import REF_TTL_MS, HistoryPage, RefRecord, RoomRecord, ack_of
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -260,16 +261,22 @@ class SQLiteStore:
 
     def load_refs(self, now: int) -> list[RefRecord]:
         since = now - REF_HORIZON_MS
-        rows = self._reader.execute(
-            "SELECT nick_key, ref, expires, ack FROM refs WHERE expires > ?1 "
-            f"UNION ALL SELECT {_REF_COLUMNS} FROM messages "
-            "WHERE ts > ?2 AND ref IS NOT NULL AND ref_expires > ?1 "
-            f"UNION ALL SELECT {_REF_COLUMNS} FROM dms "
-            "WHERE ts > ?2 AND ref IS NOT NULL AND ref_expires > ?1 "
-            "ORDER BY 3",
-            (now, since),
-        ).fetchall()
-        return [RefRecord(k, r, int(e), bytes(a)) for k, r, e, a in rows]
+        db = self._reader
+        refs = [
+            RefRecord(k, r, int(e), bytes(a))
+            for k, r, e, a in db.execute(
+                "SELECT nick_key, ref, expires, ack FROM refs WHERE expires > ?", (now,)
+            )
+        ]
+        for table in ("messages", "dms"):
+            rows = db.execute(
+                f"SELECT {_REF_COLUMNS}, {_ACK_SOURCE[table]} FROM {table} "
+                "WHERE ts > ? AND ref IS NOT NULL AND ref_expires > ?",
+                (since, now),
+            )
+            refs += [_loaded_ref(table, row) for row in rows]
+        refs.sort(key=lambda r: r.expires)
+        return refs
 
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
@@ -511,10 +518,14 @@ class SQLiteStore:
     ) -> None:
         # Refs outlive history: one still in force moves to the refs table first, so that
         # a resend after a restart is still recognised.
-        db.execute(
-            f"INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) SELECT {_REF_COLUMNS} "
-            f"FROM {table} WHERE ({where}) AND ref IS NOT NULL AND ref_expires > ?",
+        rows = db.execute(
+            f"SELECT {_REF_COLUMNS}, {_ACK_SOURCE[table]} FROM {table} "
+            f"WHERE ({where}) AND ref IS NOT NULL AND ref_expires > ?",
             (*args, now),
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) VALUES (?, ?, ?, ?)",
+            [msgspec.structs.astuple(_loaded_ref(table, row)) for row in rows.fetchall()],
         )
         db.execute(f"DELETE FROM {table} WHERE {where}", args)
 
@@ -541,6 +552,25 @@ def _ref_columns(ref: RefRecord | None) -> _RefColumns:
     if ref is None:
         return (None, None, None, None)
     return (ref.nick_key, ref.ref, ref.expires, ref.ack)
+
+
+#: The columns ack_of needs, by table: a row whose ack is NULL has the ack ack_of derives.
+_ACK_SOURCE = {"messages": "room, seq, ts", "dms": "id, ts"}
+
+
+def _loaded_ref(table: str, row: tuple[Any, ...]) -> RefRecord:
+    """A ref read back with its row (``_REF_COLUMNS``, then ``_ACK_SOURCE[table]``)."""
+    key, ref, expires, ack, *source = row
+    if ack is not None:
+        return RefRecord(key, ref, int(expires), bytes(ack))
+    # ack_of reads only what identifies the record, so sender and text are left empty.
+    if table == "messages":
+        room, seq, ts = source
+        record: Message | DmEvent = Message(room=room, seq=seq, ts=ts, sender="", text="")
+    else:
+        dm_id, ts = source
+        record = DmEvent(sender="", to="", id=dm_id, ts=ts, text="")
+    return RefRecord(key, ref, int(expires), ack_of(ref, record))
 
 
 def _row(m: Message, ref: RefRecord | None) -> tuple[object, ...]:
