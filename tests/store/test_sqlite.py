@@ -228,6 +228,46 @@ def test_retention_by_age(db_path: Path) -> None:
         s.close()
 
 
+@pytest.mark.parametrize("table", ["messages", "dms"])
+def test_what_runs_on_a_timer_or_at_startup_finds_rows_by_time(
+    store: SQLiteStore, table: str
+) -> None:
+    """Retention by age and load_refs search by ts through an index, not the whole table."""
+    for query in (f"DELETE FROM {table} WHERE ts < 5", f"SELECT ref FROM {table} WHERE ts > 5"):
+        plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}").fetchall()
+        assert any(f"INDEX {table}_ts " in str(row) for row in plan), plan
+
+
+def test_prune_now_waits_for_the_writer(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune_now from its own connection waits for a write in progress instead of failing."""
+    day = 86_400_000
+    s = SQLiteStore(db_path, history_days=1, clock=lambda: 10 * day)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    waiting = threading.Event()
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db: sqlite3.Connection = connect(*args, **kwargs)
+        db.set_trace_callback(lambda sql: waiting.set() if "IMMEDIATE" in sql else None)
+        return db
+
+    try:
+        s.append(msg("r", 1, ts=day), lambda: None)
+        s.flush()
+        blocker.execute("BEGIN IMMEDIATE")  # a write in progress elsewhere
+        monkeypatch.setattr(sqlite3, "connect", traced)
+        pruning = threading.Thread(target=s.prune_now)
+        pruning.start()
+        assert waiting.wait(10)  # prune_now asked for the write lock up front...
+        blocker.execute("COMMIT")
+        pruning.join(10)
+        # ...and got it once the other write was done.
+        assert s.history("r", before=None, after=None, limit=10).messages == []
+    finally:
+        blocker.close()
+        s.close()
+
+
 def test_full_durability_is_accepted(db_path: Path) -> None:
     """durability='full' opens the database with synchronous=FULL; anything else is refused."""
     s = SQLiteStore(db_path, durability="full")

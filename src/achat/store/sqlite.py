@@ -51,7 +51,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 log = logging.getLogger("achat.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Seconds between checkpoints while commits keep coming (bounds the WAL's growth).
 CHECKPOINT_INTERVAL = 0.5
@@ -100,6 +100,11 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE dms ADD COLUMN ref TEXT;
     ALTER TABLE dms ADD COLUMN ref_expires INTEGER;
     ALTER TABLE dms ADD COLUMN ack BLOB;
+    """,
+    # 3: DMs by time, as messages already were: retention by days and load_refs looked
+    # at every DM (131 ms and 66 ms per million, the first every minute on the writer).
+    """
+    CREATE INDEX dms_ts ON dms (ts);
     """,
 )
 
@@ -491,7 +496,9 @@ class SQLiteStore:
             loop.call_soon_threadsafe(run)
 
     def _prune(self, db: sqlite3.Connection, now: int) -> None:
-        db.execute("BEGIN")
+        # IMMEDIATE: from prune_now's own connection, wait for the writer's lock rather
+        # than fail when its snapshot cannot be upgraded.
+        db.execute("BEGIN IMMEDIATE")
         try:
             if self.history_days:
                 cutoff = now - int(self.history_days * 86_400_000)
