@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..protocol import DEFAULT_PORT
 from .registry import DEFAULT_MAX_TEXT
 from .session import SessionLimits
 
 __all__ = ["DEFAULT_PORT", "ServerConfig", "default_data_dir"]
-
-DEFAULT_PORT = 7777
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
