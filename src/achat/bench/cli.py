@@ -215,6 +215,7 @@ def _drive(
             seed=w,
             cpu=cpus[w % len(cpus)] if cpus else None,
             pipeline=args.pipeline if args.scenario == "ingest" else 0,
+            drain=args.scenario not in ("idle", "self-check"),
         )
         parent, child = ctx.Pipe()
         p = ctx.Process(target=run_worker, args=(plan, child), daemon=True)

@@ -99,6 +99,9 @@ class WorkerPlan:
     cpu: int | None = None
     pipeline: int = 0  # ingest: keep this many says in flight instead of a rate
     connect_rate: float = 2000.0  # new connections a second per worker
+    # Read on after the window until the room is quiet (what was said in it arrives);
+    # off where nobody says anything (idle, and self-check, whose sink never stops).
+    drain: bool = True
 
 
 @dataclass(slots=True)
@@ -468,7 +471,7 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
         pipe.send(("tick", report.sent, report.delivered, report.acked, report.errors, elapsed))
     # Nothing is said after the window: wait until what was said inside it has been read
     # (a message read later, or never, is missing from the delivered ratio).
-    for _ in range(int(DRAIN_SECONDS / 0.05)):
+    for _ in range(int(DRAIN_SECONDS / 0.05) if plan.drain else 0):
         if time.monotonic() - report.last_read >= 0.3:
             break
         await asyncio.sleep(0.05)
