@@ -115,6 +115,13 @@ def test_any_split(cuts: list[int]) -> None:
     check(*feed([STREAM[a:b] for a, b in itertools.pairwise(points)]))
 
 
+def test_every_ping_in_a_read_gets_its_pong() -> None:
+    ping = encode_frame(b'{"type":"ping","ref":"keepalive"}')
+    report, wire = feed([STREAM + ping + message(5) + ping])
+    assert report.delivered == 5
+    assert b"".join(wire.written).count(b'"pong"') == 3
+
+
 def test_one_byte_at_a_time_and_acks_count_for_ingest() -> None:
     report, wire = feed([STREAM[i : i + 1] for i in range(len(STREAM))], pipeline=4)
     check(report, wire)

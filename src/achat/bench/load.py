@@ -382,10 +382,11 @@ class _BenchClient(asyncio.Protocol):
         errors = _count(ERROR, kept, data)
         report.errors += errors
         arrived -= errors
-        if arrived > 0 and _count(PING, kept, data):
-            arrived -= 1
+        pings = _count(PING, kept, data) if arrived > 0 else 0
+        if pings:
+            arrived -= pings
             assert self.transport is not None
-            self.transport.write(encode_frame(b'{"type":"pong","ref":"keepalive"}'))
+            self.transport.write(encode_frame(b'{"type":"pong","ref":"keepalive"}') * pings)
         if arrived > 0 and not self.joined and _count(NAMES, kept, data):
             arrived -= 1
             self.joined = True
