@@ -208,6 +208,27 @@ def test_duplicates_in_frames_that_decode_are_refused(body: bytes) -> None:
     assert code_of(body) == "invalid_json"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A message inside history may leave out its "type"; its duplicates still count.
+        b'{"type":"history","room":"r","messages":[{"room":"r","seq":1,"ts":1,"from":"a",'
+        b'"text":"b","text":"c"}],"more":false}',
+        b'{"type":"history","room":"r","messages":[{"room":"r","seq":2,"seq":3,"ts":1,'
+        b'"from":"a","text":"b"}],"more":false}',
+        b'{"type":"history","room":"r","room":"q","messages":[{"room":"r","seq":1,"ts":1,'
+        b'"from":"a","text":"b"}],"more":false}',
+        b'{"type":"history","type":"history","room":"r","messages":[],"more":false}',
+    ],
+)
+def test_duplicates_in_server_frames_are_refused(body: bytes) -> None:
+    """The client refuses a server frame with a repeated key, nested ones included."""
+    m._SERVER_DECODER.decode(body)  # the fast decoder alone lets it through
+    with pytest.raises(ProtocolError) as exc:
+        m.decode_server(body)
+    assert exc.value.code == "invalid_json"
+
+
 _SEPARATORS = st.sampled_from(["", " ", "\n"])
 
 

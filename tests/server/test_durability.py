@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from achat.client.connection import Backoff, Client
-from achat.protocol.messages import Message, Say
+from achat.protocol.messages import Ack, Dm, DmEvent, Message, Say
 from achat.server.app import Server
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
@@ -129,5 +129,39 @@ async def test_repeated_ref_after_restart_gets_the_original_ack(tmp_path: Path) 
             assert [x.text for x in page.messages] == ["only once"]
             fresh = await ana.say(ROOM, "next")
             assert fresh.seq == 2
+    finally:
+        await second.close()
+
+
+async def test_repeated_dm_ref_after_restart_gets_the_original_ack(tmp_path: Path) -> None:
+    """A DM resent with the same ref after a restart is not delivered again: same ack."""
+    db = tmp_path / "achat.db"
+    first = Server(make_config(), SQLiteStore(db))
+    await first.start()
+    async with (
+        Client("127.0.0.1", first.port, "ana") as ana,
+        Client("127.0.0.1", first.port, "bob") as bob,
+    ):
+        original = await ana.request(Dm(to="bob", text="psst", ref="dm-ref"))
+        assert isinstance(original, Ack)
+        assert original.id is not None
+        await bob.close()
+    await first.close()
+
+    second = Server(make_config(), SQLiteStore(db))
+    await second.start()
+    try:
+        async with (
+            Client("127.0.0.1", second.port, "ana") as ana,
+            Client("127.0.0.1", second.port, "bob") as bob,
+        ):
+            again = await ana.request(Dm(to="bob", text="psst", ref="dm-ref"))
+            assert again == original
+            fresh = await ana.dm("bob", "and this")
+            assert fresh.id == original.id + 1
+            got = await bob.next_event(10)
+            while not isinstance(got, DmEvent):
+                got = await bob.next_event(10)
+            assert got.text == "and this"  # the resend was not delivered again
     finally:
         await second.close()

@@ -210,6 +210,17 @@ def test_an_ack_left_out_is_derived_from_its_record() -> None:
     ]
 
 
+def test_a_ref_used_again_is_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ref stored again (its first use expired) is the last to go when the bound is hit."""
+    monkeypatch.setattr("achat.store.memory.MAX_REFS", 2)
+    store = MemoryStore()
+    store.append(msg("a", 1), lambda: None, RefRecord("ana", "again", 100, b"1"))
+    store.append(msg("a", 2), lambda: None, RefRecord("ana", "other", 200, b"2"))
+    store.append(msg("a", 3), lambda: None, RefRecord("ana", "again", 300, b"3"))
+    store.append(msg("a", 4), lambda: None, RefRecord("ana", "last", 400, b"4"))
+    assert [(r.ref, r.ack) for r in store.load_refs(0)] == [("again", b"3"), ("last", b"4")]
+
+
 def test_close_is_idempotent() -> None:
     """close can be called twice and the store still answers reads."""
     store = filled(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 
 from achat.protocol.messages import DmEvent, Message
 from achat.store.base import RefRecord, ack_of
-from achat.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from achat.store.sqlite import _LOAD_REFS, _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 
 def msg(room: str, seq: int, ts: int = 1000, text: str = "hi") -> Message:
@@ -233,9 +234,67 @@ def test_what_runs_on_a_timer_or_at_startup_finds_rows_by_time(
     store: SQLiteStore, table: str
 ) -> None:
     """Retention by age and load_refs search by ts through an index, not the whole table."""
-    for query in (f"DELETE FROM {table} WHERE ts < 5", f"SELECT ref FROM {table} WHERE ts > 5"):
-        plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}").fetchall()
-        assert any(f"INDEX {table}_ts " in str(row) for row in plan), plan
+    for query, args in ((f"DELETE FROM {table} WHERE ts < 5", ()), (_LOAD_REFS, (1, 2))):
+        plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", args).fetchall()
+        steps = [str(row[3]) for row in plan if f" {table} " in f" {row[3]} "]
+        assert steps, plan
+        assert all(f"INDEX {table}_ts " in step for step in steps), plan
+
+
+def test_a_prune_that_cannot_start_leaves_the_writer_storing(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holding the write lock too long costs a prune, not the writer."""
+    monkeypatch.setattr(SQLiteStore, "busy_timeout_ms", 20)
+    SQLiteStore(db_path).close()  # the database, at the current schema
+    failed = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "could not start" in record.getMessage():
+                failed.set()
+
+    watch = Watch()
+    logging.getLogger("achat").addHandler(watch)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, a backup...
+        s = SQLiteStore(db_path, history_days=1)  # its writer prunes as it starts
+        assert failed.wait(10)
+        blocker.execute("COMMIT")
+        stored: list[int] = []
+        s.append(msg("r", 1), lambda: stored.append(1))
+        s.flush()
+        assert stored == [1]
+        s.close()
+    finally:
+        logging.getLogger("achat").removeHandler(watch)
+        blocker.close()
+
+
+def test_a_version_2_database_keeps_the_acks_it_stored(db_path: Path) -> None:
+    """Rows written by schema 2 carry their ack: it is what loads, also once pruned."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.executescript(_MIGRATIONS[0])
+    raw.executescript(_MIGRATIONS[1])
+    raw.execute("PRAGMA user_version=2")
+    raw.execute("INSERT INTO messages VALUES ('r', 1, 1000, 'ana', 'a', 'ana', 'm1', 9000, x'01')")
+    raw.execute("INSERT INTO messages VALUES ('r', 2, 1001, 'ana', 'b', 'ana', 'm2', 9000, x'02')")
+    raw.execute("INSERT INTO dms VALUES (5, 1002, 'ana', 'bob', 'c', 'ana', 'd1', 9000, x'03')")
+    raw.execute("INSERT INTO rooms VALUES ('r', '', 2)")
+    raw.close()
+    s = SQLiteStore(db_path, history_max=1, clock=lambda: 3_000)
+    try:
+        expected = [("m1", b"\x01"), ("m2", b"\x02"), ("d1", b"\x03")]
+        assert [(r.ref, r.ack) for r in s.load_refs(now=3_000)] == expected
+        s.prune_now()  # moves m1 to the refs table with its ack
+        assert [(r.ref, r.ack) for r in s.load_refs(now=3_000)] == expected
+        indexes = s._reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        assert "dms_ts" in {name for (name,) in indexes}
+    finally:
+        s.close()
 
 
 def test_prune_now_waits_for_the_writer(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

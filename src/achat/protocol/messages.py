@@ -324,15 +324,20 @@ def encode(frame: msgspec.Struct) -> bytes:
 
 def decode_client(body: bytes) -> ClientFrame:
     """Decode one client frame body; raise ``ProtocolError`` with the contract's code."""
-    return _decode(body, _CLIENT_DECODER)
+    # Client frames are flat, each decoded as a member of the union, whose tag is
+    # required: the quick duplicate check (_only_its_fields) holds for them.
+    return _decode(body, _CLIENT_DECODER, quick=True)
 
 
 def decode_server(body: bytes) -> ServerFrame:
     """Decode one server frame body (the client's view of the server as untrusted)."""
-    return _decode(body, _SERVER_DECODER)
+    # Not quick: a message inside history may leave out its "type" (a nested struct's tag
+    # is optional to msgspec), which encoding it again adds back, and those quotes could
+    # hide a duplicate key.
+    return _decode(body, _SERVER_DECODER, quick=False)
 
 
-def _decode(body: bytes, decoder: msgspec.json.Decoder[F]) -> F:
+def _decode(body: bytes, decoder: msgspec.json.Decoder[F], *, quick: bool) -> F:
     try:
         frame = decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -340,14 +345,14 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[F]) -> F:
         raise _validation_error(str(exc), body) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("invalid_json", f"not valid JSON: {exc}") from None
-    _check_json(body, frame)
+    _check_json(body, frame if quick else None)
     return frame
 
 
 def _check_json(body: bytes, frame: msgspec.Struct | None = None) -> None:
     """Refuse what the fast decoder lets through: duplicate keys, deep nesting, huge numbers.
 
-    ``frame`` is what ``body`` decoded to, if it did.
+    ``frame`` is what ``body`` decoded to, given when :func:`_only_its_fields` holds for it.
     """
     if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
         raise ProtocolError("invalid_json", f"JSON nested deeper than {MAX_DEPTH} levels")
@@ -377,6 +382,12 @@ def _only_its_fields(body: bytes, frame: msgspec.Struct) -> bool:
     string value: that is the number of quotes in ``frame`` encoded again, and
     any other key, repeated or unknown, adds two more. Equal counts therefore
     rule out a duplicate at a fifth of the cost of finding every key.
+
+    That needs every field ``frame`` has to have come from ``body``, which is
+    true of a flat frame decoded as a member of a tagged union (its tag is
+    required), as client frames are. It is not true of a struct nested in
+    another: msgspec lets such a struct leave its tag out, and encoding adds
+    it back.
     """
     return b"\\" not in body and body.count(b'"') == _ENCODER.encode(frame).count(b'"')
 

@@ -152,7 +152,8 @@ class Registry:
         self._last_dm = store.last_dm_id()
         self._refs: RecentRefs[Member] = RecentRefs()
         for r in store.load_refs(clock()):
-            assert r.ack is not None, "load_refs fills in every ack"
+            if r.ack is None:
+                raise ValueError("the store returned a ref without its ack")
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}

@@ -72,7 +72,9 @@ class MemoryStore:
             return
         if ref.ack is None:
             ref = RefRecord(ref.nick_key, ref.ref, ref.expires, ack_of(ref.ref, record))
-        self._refs[(ref.nick_key, ref.ref)] = ref
+        key = (ref.nick_key, ref.ref)
+        self._refs[key] = ref
+        self._refs.move_to_end(key)  # a ref used again (after it expired) is the newest
         # Refs arrive in expiry order, so the oldest are first; bound the memory they take.
         while len(self._refs) > MAX_REFS:
             self._refs.popitem(last=False)

@@ -130,6 +130,9 @@ class _Write(msgspec.Struct):
 class SQLiteStore:
     """Rooms, messages, DMs and recent refs in one SQLite database file."""
 
+    #: How long a statement waits for another connection's lock before it fails.
+    busy_timeout_ms = 5000
+
     def __init__(
         self,
         path: Path | str,
@@ -174,7 +177,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # First, so that the statements below wait for a lock instead of failing.
-        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         return db
@@ -265,23 +268,10 @@ class SQLiteStore:
         return int(row[0])
 
     def load_refs(self, now: int) -> list[RefRecord]:
-        since = now - REF_HORIZON_MS
-        db = self._reader
-        refs = [
-            RefRecord(k, r, int(e), bytes(a))
-            for k, r, e, a in db.execute(
-                "SELECT nick_key, ref, expires, ack FROM refs WHERE expires > ?", (now,)
-            )
-        ]
-        for table in ("messages", "dms"):
-            rows = db.execute(
-                f"SELECT {_REF_COLUMNS}, {_ACK_SOURCE[table]} FROM {table} "
-                "WHERE ts > ? AND ref IS NOT NULL AND ref_expires > ?",
-                (since, now),
-            )
-            refs += [_loaded_ref(table, row) for row in rows]
-        refs.sort(key=lambda r: r.expires)
-        return refs
+        # One statement, so one snapshot: the writer may be pruning meanwhile, moving refs
+        # from message rows to the refs table, and two reads could miss such a ref in both.
+        rows = self._reader.execute(_LOAD_REFS, (now, now - REF_HORIZON_MS)).fetchall()
+        return [_loaded_ref(row) for row in rows]
 
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
@@ -496,9 +486,15 @@ class SQLiteStore:
             loop.call_soon_threadsafe(run)
 
     def _prune(self, db: sqlite3.Connection, now: int) -> None:
-        # IMMEDIATE: from prune_now's own connection, wait for the writer's lock rather
-        # than fail when its snapshot cannot be upgraded.
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            # IMMEDIATE: from prune_now's own connection, wait for the writer's lock rather
+            # than fail when its snapshot cannot be upgraded.
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            # Locked for longer than busy_timeout (another process, a backup): the writer
+            # goes on storing messages, and the next prune, a minute later, tries again.
+            log.exception("pruning old history could not start; retrying in a minute")
+            return
         try:
             if self.history_days:
                 cutoff = now - int(self.history_days * 86_400_000)
@@ -532,7 +528,7 @@ class SQLiteStore:
         )
         db.executemany(
             "INSERT OR REPLACE INTO refs (nick_key, ref, expires, ack) VALUES (?, ?, ?, ?)",
-            [msgspec.structs.astuple(_loaded_ref(table, row)) for row in rows.fetchall()],
+            [msgspec.structs.astuple(_loaded_ref(row)) for row in rows.fetchall()],
         )
         db.execute(f"DELETE FROM {table} WHERE {where}", args)
 
@@ -561,21 +557,32 @@ def _ref_columns(ref: RefRecord | None) -> _RefColumns:
     return (ref.nick_key, ref.ref, ref.expires, ref.ack)
 
 
-#: The columns ack_of needs, by table: a row whose ack is NULL has the ack ack_of derives.
-_ACK_SOURCE = {"messages": "room, seq, ts", "dms": "id, ts"}
+#: What ack_of needs, by table, as (room, seq, id, ts): a row whose ack is NULL has the one
+#: ack_of derives from these.
+_ACK_SOURCE = {"messages": "room, seq, NULL, ts", "dms": "NULL, NULL, id, ts"}
+
+#: Refs still in force: those retention moved to the refs table, then those on the rows of
+#: recent messages and DMs (?1 is now, ?2 how far back rows may hold one), oldest first.
+_LOAD_REFS = (
+    "SELECT nick_key, ref, expires, ack, NULL, NULL, NULL, NULL FROM refs WHERE expires > ?1 "
+    f"UNION ALL SELECT {_REF_COLUMNS}, {_ACK_SOURCE['messages']} FROM messages "
+    "WHERE ts > ?2 AND ref IS NOT NULL AND ref_expires > ?1 "
+    f"UNION ALL SELECT {_REF_COLUMNS}, {_ACK_SOURCE['dms']} FROM dms "
+    "WHERE ts > ?2 AND ref IS NOT NULL AND ref_expires > ?1 "
+    "ORDER BY 3"
+)
 
 
-def _loaded_ref(table: str, row: tuple[Any, ...]) -> RefRecord:
-    """A ref read back with its row (``_REF_COLUMNS``, then ``_ACK_SOURCE[table]``)."""
-    key, ref, expires, ack, *source = row
+def _loaded_ref(row: tuple[Any, ...]) -> RefRecord:
+    """A ref read back: ``_REF_COLUMNS``, then the ``_ACK_SOURCE`` columns of its row."""
+    key, ref, expires, ack, room, seq, dm_id, ts = row
     if ack is not None:
         return RefRecord(key, ref, int(expires), bytes(ack))
     # ack_of reads only what identifies the record, so sender and text are left empty.
-    if table == "messages":
-        room, seq, ts = source
-        record: Message | DmEvent = Message(room=room, seq=seq, ts=ts, sender="", text="")
+    record: Message | DmEvent
+    if room is not None:
+        record = Message(room=room, seq=seq, ts=ts, sender="", text="")
     else:
-        dm_id, ts = source
         record = DmEvent(sender="", to="", id=dm_id, ts=ts, text="")
     return RefRecord(key, ref, int(expires), ack_of(ref, record))
 
