@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import re
 import socket
 import statistics
 import struct
@@ -35,6 +34,9 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.sections import replace_section
 
 from achat.protocol.frames import FrameDecoder, encode_frame
 
@@ -239,14 +241,7 @@ def main() -> None:
     table = report(times, result)
     print(table)
     if args.update:
-        text = args.update.read_text()
-        new = re.sub(
-            r"(<!-- client:start -->\n).*?(<!-- client:end -->)",
-            lambda m: m.group(1) + table + "\n" + m.group(2),
-            text,
-            flags=re.S,
-        )
-        args.update.write_text(new)
+        replace_section(args.update, "client", table)
 
 
 if __name__ == "__main__":

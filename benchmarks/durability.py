@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.sections import replace_section
 from tests.helpers.procs import ServerProcess
 
 from achat.client.connection import Client
@@ -119,18 +120,7 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2) if args.json else table(results, args))
     if args.update is not None:
-        update(args.update, table(results, args))
-
-
-START, END = "<!-- durability:start -->", "<!-- durability:end -->"
-
-
-def update(path: Path, text: str) -> None:
-    """Put ``text`` between the durability markers of ``path``."""
-    doc = path.read_text()
-    head, _, rest = doc.partition(START)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+        replace_section(args.update, "durability", table(results, args))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.sections import replace_section
 from tests.helpers.procs import ServerProcess
 
 from achat.client.connection import Client
@@ -273,9 +274,6 @@ def table(r: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-START, END = "<!-- soak:start -->", "<!-- soak:end -->"
-
-
 def main() -> None:
     # Flooders write into connections the server has closed; asyncio would log each one.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -288,10 +286,7 @@ def main() -> None:
     result = asyncio.run(soak(args.seconds, args.bystanders))
     print(json.dumps(result, indent=2) if args.json else table(result))
     if args.update is not None:
-        doc = args.update.read_text()
-        head, _, rest = doc.partition(START)
-        _, _, tail = rest.partition(END)
-        args.update.write_text(f"{head}{START}\n{table(result)}\n{END}{tail}")
+        replace_section(args.update, "soak", table(result))
 
 
 if __name__ == "__main__":

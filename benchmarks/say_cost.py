@@ -1,0 +1,172 @@
+"""What one ``say`` costs the server, step by step, without sockets.
+
+The ingest target (150,000 ``say``/s stored and acked on one core) leaves
+6.7 µs per ``say`` for everything. This measures where a ``say`` stands
+against it, in one process on one core (pin it: ``taskset -c 0``):
+
+- the strict decode of a ``say`` frame (``decode_client``);
+- the registry and the SQLite store together, fed ``say`` frames in ticks
+  of ``--tick`` (as a connection's reads bring them) on uvloop, until every
+  one is stored and acked: the loop thread's CPU and the writer thread's;
+- the least Python a ``say`` needs in this design, run in one loop with
+  nothing around it: decode, check the text, build the message and its ack,
+  encode both, remember the ref, build the row (SQLite not included);
+- the memory a remembered ref takes for its ten minutes.
+
+    python benchmarks/say_cost.py [--says 200000] [--update docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import timeit
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.sections import replace_section
+
+from achat.protocol.messages import Hello, Join, Message, Say, decode_client, encode
+from achat.protocol.names import validate_text
+from achat.server.refs import RecentRefs, ref_key
+from achat.server.registry import Registry
+from achat.store.base import ack_of
+from achat.store.sqlite import SQLiteStore
+
+ROOM = "bench"
+NOW = 1_764_090_000_000
+TEXT = b"t=1764090000000000000 " + b"x" * 38  # like achat-bench's stamped texts
+
+
+def bodies(count: int) -> list[bytes]:
+    return [
+        b'{"type":"say","room":"%s","text":"%s","ref":"%d"}' % (ROOM.encode(), TEXT, i)
+        for i in range(count)
+    ]
+
+
+class Peer:
+    """A connection that only counts what it is sent."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def send(self, frame: bytes) -> None:
+        self.frames += 1
+
+    def close(self, frame: bytes | None = None) -> None:
+        return None
+
+
+def decode_us() -> float:
+    body = bodies(1)[0]
+    runs = timeit.repeat(lambda: decode_client(body), number=100_000, repeat=5)
+    return min(runs) / 100_000 * 1e6
+
+
+async def registry_and_store(says: int, tick: int) -> tuple[float, float]:
+    """CPU µs per ``say`` of the loop thread and of the rest of the process (the writer)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "achat.db")
+        loop = asyncio.get_running_loop()
+        registry = Registry(store, clock=lambda: time.time_ns() // 1_000_000, defer=loop.call_soon)
+        member = registry.register(Peer(), Hello(nick="bob", version=1))
+        registry.handle(member, Join(room=ROOM))
+        frames = bodies(says)
+        loop_start, process_start = time.thread_time(), os.times()
+        for i in range(0, says, tick):
+            for body in frames[i : i + tick]:
+                registry.handle(member, decode_client(body))
+            await asyncio.sleep(0)  # the tick ends: the store takes the batch
+        # Polled: the registry tells nobody when a commit's callbacks have run.
+        while registry.rooms[ROOM].stored_seq < says:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        registry.fan_out()  # the last commit's messages and acks
+        loop_cpu = time.thread_time() - loop_start
+        end = os.times()
+        process_cpu = (end.user + end.system) - (process_start.user + process_start.system)
+        store.close()
+    return loop_cpu / says * 1e6, (process_cpu - loop_cpu) / says * 1e6
+
+
+def least_python_us(says: int) -> float:
+    refs: RecentRefs[object] = RecentRefs()
+    frames = bodies(says)
+    rows: list[tuple[object, ...]] = []
+    out: list[bytes] = []
+    start = time.perf_counter()
+    for seq, body in enumerate(frames, 1):
+        say = decode_client(body)
+        assert isinstance(say, Say)
+        assert say.ref is not None
+        text = validate_text(say.text, 2000)
+        key = ref_key("bob", say.ref)
+        message = Message(room=ROOM, seq=seq, ts=NOW, sender="bob", text=text)
+        ack = ack_of(say.ref, message)
+        refs.add(key, NOW + 600_000)
+        rows.append((ROOM, seq, NOW, "bob", text, "bob", say.ref, NOW + 600_000, None))
+        out.append(encode(message))
+        refs.acked(key, ack)
+    return (time.perf_counter() - start) / says * 1e6
+
+
+def ref_bytes(count: int = 100_000) -> float:
+    refs: RecentRefs[object] = RecentRefs()
+    message = Message(room=ROOM, seq=1, ts=NOW, sender="bob", text="x")
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(count):
+        ref = str(1_000_000 + i)
+        key = ref_key("b0u123", ref)
+        refs.add(key, NOW + i)
+        refs.acked(key, ack_of(ref, message))
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return used / count
+
+
+def table(says: int, tick: int) -> str:
+    import uvloop
+
+    decode = decode_us()
+    loop_us, writer_us = uvloop.run(registry_and_store(says, tick))
+    floor = least_python_us(says)
+    per_ref = ref_bytes()
+    total = loop_us + writer_us
+    return "\n".join(
+        [
+            f"{says:,} `say` frames with refs, in ticks of {tick}, one process on one core:",
+            "",
+            "| step | per `say` |",
+            "|---|---:|",
+            f"| strict decode (`decode_client`) | {decode:.2f} µs |",
+            f"| registry and SQLite store, loop thread (decode included) | {loop_us:.2f} µs |",
+            f"| SQLite store, writer thread (insert, commit, hand-over) | {writer_us:.2f} µs |",
+            f"| **in all, before sockets** | **{total:.2f} µs ({1e6 / total:,.0f}/s)** |",
+            f"| the least Python a `say` needs here (no store, no calls) | {floor:.2f} µs |",
+            "| what 150,000 `say`/s on one core allows | 6.67 µs |",
+            f"| memory per remembered ref (kept ten minutes) | {per_ref:.0f} B |",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--says", type=int, default=200_000)
+    parser.add_argument("--tick", type=int, default=200, help="says handled per loop tick")
+    parser.add_argument("--update", type=Path, help="replace the say-cost section of this file")
+    args = parser.parse_args()
+    text = table(args.says, args.tick)
+    print(text)
+    if args.update is not None:
+        replace_section(args.update, "say-cost", text)
+
+
+if __name__ == "__main__":
+    main()
