@@ -58,5 +58,8 @@ def test_scenario_smoke(tmp_path: Path, argv: list[str]) -> None:
         assert result["acked_per_s"] > 0
     else:
         assert result["sent"] > 0
+        room = {"busy-room": 4, "many-rooms": 3}[argv[0]]
+        # Offered is what was said inside the 1 s window, times the room's members.
+        assert result["offered_per_s"] == result["sent"] * room
         assert result["delivered_ratio"] > 0.9
         assert result["latency_ms"]["p99"] > 0
