@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from achat.bench.cli import Result, _note_fallbacks
+from achat.bench.load import WorkerReport
 from tests.helpers.procs import script
 
 
@@ -63,3 +65,14 @@ def test_scenario_smoke(tmp_path: Path, argv: list[str]) -> None:
         assert result["offered_per_s"] == result["sent"] * room
         assert result["delivered_ratio"] > 0.9
         assert result["latency_ms"]["p99"] > 0
+
+
+def test_clients_that_fell_back_to_the_slower_count_are_noted() -> None:
+    """A report says when clients counted frames the slower way, and only then."""
+    quiet, fell_back = WorkerReport(), WorkerReport(fallbacks=2)
+    result = Result("busy-room", {}, 1.0)
+    _note_fallbacks(result, [quiet])
+    assert result.notes == []
+    _note_fallbacks(result, [quiet, fell_back])
+    assert len(result.notes) == 1
+    assert result.notes[0].startswith("2 client(s)")

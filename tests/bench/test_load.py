@@ -157,6 +157,7 @@ def test_frames_are_counted_by_their_brace_while_that_holds() -> None:
     report, _ = feed([stream[i : i + 100] for i in range(0, len(stream), 100)], clients=seen)
     assert report.delivered == 24
     assert seen[0].starts == BRACE
+    assert report.fallbacks == 0
 
 
 def test_length_prefixes_that_look_like_braces_switch_to_the_exact_count() -> None:
@@ -169,6 +170,7 @@ def test_length_prefixes_that_look_like_braces_switch_to_the_exact_count() -> No
     assert check_counts == (24, 1, 1)
     assert sum(b"pong" in w for w in wire.written) == 1
     assert seen[0].starts == FRAME
+    assert report.fallbacks == 1  # reported once, however many more lookalikes come
 
 
 def stamped(seq: int, sent_ns: int) -> bytes:

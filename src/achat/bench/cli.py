@@ -181,6 +181,15 @@ def run(args: argparse.Namespace) -> Result:
     return result
 
 
+def _note_fallbacks(result: Result, reports: list[WorkerReport]) -> None:
+    fallbacks = sum(r.fallbacks for r in reports)
+    if fallbacks:
+        result.notes.append(
+            f"{fallbacks} client(s) met braces that start no frame and counted frames by "
+            "'{\"type\":\"' instead of '{' (exact, but slower: its ceiling is lower)"
+        )
+
+
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     keys = {
         "busy-room": ("clients", "rate"),
@@ -308,6 +317,7 @@ def _summarise(
     result.offered_per_s = round(sent * room_size / d)
     if args.scenario == "ingest":
         result.acked_per_s = round(sum(r.acked for r in reports) / d)
+    _note_fallbacks(result, reports)
     expected = sent * room_size
     result.delivered_ratio = round(delivered / expected, 5) if expected else 0.0
     lat = sorted(x for r in reports for x in r.latencies)
@@ -401,6 +411,7 @@ def self_check(args: argparse.Namespace) -> Result:
         sink.terminate()
         sink.join(5)
     result.delivered_per_s = round(sum(r.delivered for r in reports) / args.duration)
+    _note_fallbacks(result, reports)
     result.notes.append("a sink floods the generator; this is the most it can count")
     return result
 

@@ -116,6 +116,7 @@ class WorkerReport:
     latencies: list[float] = field(default_factory=list)
     samples_seen: int = 0
     last_read: float = 0.0  # monotonic time of the last read holding a message
+    fallbacks: int = 0  # clients that met braces starting no frame and count FRAME instead
     connect_seconds: float = 0.0
     done: bool = False
 
@@ -398,6 +399,7 @@ class _BenchClient(asyncio.Protocol):
             self.strikes += 1
             if self.strikes >= BRACE_STRIKES:
                 self.starts = FRAME
+                self.report.fallbacks += 1
 
     @staticmethod
     def _stray_braces(data: bytes) -> bool:
