@@ -100,6 +100,8 @@ def test_unknown_fields_are_ignored() -> None:
     [
         (b'{"type":"say","room":"a","text":"\xff"}', "invalid_json"),
         (b'{"type":"say","room":"a","text":"\\ud800"}', "invalid_json"),
+        (b'{"type":"say","room":"a","text":"a\x01b"}', "invalid_json"),
+        (b'{"type":"ping","x":"a\nb"}', "invalid_json"),
         (b'{"type":"ping","x":NaN}', "invalid_json"),
         (b'{"type":"ping","x":Infinity}', "invalid_json"),
         (b'{"type":"ping","x":-Infinity}', "invalid_json"),
