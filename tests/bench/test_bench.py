@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from achat.bench.cli import Result, _note_fallbacks
+from achat.bench.cli import Result, _note_fallbacks, _summarise
 from achat.bench.load import WorkerReport
 from tests.helpers.procs import script
 
@@ -76,3 +77,14 @@ def test_clients_that_fell_back_to_the_slower_count_are_noted() -> None:
     _note_fallbacks(result, [quiet, fell_back])
     assert len(result.notes) == 1
     assert result.notes[0].startswith("2 client(s)")
+
+
+def test_offered_is_what_was_said_and_fallbacks_are_noted() -> None:
+    """The summary offers what was said in the window, not the nominal rate."""
+    args = argparse.Namespace(duration=2.0, scenario="busy-room")
+    behind = WorkerReport(sent=150, delivered=600, fallbacks=1)
+    result = Result("busy-room", {}, 2.0)
+    _summarise(args, result, [behind], room_size=4)  # a rate of 100/s would offer 800/s
+    assert result.offered_per_s == 300
+    assert result.delivered_ratio == 1.0
+    assert len(result.notes) == 1

@@ -1108,3 +1108,14 @@ def test_a_member_leaving_gets_what_was_stored_before(clock: Clock) -> None:
     reg.unregister(bob)
     assert [f.text for f in bob_peer.of(m.Message)] == ["bye bob"]
     assert [type(f) for f in ana_peer.take()] == [m.Message, m.Ack, m.Parted]
+
+
+def test_a_store_that_loses_an_ack_is_refused_at_startup(clock: Clock) -> None:
+    """A ref loaded without its ack would leave resends waiting forever: the server says so."""
+
+    class Forgetful(MemoryStore):
+        def load_refs(self, now: int) -> list[RefRecord]:
+            return [RefRecord("ana", "r1", now + 1000)]
+
+    with pytest.raises(ValueError, match="without its ack"):
+        Registry(Forgetful(), clock=clock)

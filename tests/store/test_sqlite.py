@@ -241,26 +241,32 @@ def test_what_runs_on_a_timer_or_at_startup_finds_rows_by_time(
         assert all(f"INDEX {table}_ts " in step for step in steps), plan
 
 
+class _LogWatch(logging.Handler):
+    """Sets an event when the store logs a line containing ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
 def test_a_prune_that_cannot_start_leaves_the_writer_storing(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another connection holding the write lock too long costs a prune, not the writer."""
     monkeypatch.setattr(SQLiteStore, "busy_timeout_ms", 20)
     SQLiteStore(db_path).close()  # the database, at the current schema
-    failed = threading.Event()
-
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "could not start" in record.getMessage():
-                failed.set()
-
-    watch = Watch()
+    watch = _LogWatch("could not start")
     logging.getLogger("achat").addHandler(watch)
     blocker = sqlite3.connect(db_path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another process writing, a backup...
         s = SQLiteStore(db_path, history_days=1)  # its writer prunes as it starts
-        assert failed.wait(10)
+        assert watch.seen.wait(10)
         blocker.execute("COMMIT")
         stored: list[int] = []
         s.append(msg("r", 1), lambda: stored.append(1))
@@ -270,6 +276,116 @@ def test_a_prune_that_cannot_start_leaves_the_writer_storing(
     finally:
         logging.getLogger("achat").removeHandler(watch)
         blocker.close()
+
+
+def test_a_commit_that_fails_is_tried_again_until_it_is_stored(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit another connection's lock keeps out is retried in order, not dropped."""
+    monkeypatch.setattr(SQLiteStore, "busy_timeout_ms", 20)
+    monkeypatch.setattr(SQLiteStore, "retry_seconds", 0.01)
+    s = SQLiteStore(db_path)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    watch = _LogWatch("failed")
+    logging.getLogger("achat").addHandler(watch)
+    stored: list[int] = []
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, a backup...
+        s.append(msg("r", 1), lambda: stored.append(1))
+        s.append(msg("r", 2), lambda: stored.append(2))
+        assert watch.seen.wait(10)  # the commit failed: nothing is acked meanwhile
+        assert stored == []
+        blocker.execute("COMMIT")
+        s.append(msg("r", 3), lambda: stored.append(3))
+        s.flush()
+        assert stored == [1, 2, 3]
+        assert [m.seq for m in s.history("r", before=None, after=None, limit=10).messages] == [
+            1,
+            2,
+            3,
+        ]
+    finally:
+        logging.getLogger("achat").removeHandler(watch)
+        blocker.close()
+        s.close()
+
+
+def test_the_writer_outlives_a_transaction_that_sqlite_ended_itself(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error after which SQLite has rolled back (a full disk, an interrupt) is retried."""
+    monkeypatch.setattr(SQLiteStore, "retry_seconds", 0.01)
+    interrupt = threading.Event()
+    connect = SQLiteStore._connect
+
+    def interruptible(self: SQLiteStore) -> sqlite3.Connection:
+        db = connect(self)
+        if threading.current_thread().name == "achat-store":
+            inserting = [False]
+
+            def trace(sql: str) -> None:
+                inserting[0] = sql.lstrip().upper().startswith("INSERT")
+
+            def progress() -> int:
+                if inserting[0] and interrupt.is_set():
+                    interrupt.clear()
+                    return 1  # SQLITE_INTERRUPT: SQLite rolls the transaction back itself
+                return 0
+
+            db.set_trace_callback(trace)
+            db.set_progress_handler(progress, 1)
+        return db
+
+    monkeypatch.setattr(SQLiteStore, "_connect", interruptible)
+    s = SQLiteStore(db_path)
+    watch = _LogWatch("failed")
+    logging.getLogger("achat").addHandler(watch)
+    stored: list[int] = []
+    try:
+        interrupt.set()
+        s.append(msg("r", 1), lambda: stored.append(1))
+        s.flush()  # stored on the second try
+        assert watch.seen.is_set()
+        assert stored == [1]
+        assert s._writer.is_alive()
+    finally:
+        logging.getLogger("achat").removeHandler(watch)
+        s.close()
+
+
+def test_refs_load_oldest_first_whatever_they_come_from(db_path: Path) -> None:
+    """load_refs orders by expiry across the refs table, messages and DMs."""
+    day = 86_400_000
+    s = SQLiteStore(db_path, history_days=1, clock=lambda: 10 * day)
+    try:
+        s.append(msg("r", 1, ts=8 * day), lambda: None, RefRecord("ana", "moved", 10 * day + 900))
+        s.append(msg("r", 2, ts=10 * day), lambda: None, RefRecord("ana", "msg", 10 * day + 500))
+        dm = DmEvent(sender="ana", to="bob", id=1, ts=10 * day, text="x")
+        s.append_dm(dm, lambda: None, RefRecord("ana", "dm", 10 * day + 100))
+        s.flush()
+        s.prune_now()  # "moved" now lives in the refs table, expiring last
+        loaded = s.load_refs(now=10 * day)
+        assert [r.ref for r in loaded] == ["dm", "msg", "moved"]
+        assert loaded[2].ack == ack_of("moved", msg("r", 1, ts=8 * day))
+    finally:
+        s.close()
+
+
+def test_a_pruned_dm_keeps_its_derived_ack(db_path: Path) -> None:
+    """Retention by age moves a DM's ref, whose ack it derives, to the refs table."""
+    day = 86_400_000
+    s = SQLiteStore(db_path, history_days=1, clock=lambda: 10 * day)
+    dm = DmEvent(sender="ana", to="bob", id=4, ts=8 * day, text="old")
+    try:
+        s.append_dm(dm, lambda: None, RefRecord("ana", "old-dm", 10 * day + 100))
+        s.flush()
+        s.prune_now()
+        assert s._reader.execute("SELECT count(*) FROM dms").fetchone()[0] == 0
+        assert [(r.ref, r.ack) for r in s.load_refs(now=10 * day)] == [
+            ("old-dm", ack_of("old-dm", dm))
+        ]
+    finally:
+        s.close()
 
 
 def test_a_version_2_database_keeps_the_acks_it_stored(db_path: Path) -> None:

@@ -526,6 +526,8 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def _update(path: Path, text: str) -> None:
     doc = path.read_text()
-    head, _, rest = doc.partition(START)
+    head, found, rest = doc.partition(START)
+    if not found or END not in rest:
+        raise SystemExit(f"{path} has no {START} … {END} section")
     _, _, tail = rest.partition(END)
     path.write_text(f"{head}{START}\n{text}\n{END}{tail}")

@@ -132,6 +132,8 @@ class SQLiteStore:
 
     #: How long a statement waits for another connection's lock before it fails.
     busy_timeout_ms = 5000
+    #: How long the writer waits before it tries a failed commit again.
+    retry_seconds = 1.0
 
     def __init__(
         self,
@@ -165,6 +167,7 @@ class SQLiteStore:
         self.rows = 0
         self._checkpoint_due = threading.Event()
         self._stopping = threading.Event()
+        self._closing = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="achat-checkpoint", daemon=True
         )
@@ -352,6 +355,7 @@ class SQLiteStore:
         self._closed = True
         if self._on_loop():
             self._submit()
+        self._closing.set()  # a writer waiting to retry a failed commit tries it now
         self._queue.put(None)
         self._writer.join()
         self._stopping.set()
@@ -363,40 +367,58 @@ class SQLiteStore:
 
     def _write_loop(self) -> None:
         db = self._connect()
-        db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
-        last_prune = 0
-        if self.history_days or self.history_max:
-            last_prune = self._now()
-            self._prune(db, last_prune)
         try:
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+            last_prune = 0
+            if self.history_days or self.history_max:
+                last_prune = self._now()
+                self._prune_on_writer(db, last_prune)
+            failed: list[_Write] = []
+            attempts = 0
             while True:
-                item = self._queue.get()
-                batch: list[_Write] = []
-                stop = item is None
-                if item is not None:
-                    batch.extend(item)
-                    while True:
-                        try:
-                            more = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if more is None:
-                            stop = True
-                            break
-                        batch.extend(more)
-                if batch:
-                    self._commit(db, batch)
+                if failed:
+                    # Nothing of it was stored or acked (the database locked elsewhere, the
+                    # disk full): wait, then try it again, in order, with what came since.
+                    # The wait doubles up to 8 retry_seconds while it keeps failing.
+                    self._closing.wait(self.retry_seconds * min(8, 2 ** (attempts - 1)))
+                    more, stop = self._take(block=False)
+                    batch = failed + more
+                else:
+                    batch, stop = self._take(block=True)
+                if batch and self._commit(db, batch, quiet=attempts > 0):
+                    if attempts:
+                        log.warning("stored again after %d failed commits", attempts)
+                    failed, attempts = [], 0
                     self._checkpoint_due.set()
+                elif batch:
+                    failed, attempts = batch, attempts + 1
                 now = self._now()
                 if now - last_prune > 60_000 and (self.history_days or self.history_max):
-                    self._prune(db, now)
+                    self._prune_on_writer(db, now)
                     last_prune = now
                 if stop:
+                    if failed:
+                        log.error("closing with %d writes not stored (none was acked)", len(failed))
                     return
         finally:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             db.close()
+
+    def _take(self, *, block: bool) -> tuple[list[_Write], bool]:
+        """Everything queued (once something is, if ``block``), and whether to stop after it."""
+        batch: list[_Write] = []
+        try:
+            item = self._queue.get(block)
+        except queue.Empty:
+            return batch, False
+        while item is not None:
+            batch.extend(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _checkpoint_loop(self) -> None:
         db = self._connect()
@@ -414,7 +436,11 @@ class SQLiteStore:
         finally:
             db.close()
 
-    def _commit(self, db: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _commit(self, db: sqlite3.Connection, batch: list[_Write], *, quiet: bool = False) -> bool:
+        """Store ``batch`` in one transaction and call back; False when nothing was stored.
+
+        A failure is logged with its traceback, or in one line when ``quiet`` (a retry).
+        """
         messages = [w.message for w in batch if w.message is not None]
         message_rows = [_row(w.message, w.ref) for w in batch if w.message is not None]
         dm_rows = [_dm_row(w.dm, w.ref) for w in batch if w.dm is not None]
@@ -424,8 +450,8 @@ class SQLiteStore:
             last[m.room] = max(last.get(m.room, 0), m.seq)
         # Every statement hands the GIL back and forth with the event loop: run only
         # the ones this batch needs.
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             if message_rows:
                 db.executemany(
                     "INSERT OR IGNORE INTO messages "
@@ -450,10 +476,15 @@ class SQLiteStore:
                     topics,
                 )
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            log.exception("a batch of %d writes failed; nothing of it is acked", len(batch))
-            return
+        except Exception as exc:
+            _rollback(db)
+            if quiet:
+                log.warning("a commit of %d writes failed again: %s", len(batch), exc)
+            else:
+                log.exception(
+                    "a commit of %d writes failed; none is acked until it is stored", len(batch)
+                )
+            return False
         self.batches += 1
         self.rows += len(batch)
         with self._lock:
@@ -472,6 +503,7 @@ class SQLiteStore:
                 w.on_stored()
         if callbacks:
             self._deliver(callbacks)
+        return True
 
     def _deliver(self, callbacks: list[Callable[[], None]]) -> None:
         def run() -> None:
@@ -485,16 +517,19 @@ class SQLiteStore:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(run)
 
-    def _prune(self, db: sqlite3.Connection, now: int) -> None:
+    def _prune_on_writer(self, db: sqlite3.Connection, now: int) -> None:
         try:
-            # IMMEDIATE: from prune_now's own connection, wait for the writer's lock rather
-            # than fail when its snapshot cannot be upgraded.
-            db.execute("BEGIN IMMEDIATE")
+            self._prune(db, now)
         except sqlite3.Error:
             # Locked for longer than busy_timeout (another process, a backup): the writer
             # goes on storing messages, and the next prune, a minute later, tries again.
             log.exception("pruning old history could not start; retrying in a minute")
-            return
+
+    def _prune(self, db: sqlite3.Connection, now: int) -> None:
+        """Apply retention; raises ``sqlite3.Error`` when the write lock cannot be had."""
+        # IMMEDIATE: from prune_now's own connection, wait for the writer's lock rather
+        # than fail when its snapshot cannot be upgraded.
+        db.execute("BEGIN IMMEDIATE")
         try:
             if self.history_days:
                 cutoff = now - int(self.history_days * 86_400_000)
@@ -511,8 +546,8 @@ class SQLiteStore:
                 )
             db.execute("DELETE FROM refs WHERE expires < ?", (now,))
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except Exception:
+            _rollback(db)
             log.exception("pruning old history failed")
 
     @staticmethod
@@ -533,7 +568,10 @@ class SQLiteStore:
         db.execute(f"DELETE FROM {table} WHERE {where}", args)
 
     def prune_now(self) -> None:
-        """Apply the retention settings at once (the writer also does so every minute)."""
+        """Apply the retention settings at once (the writer also does so every minute).
+
+        Raises ``sqlite3.Error`` when another connection keeps the database locked.
+        """
         db = self._connect()
         try:
             self._prune(db, self._now())
@@ -549,6 +587,13 @@ class SQLiteStore:
 
 
 _RefColumns = tuple[str | None, str | None, int | None, bytes | None]
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Undo what is left of a failed transaction (SQLite may have undone it itself)."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def _ref_columns(ref: RefRecord | None) -> _RefColumns:
