@@ -71,7 +71,7 @@ def decode_us() -> float:
 
 
 async def registry_and_store(says: int, tick: int) -> tuple[float, float]:
-    """CPU µs per ``say`` of the loop thread and of the rest of the process (the writer)."""
+    """CPU µs per ``say`` of the loop thread and of the rest of the process (the store)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "achat.db")
         loop = asyncio.get_running_loop()
@@ -147,7 +147,7 @@ def table(says: int, tick: int) -> str:
             "|---|---:|",
             f"| strict decode (`decode_client`) | {decode:.2f} µs |",
             f"| registry and SQLite store, loop thread (decode included) | {loop_us:.2f} µs |",
-            f"| SQLite store, writer thread (insert, commit, hand-over) | {writer_us:.2f} µs |",
+            f"| SQLite store, its writer and checkpoint threads | {writer_us:.2f} µs |",
             f"| **in all, before sockets** | **{total:.2f} µs ({1e6 / total:,.0f}/s)** |",
             f"| the least Python a `say` needs here (no store, no calls) | {floor:.2f} µs |",
             "| what 150,000 `say`/s on one core allows | 6.67 µs |",
