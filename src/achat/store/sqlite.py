@@ -167,7 +167,6 @@ class SQLiteStore:
         self.rows = 0
         self._checkpoint_due = threading.Event()
         self._stopping = threading.Event()
-        self._closing = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="achat-checkpoint", daemon=True
         )
@@ -355,10 +354,11 @@ class SQLiteStore:
         self._closed = True
         if self._on_loop():
             self._submit()
-        self._closing.set()  # a writer waiting to retry a failed commit tries it now
+        # A writer waiting to retry a failed commit tries it now (and last); the
+        # checkpointer stops, since the writer truncates the WAL as it stops.
+        self._stopping.set()
         self._queue.put(None)
         self._writer.join()
-        self._stopping.set()
         self._checkpoint_due.set()
         self._checkpointer.join()
         self._reader.close()
@@ -380,7 +380,7 @@ class SQLiteStore:
                     # Nothing of it was stored or acked (the database locked elsewhere, the
                     # disk full): wait, then try it again, in order, with what came since.
                     # The wait doubles up to 8 retry_seconds while it keeps failing.
-                    self._closing.wait(self.retry_seconds * min(8, 2 ** (attempts - 1)))
+                    self._stopping.wait(self.retry_seconds * min(8, 2 ** (attempts - 1)))
                     more, stop = self._take(block=False)
                     batch = failed + more
                 else:
