@@ -34,10 +34,9 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sections import replace_section
 
+from achat.bench.cli import replace_section
 from achat.protocol.frames import FrameDecoder, encode_frame
 
 # The prompt as drawn: the room in its colour, a reset, then "> " (the space is a cursor move).

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.sections import replace_section
 from tests.helpers.procs import ServerProcess
 
+from achat.bench.cli import replace_section
 from achat.client.connection import Client
 from achat.protocol.messages import Ack, Say
 

@@ -21,17 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import tempfile
 import time
 import timeit
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.sections import replace_section
-
+from achat.bench.cli import replace_section
 from achat.protocol.messages import Hello, Join, Message, Say, decode_client, encode
 from achat.protocol.names import validate_text
 from achat.server.refs import RecentRefs, ref_key

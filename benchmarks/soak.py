@@ -40,9 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.sections import replace_section
 from tests.helpers.procs import ServerProcess
 
+from achat.bench.cli import replace_section
 from achat.client.connection import Client
 from achat.errors import AchatError
 from achat.protocol.frames import encode_frame

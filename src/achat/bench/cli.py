@@ -39,7 +39,7 @@ from ..protocol.frames import encode_frame
 from ..protocol.messages import Message, encode
 from .load import ClientPlan, WorkerPlan, WorkerReport, run_worker, stamped_text
 
-__all__ = ["Result", "main", "run"]
+__all__ = ["Result", "main", "replace_section", "run"]
 
 
 @dataclass
@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = table(results)
         print(text)
         if update is not None:
-            _update(update, text)
+            replace_section(update, "bench", text)
         return 0
     result = _one(parser().parse_args(argv))
     print(table([result]))
@@ -521,13 +521,16 @@ def _one(args: argparse.Namespace) -> Result:
     return result
 
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers.
 
-
-def _update(path: Path, text: str) -> None:
+    How ``make bench`` writes its figures into docs/performance.md (the scripts in
+    benchmarks/ use it too).
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     doc = path.read_text()
-    head, found, rest = doc.partition(START)
-    if not found or END not in rest:
-        raise SystemExit(f"{path} has no {START} … {END} section")
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    head, found, rest = doc.partition(start)
+    if not found or end not in rest:
+        raise SystemExit(f"{path} has no {start} … {end} section")
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
