@@ -38,8 +38,9 @@ class Wire:
         return None
 
 
-def message(seq: int) -> bytes:
-    text = b"t=%d xxxxxxxx" % time.time_ns()
+def message(seq: int, sent_ns: int | None = None) -> bytes:
+    """A message frame stamped ``sent_ns`` (now by default)."""
+    text = b"t=%d xxxxxxxx" % (time.time_ns() if sent_ns is None else sent_ns)
     return encode_frame(
         b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"%s"}' % (seq, text)
     )
@@ -173,18 +174,11 @@ def test_length_prefixes_that_look_like_braces_switch_to_the_exact_count() -> No
     assert report.fallbacks == 1  # reported once, however many more lookalikes come
 
 
-def stamped(seq: int, sent_ns: int) -> bytes:
-    text = b"t=%d xxxxxxxxxxxxxxxx" % sent_ns
-    return encode_frame(
-        b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"%s"}' % (seq, text)
-    )
-
-
 def test_deliveries_count_by_when_the_message_was_said() -> None:
     # Said at 1,000,000,000 + k ms; the window is [1.010, 1.020) s.
     base = 10**18
     said = [base + k * 1_000_000 for k in range(30)]
-    stream = b"".join(stamped(k, t) for k, t in enumerate(said))
+    stream = b"".join(message(k, t) for k, t in enumerate(said))
     span = (base + 10_000_000, base + 20_000_000)
     for at in range(1, len(stream)):
         report, _ = feed([stream[:at], stream[at:]], span=span)

@@ -413,11 +413,8 @@ def test_a_version_2_database_keeps_the_acks_it_stored(db_path: Path) -> None:
         s.close()
 
 
-def test_prune_now_waits_for_the_writer(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prune_now from its own connection waits for a write in progress instead of failing."""
-    day = 86_400_000
-    s = SQLiteStore(db_path, history_days=1, clock=lambda: 10 * day)
-    blocker = sqlite3.connect(db_path, isolation_level=None)
+def _signal_write_lock_requests(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set when a connection opened from now on asks for the write lock."""
     waiting = threading.Event()
     connect = sqlite3.connect
 
@@ -426,11 +423,20 @@ def test_prune_now_waits_for_the_writer(db_path: Path, monkeypatch: pytest.Monke
         db.set_trace_callback(lambda sql: waiting.set() if "IMMEDIATE" in sql else None)
         return db
 
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    return waiting
+
+
+def test_prune_now_waits_for_the_writer(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune_now from its own connection waits for a write in progress instead of failing."""
+    day = 86_400_000
+    s = SQLiteStore(db_path, history_days=1, clock=lambda: 10 * day)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
     try:
         s.append(msg("r", 1, ts=day), lambda: None)
         s.flush()
         blocker.execute("BEGIN IMMEDIATE")  # a write in progress elsewhere
-        monkeypatch.setattr(sqlite3, "connect", traced)
+        waiting = _signal_write_lock_requests(monkeypatch)
         pruning = threading.Thread(target=s.prune_now)
         pruning.start()
         assert waiting.wait(10)  # prune_now asked for the write lock up front...
@@ -526,14 +532,6 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two servers opening an old database at once: the second finds it migrated, no error."""
-    waiting = threading.Event()
-    connect = sqlite3.connect
-
-    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        db: sqlite3.Connection = connect(*args, **kwargs)
-        db.set_trace_callback(lambda sql: waiting.set() if "IMMEDIATE" in sql else None)
-        return db
-
     db_path.parent.mkdir(parents=True)
     other = sqlite3.connect(db_path, isolation_level=None)
     other.execute("PRAGMA journal_mode=WAL")  # as every achat database is
@@ -549,7 +547,7 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
             opened.append(exc)
 
     thread = threading.Thread(target=open_store)
-    monkeypatch.setattr(sqlite3, "connect", traced)
+    waiting = _signal_write_lock_requests(monkeypatch)
     thread.start()
     # The store has read version 1 and now waits for the lock the other process holds.
     assert waiting.wait(10)

@@ -399,7 +399,7 @@ class _BenchClient(asyncio.Protocol):
             self.strikes += 1
             if self.strikes >= BRACE_STRIKES:
                 self.starts = FRAME
-                self.report.fallbacks += 1
+                report.fallbacks += 1
 
     @staticmethod
     def _stray_braces(data: bytes) -> bool:
