@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from achat.bench.cli import Result, _note_fallbacks, _summarise
+from achat.bench.cli import Result, _note_trouble, _summarise
 from achat.bench.load import WorkerReport
 from tests.helpers.procs import script
 
@@ -68,23 +68,26 @@ def test_scenario_smoke(tmp_path: Path, argv: list[str]) -> None:
         assert result["latency_ms"]["p99"] > 0
 
 
-def test_clients_that_fell_back_to_the_slower_count_are_noted() -> None:
-    """A report says when clients counted frames the slower way, and only then."""
-    quiet, fell_back = WorkerReport(), WorkerReport(fallbacks=2)
+def test_errors_by_code_and_lost_connections_are_noted() -> None:
+    """A report says what went wrong, adding up the workers, and says nothing otherwise."""
+    fine = WorkerReport()
     result = Result("busy-room", {}, 1.0)
-    _note_fallbacks(result, [quiet])
+    _note_trouble(result, [fine, fine])
     assert result.notes == []
-    _note_fallbacks(result, [quiet, fell_back])
-    assert len(result.notes) == 1
-    assert result.notes[0].startswith("2 client(s)")
+    one = WorkerReport(errors=3, codes={"rate_limited": 2, "unknown": 1}, closed=1)
+    other = WorkerReport(errors=2, codes={"rate_limited": 2}, closed=2)
+    _note_trouble(result, [one, fine, other])
+    assert result.notes[0] == "errors from the server: rate_limited ×4, unknown ×1"
+    assert result.notes[1].startswith("3 connection(s) ended before the run did")
 
 
-def test_offered_is_what_was_said_and_fallbacks_are_noted() -> None:
+def test_offered_is_what_was_said_and_trouble_is_noted() -> None:
     """The summary offers what was said in the window, not the nominal rate."""
     args = argparse.Namespace(duration=2.0, scenario="busy-room")
-    behind = WorkerReport(sent=150, delivered=600, fallbacks=1)
+    behind = WorkerReport(sent=150, delivered=600, errors=1, codes={"rate_limited": 1})
     result = Result("busy-room", {}, 2.0)
     _summarise(args, result, [behind], room_size=4)  # a rate of 100/s would offer 800/s
     assert result.offered_per_s == 300
     assert result.delivered_ratio == 1.0
-    assert len(result.notes) == 1
+    assert result.errors == 1
+    assert result.notes == ["errors from the server: rate_limited ×1"]

@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from achat.bench.load import (
-    BRACE,
-    FRAME,
+    KEEPALIVE_SECONDS,
     ClientPlan,
     WorkerPlan,
     WorkerReport,
@@ -20,6 +19,7 @@ from achat.bench.load import (
     _Window,
 )
 from achat.protocol.frames import encode_frame
+from achat.protocol.messages import Ack, Error, Joined, Message, Names, Ping, Pong, encode
 
 
 class Wire:
@@ -27,52 +27,58 @@ class Wire:
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
 
     def get_extra_info(self, name: str) -> None:
         return None
 
 
-def message(seq: int, sent_ns: int | None = None) -> bytes:
-    """A message frame stamped ``sent_ns`` (now by default)."""
-    text = b"t=%d xxxxxxxx" % (time.time_ns() if sent_ns is None else sent_ns)
-    return encode_frame(
-        b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"%s"}' % (seq, text)
-    )
+def message(seq: int, sent_ns: int | None = None, text: str = "xxxxxxxx") -> bytes:
+    """A message frame as the server encodes it, stamped ``sent_ns`` (now by default)."""
+    stamp = time.time_ns() if sent_ns is None else sent_ns
+    return encode(Message(room="r", seq=seq, ts=1, sender="a", text=f"t={stamp} {text}"))
 
 
+# The frames a client meets, as the server encodes them: it has said 3 things (refs 1-3).
 STREAM = b"".join(
     [
         encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}'),
-        encode_frame(b'{"type":"joined","room":"r","nick":"b0","ts":1}'),
-        encode_frame(b'{"type":"names","room":"r","nicks":["b0"]}'),
+        encode(Joined(room="r", nick="b0", ts=1)),
+        encode(Names(room="r", nicks=["b0"], topic="", seq=0)),
         message(1),
         message(2),
-        encode_frame(b'{"type":"ping","ref":"keepalive"}'),
+        encode(Ping(ref="keepalive")),  # the server's own: not looked at, not answered
         message(3),
-        encode_frame(b'{"type":"error","code":"rate_limited","message":"m","fatal":false}'),
-        encode_frame(b'{"type":"ack","ref":"1","ts":1,"room":"r","seq":4}'),
+        # Say 2 refused before say 1 is stored: answers need not come in order.
+        encode(Error(code="rate_limited", message="slow down", fatal=False, ref="2")),
+        encode(Ack(ref="1", ts=1, room="r", seq=4)),
         message(4),
-        encode_frame(b'{"type":"ack","ref":"2","ts":1,"room":"r","seq":5}'),
+        encode(Ack(ref="3", ts=1, room="r", seq=5)),
     ]
 )
 
 
 def feed(
     chunks: list[bytes],
+    says: int = 3,
     pipeline: int = 0,
     clients: list[_BenchClient] | None = None,
     span: tuple[int, int] = (0, 2**63),
 ) -> tuple[WorkerReport, Wire]:
-    """Feed ``chunks`` to one client; its report and what it wrote.
+    """Feed ``chunks`` to one client that has sent ``says`` says; its report and its writes.
 
-    Acks count throughout; messages count if sent in ``span`` (ns since the epoch).
-    The client is appended to ``clients`` if given.
+    With a ``pipeline``, the client keeps that many says out instead. Acks count
+    throughout; messages count if sent in ``span`` (ns since the epoch). The client
+    is appended to ``clients`` if given.
     """
 
     async def run() -> tuple[WorkerReport, Wire]:
@@ -86,7 +92,11 @@ def feed(
             clients.append(client)
         wire = Wire()
         client.connection_made(wire)  # type: ignore[arg-type]
-        client.in_flight = pipeline  # as if that many says were out
+        if pipeline:
+            client._start_sending()
+        else:
+            for _ in range(says):
+                client._write_say()
         for chunk in chunks:
             client.data_received(chunk)
         return report, wire
@@ -98,16 +108,23 @@ def check(report: WorkerReport, wire: Wire) -> None:
     assert report.delivered == 4
     assert report.joined == 1
     assert report.errors == 1
-    assert sum(b"pong" in w for w in wire.written) == 1
+    assert report.acked == 2
+    # The code is read when the error arrived whole, or at least up to its ref.
+    assert report.codes in ({"rate_limited": 1}, {"unknown": 1})
+    assert not any(b"pong" in w for w in wire.written)  # the server's ping is not answered
     # At most the first and last stamp of each read; a stamp cut by a split is skipped.
     assert all(0 <= x < 60 for x in report.latencies)
 
 
 def test_every_split_in_two() -> None:
+    seen: list[_BenchClient] = []
     for at in range(1, len(STREAM)):
-        report, wire = feed([STREAM[:at], STREAM[at:]])
+        report, wire = feed([STREAM[:at], STREAM[at:]], clients=seen)
         check(report, wire)
         assert 1 <= len(report.latencies) <= 4, at
+        assert (seen[-1].unanswered, seen[-1].due) == (0, 0), at
+    whole, _ = feed([STREAM])
+    assert whole.codes == {"rate_limited": 1}
 
 
 @given(st.lists(st.integers(1, len(STREAM) - 1), max_size=40))
@@ -116,62 +133,69 @@ def test_any_split(cuts: list[int]) -> None:
     check(*feed([STREAM[a:b] for a, b in itertools.pairwise(points)]))
 
 
-def test_every_ping_in_a_read_gets_its_pong() -> None:
-    ping = encode_frame(b'{"type":"ping","ref":"keepalive"}')
-    report, wire = feed([STREAM + ping + message(5) + ping])
-    assert report.delivered == 5
-    assert b"".join(wire.written).count(b'"pong"') == 3
+def test_answers_are_looked_for_only_while_due() -> None:
+    """A client that said nothing takes no ack or error in its reads for its own."""
+    seen: list[_BenchClient] = []
+    report, _ = feed([STREAM], says=0, clients=seen)
+    assert (report.delivered, report.joined, report.errors, report.acked) == (4, 1, 0, 0)
+    assert seen[0].due == 0
+    # One of three says still out: the search goes on in the reads to come.
+    report, _ = feed([STREAM], says=4, clients=seen)
+    assert (seen[1].unanswered, seen[1].due) == (1, 1)
+    assert (report.errors, report.acked) == (1, 2)
 
 
-def test_one_byte_at_a_time_and_acks_count_for_ingest() -> None:
-    report, wire = feed([STREAM[i : i + 1] for i in range(len(STREAM))], pipeline=4)
+def test_one_byte_at_a_time_and_the_pipeline_refills_for_ingest() -> None:
+    seen: list[_BenchClient] = []
+    report, wire = feed([STREAM[i : i + 1] for i in range(len(STREAM))], pipeline=4, clients=seen)
     check(report, wire)
-    assert report.acked == 2
+    # Four says out at first, and one more for each of the three answers.
+    assert sum(b'"type":"say"' in w for w in wire.written) == 7
+    assert seen[0].unanswered == 4
 
 
-def test_braces_and_frame_lookalikes_in_texts_are_not_frames() -> None:
-    braces = encode_frame(
-        b'{"type":"message","room":"r","seq":9,"ts":1,"from":"{x}",'
-        b'"text":"t=%d {\\"type\\":\\"ping\\"} {{"}' % time.time_ns()
+def test_a_quiet_client_pings_and_takes_its_pong() -> None:
+    seen: list[_BenchClient] = []
+    report, wire = feed([STREAM], clients=seen)
+    client = seen[0]
+    quiet_since = client.last_sent
+    client.keep_alive(quiet_since + KEEPALIVE_SECONDS - 0.5)
+    assert client.pongs_due == 0
+    client.keep_alive(quiet_since + KEEPALIVE_SECONDS)
+    client.keep_alive(quiet_since + KEEPALIVE_SECONDS + 1)  # one ping per quiet spell
+    assert wire.written[-1] == encode(Ping(ref="keepalive"))
+    assert (client.pongs_due, client.due) == (1, 1)
+    pong = message(5) + encode(Pong(ref="keepalive")) + message(6)
+    for at in range(1, len(pong)):
+        client.pongs_due = client.due = 1
+        client.data_received(pong[:at])
+        client.data_received(pong[at:])
+        assert (client.pongs_due, client.due) == (0, 0), at
+    assert report.errors == 1
+
+
+def test_a_refused_join_is_an_error_and_the_client_leaves() -> None:
+    refused = encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}') + encode(
+        Error(code="invalid_room", message="no such room name", fatal=False)
     )
-    stream = braces + STREAM + braces
+    for at in range(1, len(refused)):
+        report, wire = feed([refused[:at], refused[at:]], says=0)
+        assert (report.joined, report.errors) == (0, 1), at
+        assert report.codes == {"invalid_room": 1}
+        assert wire.closed
+
+
+def test_frame_lookalikes_in_texts_are_not_frames() -> None:
+    lookalikes = (
+        '{"type":"message","room":"r"} {"type":"ack","ref":"1"} '
+        '"ref":"2" {"type":"error","fatal":false,"ref":"3"}'
+    )
+    odd = message(9, text=lookalikes)
+    stream = odd + STREAM + odd
     for at in range(1, len(stream)):
-        report, wire = feed([stream[:at], stream[at:]])
+        report, _ = feed([stream[:at], stream[at:]])
         assert report.delivered == 6
-        assert report.joined == 1
-        assert report.errors == 1
-        assert sum(b"pong" in w for w in wire.written) == 1
-
-
-def sized_message(seq: int, size: int) -> bytes:
-    """A message frame whose body is ``size`` bytes long."""
-    head = b'{"type":"message","room":"r","seq":%d,"ts":1,"from":"a","text":"t=%d ' % (
-        seq,
-        time.time_ns(),
-    )
-    return encode_frame(head + b"x" * (size - len(head) - 2) + b'"}')
-
-
-def test_frames_are_counted_by_their_brace_while_that_holds() -> None:
-    seen: list[_BenchClient] = []
-    stream = STREAM + b"".join(sized_message(5 + i, 150) for i in range(20))
-    report, _ = feed([stream[i : i + 100] for i in range(0, len(stream), 100)], clients=seen)
-    assert report.delivered == 24
-    assert seen[0].starts == BRACE
-    assert report.fallbacks == 0
-
-
-def test_length_prefixes_that_look_like_braces_switch_to_the_exact_count() -> None:
-    seen: list[_BenchClient] = []
-    lookalikes = b"".join(sized_message(5 + i, ord("{")) for i in range(20))
-    assert lookalikes.count(b"{") == 40  # each frame's length prefix ends in a brace
-    stream = STREAM + lookalikes
-    report, wire = feed([stream[i : i + 100] for i in range(0, len(stream), 100)], clients=seen)
-    check_counts = report.delivered, report.joined, report.errors
-    assert check_counts == (24, 1, 1)
-    assert sum(b"pong" in w for w in wire.written) == 1
-    assert seen[0].starts == FRAME
-    assert report.fallbacks == 1  # reported once, however many more lookalikes come
+        assert (report.joined, report.errors, report.acked) == (1, 1, 2)
 
 
 def test_deliveries_count_by_when_the_message_was_said() -> None:

@@ -181,12 +181,20 @@ def run(args: argparse.Namespace) -> Result:
     return result
 
 
-def _note_fallbacks(result: Result, reports: list[WorkerReport]) -> None:
-    fallbacks = sum(r.fallbacks for r in reports)
-    if fallbacks:
+def _note_trouble(result: Result, reports: list[WorkerReport]) -> None:
+    """Say what went wrong in the run, if anything: errors by code, connections lost."""
+    codes: dict[str, int] = {}
+    for r in reports:
+        for code, n in r.codes.items():
+            codes[code] = codes.get(code, 0) + n
+    if codes:
+        counted = ", ".join(f"{code} ×{n:,}" for code, n in sorted(codes.items()))
+        result.notes.append(f"errors from the server: {counted}")
+    closed = sum(r.closed for r in reports)
+    if closed:
         result.notes.append(
-            f"{fallbacks} client(s) met braces that start no frame and counted frames by "
-            "'{\"type\":\"' instead of '{' (exact, but slower: its ceiling is lower)"
+            f"{closed:,} connection(s) ended before the run did (refused, or closed by "
+            "the server: a fatal error, such as sendq_exceeded for a reader too slow)"
         )
 
 
@@ -317,7 +325,7 @@ def _summarise(
     result.offered_per_s = round(sent * room_size / d)
     if args.scenario == "ingest":
         result.acked_per_s = round(sum(r.acked for r in reports) / d)
-    _note_fallbacks(result, reports)
+    _note_trouble(result, reports)
     expected = sent * room_size
     result.delivered_ratio = round(delivered / expected, 5) if expected else 0.0
     lat = sorted(x for r in reports for x in r.latencies)
@@ -411,7 +419,7 @@ def self_check(args: argparse.Namespace) -> Result:
         sink.terminate()
         sink.join(5)
     result.delivered_per_s = round(sum(r.delivered for r in reports) / args.duration)
-    _note_fallbacks(result, reports)
+    _note_trouble(result, reports)
     result.notes.append("a sink floods the generator; this is the most it can count")
     return result
 

@@ -9,28 +9,36 @@ carry their send time (``t=<ns since epoch>``), so a receiver can measure
 latency from the bytes without decoding every frame.
 
 Receiving is counted, not parsed: deliveries are the occurrences of
-``{"type":"message"`` in the byte stream (patterns split across reads are
-counted once). What counts is when a message was said: the stamps of the
-oldest and newest message of a read place the whole read inside the
-measured window or outside it, and only a read that spans an edge of the
-window has each of its stamps read. Nobody says anything after the window,
-and the workers read on until the room is quiet, so the delivered ratio
-misses exactly the messages said inside the window and never read (give or
-take one per client at each edge). Latency is sampled from the same two
-stamps.
+``{"type":"message","room":"`` in the byte stream (patterns split across
+reads are counted once). That is how achat servers encode a message (type,
+then room, compact), and the longest start every message shares: the longer
+the pattern, the further ``bytes.count`` skips through the texts (5.9 GB/s,
+against 3.9 for ``{"type":"message"`` and 3.5 for a frame's first byte).
+What counts is when a message was said: the stamps of the oldest and newest
+message of a read place the whole read inside the measured window or
+outside it, and only a read that spans an edge of the window has each of its
+stamps read. Nobody says anything after the window, and the workers read on
+until the room is quiet, so the delivered ratio misses exactly the messages
+said inside the window and never read (give or take one per client at each
+edge). Latency is sampled from the same two stamps.
 
-Every frame is a JSON object whose first byte is ``{``, so a second count,
-of that one byte (the cheapest pattern to count: it raises the generator's
-ceiling by 10-20 % over counting ``{"type":"``), tells whether a frame other
-than a message may have arrived; only then is the read searched for the
-other frames that matter, and only until as many as arrived are found:
-``ack`` first (a sending client gets one for every ``say``), then ``error``,
-``ping``, ``names`` and ``joined`` (a join storm is all of them). A brace
-that starts no frame (in a text, or a length prefix byte of 123) costs a
-needless search, never a wrong count; a client that keeps meeting them
-counts ``{"type":"`` instead. Two passes over the bytes per read is what the
-generator's ceiling is made of (``achat-bench self-check``). A worker
-reports its counters to the parent once a second over a pipe.
+That one count is all a read costs while the client waits for nothing.
+Besides messages, what a client needs from the server are the answers to
+what it sent: ``names`` to its join, an ``ack`` or an ``error`` to each
+``say`` (every say carries a ``ref``, which its answer echoes) and a ``pong``
+to its keep-alive ``ping``. Only while answers are due is a read searched
+for them, for their ``"ref":"`` (no message has one), and the search stops
+at the last answer due: a busy room's client waits for one answer a second,
+found where it arrived. Searching every read for every frame that is not a
+message, as this generator once did, cost a second pass over every byte
+(``achat-bench self-check``: 7.2 M deliveries/s with it, the figures in
+docs/performance.md without it). Other frames (joins and parts of others,
+topics, the server's own pings) are never looked at: the client pings after
+``KEEPALIVE_SECONDS`` of saying nothing, as the contract asks of an idle
+client, which keeps it connected to any server whose ``idle_timeout`` is
+longer than that whether or not it answers the server's pings; a fatal error
+closes the connection, which counts among ``closed``. A worker reports its
+counters to the parent once a second over a pipe.
 
 Clients are :class:`asyncio.Protocol` objects driven by callbacks and
 timers: no stream objects, no task and no future per read, so one worker
@@ -55,20 +63,24 @@ from ..protocol.frames import encode_frame
 
 __all__ = ["ClientPlan", "WorkerPlan", "WorkerReport", "run_worker", "stamped_text"]
 
-FRAME = b'{"type":"'
-MESSAGE = b'{"type":"message"'
-#: The first byte of every frame's body (and, rarely, of something else: see above).
-BRACE = b"{"
-#: Reads whose braces outnumber their frames before a client counts FRAME instead.
-BRACE_STRIKES = 3
+#: The start of every message frame (see above): what is counted per read.
+MESSAGE = b'{"type":"message","room":"'
 NAMES = b'{"type":"names"'
-JOINED = b'{"type":"joined"'
-PING = b'{"type":"ping"'
 ERROR = b'{"type":"error"'
-ACK = b'{"type":"ack"'
-TYPE = re.compile(rb'\{"type":"[a-z_]{1,16}"')
-#: Bytes of the stream kept from before a read: enough for any pattern or TYPE match
-#: split across two reads.
+#: An answer's ref field. No message has one (a text's quotes are escaped).
+REF = b'"ref":"'
+#: What the server writes just before an answer's ref: it is the first field of an ack
+#: and of a pong, and the last of an error (after ``fatal``).
+ACK_HEAD = b'{"type":"ack",'
+PONG_HEAD = b'{"type":"pong",'
+ERROR_HEADS = (b'"fatal":false,', b'"fatal":true,')
+_HEAD_SIZE = max(len(ACK_HEAD), len(PONG_HEAD), *map(len, ERROR_HEADS))
+CODE = re.compile(rb'"code":"([a-z_]{1,32})"')
+#: A client that has said nothing for this long pings (the contract: every 30 s).
+KEEPALIVE_SECONDS = 25.0
+KEEPALIVE_FRAME = encode_frame(b'{"type":"ping","ref":"keepalive"}')
+#: Bytes of the stream kept from before a read: enough for any pattern split across two
+#: reads, and for what precedes a ref split from it.
 KEEP = 32
 STAMP = b'"text":"t='
 STAMPS = re.compile(rb'"text":"t=(\d{1,20}) ')
@@ -116,7 +128,7 @@ class WorkerReport:
     latencies: list[float] = field(default_factory=list)
     samples_seen: int = 0
     last_read: float = 0.0  # monotonic time of the last read holding a message
-    fallbacks: int = 0  # clients that met braces starting no frame and count FRAME instead
+    codes: dict[str, int] = field(default_factory=dict)  # the errors' codes, counted
     connect_seconds: float = 0.0
     done: bool = False
 
@@ -133,10 +145,9 @@ def _say(room: bytes, ref: int, now_ns: int) -> bytes:
     return encode_frame(body)
 
 
-#: The bytes of a stream end that can hold the start of a MESSAGE (or FRAME) split by a
-#: read (see _straddling; data_received inlines it for MESSAGE).
+#: The bytes of a stream end that can hold the start of a MESSAGE split by a read (see
+#: _straddling, which data_received inlines for MESSAGE).
 _MESSAGE_EDGE = len(MESSAGE) - 1
-_FRAME_EDGE = len(FRAME) - 1
 
 
 def _straddling(pattern: bytes, before: bytes, chunk: bytes) -> int:
@@ -217,17 +228,17 @@ class _BenchClient(asyncio.Protocol):
     ) -> None:
         self.plan, self.c, self.report, self.window, self.rng = plan, c, report, window, rng
         self.room = c.room.encode()
-        # Frames begun whose type has not been looked at yet (nor counted as a message).
-        self.unread = 0
-        # Frames are counted by their first byte until that proves unreliable for the stream.
-        self.starts = BRACE
-        self.strikes = 0
         self.kept = b""
         self.joined = False
+        self.greeting = b""
+        # Answers due: to the join until joined, to each say, to each keep-alive ping.
+        self.due = 1
+        self.unanswered = 0  # says
+        self.pongs_due = 0
         # Messages read whose stamp has not been (cut off by the read).
         self.pending = 0
         self.ref = 0
-        self.in_flight = 0
+        self.last_sent = time.monotonic()
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.closed = self.loop.create_future()
@@ -242,6 +253,7 @@ class _BenchClient(asyncio.Protocol):
             encode_frame(b'{"type":"hello","nick":"%s","version":1,"client":"achat-bench"}' % nick)
             + encode_frame(b'{"type":"join","room":"%s"}' % self.room)
         )
+        self.last_sent = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -255,8 +267,21 @@ class _BenchClient(asyncio.Protocol):
         self.ref += 1
         now_ns = time.time_ns()
         self.transport.write(_say(self.room, self.ref, now_ns))
+        self.unanswered += 1
+        self.due += 1
+        self.last_sent = time.monotonic()
         if self.window.start_ns <= now_ns < self.window.end_ns:
             self.report.sent += 1
+
+    def keep_alive(self, now: float) -> None:
+        """Ping if nothing was sent for KEEPALIVE_SECONDS (``now`` on the monotonic clock)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if now - self.last_sent >= KEEPALIVE_SECONDS:
+            self.transport.write(KEEPALIVE_FRAME)
+            self.pongs_due += 1
+            self.due += 1
+            self.last_sent = now
 
     def _tick(self, at: float) -> None:
         # Sends on a fixed schedule (no drift), whatever the loop's lateness.
@@ -267,8 +292,7 @@ class _BenchClient(asyncio.Protocol):
         self.timer = self.loop.call_at(at, self._tick, at)
 
     def _fill(self) -> None:
-        while self.in_flight < self.plan.pipeline and time.monotonic() < self.window.end:
-            self.in_flight += 1
+        while self.unanswered < self.plan.pipeline and time.monotonic() < self.window.end:
             self._write_say()
 
     def _start_sending(self) -> None:
@@ -280,25 +304,14 @@ class _BenchClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # The hot path of the generator (once per read, millions of messages a second):
-        # two counts over the bytes, then at most two stamps read.
-        kept, starts = self.kept, self.starts
+        # one count over the bytes, then at most two stamps read.
+        kept = self.kept
         n = data.count(MESSAGE) + (kept[-_MESSAGE_EDGE:] + data[:_MESSAGE_EDGE]).count(MESSAGE)
-        frames = data.count(BRACE) if starts is BRACE else _count(FRAME, kept, data)
-        others = frames - n
-        window = self.window
-        now = time.monotonic()
-        measuring = window.start <= now < window.end
-        if others or self.unread:
-            self.unread += others
-            # Often the one unread frame is the last, cut before its type: nothing to do yet.
-            stream_end = (kept + data[-KEEP:])[-KEEP:]
-            last = stream_end.rfind(starts)
-            cut = 1 if last >= 0 and TYPE.match(stream_end, last) is None else 0
-            if self.unread > cut:
-                self._other_frames(data, measuring, self.unread - cut)
-                self.unread = cut
+        if self.due:
+            self._answers(kept, data)
         self.kept = data[-KEEP:] if len(data) >= KEEP else (kept + data)[-KEEP:]
         if n or self.pending:
+            now = time.monotonic()
             self.report.last_read = now
             self._deliveries(kept, data, n, now)
 
@@ -354,63 +367,71 @@ class _BenchClient(asyncio.Protocol):
         if n > 1 and start <= last < end:
             _sample(report, (now_ns - last) / 1e9, self.rng)
 
-    def _other_frames(self, data: bytes, measuring: bool, arrived: int) -> None:
-        """Look for the frames that matter besides messages, completed in this read.
-
-        ``arrived`` is how many frames other than messages were completed (or more, if
-        braces started no frame): the search stops once that many are found.
-        """
+    def _answers(self, kept: bytes, data: bytes) -> None:
+        """Take the answers due that completed in ``data`` (``kept`` before it)."""
         report = self.report
-        kept = self.kept
-        if arrived <= 2:
-            # Usually a say's ack, in a read of thousands of messages: finding it ends the
-            # search half-way through on average, where counting would read to the end.
-            acks = _straddling(ACK, kept, data)
-            at = -1
-            while acks < arrived and (at := data.find(ACK, at + 1)) >= 0:
-                acks += 1
-        else:
-            acks = _count(ACK, kept, data)
-        if acks:
-            arrived -= acks
-            if self.plan.pipeline:
-                self.in_flight -= acks
-                if measuring:
-                    report.acked += acks
-                self._fill()
-            if arrived <= 0:
+        if not self.joined:
+            # The greeting (welcome, joined, names: a few hundred bytes) is kept whole.
+            self.greeting += data
+            if NAMES in self.greeting:
+                self.joined = True
+                self.due -= 1
+                report.joined += 1
+                self.greeting = b""
+            elif (at := self.greeting.find(ERROR)) >= 0 and CODE.search(self.greeting, at):
+                # The join was refused (a refused hello is fatal: the server closes).
+                report.errors += 1
+                self._note_code(self.greeting, len(self.greeting))
+                self.due = 0  # nothing more to wait for: the client leaves
+                assert self.transport is not None
+                self.transport.close()
                 return
-        errors = _count(ERROR, kept, data)
+        want = self.unanswered + self.pongs_due
+        if not want:
+            return
+        acks = errors = pongs = 0
+        # A ref begun in the stream before this read: only one that ends in it fits here.
+        edge = kept + data[: len(REF) - 1]
+        at = edge.find(REF, max(0, len(kept) - len(REF) + 1))
+        if at >= 0:
+            head = edge[max(0, at - _HEAD_SIZE) : at]
+            at = -1
+        else:
+            head = b""
+        while True:
+            if head:
+                if head.endswith(ACK_HEAD):
+                    acks += 1
+                elif head.endswith(PONG_HEAD):
+                    pongs += 1
+                elif head.endswith(ERROR_HEADS):
+                    errors += 1
+                    self._note_code(*((data, at) if at >= 0 else (kept, len(kept))))
+            if acks + errors + pongs >= want:
+                break
+            at = data.find(REF, at + 1)
+            if at < 0:
+                break
+            head = data[at - _HEAD_SIZE : at] if at >= _HEAD_SIZE else (kept + data[:at])
+        # An error answers the say it refused, an ack the one it stored; which say is
+        # which does not matter here, only how many are still out.
+        self.unanswered -= acks + errors
+        self.pongs_due -= pongs
+        self.due -= acks + errors + pongs
         report.errors += errors
-        arrived -= errors
-        pings = _count(PING, kept, data) if arrived > 0 else 0
-        if pings:
-            arrived -= pings
-            assert self.transport is not None
-            self.transport.write(encode_frame(b'{"type":"pong","ref":"keepalive"}') * pings)
-        if arrived > 0 and not self.joined and _count(NAMES, kept, data):
-            arrived -= 1
-            self.joined = True
-            report.joined += 1
-        if arrived > 0:
-            # Someone joining (a join storm is all of them)?
-            arrived -= _count(JOINED, kept, data)
-        if arrived > 0 and self.starts is BRACE and self._stray_braces(data):
-            self.strikes += 1
-            if self.strikes >= BRACE_STRIKES:
-                self.starts = FRAME
-                report.fallbacks += 1
+        if acks:
+            window = self.window
+            if window.start <= time.monotonic() < window.end:
+                report.acked += acks
+        if self.plan.pipeline and acks + errors:
+            self._fill()
 
-    @staticmethod
-    def _stray_braces(data: bytes) -> bool:
-        """Whether ``data`` has braces that start no frame (some frames are untracked).
-
-        Within one read a brace starts a frame unless it starts one cut off at the end.
-        """
-        tail = data[-_FRAME_EDGE:]
-        last = tail.rfind(BRACE)
-        cut = 1 if last >= 0 and FRAME.startswith(tail[last:]) else 0
-        return data.count(BRACE) > data.count(FRAME) + cut
+    def _note_code(self, stream: bytes, end: int) -> None:
+        """Count the code of the error that ends at ``end`` of ``stream`` ("unknown" if cut)."""
+        start = stream.rfind(ERROR, 0, end)
+        found = CODE.search(stream, start, end) if start >= 0 else None
+        code = found[1].decode() if found is not None else "unknown"
+        self.report.codes[code] = self.report.codes.get(code, 0) + 1
 
 
 async def _client(
@@ -436,13 +457,22 @@ async def _client(
         transport.abort()
 
 
+async def _keep_alive(everyone: list[_BenchClient]) -> None:
+    """Each second, have every client that said nothing for a while ping."""
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        for client in everyone:
+            client.keep_alive(now)
+
+
 async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     report = WorkerReport()
     window = _Window()
     rng = random.Random(plan.seed)
     started = time.monotonic()
-    tasks: list[asyncio.Task[None]] = []
     everyone: list[_BenchClient] = []
+    tasks = [asyncio.create_task(_keep_alive(everyone))]
     gap = 1.0 / plan.connect_rate
     for c in plan.clients:
         tasks.append(asyncio.create_task(_client(plan, c, report, window, rng, everyone)))
