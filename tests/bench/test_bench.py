@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from achat.bench.cli import Result, _note_trouble, _summarise
+from achat.bench.cli import Result, _answer_pings, _note_trouble, _summarise
 from achat.bench.load import WorkerReport
+from achat.protocol.frames import encode_frame
 from tests.helpers.procs import script
 
 
@@ -91,3 +93,31 @@ def test_offered_is_what_was_said_and_trouble_is_noted() -> None:
     assert result.delivered_ratio == 1.0
     assert result.errors == 1
     assert result.notes == ["errors from the server: rate_limited ×1"]
+
+
+def test_the_sink_answers_every_keep_alive_ping_however_it_is_split() -> None:
+    """self-check's sink pongs, or its clients would search every read for the pong."""
+    ping = encode_frame(b'{"type":"ping","ref":"keepalive"}')
+
+    class Writer:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+    async def answers(reads: list[bytes]) -> bytes:
+        reader = asyncio.StreamReader()
+        writer = Writer()
+        task = asyncio.create_task(_answer_pings(reader, writer))  # type: ignore[arg-type]
+        for data in reads:
+            reader.feed_data(data)
+            await asyncio.sleep(0)  # one read per piece
+        reader.feed_eof()
+        await task
+        return writer.data
+
+    stream = ping + encode_frame(b'{"type":"say","room":"busy","text":"t=1 x","ref":"1"}') + ping
+    for at in range(1, len(stream)):
+        answered = asyncio.run(answers([stream[:at], stream[at:]]))
+        assert answered.count(b'{"type":"pong"') == 2, at

@@ -11,11 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from achat.bench.load import (
+    KEEPALIVE_POLL,
     KEEPALIVE_SECONDS,
     ClientPlan,
     WorkerPlan,
     WorkerReport,
     _BenchClient,
+    _keep_alive,
     _Window,
 )
 from achat.protocol.frames import encode_frame
@@ -49,11 +51,15 @@ def message(seq: int, sent_ns: int | None = None, text: str = "xxxxxxxx") -> byt
 
 
 # The frames a client meets, as the server encodes them: it has said 3 things (refs 1-3).
-STREAM = b"".join(
+GREETING = b"".join(
     [
         encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}'),
         encode(Joined(room="r", nick="b0", ts=1)),
         encode(Names(room="r", nicks=["b0"], topic="", seq=0)),
+    ]
+)
+STREAM = GREETING + b"".join(
+    [
         message(1),
         message(2),
         encode(Ping(ref="keepalive")),  # the server's own: not looked at, not answered
@@ -73,17 +79,18 @@ def feed(
     pipeline: int = 0,
     clients: list[_BenchClient] | None = None,
     span: tuple[int, int] = (0, 2**63),
+    window_s: tuple[float, float] = (0.0, float("inf")),
 ) -> tuple[WorkerReport, Wire]:
     """Feed ``chunks`` to one client that has sent ``says`` says; its report and its writes.
 
-    With a ``pipeline``, the client keeps that many says out instead. Acks count
-    throughout; messages count if sent in ``span`` (ns since the epoch). The client
-    is appended to ``clients`` if given.
+    With a ``pipeline``, the client keeps that many says out instead. Acks count when
+    read in ``window_s`` (monotonic s); messages count if sent in ``span`` (ns since
+    the epoch). The client is appended to ``clients`` if given.
     """
 
     async def run() -> tuple[WorkerReport, Wire]:
         window = _Window()
-        window.start, window.end = 0.0, float("inf")
+        window.start, window.end = window_s
         window.start_ns, window.end_ns = span
         plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1, pipeline=pipeline)
         report = WorkerReport()
@@ -109,8 +116,7 @@ def check(report: WorkerReport, wire: Wire) -> None:
     assert report.joined == 1
     assert report.errors == 1
     assert report.acked == 2
-    # The code is read when the error arrived whole, or at least up to its ref.
-    assert report.codes in ({"rate_limited": 1}, {"unknown": 1})
+    assert report.codes == {"rate_limited": 1}
     assert not any(b"pong" in w for w in wire.written)  # the server's ping is not answered
     # At most the first and last stamp of each read; a stamp cut by a split is skipped.
     assert all(0 <= x < 60 for x in report.latencies)
@@ -196,6 +202,89 @@ def test_frame_lookalikes_in_texts_are_not_frames() -> None:
         report, _ = feed([stream[:at], stream[at:]])
         assert report.delivered == 6
         assert (report.joined, report.errors, report.acked) == (1, 1, 2)
+
+
+def test_a_fatal_error_that_answers_nothing_is_counted_by_its_code() -> None:
+    fatal = encode(Error(code="sendq_exceeded", message="you read too slowly", fatal=True))
+    stream = STREAM + message(5) + fatal
+    for at in range(1, len(stream)):
+        seen: list[_BenchClient] = []
+        report, _ = feed([stream[:at], stream[at:]], clients=seen)
+        seen[0].connection_lost(None)  # the server closes after it
+        assert report.errors == 2, at
+        assert report.codes == {"rate_limited": 1, "sendq_exceeded": 1}, at
+        assert report.closed == 1
+    # A connection that ends on anything else had no error to count.
+    report, _ = feed([STREAM], clients=seen)
+    seen[-1].connection_lost(None)
+    assert (report.errors, report.closed) == (1, 1)
+
+
+def test_answers_beyond_those_due_are_not_taken() -> None:
+    seen: list[_BenchClient] = []
+    report, _ = feed([STREAM], says=1, clients=seen)
+    # The say was answered by the error; the acks after it answer nothing this client said.
+    assert (report.errors, report.acked) == (1, 0)
+    assert (seen[0].unanswered, seen[0].due) == (0, 0)
+
+
+def test_acks_count_only_when_read_inside_the_window() -> None:
+    later = (time.monotonic() + 3600, time.monotonic() + 7200)
+    report, _ = feed([STREAM], window_s=later)
+    assert (report.acked, report.errors) == (0, 1)
+
+
+def test_the_pipeline_refills_on_errors_and_stops_with_the_window() -> None:
+    refused = encode(Error(code="rate_limited", message="slow down", fatal=False, ref="1"))
+    seen: list[_BenchClient] = []
+    _, wire = feed([GREETING, refused], pipeline=2, clients=seen)
+    assert sum(b'"type":"say"' in w for w in wire.written) == 3  # 2, then 1 for the error
+    assert seen[0].unanswered == 2
+    # Once the window is over, nothing more is said, whatever comes back.
+    _, wire = feed([STREAM], pipeline=2, window_s=(0.0, time.monotonic()))
+    assert not any(b'"type":"say"' in w for w in wire.written)
+
+
+def test_saying_something_keeps_a_client_from_pinging() -> None:
+    seen: list[_BenchClient] = []
+    feed([STREAM], says=0, clients=seen)
+    client = seen[0]
+    client.last_sent -= KEEPALIVE_SECONDS  # quiet for long enough...
+    client._write_say()  # ...until it says something
+    client.keep_alive(time.monotonic())
+    assert client.pongs_due == 0
+    # Nor does a client whose connection is closing ping at all.
+    assert client.transport is not None
+    client.transport.close()
+    client.keep_alive(time.monotonic() + KEEPALIVE_SECONDS)
+    assert client.pongs_due == 0
+
+
+def test_the_worker_has_quiet_clients_ping_in_time_for_the_contract() -> None:
+    # The contract has an idle client ping every 30 s; the worker looks once a poll.
+    assert KEEPALIVE_SECONDS + KEEPALIVE_POLL < 30
+
+    async def run() -> tuple[_BenchClient, _BenchClient]:
+        plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1)
+        report, window, rng = WorkerReport(), _Window(), random.Random(1)
+        seen = [
+            _BenchClient(plan, ClientPlan(nick, "r", 0.0), report, window, rng)
+            for nick in ("quiet", "talkative")
+        ]
+        for client in seen:
+            client.connection_made(Wire())  # type: ignore[arg-type]
+        quiet, talkative = seen
+        quiet.last_sent = time.monotonic() - KEEPALIVE_SECONDS
+        task = asyncio.create_task(_keep_alive(seen, every=0.001))
+        for _ in range(10_000):
+            if quiet.pongs_due:
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+        return quiet, talkative
+
+    quiet, talkative = asyncio.run(run())
+    assert (quiet.pongs_due, talkative.pongs_due) == (1, 0)
 
 
 def test_deliveries_count_by_when_the_message_was_said() -> None:

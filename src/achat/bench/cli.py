@@ -345,6 +345,17 @@ def _progress(text: str) -> None:
 # -- self-check: the generator's own ceiling ------------------------------------------------
 
 
+async def _answer_pings(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The sink's answer to a generator client's keep-alive pings (it searches until then)."""
+    ping, pong = b'{"type":"ping"', encode_frame(b'{"type":"pong","ref":"keepalive"}')
+    kept = b""  # too short to hold a ping: each is counted in the read that ends it
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(65536):
+            stream = kept + data
+            writer.write(pong * stream.count(ping))
+            kept = stream[-(len(ping) - 1) :]
+
+
 def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
     """A trivial 'server' that welcomes every client, then floods them all with messages.
 
@@ -381,12 +392,15 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:
         # A client that never comes (refused, or its worker died) must not hold up the rest.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(everyone.wait(), 30)
+        answering = asyncio.create_task(_answer_pings(reader, writer))
         try:
             while True:
                 writer.write(burst())
                 await writer.drain()
         except (ConnectionError, OSError):
             writer.transport.abort()
+        finally:
+            answering.cancel()
 
     async def main() -> None:
         server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)

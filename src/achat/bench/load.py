@@ -12,8 +12,9 @@ Receiving is counted, not parsed: deliveries are the occurrences of
 ``{"type":"message","room":"`` in the byte stream (patterns split across
 reads are counted once). That is how achat servers encode a message (type,
 then room, compact), and the longest start every message shares: the longer
-the pattern, the further ``bytes.count`` skips through the texts (5.9 GB/s,
-against 3.9 for ``{"type":"message"`` and 3.5 for a frame's first byte).
+the pattern, the further ``bytes.count`` skips through the texts (5.7-5.9
+GB/s on the reference machine, against 3.8-4.8 for ``{"type":"message"``
+and 3.5 for a frame's first byte).
 What counts is when a message was said: the stamps of the oldest and newest
 message of a read place the whole read inside the measured window or
 outside it, and only a read that spans an edge of the window has each of its
@@ -29,16 +30,22 @@ what it sent: ``names`` to its join, an ``ack`` or an ``error`` to each
 to its keep-alive ``ping``. Only while answers are due is a read searched
 for them, for their ``"ref":"`` (no message has one), and the search stops
 at the last answer due: a busy room's client waits for one answer a second,
-found where it arrived. Searching every read for every frame that is not a
-message, as this generator once did, cost a second pass over every byte
-(``achat-bench self-check``: 7.2 M deliveries/s with it, the figures in
+found where it arrived (a client that falls behind by more than the time
+between its says has more than one due, and then reads to their end are
+searched until it catches up). Searching every read for every frame that is
+not a message, as this generator once did, cost a second pass over every
+byte (``achat-bench self-check``: 7.2 M deliveries/s with it, the figures in
 docs/performance.md without it). Other frames (joins and parts of others,
-topics, the server's own pings) are never looked at: the client pings after
-``KEEPALIVE_SECONDS`` of saying nothing, as the contract asks of an idle
-client, which keeps it connected to any server whose ``idle_timeout`` is
-longer than that whether or not it answers the server's pings; a fatal error
-closes the connection, which counts among ``closed``. A worker reports its
-counters to the parent once a second over a pipe.
+topics, the server's own pings) are never looked at. The client pings after
+``KEEPALIVE_SECONDS`` of saying nothing (the worker looks every
+``KEEPALIVE_POLL``), as the contract asks of an idle client, which keeps it
+connected to any server whose ``idle_timeout`` is over 30 s whether or not
+it answers the server's pings. The errors without a ``ref`` that a client
+can meet are its join's refusal, seen in the greeting, and fatal ones, the
+last frame before the server closes: the client looks at the end of its
+stream when the connection is lost. Both are counted with their codes, as
+are those that answer its says. A worker reports its counters to the parent
+once a second over a pipe.
 
 Clients are :class:`asyncio.Protocol` objects driven by callbacks and
 timers: no stream objects, no task and no future per read, so one worker
@@ -79,9 +86,12 @@ CODE = re.compile(rb'"code":"([a-z_]{1,32})"')
 #: A client that has said nothing for this long pings (the contract: every 30 s).
 KEEPALIVE_SECONDS = 25.0
 KEEPALIVE_FRAME = encode_frame(b'{"type":"ping","ref":"keepalive"}')
+#: How a fatal error that answers nothing (it has no ref) ends, as the last frame.
+FATAL_END = b'"fatal":true}'
 #: Bytes of the stream kept from before a read: enough for any pattern split across two
-#: reads, and for what precedes a ref split from it.
-KEEP = 32
+#: reads, for what precedes a ref split from it, and for the server's errors whole (their
+#: codes, of an error begun in an earlier read than its ref or ending the stream).
+KEEP = 256
 STAMP = b'"text":"t='
 STAMPS = re.compile(rb'"text":"t=(\d{1,20}) ')
 #: The most bytes a stamp takes, up to the space after its digits.
@@ -163,6 +173,20 @@ def _straddling(pattern: bytes, before: bytes, chunk: bytes) -> int:
 def _count(pattern: bytes, before: bytes, chunk: bytes) -> int:
     """Occurrences of ``pattern`` completed in ``chunk``, given the stream ``before`` it."""
     return chunk.count(pattern) + _straddling(pattern, before, chunk)
+
+
+def _code_at(kept: bytes, data: bytes, pos: int) -> str:
+    """The code of the error whose ref (or end) is at ``pos`` of ``data`` (negative: of
+    ``kept``, the stream before it); "unknown" if it began further back than that."""
+    start = data.rfind(ERROR, 0, pos) if pos > 0 else -1
+    if start >= 0:
+        found = CODE.search(data, start, pos)
+    else:
+        stream = kept + data[: max(0, pos)]
+        end = len(kept) + pos
+        start = stream.rfind(ERROR, 0, end)
+        found = CODE.search(stream, start, end) if start >= 0 else None
+    return found[1].decode() if found is not None else "unknown"
 
 
 def _stamp_at(data: bytes, pos: int) -> int | None:
@@ -256,6 +280,11 @@ class _BenchClient(asyncio.Protocol):
         self.last_sent = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.kept.endswith(FATAL_END):
+            # The server's last word was a fatal error that answered nothing (no ref):
+            # sendq_exceeded, a flood cut-off, idle_timeout, server_shutdown...
+            self.report.errors += 1
+            self._note_code(_code_at(b"", self.kept, len(self.kept)))
         if self.timer is not None:
             self.timer.cancel()
         if not self.closed.done():
@@ -381,7 +410,7 @@ class _BenchClient(asyncio.Protocol):
             elif (at := self.greeting.find(ERROR)) >= 0 and CODE.search(self.greeting, at):
                 # The join was refused (a refused hello is fatal: the server closes).
                 report.errors += 1
-                self._note_code(self.greeting, len(self.greeting))
+                self._note_code(_code_at(b"", self.greeting, len(self.greeting)))
                 self.due = 0  # nothing more to wait for: the client leaves
                 assert self.transport is not None
                 self.transport.close()
@@ -393,11 +422,9 @@ class _BenchClient(asyncio.Protocol):
         # A ref begun in the stream before this read: only one that ends in it fits here.
         edge = kept + data[: len(REF) - 1]
         at = edge.find(REF, max(0, len(kept) - len(REF) + 1))
-        if at >= 0:
-            head = edge[max(0, at - _HEAD_SIZE) : at]
-            at = -1
-        else:
-            head = b""
+        # Where the answer's ref starts in data (negative: in kept); -1 before the first.
+        pos = at - len(kept) if at >= 0 else -1
+        head = edge[max(0, at - _HEAD_SIZE) : at] if at >= 0 else b""
         while True:
             if head:
                 if head.endswith(ACK_HEAD):
@@ -406,13 +433,13 @@ class _BenchClient(asyncio.Protocol):
                     pongs += 1
                 elif head.endswith(ERROR_HEADS):
                     errors += 1
-                    self._note_code(*((data, at) if at >= 0 else (kept, len(kept))))
+                    self._note_code(_code_at(kept, data, pos))
             if acks + errors + pongs >= want:
                 break
-            at = data.find(REF, at + 1)
-            if at < 0:
+            pos = data.find(REF, max(pos, -1) + 1)
+            if pos < 0:
                 break
-            head = data[at - _HEAD_SIZE : at] if at >= _HEAD_SIZE else (kept + data[:at])
+            head = data[pos - _HEAD_SIZE : pos] if pos >= _HEAD_SIZE else kept + data[:pos]
         # An error answers the say it refused, an ack the one it stored; which say is
         # which does not matter here, only how many are still out.
         self.unanswered -= acks + errors
@@ -426,11 +453,7 @@ class _BenchClient(asyncio.Protocol):
         if self.plan.pipeline and acks + errors:
             self._fill()
 
-    def _note_code(self, stream: bytes, end: int) -> None:
-        """Count the code of the error that ends at ``end`` of ``stream`` ("unknown" if cut)."""
-        start = stream.rfind(ERROR, 0, end)
-        found = CODE.search(stream, start, end) if start >= 0 else None
-        code = found[1].decode() if found is not None else "unknown"
+    def _note_code(self, code: str) -> None:
         self.report.codes[code] = self.report.codes.get(code, 0) + 1
 
 
@@ -457,10 +480,14 @@ async def _client(
         transport.abort()
 
 
-async def _keep_alive(everyone: list[_BenchClient]) -> None:
-    """Each second, have every client that said nothing for a while ping."""
+#: How often the worker looks for clients quiet for KEEPALIVE_SECONDS.
+KEEPALIVE_POLL = 1.0
+
+
+async def _keep_alive(everyone: list[_BenchClient], every: float = KEEPALIVE_POLL) -> None:
+    """Every ``every`` seconds, have each client that said nothing for a while ping."""
     while True:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(every)
         now = time.monotonic()
         for client in everyone:
             client.keep_alive(now)
