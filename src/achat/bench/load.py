@@ -120,7 +120,7 @@ class WorkerPlan:
     seed: int
     cpu: int | None = None
     pipeline: int = 0  # ingest: keep this many says in flight instead of a rate
-    connect_rate: float = 2000.0  # new connections a second per worker
+    connect_rate: float = 2000.0  # new connections a second, this worker's share
     # Read on after the window until the room is quiet (what was said in it arrives);
     # off where nobody says anything (idle, and self-check, whose sink never stops).
     drain: bool = True
