@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from achat.bench.cli import Result, _answer_pings, _note_trouble, _summarise
+from achat.bench.cli import Result, _answer_pings, _note_trouble, _summarise, parser
 from achat.bench.load import WorkerReport
 from achat.protocol.frames import encode_frame
 from tests.helpers.procs import script
@@ -121,3 +122,12 @@ def test_the_sink_answers_every_keep_alive_ping_however_it_is_split() -> None:
     for at in range(1, len(stream)):
         answered = asyncio.run(answers([stream[:at], stream[at:]]))
         assert answered.count(b'{"type":"pong"') == 2, at
+
+
+def test_one_worker_per_cpu_the_load_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default --procs counts the CPUs this process may run on, not the machine's."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert parser().parse_args(["busy-room"]).procs == 1  # CPU 0 is the server's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert parser().parse_args(["busy-room"]).procs == 4

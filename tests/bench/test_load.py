@@ -7,6 +7,7 @@ import itertools
 import random
 import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from achat.bench.load import (
     _BenchClient,
     _keep_alive,
     _Window,
+    connect_pause,
 )
 from achat.protocol.frames import encode_frame
 from achat.protocol.messages import Ack, Error, Joined, Message, Names, Ping, Pong, encode
@@ -285,6 +287,25 @@ def test_the_worker_has_quiet_clients_ping_in_time_for_the_contract() -> None:
 
     quiet, talkative = asyncio.run(run())
     assert (quiet.pongs_due, talkative.pongs_due) == (1, 0)
+
+
+def test_a_refused_hello_is_one_error_though_the_server_closes_after_it() -> None:
+    refused = encode(Error(code="server_full", message="the server is full", fatal=True))
+    for at in range(1, len(refused)):
+        seen: list[_BenchClient] = []
+        report, wire = feed([refused[:at], refused[at:]], says=0, clients=seen)
+        seen[0].connection_lost(None)
+        assert (report.errors, report.codes) == (1, {"server_full": 1}), at
+        assert wire.closed
+
+
+def test_connections_are_paced_on_a_schedule_not_by_sub_millisecond_sleeps() -> None:
+    # 10 a millisecond: the 10th is due 1 ms after the start, the 5th only 0.5 ms after.
+    assert connect_pause(100.0, 10, 10_000.0, now=100.0) == pytest.approx(0.001)
+    assert connect_pause(100.0, 5, 10_000.0, now=100.0) == 0.0
+    # Behind the schedule (a slow start), no wait until it is caught up.
+    assert connect_pause(100.0, 10, 10_000.0, now=100.5) == 0.0
+    assert connect_pause(100.0, 20_000, 10_000.0, now=100.5) == pytest.approx(1.5)
 
 
 def test_deliveries_count_by_when_the_message_was_said() -> None:

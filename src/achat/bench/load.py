@@ -255,6 +255,7 @@ class _BenchClient(asyncio.Protocol):
         self.kept = b""
         self.joined = False
         self.greeting = b""
+        self.refused = False  # its join or hello; the error is counted
         # Answers due: to the join until joined, to each say, to each keep-alive ping.
         self.due = 1
         self.unanswered = 0  # says
@@ -280,7 +281,7 @@ class _BenchClient(asyncio.Protocol):
         self.last_sent = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.kept.endswith(FATAL_END):
+        if self.kept.endswith(FATAL_END) and not self.refused:
             # The server's last word was a fatal error that answered nothing (no ref):
             # sendq_exceeded, a flood cut-off, idle_timeout, server_shutdown...
             self.report.errors += 1
@@ -408,10 +409,12 @@ class _BenchClient(asyncio.Protocol):
                 report.joined += 1
                 self.greeting = b""
             elif (at := self.greeting.find(ERROR)) >= 0 and CODE.search(self.greeting, at):
-                # The join was refused (a refused hello is fatal: the server closes).
+                # The hello or the join was refused (a fatal hello error: the server
+                # closes too, and connection_lost must not count it again).
                 report.errors += 1
                 self._note_code(_code_at(b"", self.greeting, len(self.greeting)))
                 self.due = 0  # nothing more to wait for: the client leaves
+                self.refused = True
                 assert self.transport is not None
                 self.transport.close()
                 return
@@ -484,6 +487,17 @@ async def _client(
 KEEPALIVE_POLL = 1.0
 
 
+def connect_pause(begun: float, started: int, rate: float, now: float) -> float:
+    """How long to wait before the next connection, ``started`` of them begun at ``begun``.
+
+    On a schedule of ``rate`` a second rather than a gap after each: the loop's timers
+    (uvloop's) are whole milliseconds, so a gap under one is no wait at all. Less than
+    a millisecond ahead is no wait either (the loop still runs the connections begun).
+    """
+    ahead = begun + started / rate - now
+    return ahead if ahead >= 0.001 else 0.0
+
+
 async def _keep_alive(everyone: list[_BenchClient], every: float = KEEPALIVE_POLL) -> None:
     """Every ``every`` seconds, have each client that said nothing for a while ping."""
     while True:
@@ -500,10 +514,11 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     started = time.monotonic()
     everyone: list[_BenchClient] = []
     tasks = [asyncio.create_task(_keep_alive(everyone))]
-    gap = 1.0 / plan.connect_rate
-    for c in plan.clients:
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    for i, c in enumerate(plan.clients):
         tasks.append(asyncio.create_task(_client(plan, c, report, window, rng, everyone)))
-        await asyncio.sleep(gap)
+        await asyncio.sleep(connect_pause(begun, i + 1, plan.connect_rate, loop.time()))
     while report.joined + report.closed < len(plan.clients):
         await asyncio.sleep(0.01)
         if time.monotonic() - started > 60:
