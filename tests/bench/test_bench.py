@@ -14,7 +14,7 @@ import pytest
 from achat.bench.cli import Result, _answer_pings, _note_trouble, _summarise, parser
 from achat.bench.load import WorkerReport
 from achat.protocol.frames import encode_frame
-from tests.helpers.procs import script
+from tests.helpers.procs import ServerProcess, script
 
 
 @pytest.mark.parametrize(
@@ -131,3 +131,44 @@ def test_one_worker_per_cpu_the_load_may_use(monkeypatch: pytest.MonkeyPatch) ->
     assert parser().parse_args(["busy-room"]).procs == 1  # CPU 0 is the server's
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert parser().parse_args(["busy-room"]).procs == 4
+
+
+def test_clients_keep_a_short_idle_timeout_server_with_their_pings(tmp_path: Path) -> None:
+    """Against a real server that drops a client after 1 s of silence, idle clients stay
+    with a keep-alive under it, and without one are dropped, each with idle_timeout."""
+    server = ServerProcess(tmp_path / "server", None, "--idle-timeout", "1")
+    server.start()
+    try:
+
+        def bench(keepalive: str, out: Path) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [
+                    *(script("achat-bench"), "idle", "-n", "4", "-k", "2", "-d", "2"),
+                    *("--warmup", "0.2", "--procs", "1", "--port", str(server.port)),
+                    *("--keepalive", keepalive, "--json", str(out)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+        runs = {
+            k: (bench(k, tmp_path / f"{k}.json"), tmp_path / f"{k}.json") for k in ("0.3", "60")
+        }
+        results = {}
+        for keepalive, (proc, out) in runs.items():
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err[-2000:]
+            results[keepalive] = json.loads(out.read_text())
+    finally:
+        server.stop()
+    kept = results["0.3"]
+    assert (kept["joined"], kept["closed"], kept["errors"]) == (4, 0, 0)
+    dropped = results["60"]
+    assert (dropped["joined"], dropped["closed"], dropped["errors"]) == (4, 4, 4)
+    assert "errors from the server: idle_timeout ×4" in dropped["notes"]
+
+
+def test_keepalive_must_be_positive() -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["idle", "--keepalive", "0"])

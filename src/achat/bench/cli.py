@@ -37,7 +37,14 @@ from typing import Any
 
 from ..protocol.frames import encode_frame
 from ..protocol.messages import Message, encode
-from .load import ClientPlan, WorkerPlan, WorkerReport, run_worker, stamped_text
+from .load import (
+    KEEPALIVE_SECONDS,
+    ClientPlan,
+    WorkerPlan,
+    WorkerReport,
+    run_worker,
+    stamped_text,
+)
 
 __all__ = ["Result", "main", "replace_section", "run"]
 
@@ -238,6 +245,7 @@ def _drive(
             cpu=cpus[w % len(cpus)] if cpus else None,
             pipeline=args.pipeline if args.scenario == "ingest" else 0,
             connect_rate=CONNECT_RATE / procs,
+            keepalive=args.keepalive,
             drain=args.scenario not in ("idle", "self-check"),
         )
         parent, child = ctx.Pipe()
@@ -473,6 +481,13 @@ def _opt(value: float | None, unit: str, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}{unit}"
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="achat-bench", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -494,6 +509,13 @@ def parser() -> argparse.ArgumentParser:
     # One worker per CPU the load may use (the server has the first): two on one CPU take
     # turns by the scheduler's slices, and no run measured them better than one.
     p.add_argument("--procs", type=int, default=max(1, min(4, len(_cpus()) - 1)))
+    p.add_argument(
+        "--keepalive",
+        type=_seconds,
+        default=KEEPALIVE_SECONDS,
+        help="a client pings after this many seconds of saying nothing (default %(default)g, "
+        "for servers whose --idle-timeout is over 30 s; lower it for a shorter one)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="target a running server")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")

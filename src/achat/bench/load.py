@@ -37,10 +37,11 @@ not a message, as this generator once did, cost a second pass over every
 byte (``achat-bench self-check``: 7.2 M deliveries/s with it, the figures in
 docs/performance.md without it). Other frames (joins and parts of others,
 topics, the server's own pings) are never looked at. The client pings after
-``KEEPALIVE_SECONDS`` of saying nothing (the worker looks every
-``KEEPALIVE_POLL``), as the contract asks of an idle client, which keeps it
-connected to any server whose ``idle_timeout`` is over 30 s whether or not
-it answers the server's pings. The errors without a ``ref`` that a client
+``KEEPALIVE_SECONDS`` of saying nothing (``--keepalive``; the worker looks
+every ``KEEPALIVE_POLL`` or a quarter of that, if sooner), as the contract
+asks of an idle client, which keeps it connected to any server whose
+``idle_timeout`` is over 30 s (over the keep-alive and its poll, if lower)
+whether or not it answers the server's pings. The errors without a ``ref`` that a client
 can meet are its join's refusal, seen in the greeting, and fatal ones, the
 last frame before the server closes: the client looks at the end of its
 stream when the connection is lost. Both are counted with their codes, as
@@ -124,6 +125,7 @@ class WorkerPlan:
     # Read on after the window until the room is quiet (what was said in it arrives);
     # off where nobody says anything (idle, and self-check, whose sink never stops).
     drain: bool = True
+    keepalive: float = KEEPALIVE_SECONDS  # ping after this long without sending
 
 
 @dataclass(slots=True)
@@ -304,10 +306,10 @@ class _BenchClient(asyncio.Protocol):
             self.report.sent += 1
 
     def keep_alive(self, now: float) -> None:
-        """Ping if nothing was sent for KEEPALIVE_SECONDS (``now`` on the monotonic clock)."""
+        """Ping if nothing was sent for the plan's keep-alive (``now``: the monotonic clock)."""
         if self.transport is None or self.transport.is_closing():
             return
-        if now - self.last_sent >= KEEPALIVE_SECONDS:
+        if now - self.last_sent >= self.plan.keepalive:
             self.transport.write(KEEPALIVE_FRAME)
             self.pongs_due += 1
             self.due += 1
@@ -513,7 +515,8 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     rng = random.Random(plan.seed)
     started = time.monotonic()
     everyone: list[_BenchClient] = []
-    tasks = [asyncio.create_task(_keep_alive(everyone))]
+    every = min(KEEPALIVE_POLL, plan.keepalive / 4)
+    tasks = [asyncio.create_task(_keep_alive(everyone, every))]
     loop = asyncio.get_running_loop()
     begun = loop.time()
     for i, c in enumerate(plan.clients):
