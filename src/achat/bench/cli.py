@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from .load import (
     ClientPlan,
     WorkerPlan,
     WorkerReport,
+    _count,
     run_worker,
     stamped_text,
 )
@@ -195,10 +197,9 @@ def run(args: argparse.Namespace) -> Result:
 
 def _note_trouble(result: Result, reports: list[WorkerReport]) -> None:
     """Say what went wrong in the run, if anything: errors by code, connections lost."""
-    codes: dict[str, int] = {}
+    codes: Counter[str] = Counter()
     for r in reports:
-        for code, n in r.codes.items():
-            codes[code] = codes.get(code, 0) + n
+        codes.update(r.codes)
     if codes:
         counted = ", ".join(f"{code} ×{n:,}" for code, n in sorted(codes.items()))
         result.notes.append(f"errors from the server: {counted}")
@@ -362,12 +363,11 @@ def _progress(text: str) -> None:
 async def _answer_pings(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """The sink's answer to a generator client's keep-alive pings (it searches until then)."""
     ping, pong = b'{"type":"ping"', encode_frame(b'{"type":"pong","ref":"keepalive"}')
-    kept = b""  # too short to hold a ping: each is counted in the read that ends it
+    kept = b""
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(65536):
-            stream = kept + data
-            writer.write(pong * stream.count(ping))
-            kept = stream[-(len(ping) - 1) :]
+            writer.write(pong * _count(ping, kept, data))
+            kept = (kept + data)[-len(ping) :]
 
 
 def _sink_main(port_pipe: Any, frames_per_write: int, clients: int) -> None:

@@ -258,7 +258,8 @@ class _BenchClient(asyncio.Protocol):
         self.joined = False
         self.greeting = b""
         self.refused = False  # its join or hello; the error is counted
-        # Answers due: to the join until joined, to each say, to each keep-alive ping.
+        # Answers due: to the join until joined, to each say, to each keep-alive ping. The
+        # sum of what follows, kept as one number so that a read tests one attribute.
         self.due = 1
         self.unanswered = 0  # says
         self.pongs_due = 0
