@@ -232,24 +232,29 @@ def test_duplicates_in_server_frames_are_refused(body: bytes) -> None:
 
 
 _SEPARATORS = st.sampled_from(["", " ", "\n"])
+_EXTRA_KEYS = st.sampled_from(["room", "text", "ref", "since", "version", "x", "type"])
 
 
 @st.composite
 def _objects_with_repeats(draw: st.DrawFn) -> bytes:
     """A frame-like JSON object whose keys may repeat, spaced and (or not) escaped in any way."""
-    kind = draw(st.sampled_from(["say", "ping", "join"]))
-    required = {"say": ["room", "text"], "ping": [], "join": ["room"]}[kind]
-    extra = st.sampled_from(["room", "text", "ref", "since", "x", "type"])
-    keys = required + draw(st.lists(extra, max_size=4))
+    kind = draw(st.sampled_from(["say", "ping", "join", "hello"]))
+    required = {"say": ["room", "text"], "ping": [], "join": ["room"], "hello": ["nick", "version"]}
+    keys = required[kind] + draw(st.lists(_EXTRA_KEYS, max_size=4))
     # Without a backslash anywhere the quick check decides; with one, the full one.
     escapes = draw(st.booleans())
     texts = ["a", "b", ":", "é", "{", " "] + (["\\", 'x"y'] if escapes else [])
     pairs = [("type", json.dumps(kind))]
     for key in keys:
-        if key in ("room", "text", "ref"):
+        if key in ("room", "text", "ref", "nick"):
             value = json.dumps(draw(st.sampled_from(texts)), ensure_ascii=False)
         elif key == "since":
             value = json.dumps(draw(st.integers(min_value=0, max_value=10)))
+        elif key == "version":
+            # Any size: msgspec takes any integer here, the digit limit must still hold.
+            digits = draw(st.integers(min_value=1, max_value=25))
+            number = draw(st.integers(min_value=10 ** (digits - 1), max_value=10**digits - 1))
+            value = str(number * draw(st.sampled_from([1, -1])))
         elif key == "type":
             value = json.dumps(kind)
         else:
@@ -280,6 +285,25 @@ def test_the_quick_duplicate_check_agrees_with_the_full_one(body: bytes) -> None
         except ProtocolError as exc:
             outcomes.append(exc.code)
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize(
+    ("version", "code"),
+    [
+        (b"99999999999999999999", None),
+        (b"-99999999999999999999", None),
+        (b"100000000000000000000", "invalid_json"),
+        (b"-100000000000000000000", "invalid_json"),
+    ],
+)
+def test_an_unbounded_integer_field_keeps_the_digit_limit(version: bytes, code: str | None) -> None:
+    """A frame with exactly its own fields skips the byte scans, but not the digit limit."""
+    body = b'{"type":"hello","nick":"ana","version":' + version + b"}"
+    assert isinstance(m._CLIENT_DECODER.decode(body), m.Hello)  # msgspec takes any int
+    if code is None:
+        assert m.decode_client(body) == m.Hello(nick="ana", version=int(version))
+    else:
+        assert code_of(body) == code
 
 
 def test_long_digit_runs_inside_strings_are_fine() -> None:
