@@ -66,6 +66,16 @@ def test_a_spent_budget_makes_the_next_round_wait_until_paid_back() -> None:
     assert budget.ready_at() == pytest.approx(0.040)  # 5 ms owed, earned back at half speed
 
 
+def test_a_stalled_slice_is_not_paid_back_beyond_the_burst() -> None:
+    """A slice stretched to 2 s by a stall holds later writes back 20 ms, not 2 s."""
+    budget = WriteBudget(share=0.5, burst=0.010)
+    budget.spent(0.0, 2.0)
+    assert budget.ready_at() == pytest.approx(2.0 + 0.010 / 0.5)
+    # Paid back, it is back to normal: a slice within its credit waits for nothing.
+    budget.spent(2.030, 2.031)
+    assert budget.ready_at() == float("-inf")
+
+
 def test_a_saturated_writer_pauses_as_long_as_it_writes() -> None:
     budget = WriteBudget(share=0.5, burst=0.010)
     now = 0.0
