@@ -38,6 +38,7 @@ types: install
 check: lint types test
 
 bench: install
+	taskset -c 0 $(BIN)/python benchmarks/host.py --update docs/performance.md
 	$(BIN)/python benchmarks/durability.py --update docs/performance.md
 	$(BIN)/achat-bench standard --update docs/performance.md
 	taskset -c 0 $(BIN)/python benchmarks/say_cost.py --update docs/performance.md
