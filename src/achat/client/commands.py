@@ -8,7 +8,7 @@ line starting with ``//`` is a message that starts with one ``/``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 __all__ = [
     "COMMANDS",
@@ -35,66 +35,54 @@ class CommandError(ValueError):
     """The line is not a valid command; the message says how to write it."""
 
 
-@dataclass(frozen=True, slots=True)
-class SayCmd:
+class SayCmd(msgspec.Struct, frozen=True, gc=False):
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class MeCmd:
+class MeCmd(msgspec.Struct, frozen=True, gc=False):
     action: str
 
 
-@dataclass(frozen=True, slots=True)
-class JoinCmd:
+class JoinCmd(msgspec.Struct, frozen=True, gc=False):
     room: str
 
 
-@dataclass(frozen=True, slots=True)
-class PartCmd:
+class PartCmd(msgspec.Struct, frozen=True, gc=False):
     room: str | None
     reason: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class DmCmd:
+class DmCmd(msgspec.Struct, frozen=True, gc=False):
     nick: str
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class NickCmd:
+class NickCmd(msgspec.Struct, frozen=True, gc=False):
     nick: str
 
 
-@dataclass(frozen=True, slots=True)
-class WhoCmd:
+class WhoCmd(msgspec.Struct, frozen=True, gc=False):
     room: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class RoomsCmd:
+class RoomsCmd(msgspec.Struct, frozen=True, gc=False):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class TopicCmd:
+class TopicCmd(msgspec.Struct, frozen=True, gc=False):
     room: str | None
     topic: str | None  # None shows the topic instead of setting it
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryCmd:
+class HistoryCmd(msgspec.Struct, frozen=True, gc=False):
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
-class HelpCmd:
+class HelpCmd(msgspec.Struct, frozen=True, gc=False):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class QuitCmd:
+class QuitCmd(msgspec.Struct, frozen=True, gc=False):
     reason: str | None
 
 

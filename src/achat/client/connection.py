@@ -35,8 +35,9 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from types import TracebackType
+
+import msgspec
 
 from ..errors import ConnectionClosed, FrameError, ProtocolError, ServerError
 from ..protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
@@ -94,31 +95,27 @@ _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
 _HOPELESS = frozenset({"invalid_nick", "bad_password", "unsupported_version"})
 
 
-@dataclass(frozen=True, slots=True)
-class Disconnected:
+class Disconnected(msgspec.Struct, frozen=True):
     """Event: the connection ended for good; ``reason`` says why in plain words. Always last."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionLost:
+class ConnectionLost(msgspec.Struct, frozen=True):
     """Event: the connection dropped; the client is trying again (``reconnect=True``)."""
 
     reason: str
     retry_in: float
 
 
-@dataclass(frozen=True, slots=True)
-class Reconnected:
+class Reconnected(msgspec.Struct, frozen=True):
     """Event: connected again; rooms are being re-joined and unacked messages resent."""
 
     welcome: Welcome
     resent: int
 
 
-@dataclass(frozen=True, slots=True)
-class LocalNotice:
+class LocalNotice(msgspec.Struct, frozen=True):
     """Event: something the client noticed itself (a frame from the server it refused)."""
 
     text: str
@@ -127,8 +124,7 @@ class LocalNotice:
 Event = ServerFrame | Disconnected | ConnectionLost | Reconnected | LocalNotice
 
 
-@dataclass
-class Backoff:
+class Backoff(msgspec.Struct):
     """Exponential backoff with full jitter: ``uniform(initial, min(cap, initial * 2**n))``."""
 
     initial: float = 0.25

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
+import msgspec
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
@@ -73,16 +73,15 @@ CONTEXT_LINES = 20
 TRANSCRIPT_LINES = 10_000
 
 
-@dataclass
-class ChatState:
+class ChatState(msgspec.Struct):
     """What the UI knows: current room, rooms joined and their members, connection state."""
 
     nick: str
     room: str | None = None
-    rooms: dict[str, list[str]] = field(default_factory=dict)
-    topics: dict[str, str] = field(default_factory=dict)
+    rooms: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    topics: dict[str, str] = msgspec.field(default_factory=dict)
     connection: str = "connecting"
-    partial_names: dict[str, list[str]] = field(default_factory=dict)
+    partial_names: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
     def all_nicks(self) -> list[str]:
         seen: dict[str, str] = {}
