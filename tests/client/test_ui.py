@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 from prompt_toolkit.completion import CompleteEvent
@@ -21,8 +22,8 @@ from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from achat.client import commands as cmd
-from achat.client.connection import Backoff, Client, Event
-from achat.client.ui import ChatCompleter, ChatState, ChatUI
+from achat.client.connection import Backoff, Client, Disconnected, Event
+from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI
 from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEvent
 from achat.server.app import Server
 from achat.server.config import ServerConfig
@@ -566,3 +567,46 @@ async def test_ctrl_c_quits_cleanly(server: Server, bob: Client) -> None:
             await window.task
     parted = await next_of(bob, Parted)
     assert (parted.nick, parted.reason) == ("ana", "quit")
+
+
+# -- bursts ----------------------------------------------------------------------
+
+
+class _BurstClient:
+    """Just enough of a :class:`Client` for the read coroutine: a burst, then the end."""
+
+    nick = "ana"
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    async def events(self) -> AsyncIterator[Event]:
+        for seq in range(1, self.count + 1):
+            yield Message(room="general", seq=seq, ts=0, sender="bob", text=f"message {seq}")
+        yield Disconnected("the server closed the connection")
+
+
+async def test_a_burst_is_shown_a_slice_at_a_time_with_the_loop_free_between() -> None:
+    """Events already received are handled in slices, so key presses are taken between them.
+
+    The clock moves 1 ms at every reading, so a slice is 8 events; a task that
+    takes a turn whenever the loop is free sees the burst part-shown many times.
+    """
+    readings = itertools.count()
+    with create_pipe_input() as keyboard:
+        ui = ChatUI(
+            cast(Client, _BurstClient(200)),
+            input=keyboard,
+            output=DummyOutput(),
+            clock=lambda: next(readings) / 1000,
+        )
+        reading = asyncio.create_task(ui.read_events())
+        seen: set[int] = set()
+        while not reading.done():
+            seen.add(len(ui.transcript))
+            await asyncio.sleep(0)
+        await reading
+    assert sum(1 for line in ui.transcript if "message " in line) == 200
+    per_slice = round(EVENT_SLICE_SECONDS * 1000)  # events: one clock reading each
+    part_shown = {n for n in seen if 0 < n < 200}
+    assert len(part_shown) >= 200 // per_slice - 1

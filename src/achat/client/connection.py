@@ -88,7 +88,9 @@ log = logging.getLogger("achat.client")
 
 #: The largest frame the client accepts whatever the server announces.
 CLIENT_FRAME_CAP = 16 * 1024 * 1024
-READ_CHUNK = 256 * 1024
+#: Most bytes read and decoded at once: about 450 messages, 3 ms of decoding on a slow
+#: host, so that a burst does not hold the loop (and the keyboard) for long.
+READ_CHUNK = 64 * 1024
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
 # Refusals after which connecting again as the same user cannot help.

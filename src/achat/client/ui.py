@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import msgspec
 from prompt_toolkit import PromptSession, print_formatted_text
@@ -71,6 +72,9 @@ STYLE = Style.from_dict(
 CONTEXT_LINES = 20
 #: Lines of plain-text transcript kept (for tests and tools); older ones are dropped.
 TRANSCRIPT_LINES = 10_000
+#: Longest the window handles incoming events before it lets the keyboard in: a burst
+#: of thousands of messages is shown a slice at a time, and typing goes on between.
+EVENT_SLICE_SECONDS = 0.008
 
 
 class ChatState(msgspec.Struct):
@@ -131,8 +135,10 @@ class ChatUI:
         input: Input | None = None,
         output: Output | None = None,
         renderer: Renderer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
+        self._clock = clock
         self.state = ChatState(nick=client.nick)
         self.first_room = room
         self.renderer = renderer or Renderer(me=lambda: self.state.nick)
@@ -196,9 +202,19 @@ class ChatUI:
             self.submit(line)
 
     async def read_events(self) -> None:
-        """The read coroutine: every event from the server, printed above the prompt."""
+        """The read coroutine: every event from the server, printed above the prompt.
+
+        Events already received are handed over without a pause, so a burst
+        is handled in slices of at most ``EVENT_SLICE_SECONDS``, each followed
+        by a turn of the loop in which key presses are taken and drawn.
+        """
+        clock = self._clock
+        until = clock() + EVENT_SLICE_SECONDS
         async for event in self.client.events():
             self.handle(event)
+            if clock() >= until:
+                await asyncio.sleep(0)
+                until = clock() + EVENT_SLICE_SECONDS
         self.state.connection = "disconnected"
         self._redraw()
 
