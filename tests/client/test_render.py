@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC
 
 import pyte
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from achat.client.render import Renderer, nick_style, plain, visible
 from achat.protocol import messages as m
@@ -42,6 +45,21 @@ def msg(text: str, sender: str = "bob", room: str = "general", ts: int = 0) -> m
 def test_visible_replaces_what_could_act_on_a_terminal(raw: str, shown: str) -> None:
     """Controls, C1, bidi and invisible format characters become visible stand-ins."""
     assert visible(raw) == shown
+
+
+_ACTS_ON_A_TERMINAL = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+@given(st.text(), st.booleans())
+def test_nothing_that_acts_on_a_terminal_comes_through(raw: str, keep_newlines: bool) -> None:
+    """Whatever the text, no control, format or unassigned character is left (but newlines)."""
+    shown = visible(raw, keep_newlines=keep_newlines)
+    left = {
+        ch
+        for ch in shown
+        if unicodedata.category(ch) in _ACTS_ON_A_TERMINAL and not (keep_newlines and ch == "\n")
+    }
+    assert not left
 
 
 def test_visible_keeps_newlines_when_asked() -> None:

@@ -83,6 +83,10 @@ def visible(text: str, *, keep_newlines: bool = False) -> str:
 
     Newlines become ``↵`` unless ``keep_newlines``; tabs become spaces.
     """
+    if text.isascii() and text.isprintable():
+        # Space to tilde only: nothing to replace. Most text is this, and checking
+        # it takes 0.2 µs where looking at each character takes 13 (a burst's worth).
+        return text
     out: list[str] = []
     marks = 0
     for ch in text:
