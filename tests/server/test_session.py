@@ -66,14 +66,23 @@ def test_a_spent_budget_makes_the_next_round_wait_until_paid_back() -> None:
     assert budget.ready_at() == pytest.approx(0.040)  # 5 ms owed, earned back at half speed
 
 
-def test_a_stalled_slice_is_not_paid_back_beyond_the_burst() -> None:
+def test_a_stalled_slice_is_not_paid_back_beyond_the_debt_cap() -> None:
     """A slice stretched to 2 s by a stall holds later writes back 20 ms, not 2 s."""
-    budget = WriteBudget(share=0.5, burst=0.010)
+    budget = WriteBudget(share=0.5, burst=0.010, max_debt=0.010)
     budget.spent(0.0, 2.0)
     assert budget.ready_at() == pytest.approx(2.0 + 0.010 / 0.5)
     # Paid back, it is back to normal: a slice within its credit waits for nothing.
     budget.spent(2.030, 2.031)
     assert budget.ready_at() == float("-inf")
+
+
+def test_without_burst_every_slice_is_paid_back_after_it() -> None:
+    """No credit saved up: each slice waits its own cost, up to the debt cap."""
+    budget = WriteBudget(share=0.5, burst=0.0, max_debt=0.010)
+    budget.spent(0.0, 0.004)
+    assert budget.ready_at() == pytest.approx(0.008)
+    budget.spent(0.008, 1.0)
+    assert budget.ready_at() == pytest.approx(1.0 + 0.010 / 0.5)
 
 
 def test_a_saturated_writer_pauses_as_long_as_it_writes() -> None:
@@ -97,6 +106,12 @@ def test_credit_saved_while_idle_is_capped_at_the_burst() -> None:
 def test_a_share_must_leave_time_for_reading() -> None:
     with pytest.raises(ValueError, match="share"):
         WriteBudget(share=1.0)
+
+
+def test_the_debt_cap_must_leave_room_for_debt() -> None:
+    """A cap of 0 would mean writing never waits, whatever it took."""
+    with pytest.raises(ValueError, match="max_debt"):
+        WriteBudget(max_debt=0.0)
 
 
 class FakeLoop:

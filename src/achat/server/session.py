@@ -74,26 +74,35 @@ class WriteBudget:
     everything queued for it meanwhile, and leaves the rest to reading and
     handling frames.
 
-    What is owed never passes ``burst``: a slice stretched by a stall that
-    was not writing's doing (the process descheduled, a pause) would
+    What is owed never passes ``max_debt``: a slice stretched by a stall
+    that was not writing's doing (the process descheduled, a pause) would
     otherwise hold every later write back for as long again, so no wait is
-    longer than ``burst / share`` (14 ms by default). Slices are short
-    (:class:`FlushRounds`), so a writer that keeps going stays within its
-    share anyway. The default share, 0.7, was measured: at 0.5 a 2,500-member
+    longer than ``max_debt / share`` (14 ms by default). The cap cannot tell
+    a stall from a slice that really was that long, so a saturated writer
+    keeps to its share only while its slices are shorter than
+    ``max_debt / (1 - share)`` (33 ms): slices are 0.2 ms
+    (:class:`FlushRounds`), and one runs longer only when its writes do (the
+    clock is read every 8), as when writes fail and their connections are
+    closed.
+
+    The default share, 0.7, was measured: at 0.5 a 2,500-member
     room at 6.25 M deliveries/s (``achat-bench busy-room -n 2500``) had its
     p99 over 250 ms in more runs, and 2,500 clients joining one room were no
     faster.
     """
 
-    __slots__ = ("_burst", "_credit", "_last", "_share")
+    __slots__ = ("_burst", "_credit", "_last", "_max_debt", "_share")
 
-    def __init__(self, share: float = 0.7, burst: float = 0.010) -> None:
+    def __init__(self, share: float = 0.7, burst: float = 0.010, max_debt: float = 0.010) -> None:
         if not 0 < share < 1:
             raise ValueError("share must be between 0 and 1")
         if not burst >= 0:
             raise ValueError("burst must not be negative")
+        if not max_debt > 0:
+            raise ValueError("max_debt must be positive")
         self._share = share
         self._burst = burst
+        self._max_debt = max_debt
         self._credit = burst
         self._last: float | None = None
 
@@ -102,7 +111,7 @@ class WriteBudget:
         if self._last is not None:
             self._credit = min(self._burst, self._credit + (started - self._last) * self._share)
         # Earned while writing, too.
-        self._credit = max(-self._burst, self._credit - (ended - started) * (1 - self._share))
+        self._credit = max(-self._max_debt, self._credit - (ended - started) * (1 - self._share))
         self._last = ended
 
     def ready_at(self) -> float:
