@@ -86,14 +86,49 @@ def test_errors_by_code_and_lost_connections_are_noted() -> None:
 
 def test_offered_is_what_was_said_and_trouble_is_noted() -> None:
     """The summary offers what was said in the window, not the nominal rate."""
-    args = argparse.Namespace(duration=2.0, scenario="busy-room")
-    behind = WorkerReport(sent=150, delivered=600, errors=1, codes={"rate_limited": 1})
+    args = argparse.Namespace(duration=2.0, scenario="busy-room", clients=2, rate=100.0)
+    behind = WorkerReport(
+        sent=150,
+        delivered=600,
+        errors=1,
+        codes={"rate_limited": 1},
+        cpu_seconds=1.9,
+        window_seconds=2.0,
+    )
     result = Result("busy-room", {}, 2.0)
     _summarise(args, result, [behind], room_size=4)  # a rate of 100/s would offer 800/s
     assert result.offered_per_s == 300
     assert result.delivered_ratio == 1.0
     assert result.errors == 1
-    assert result.notes == ["errors from the server: rate_limited ×1"]
+    assert result.load_cpu_pct == 95.0
+    assert result.notes[0] == "errors from the server: rate_limited ×1"
+    # It said less than planned: its clients' timers ran late, so the load is the limit.
+    assert len(result.notes) == 2
+    assert "generator may be the limit" in result.notes[1]
+    assert "37.5% of the 800 deliveries/s planned" in result.notes[1]
+    assert "95%" in result.notes[1]
+
+
+@pytest.mark.parametrize(
+    ("sent", "cpu_seconds", "noted"),
+    [
+        (400, 1.0, False),  # all that was planned, half a CPU: the server is measured
+        (397, 1.0, False),  # within 1 %: a window's edges cut a few messages either way
+        (395, 1.0, True),  # 1.25 % short: the clients' timers ran late
+        (400, 1.8, True),  # all of it, but with no CPU to spare
+    ],
+)
+def test_the_generator_is_named_when_it_may_be_the_limit(
+    sent: int, cpu_seconds: float, noted: bool
+) -> None:
+    """A note says so when the load fell short of its plan or its worker had no CPU left."""
+    args = argparse.Namespace(duration=2.0, scenario="busy-room", clients=2, rate=100.0)
+    report = WorkerReport(
+        sent=sent, delivered=sent * 2, cpu_seconds=cpu_seconds, window_seconds=2.0
+    )
+    result = Result("busy-room", {}, 2.0)
+    _summarise(args, result, [report], room_size=2)
+    assert any("generator may be the limit" in n for n in result.notes) == noted
 
 
 def test_the_sink_answers_every_keep_alive_ping_however_it_is_split() -> None:

@@ -67,6 +67,8 @@ class Result:
     errors: int = 0
     closed: int = 0
     server_cpu_pct: float | None = None
+    #: The busiest worker process's CPU over the measured window (of one CPU).
+    load_cpu_pct: float | None = None
     server_rss_mib: float | None = None
     rss_per_client_kib: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -211,6 +213,29 @@ def _note_trouble(result: Result, reports: list[WorkerReport]) -> None:
         )
 
 
+#: A worker this busy (of its CPU) may be what limits a run.
+LOAD_CPU_LIMIT = 90.0
+
+
+def _note_short_load(result: Result, planned: float) -> None:
+    """Say so when the generator, not the server, may be what limited the run.
+
+    Messages are counted as offered by their send stamps, so offering less than
+    planned means the clients' timers ran late: their worker could not keep up.
+    """
+    short = planned > 0 and result.offered_per_s < 0.99 * planned
+    busy = result.load_cpu_pct is not None and result.load_cpu_pct >= LOAD_CPU_LIMIT
+    if not (short or busy):
+        return
+    cpu = f"{result.load_cpu_pct:g}%" if result.load_cpu_pct is not None else "?"
+    result.notes.append(
+        f"the generator may be the limit here: it offered {result.offered_per_s / planned:.1%} "
+        f"of the {planned:,.0f} deliveries/s planned, and its busiest worker used {cpu} of "
+        "its CPU (self-check shows its ceiling): give the load more CPUs (--procs) or "
+        "fewer clients"
+    )
+
+
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     keys = {
         "busy-room": ("clients", "rate"),
@@ -340,7 +365,12 @@ def _summarise(
     result.offered_per_s = round(sent * room_size / d)
     if args.scenario == "ingest":
         result.acked_per_s = round(sum(r.acked for r in reports) / d)
+    busy = [r.cpu_seconds / r.window_seconds for r in reports if r.window_seconds > 0]
+    if busy:
+        result.load_cpu_pct = round(100 * max(busy), 1)
     _note_trouble(result, reports)
+    if args.scenario in ("busy-room", "many-rooms"):
+        _note_short_load(result, planned=args.clients * args.rate * room_size)
     expected = sent * room_size
     result.delivered_ratio = round(delivered / expected, 5) if expected else 0.0
     lat = sorted(x for r in reports for x in r.latencies)
@@ -458,8 +488,8 @@ def self_check(args: argparse.Namespace) -> Result:
 def table(results: Sequence[Result]) -> str:
     lines = [
         "| scenario | parameters | offered/s | delivered/s | delivered | p50 | p99 | p99.9 "
-        "| acked/s | connect+join | server CPU | server RSS | RSS/client |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| acked/s | connect+join | server CPU | load CPU | server RSS | RSS/client |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         params = ", ".join(f"{k}={v}" for k, v in r.params.items())
@@ -468,7 +498,8 @@ def table(results: Sequence[Result]) -> str:
             f"| {r.scenario} | {params} | {r.offered_per_s:,.0f} | {r.delivered_per_s:,.0f} | "
             f"{r.delivered_ratio:.2%} | {lat.get('p50', '-')} ms | {lat.get('p99', '-')} ms | "
             f"{lat.get('p99.9', '-')} ms | {r.acked_per_s:,.0f} | {r.connect_join_s} s | "
-            f"{_opt(r.server_cpu_pct, '%')} | {_opt(r.server_rss_mib, ' MiB')} | "
+            f"{_opt(r.server_cpu_pct, '%')} | {_opt(r.load_cpu_pct, '%')} | "
+            f"{_opt(r.server_rss_mib, ' MiB')} | "
             f"{_opt(r.rss_per_client_kib, ' KiB', 2)} |"
         )
     for r in results:

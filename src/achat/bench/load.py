@@ -142,6 +142,10 @@ class WorkerReport:
     last_read: float = 0.0  # monotonic time of the last read holding a message
     codes: dict[str, int] = field(default_factory=dict)  # the errors' codes, counted
     connect_seconds: float = 0.0
+    #: The worker's CPU time over the measured window, and the window's length as it saw
+    #: it: a worker near a whole CPU is what limits the run, not the server.
+    cpu_seconds: float = 0.0
+    window_seconds: float = 0.0
     done: bool = False
 
 
@@ -544,10 +548,13 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
         if client.joined:
             client._start_sending()
     await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+    cpu_start, wall_start = time.process_time(), time.monotonic()
     while time.monotonic() < window.end:
         await asyncio.sleep(min(1.0, max(0.0, window.end - time.monotonic())))
         elapsed = min(time.monotonic(), window.end) - window.start
         pipe.send(("tick", report.sent, report.delivered, report.acked, report.errors, elapsed))
+    report.cpu_seconds = time.process_time() - cpu_start
+    report.window_seconds = time.monotonic() - wall_start
     # Nothing is said after the window: wait until what was said inside it has been read
     # (a message read later, or never, is missing from the delivered ratio).
     for _ in range(int(DRAIN_SECONDS / 0.05) if plan.drain else 0):
