@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
 from achat.server.refs import RecentRefs, ref_key
 
 
@@ -62,3 +64,33 @@ def test_remembered_refs_give_the_garbage_collector_nothing_to_scan() -> None:
     for i in range(10_000):
         refs.add(ref_key("ana", str(i)), 100, b"ack")
     assert len(gc.get_objects()) - before < 100
+
+
+def test_refs_of_one_second_share_a_deadline_at_its_end() -> None:
+    """With a granularity of a second, deadlines round up to the next whole second."""
+    refs: RecentRefs[str] = RecentRefs(granularity=1000)
+    for name, deadline in (("a", 10_001), ("b", 10_999), ("c", 11_000), ("d", 11_001)):
+        refs.add(ref_key("ana", name), deadline, ack=name.encode())
+    refs.expire(10_999)
+    assert len(refs) == 4  # a and b are kept to the end of their second
+    refs.expire(11_000)
+    assert [refs.ack(ref_key("ana", n)) for n in "abcd"] == [None, None, None, b"d"]
+    assert len(refs) == 1
+    refs.expire(12_000)
+    assert len(refs) == 0
+
+
+def test_a_deadline_earlier_than_the_last_waits_behind_it() -> None:
+    """Refs expire in the order they were made, even if the clock stepped back meanwhile."""
+    refs: RecentRefs[str] = RecentRefs(granularity=1000)
+    refs.add(ref_key("ana", "late"), 20_000, b"L")
+    refs.add(ref_key("ana", "early"), 5_000, b"E")
+    refs.expire(10_000)
+    assert refs.ack(ref_key("ana", "early")) == b"E"
+    refs.expire(20_000)
+    assert len(refs) == 0
+
+
+def test_a_granularity_is_at_least_a_millisecond() -> None:
+    with pytest.raises(ValueError, match="granularity"):
+        RecentRefs(granularity=0)

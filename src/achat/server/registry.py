@@ -150,7 +150,8 @@ class Registry:
             r.name: Room(r.name, r.topic, r.last_seq, r.last_seq) for r in store.load_rooms()
         }
         self._last_dm = store.last_dm_id()
-        self._refs: RecentRefs[Member] = RecentRefs()
+        # Refs said in one second expire together (kept up to a second more than 10 min).
+        self._refs: RecentRefs[Member] = RecentRefs(granularity=1000)
         for r in store.load_refs(clock()):
             if r.ack is None:
                 raise ValueError("the store returned a ref without its ack")
