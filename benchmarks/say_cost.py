@@ -148,7 +148,7 @@ def table(says: int, tick: int) -> str:
             f"| **in all, before sockets** | **{total:.2f} µs ({1e6 / total:,.0f}/s)** |",
             f"| the least Python a `say` needs here (no store, no calls) | {floor:.2f} µs |",
             "| what 150,000 `say`/s on one core allows | 6.67 µs |",
-            f"| memory per remembered ref (kept ten minutes; 2,500 new a second) | {per_ref:.0f} B |",
+            f"| memory per remembered ref (ten minutes; 2,500 new a second) | {per_ref:.0f} B |",
         ]
     )
 
