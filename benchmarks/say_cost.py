@@ -30,7 +30,7 @@ from pathlib import Path
 from achat.bench.cli import replace_section
 from achat.protocol.messages import Hello, Join, Message, Say, decode_client, encode
 from achat.protocol.names import validate_text
-from achat.server.refs import RecentRefs, ref_key
+from achat.server.refs import RecentRefs, receipt_of, ref_key
 from achat.server.registry import Registry
 from achat.store.base import ack_of
 from achat.store.sqlite import SQLiteStore
@@ -108,7 +108,8 @@ def least_python_us(says: int) -> float:
         refs.add(key, NOW + 600_000)
         rows.append((ROOM, seq, NOW, "bob", text, "bob", say.ref, NOW + 600_000, None))
         out.append(encode(message))
-        refs.acked(key, ack)
+        out.append(ack)
+        refs.acked(key, receipt_of(message))
     return (time.perf_counter() - start) / says * 1e6
 
 
@@ -122,7 +123,7 @@ def ref_bytes(count: int = 100_000, per_second: int = 2_500) -> float:
         ref = str(1_000_000 + i)
         key = ref_key("b0u123", ref)
         refs.add(key, NOW + 600_000 + i * 1000 // per_second)
-        refs.acked(key, ack_of(ref, message))
+        refs.acked(key, receipt_of(message))
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return used / count

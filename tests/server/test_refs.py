@@ -5,8 +5,12 @@ from __future__ import annotations
 import gc
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from achat.server.refs import RecentRefs, ref_key
+from achat.protocol.messages import DmEvent, Message
+from achat.server.refs import RecentRefs, ack_from, receipt_of, ref_key
+from achat.store.base import ack_of
 
 
 def test_a_pending_ref_collects_waiters_until_it_is_acked() -> None:
@@ -94,3 +98,28 @@ def test_a_deadline_earlier_than_the_last_waits_behind_it() -> None:
 def test_a_granularity_is_at_least_a_millisecond() -> None:
     with pytest.raises(ValueError, match="granularity"):
         RecentRefs(granularity=0)
+
+
+@given(
+    ref=st.text(max_size=64),
+    ts=st.integers(min_value=0, max_value=2**63 - 1),
+    number=st.integers(min_value=0, max_value=2**63 - 1),
+    room=st.from_regex(r"[a-z0-9_-]{1,32}", fullmatch=True),
+)
+def test_a_receipt_gives_back_the_very_ack_it_was_made_for(
+    ref: str, ts: int, number: int, room: str
+) -> None:
+    """A resend gets the same bytes as the first ack, for a message and for a DM."""
+    message = Message(room=room, seq=number, ts=ts, sender="ana", text="hi")
+    dm = DmEvent(sender="ana", to="bob", id=number, ts=ts, text="hi")
+    for record in (message, dm):
+        kept = receipt_of(record)
+        assert ack_from(ref, kept) == ack_of(ref, record)
+        assert len(kept) < len(ack_of(ref, record))
+
+
+def test_a_whole_ack_kept_is_given_back_as_it_is() -> None:
+    """Refs loaded from a store come with their encoded ack, which is sent unchanged."""
+    ack = ack_of("r1", Message(room="general", seq=7, ts=1, sender="ana", text="hi"))
+    assert ack[:1] == b"\0"  # a frame's length prefix: never taken for a receipt
+    assert ack_from("r1", ack) == ack

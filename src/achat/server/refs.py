@@ -9,7 +9,10 @@ Theory of operation: a busy server remembers millions of refs at once
 strings and bytes, which Python's cyclic garbage collector never has to
 look at: the key is ``nick_key + "\\0" + ref`` (a nick can hold no control
 character, so the first NUL splits it unambiguously), the value is the
-encoded ``ack``. Entries expire in the order they were made, so a deque of
+``ack`` as its owner keeps it. The server keeps a *receipt*
+(:func:`receipt_of`): the ack's time and number packed in 16 bytes, and its
+room, from which :func:`ack_from` makes the ack again for a resend; the
+encoded ack would take 55 bytes more. Entries expire in the order they were made, so a deque of
 keys and one of deadlines are all the bookkeeping expiry needs. Deadlines
 are rounded up to a ``granularity`` (the server's is a second), so that the
 refs of one second share a deadline and a count instead of having one each:
@@ -18,10 +21,15 @@ refs of one second share a deadline and a count instead of having one each:
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from typing import Generic, TypeVar
 
-__all__ = ["RecentRefs", "ref_key"]
+from ..protocol.messages import Ack, DmEvent, Message, encode
+
+__all__ = ["RecentRefs", "ack_from", "receipt_of", "ref_key"]
+
+_NUMBERS = struct.Struct("<qq")
 
 W = TypeVar("W")
 
@@ -29,6 +37,28 @@ W = TypeVar("W")
 def ref_key(nick_key: str, ref: str) -> str:
     """The one string that names ``ref`` as used by the nick whose key is ``nick_key``."""
     return f"{nick_key}\0{ref}"
+
+
+def receipt_of(record: Message | DmEvent) -> bytes:
+    """What the ack of a ``say`` stored as ``record`` (or a ``dm``) needs, besides its ref.
+
+    ``m``, then the time and ``seq``, then the room; or ``d``, then the time
+    and the DM's id. Never starts with a NUL, as an encoded frame does.
+    """
+    if isinstance(record, Message):
+        return b"m" + _NUMBERS.pack(record.ts, record.seq) + record.room.encode()
+    return b"d" + _NUMBERS.pack(record.ts, record.id)
+
+
+def ack_from(ref: str, kept: bytes) -> bytes:
+    """The encoded ``ack`` of ``ref`` from its receipt, or ``kept`` if that is the ack itself."""
+    kind = kept[:1]
+    if kind not in (b"m", b"d"):
+        return kept  # a whole frame (as a store hands back the refs it kept)
+    ts, number = _NUMBERS.unpack_from(kept, 1)
+    if kind == b"m":
+        return encode(Ack(ref=ref, ts=ts, room=kept[1 + _NUMBERS.size :].decode(), seq=number))
+    return encode(Ack(ref=ref, ts=ts, id=number))
 
 
 class RecentRefs(Generic[W]):

@@ -69,7 +69,7 @@ from ..protocol.names import (
 )
 from ..store.base import REF_TTL_MS, RefRecord, Store, ack_of
 from .log import esc
-from .refs import RecentRefs, ref_key
+from .refs import RecentRefs, ack_from, receipt_of, ref_key
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
 
@@ -158,7 +158,7 @@ class Registry:
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}
-        self._stored_acks: list[tuple[Member, str | None, bytes]] = []
+        self._stored_acks: list[tuple[Member, str | None, bytes, Message]] = []
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -317,7 +317,7 @@ class Registry:
         now = self.clock()
         key = self._recent_key(member, frame.ref, now)
         # A resend is answered before any check: its room may have been left since.
-        if key is not None and self._answered_again(member, key):
+        if key is not None and self._answered_again(member, key, frame.ref or ""):
             return
         room = self._joined_room(member, frame.room)
         text = validate_text(frame.text, self.max_text)
@@ -337,7 +337,7 @@ class Registry:
         # at a time; the batch is fanned out once it is complete (see fan_out).
         first = not self._stored_acks
         self._stored.setdefault(room, []).append(message)
-        self._stored_acks.append((member, key, ack))
+        self._stored_acks.append((member, key, ack, message))
         if self._defer is None:
             self.fan_out()
         elif first:
@@ -359,14 +359,14 @@ class Registry:
         for room, messages in stored.items():
             room.stored_seq = messages[-1].seq
             self._broadcast(room, b"".join([encode(message) for message in messages]))
-        for member, key, ack in acks:
-            self._acknowledge(member, key, ack)
+        for member, key, ack, message in acks:
+            self._acknowledge(member, key, ack, message)
 
     def _dm(self, member: Member, frame: Dm) -> None:
         # A resend is answered before any check: its recipient may have gone since.
         now = self.clock()
         key = self._recent_key(member, frame.ref, now)
-        if key is not None and self._answered_again(member, key):
+        if key is not None and self._answered_again(member, key, frame.ref or ""):
             return
         target = self._by_key.get(nick_key(frame.to))
         if target is None:
@@ -380,7 +380,7 @@ class Registry:
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
-            self._acknowledge(member, key, ack)
+            self._acknowledge(member, key, ack, dm)
 
         self.store.append_dm(dm, stored, record)
 
@@ -547,11 +547,12 @@ class Registry:
         self._refs.expire(now)
         return ref_key(member.key, ref)
 
-    def _answered_again(self, member: Member, key: str) -> bool:
-        """True when ``key`` is one of the nick's recent refs; its original ack is sent."""
-        ack = self._refs.ack(key)
-        if ack is not None:
-            member.peer.send(ack)
+    def _answered_again(self, member: Member, key: str, ref: str) -> bool:
+        """True when ``key`` (of ``ref``) is one of the nick's recent refs; its original ack
+        is sent."""
+        kept = self._refs.ack(key)
+        if kept is not None:
+            member.peer.send(ack_from(ref, kept))
             return True
         # Still on its way to the store: the resender gets the ack when it comes.
         return self._refs.wait(key, member)
@@ -568,9 +569,11 @@ class Registry:
         self._refs.add(key, now + REF_TTL_MS)
         return RefRecord(member.key, ref, now + REF_TTL_MS)
 
-    def _acknowledge(self, member: Member, key: str | None, data: bytes) -> None:
+    def _acknowledge(
+        self, member: Member, key: str | None, data: bytes, record: Message | DmEvent
+    ) -> None:
         member.peer.send(data)
         if key is not None:
-            for waiter in self._refs.acked(key, data):
+            for waiter in self._refs.acked(key, receipt_of(record)):
                 if waiter is not member:
                     waiter.peer.send(data)
