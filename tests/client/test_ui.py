@@ -22,9 +22,16 @@ from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from achat.client import commands as cmd
-from achat.client.connection import Backoff, Client, Disconnected, Event
+from achat.client.connection import (
+    Backoff,
+    Client,
+    ConnectionLost,
+    Disconnected,
+    Event,
+    Reconnected,
+)
 from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI
-from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEvent
+from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEvent, Welcome
 from achat.server.app import Server
 from achat.server.config import ServerConfig
 from achat.store.memory import MemoryStore
@@ -576,6 +583,7 @@ class _BurstClient:
     """Just enough of a :class:`Client` for the read coroutine: a burst, then the end."""
 
     nick = "ana"
+    pending = 0
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -610,3 +618,33 @@ async def test_a_burst_is_shown_a_slice_at_a_time_with_the_loop_free_between() -
     per_slice = round(EVENT_SLICE_SECONDS * 1000)  # events: one clock reading each
     part_shown = {n for n in seen if 0 < n < 200}
     assert len(part_shown) >= 200 // per_slice - 1
+
+
+async def test_the_toolbar_counts_down_to_the_next_reconnection() -> None:
+    """While the connection is down, the toolbar says how long until the next try."""
+    now = [100.0]
+    welcome = Welcome(nick="ana", server="achat", version=1, max_frame=65536, max_text=4000)
+    with create_pipe_input() as keyboard:
+        ui = ChatUI(
+            cast(Client, _BurstClient(0)),
+            input=keyboard,
+            output=DummyOutput(),
+            clock=lambda: now[0],
+        )
+        ui.state.connection = "connected"
+
+        def toolbar() -> str:
+            return fragment_list_to_text(ui._toolbar())
+
+        ui.handle(ConnectionLost("the server closed the connection", 5.0))
+        assert "reconnecting… (next try in 5 s)" in toolbar()
+        now[0] = 102.2
+        assert "(next try in 3 s)" in toolbar()
+        now[0] = 105.0
+        assert "reconnecting… now" in toolbar()
+        ui.handle(ConnectionLost("connection refused", 2.0))  # that try failed: a new wait
+        assert "(next try in 2 s)" in toolbar()
+        ui.handle(Reconnected(welcome, 0))
+        assert "connected" in toolbar()
+        assert "next try" not in toolbar()
+        assert ui._countdown is None  # nothing left redrawing the toolbar

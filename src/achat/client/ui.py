@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -75,6 +76,8 @@ TRANSCRIPT_LINES = 10_000
 #: Longest the window handles incoming events before it lets the keyboard in: a burst
 #: of thousands of messages is shown a slice at a time, and typing goes on between.
 EVENT_SLICE_SECONDS = 0.008
+#: How often the toolbar's countdown to the next reconnection attempt is redrawn.
+COUNTDOWN_SECONDS = 0.5
 
 
 class ChatState(msgspec.Struct):
@@ -86,6 +89,8 @@ class ChatState(msgspec.Struct):
     topics: dict[str, str] = msgspec.field(default_factory=dict)
     connection: str = "connecting"
     partial_names: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    #: While reconnecting: when (on the UI's clock) the next attempt is due.
+    retry_at: float | None = None
 
     def all_nicks(self) -> list[str]:
         seen: dict[str, str] = {}
@@ -139,6 +144,7 @@ class ChatUI:
     ) -> None:
         self.client = client
         self._clock = clock
+        self._countdown: asyncio.TimerHandle | None = None
         self.state = ChatState(nick=client.nick)
         self.first_room = room
         self.renderer = renderer or Renderer(me=lambda: self.state.nick)
@@ -182,6 +188,7 @@ class ChatUI:
                 reader.cancel()
                 prompt.cancel()
         finally:
+            self._stop_countdown()
             self._flush()
             await self.client.close(self._quit_reason)
 
@@ -313,6 +320,7 @@ class ChatUI:
         state = self.state
         me = nick_key(state.nick)
         if isinstance(event, Disconnected):
+            self._stop_countdown()
             state.connection = "disconnected"
             self.show([self.renderer.problem(f"disconnected: {visible(event.reason)}")])
             return
@@ -322,10 +330,14 @@ class ChatUI:
         if isinstance(event, ConnectionLost):
             if state.connection == "connected":
                 self.show([self.renderer.problem(f"connection lost: {visible(event.reason)}")])
-            state.connection = f"reconnecting… (next try in {event.retry_in:.1f} s)"
+            state.connection = "reconnecting…"
+            state.retry_at = self._clock() + event.retry_in
+            if self._countdown is None:
+                self._count_down()
             self._redraw()
             return
         if isinstance(event, Reconnected):
+            self._stop_countdown()
             state.connection = "connected"
             state.nick = self.client.nick
             resent = f"; resending {event.resent} unsent message(s)" if event.resent else ""
@@ -429,20 +441,42 @@ class ChatUI:
         self._pending.clear()
         print_formatted_text(FormattedText(fragments), end="", style=STYLE, output=self._output)
 
+    def _count_down(self) -> None:
+        """Redraw the toolbar every half second while a reconnection is awaited."""
+        self._redraw()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop running: nothing to count down
+            return
+        self._countdown = loop.call_later(COUNTDOWN_SECONDS, self._count_down)
+
+    def _stop_countdown(self) -> None:
+        self.state.retry_at = None
+        if self._countdown is not None:
+            self._countdown.cancel()
+            self._countdown = None
+
+    def _connection_text(self) -> str:
+        state = self.state
+        if state.retry_at is None:
+            return state.connection
+        left = math.ceil(state.retry_at - self._clock())
+        return f"{state.connection} (next try in {left} s)" if left > 0 else "reconnecting… now"
+
     def _prompt(self) -> FormattedText:
         room = f"#{self.state.room}" if self.state.room else "(no room)"
         return FormattedText([("class:room", room), ("", "> ")])
 
     def _toolbar(self) -> FormattedText:
         state = self.state
-        conn = state.connection
+        conn = self._connection_text()
         rooms = " ".join(
             ("[#" + r + "]") if r == state.room else ("#" + r) for r in sorted(state.rooms)
         )
         people = len(state.rooms.get(state.room or "", []))
-        style = "" if conn == "connected" else "class:toolbar.bad"
+        style = "" if state.connection == "connected" else "class:toolbar.bad"
         pending = self.client.pending
-        if pending and conn != "connected":
+        if pending and state.connection != "connected":
             conn += f" │ {pending} unsent"
         return FormattedText(
             [
