@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from datetime import UTC
+from datetime import UTC, datetime
 
 import pyte
 import pytest
@@ -18,7 +18,7 @@ UTC = UTC
 
 @pytest.fixture
 def r() -> Renderer:
-    return Renderer(tz=UTC, me=lambda: "ana")
+    return Renderer(tz=UTC, me=lambda: "ana", clock=lambda: 0.0)  # "today" is 1 January 1970
 
 
 def msg(text: str, sender: str = "bob", room: str = "general", ts: int = 0) -> m.Message:
@@ -189,3 +189,43 @@ def test_error_words_are_not_repeated(r: Renderer) -> None:
     assert plain(r.event(shut, current_room=None)[0]) == (
         "! the server is shutting down (server_shutdown)"
     )
+
+
+def _ms(text: str) -> int:
+    """Milliseconds since the epoch of an ISO date and time in UTC."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def test_a_line_of_another_day_is_preceded_by_its_day() -> None:
+    """History from yesterday is marked as such, and so is the return to today."""
+    today = _ms("2026-12-05T09:00") / 1000
+    r = Renderer(tz=UTC, clock=lambda: today)
+    page = m.History(
+        room="general",
+        messages=[
+            msg("late", ts=_ms("2026-12-04T23:59")),
+            msg("later", ts=_ms("2026-12-04T23:59:30")),
+            msg("early", ts=_ms("2026-12-05T00:01")),
+        ],
+        more=False,
+    )
+    assert [plain(line) for line in r.history(page)] == [
+        "-- history of #general:",
+        "-- Friday 4 December 2026 --",
+        "23:59 <bob> late",
+        "23:59 <bob> later",
+        "-- Saturday 5 December 2026 --",
+        "00:01 <bob> early",
+    ]
+    live = r.event(msg("now", ts=_ms("2026-12-05T09:00")), current_room="general")
+    assert [plain(line) for line in live] == ["09:00 <bob> now"]
+
+
+def test_todays_first_line_needs_no_day() -> None:
+    """A session that sees only today's lines never shows a day line."""
+    today = _ms("2026-12-05T09:00") / 1000
+    r = Renderer(tz=UTC, clock=lambda: today)
+    joined = m.Joined(room="general", nick="bob", ts=_ms("2026-12-05T08:00"))
+    assert [plain(line) for line in r.event(joined, current_room="general")] == [
+        "08:00 -- bob joined #general"
+    ]

@@ -11,10 +11,11 @@ A line is a list of ``(style, text)`` fragments, the shape prompt_toolkit's
 
 from __future__ import annotations
 
+import time
 import unicodedata
 import zlib
 from collections.abc import Callable
-from datetime import datetime, tzinfo
+from datetime import date, datetime, tzinfo
 
 from ..protocol.messages import (
     DmEvent,
@@ -132,18 +133,51 @@ def plain(line: Line) -> str:
 
 
 class Renderer:
-    """Turns events into lines, from the point of view of one user (``me``)."""
+    """Turns events into lines, from the point of view of one user (``me``).
 
-    def __init__(self, *, tz: tzinfo | None = None, me: Callable[[], str] = lambda: "") -> None:
+    Lines show the time of day only; a line of a day other than the one
+    before it (today, for the first) is preceded by a line naming its day,
+    so that history from yesterday never passes for today's.
+    """
+
+    def __init__(
+        self,
+        *,
+        tz: tzinfo | None = None,
+        me: Callable[[], str] = lambda: "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._tz = tz
         self._me = me
+        self._clock = clock
+        self._day: date | None = None  # of the last line with a time
+        # The last minute drawn (ms // 60,000), its day and its "HH:MM ": a burst is one.
+        self._minute: tuple[int, date | None, str] = (-1, None, "")
+
+    def _local(self, ts: int) -> tuple[date | None, str]:
+        minute = ts // 60_000
+        if minute != self._minute[0]:
+            try:
+                when = datetime.fromtimestamp(ts / 1000, tz=self._tz)
+            except (OverflowError, OSError, ValueError):
+                self._minute = (minute, None, "--:-- ")
+            else:
+                self._minute = (minute, when.date(), when.strftime("%H:%M "))
+        return self._minute[1], self._minute[2]
 
     def time(self, ts: int) -> Fragment:
-        try:
-            when = datetime.fromtimestamp(ts / 1000, tz=self._tz)
-        except (OverflowError, OSError, ValueError):
-            return ("class:time", "--:-- ")
-        return ("class:time", when.strftime("%H:%M "))
+        return ("class:time", self._local(ts)[1])
+
+    def dated(self, ts: int, line: Line) -> list[Line]:
+        """``line`` (stamped ``ts``), after a line naming its day if that is a new one."""
+        day = self._local(ts)[0]
+        if self._day is None:
+            self._day = datetime.fromtimestamp(self._clock(), tz=self._tz).date()
+        if day is None or day == self._day:
+            return [line]
+        self._day = day
+        name = f"{day:%A} {day.day} {day:%B %Y}"
+        return [[("class:day", f"-- {name} --")], line]
 
     def notice(self, text: str, ts: int | None = None) -> Line:
         line: Line = [self.time(ts)] if ts is not None else []
@@ -193,24 +227,23 @@ class Renderer:
     def event(self, event: object, *, current_room: str | None) -> list[Line]:
         """Lines for one server frame (empty for frames the UI shows another way)."""
         if isinstance(event, Message):
-            return [self.message(event, show_room=event.room != current_room)]
+            return self.dated(event.ts, self.message(event, show_room=event.room != current_room))
         if isinstance(event, DmEvent):
-            return [self.dm(event)]
+            return self.dated(event.ts, self.dm(event))
         if isinstance(event, Joined):
-            return [self.notice(f"{visible(event.nick)} joined #{visible(event.room)}", event.ts)]
+            text = f"{visible(event.nick)} joined #{visible(event.room)}"
+            return self.dated(event.ts, self.notice(text, event.ts))
         if isinstance(event, Parted):
             why = f" ({visible(event.reason)})" if event.reason else ""
-            return [
-                self.notice(f"{visible(event.nick)} left #{visible(event.room)}{why}", event.ts)
-            ]
+            text = f"{visible(event.nick)} left #{visible(event.room)}{why}"
+            return self.dated(event.ts, self.notice(text, event.ts))
         if isinstance(event, Renamed):
-            return [
-                self.notice(f"{visible(event.old)} is now known as {visible(event.new)}", event.ts)
-            ]
+            text = f"{visible(event.old)} is now known as {visible(event.new)}"
+            return self.dated(event.ts, self.notice(text, event.ts))
         if isinstance(event, TopicEvent):
-            text = visible(event.topic) or "(cleared)"
-            who = visible(event.by)
-            return [self.notice(f"{who} set the topic of #{visible(event.room)}: {text}", event.ts)]
+            topic = visible(event.topic) or "(cleared)"
+            text = f"{visible(event.by)} set the topic of #{visible(event.room)}: {topic}"
+            return self.dated(event.ts, self.notice(text, event.ts))
         if isinstance(event, Names):
             return self.names(event.room, event.nicks, event.topic)
         if isinstance(event, Rooms):
@@ -253,7 +286,8 @@ class Renderer:
         if not page.messages:
             return [self.notice(f"no messages in #{visible(page.room)} yet")]
         lines = [self.notice(f"history of #{visible(page.room)}:")]
-        lines += [self.message(m, show_room=False) for m in page.messages]
+        for m in page.messages:
+            lines += self.dated(m.ts, self.message(m, show_room=False))
         if page.more:
             lines.append(self.notice("older messages exist: /history 500 shows more"))
         return lines

@@ -60,6 +60,7 @@ STYLE = Style.from_dict(
     {
         "time": "ansibrightblack",
         "notice": "ansibrightblack",
+        "day": "ansibrightblack bold",
         "error": "ansired bold",
         "room": "ansicyan",
         "dm": "ansimagenta",
@@ -404,7 +405,9 @@ class ChatUI:
         elif isinstance(event, Ack):
             sent = self._sent_dms.pop(event.ref, None)
             if sent is not None:
-                self.show([self.renderer.dm_sent(sent[0], sent[1], event.ts)])
+                self.show(
+                    self.renderer.dated(event.ts, self.renderer.dm_sent(sent[0], sent[1], event.ts))
+                )
             return
         elif isinstance(event, Error):
             self._sent_dms.pop(event.ref or "", None)
