@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pyte
 import pytest
@@ -229,3 +229,14 @@ def test_todays_first_line_needs_no_day() -> None:
     assert [plain(line) for line in r.event(joined, current_room="general")] == [
         "08:00 -- bob joined #general"
     ]
+
+
+def test_times_before_1970_and_offsets_with_seconds_are_right() -> None:
+    """The per-minute shortcut holds only where a UTC minute is a local one."""
+    r = Renderer(tz=UTC, clock=lambda: 0.0)
+    assert r.time(-1) == ("class:time", "23:59 ")
+    monrovia = timezone(-timedelta(minutes=44, seconds=30))  # Liberia's offset until 1972
+    r = Renderer(tz=monrovia, clock=lambda: 0.0)
+    for ts in (1_000, 30_000, 59_000):
+        expected = datetime.fromtimestamp(ts / 1000, tz=monrovia).strftime("%H:%M ")
+        assert r.time(ts) == ("class:time", expected)

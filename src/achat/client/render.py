@@ -152,18 +152,24 @@ class Renderer:
         self._clock = clock
         self._day: date | None = None  # of the last line with a time
         # The last minute drawn (ms // 60,000), its day and its "HH:MM ": a burst is one.
-        self._minute: tuple[int, date | None, str] = (-1, None, "")
+        self._minute: tuple[int, date, str] | None = None
 
     def _local(self, ts: int) -> tuple[date | None, str]:
         minute = ts // 60_000
-        if minute != self._minute[0]:
-            try:
-                when = datetime.fromtimestamp(ts / 1000, tz=self._tz)
-            except (OverflowError, OSError, ValueError):
-                self._minute = (minute, None, "--:-- ")
-            else:
-                self._minute = (minute, when.date(), when.strftime("%H:%M "))
-        return self._minute[1], self._minute[2]
+        cached = self._minute
+        if cached is not None and cached[0] == minute:
+            return cached[1], cached[2]
+        try:
+            when = datetime.fromtimestamp(ts / 1000, tz=self._tz)
+            offset = (when if when.tzinfo is not None else when.astimezone()).utcoffset()
+        except (OverflowError, OSError, ValueError):
+            return None, "--:-- "
+        day, hhmm = when.date(), when.strftime("%H:%M ")
+        # A minute of UTC is a minute of local time only where the offset is whole
+        # minutes (every zone today; some before 1980 had seconds in theirs).
+        if offset is not None and offset.total_seconds() % 60 == 0:
+            self._minute = (minute, day, hhmm)
+        return day, hhmm
 
     def time(self, ts: int) -> Fragment:
         return ("class:time", self._local(ts)[1])
