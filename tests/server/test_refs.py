@@ -123,3 +123,17 @@ def test_a_whole_ack_kept_is_given_back_as_it_is() -> None:
     ack = ack_of("r1", Message(room="general", seq=7, ts=1, sender="ana", text="hi"))
     assert ack[:1] == b"\0"  # a frame's length prefix: never taken for a receipt
     assert ack_from("r1", ack) == ack
+
+
+def test_the_ack_of_an_expired_use_of_a_key_is_not_taken_for_a_later_one() -> None:
+    """A ref used again after the first use expired unstored keeps the second use's ack."""
+    refs: RecentRefs[str] = RecentRefs()
+    key = ref_key("ana", "r")
+    refs.add(key, deadline=10)  # the first use, on its way to a slow store
+    refs.expire(10)
+    refs.add(key, deadline=30)  # the same ref, a new message
+    assert refs.wait(key, "resender")
+    assert refs.acked(key, b"FIRST", deadline=10) == []
+    assert refs.ack(key) is None
+    assert refs.acked(key, b"SECOND", deadline=30) == ["resender"]
+    assert refs.ack(key) == b"SECOND"

@@ -866,6 +866,25 @@ def test_ref_is_forgotten_after_ten_minutes(reg: Registry, clock: Clock) -> None
     assert [a.seq for a in ana.of(m.Ack)] == [1, 1, 2]
 
 
+def test_a_ref_used_again_while_a_slow_store_held_its_first_use_keeps_its_own_ack(
+    clock: Clock,
+) -> None:
+    """After the first use expired unstored, a resend of the second use gets the second's ack."""
+    store = DeferredStore()
+    reg = Registry(store, clock=clock)
+    ana_m, ana = add(reg, "ana", "a")
+    quiet(ana)
+    reg.handle(ana_m, m.Say(room="a", text="first", ref="r"))
+    clock.advance(TEN_MINUTES + 2000)  # the store was stuck (a full disk) all this time
+    reg.handle(ana_m, m.Say(room="a", text="second", ref="r"))  # a new message: r expired
+    store.complete()
+    assert [a.seq for a in ana.of(m.Ack)] == [1, 2]
+    quiet(ana)
+    reg.handle(ana_m, m.Say(room="a", text="second", ref="r"))  # resent after a reconnect
+    assert [a.seq for a in ana.of(m.Ack)] == [2]
+    assert seqs(ana.frames) == []  # and not stored again
+
+
 def test_ref_survives_a_reconnect(reg: Registry) -> None:
     """After reconnecting as the same nick (any case), a resent ref gets the original ack."""
     ana_m, ana = add(reg, "ana", "a")

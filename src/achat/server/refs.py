@@ -69,8 +69,9 @@ class RecentRefs(Generic[W]):
             raise ValueError("granularity must be at least 1")
         self._granularity = granularity
         self._acks: dict[str, bytes] = {}
-        # Said but not stored yet; the value is the list of resenders waiting, if any.
-        self._pending: dict[str, list[W] | None] = {}
+        # Said but not stored yet: its deadline as given (which use of the key this is),
+        # and the resenders waiting for its ack, if any.
+        self._pending: dict[str, tuple[int, list[W] | None]] = {}
         self._keys: deque[str] = deque()
         # Runs of keys (oldest first) that share a deadline: the deadline, how many keys.
         self._deadlines: deque[int] = deque()
@@ -95,11 +96,12 @@ class RecentRefs(Generic[W]):
 
     def wait(self, key: str, waiter: W) -> bool:
         """Queue ``waiter`` for the ack of an unacked ``key``; False when ``key`` is unknown."""
-        if key not in self._pending:
+        entry = self._pending.get(key)
+        if entry is None:
             return False
-        waiting = self._pending[key]
+        deadline, waiting = entry
         if waiting is None:
-            self._pending[key] = [waiter]
+            self._pending[key] = (deadline, [waiter])
         else:
             waiting.append(waiter)
         return True
@@ -108,7 +110,7 @@ class RecentRefs(Generic[W]):
         """Remember ``key`` until ``deadline`` (rounded up to the granularity): acked if
         ``ack`` is given, else pending."""
         if ack is None:
-            self._pending[key] = None
+            self._pending[key] = (deadline, None)
         else:
             self._acks[key] = ack
         self._keys.append(key)
@@ -121,10 +123,16 @@ class RecentRefs(Generic[W]):
             deadlines.append(deadline)
             self._counts.append(1)
 
-    def acked(self, key: str, ack: bytes) -> list[W]:
-        """Record the ``ack`` of ``key``; returns the resenders that were waiting for it."""
-        if key not in self._pending:
+    def acked(self, key: str, ack: bytes, deadline: int | None = None) -> list[W]:
+        """Record the ``ack`` of ``key``; returns the resenders that were waiting for it.
+
+        With ``deadline`` (the one ``key`` was added with), an ack for an earlier use
+        of the key, which expired while it was being stored, is not taken for the ack
+        of a later one.
+        """
+        entry = self._pending.get(key)
+        if entry is None or (deadline is not None and entry[0] != deadline):
             return []  # expired while it was being stored: nothing to remember it for
-        waiting = self._pending.pop(key)
+        del self._pending[key]
         self._acks[key] = ack
-        return waiting or []
+        return entry[1] or []

@@ -566,6 +566,8 @@ class Registry:
         """
         if key is None or not ref:
             return None
+        # The deadline is the record's ts + REF_TTL_MS, by which its ack finds this use
+        # of the ref again (_acknowledge), and not a later use of it.
         self._refs.add(key, now + REF_TTL_MS)
         return RefRecord(member.key, ref, now + REF_TTL_MS)
 
@@ -574,6 +576,6 @@ class Registry:
     ) -> None:
         member.peer.send(data)
         if key is not None:
-            for waiter in self._refs.acked(key, receipt_of(record)):
+            for waiter in self._refs.acked(key, receipt_of(record), record.ts + REF_TTL_MS):
                 if waiter is not member:
                     waiter.peer.send(data)
