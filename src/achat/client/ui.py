@@ -464,7 +464,9 @@ class ChatUI:
         if state.retry_at is None:
             return state.connection
         left = math.ceil(state.retry_at - self._clock())
-        return f"{state.connection} (next try in {left} s)" if left > 0 else "reconnecting… now"
+        return (
+            f"{state.connection} (next try in {left} s)" if left > 0 else f"{state.connection} now"
+        )
 
     def _prompt(self) -> FormattedText:
         room = f"#{self.state.room}" if self.state.room else "(no room)"

@@ -365,7 +365,7 @@ def _check_json(body: bytes, frame: msgspec.Struct | None = None) -> None:
     if _long_digit_run(body) and _long_digit_run(_STRING.sub(b'""', body)):
         raise ProtocolError("invalid_json", f"a number has more than {MAX_DIGITS} digits")
     keys = _KEY.findall(body)
-    if len(set(keys)) == len(keys) and (b"\\" not in body or b"\\" not in b"".join(keys)):
+    if len(set(keys)) == len(keys) and (_BACKSLASH not in body or _BACKSLASH not in b"".join(keys)):
         return
     # Repeated or escaped key spellings: let a full parse decide per object. Rare, so the
     # json module is loaded only then (8 ms of every client's start otherwise).

@@ -12,11 +12,12 @@ character, so the first NUL splits it unambiguously), the value is the
 ``ack`` as its owner keeps it. The server keeps a *receipt*
 (:func:`receipt_of`): the ack's time and number packed in 16 bytes, and its
 room, from which :func:`ack_from` makes the ack again for a resend; the
-encoded ack would take 55 bytes more. Entries expire in the order they were made, so a deque of
-keys and one of deadlines are all the bookkeeping expiry needs. Deadlines
-are rounded up to a ``granularity`` (the server's is a second), so that the
-refs of one second share a deadline and a count instead of having one each:
-40 of a ref's 263 bytes. A ref is then kept up to that much longer.
+encoded ack would take 55 bytes more. Entries expire in the order they were
+made, so a deque of keys and one of deadlines are all the bookkeeping expiry
+needs. Deadlines are rounded up to a ``granularity`` (the server's is a
+second), so that the refs of one second share a deadline and a count
+instead of having one each (40 bytes a ref); a ref is then kept up to that
+much longer.
 """
 
 from __future__ import annotations

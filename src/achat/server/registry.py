@@ -568,8 +568,9 @@ class Registry:
             return None
         # The deadline is the record's ts + REF_TTL_MS, by which its ack finds this use
         # of the ref again (_acknowledge), and not a later use of it.
-        self._refs.add(key, now + REF_TTL_MS)
-        return RefRecord(member.key, ref, now + REF_TTL_MS)
+        deadline = now + REF_TTL_MS
+        self._refs.add(key, deadline)
+        return RefRecord(member.key, ref, deadline)
 
     def _acknowledge(
         self, member: Member, key: str | None, data: bytes, record: Message | DmEvent
