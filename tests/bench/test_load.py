@@ -120,8 +120,9 @@ def check(report: WorkerReport, wire: Wire) -> None:
     assert report.acked == 2
     assert report.codes == {"rate_limited": 1}
     assert not any(b"pong" in w for w in wire.written)  # the server's ping is not answered
-    # At most the first and last stamp of each read; a stamp cut by a split is skipped.
-    assert all(0 <= x < 60 for x in report.latencies)
+    # Every message delivered has its latency (the stream was made just now).
+    assert report.latency.total == report.delivered
+    assert report.latency.quantile(1.0) < 60 * 10**9
 
 
 def test_every_split_in_two() -> None:
@@ -129,7 +130,6 @@ def test_every_split_in_two() -> None:
     for at in range(1, len(STREAM)):
         report, wire = feed([STREAM[:at], STREAM[at:]], clients=seen)
         check(report, wire)
-        assert 1 <= len(report.latencies) <= 4, at
         assert (seen[-1].unanswered, seen[-1].due) == (0, 0), at
     whole, _ = feed([STREAM])
     assert whole.codes == {"rate_limited": 1}
@@ -322,4 +322,19 @@ def test_deliveries_count_by_when_the_message_was_said() -> None:
         chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
         report, _ = feed(chunks, span=span)
         assert report.delivered == 10, size
-        assert report.latencies, size
+        assert report.latency.total == 10, size
+
+
+def test_latency_is_counted_per_message_half_at_each_end_of_a_read() -> None:
+    now = time.time_ns()
+    said = [now - s * 10**9 for s in (40, 39, 31, 30)]  # 40 s ago, ..., 30 s ago
+    stream = b"".join(message(k, t) for k, t in enumerate(said))
+    report, _ = feed([stream])
+    assert report.delivered == report.latency.total == 4
+    # Two messages stand at the oldest stamp's latency, two at the newest's.
+    assert 30 <= report.latency.quantile(0.5) / 1e9 < 30.5
+    assert 40 <= report.latency.quantile(0.75) / 1e9 < 40.7
+    # A read that spans the window's start: only what was said inside it, at its latency.
+    report, _ = feed([stream], span=(now - 35 * 10**9, now))
+    assert report.delivered == report.latency.total == 2
+    assert 30 <= report.latency.quantile(0.0) / 1e9 <= report.latency.quantile(1.0) / 1e9 < 30.5

@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 from ..protocol.frames import encode_frame
 from ..protocol.messages import Message, encode
+from .histogram import Histogram
 from .load import (
     KEEPALIVE_SECONDS,
     ClientPlan,
@@ -373,13 +373,13 @@ def _summarise(
         _note_short_load(result, planned=args.clients * args.rate * room_size)
     expected = sent * room_size
     result.delivered_ratio = round(delivered / expected, 5) if expected else 0.0
-    lat = sorted(x for r in reports for x in r.latencies)
-    if len(lat) > 1:
-        q = statistics.quantiles(lat, n=1000)
+    latency = Histogram()
+    for r in reports:
+        latency.merge(r.latency)
+    if latency.total:
         result.latency_ms = {
-            "p50": round(q[499] * 1000, 2),
-            "p99": round(q[989] * 1000, 2),
-            "p99.9": round(q[998] * 1000, 2),
+            name: round(latency.quantile(q) / 1e6, 2)
+            for name, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))
         }
 
 

@@ -21,7 +21,11 @@ outside it, and only a read that spans an edge of the window has each of its
 stamps read. Nobody says anything after the window, and the workers read on
 until the room is quiet, so the delivered ratio misses exactly the messages
 said inside the window and never read (give or take one per client at each
-edge). Latency is sampled from the same two stamps.
+edge). Latency comes from the same two stamps, and is counted per message,
+not per read: each of the two stands for half of the read's messages, in a
+histogram of every message (:mod:`achat.bench.histogram`). It used to be a
+sample of up to 100,000 reads, two stamps each, which gave a read of 400
+messages the weight of a read of one.
 
 That one count is all a read costs while the client waits for nothing.
 Besides messages, what a client needs from the server are the answers to
@@ -68,6 +72,7 @@ from multiprocessing.connection import Connection
 from typing import cast
 
 from ..protocol.frames import encode_frame
+from .histogram import Histogram
 
 __all__ = ["ClientPlan", "WorkerPlan", "WorkerReport", "run_worker", "stamped_text"]
 
@@ -137,8 +142,8 @@ class WorkerReport:
     delivered: int = 0
     errors: int = 0
     closed: int = 0
-    latencies: list[float] = field(default_factory=list)
-    samples_seen: int = 0
+    #: Every message's latency in ns (see _BenchClient._deliveries).
+    latency: Histogram = field(default_factory=Histogram)
     last_read: float = 0.0  # monotonic time of the last read holding a message
     codes: dict[str, int] = field(default_factory=dict)  # the errors' codes, counted
     connect_seconds: float = 0.0
@@ -164,6 +169,9 @@ def _say(room: bytes, ref: int, now_ns: int) -> bytes:
 #: The bytes of a stream end that can hold the start of a MESSAGE split by a read (see
 #: _straddling, which data_received inlines for MESSAGE).
 _MESSAGE_EDGE = len(MESSAGE) - 1
+#: The bytes a read can start with if it ends a MESSAGE begun in the read before (a read
+#: that starts a frame starts with its length, a zero byte here, and skips the joined edges).
+_MESSAGE_TAIL = frozenset(MESSAGE[i : i + 1] for i in range(1, len(MESSAGE)))
 
 
 def _straddling(pattern: bytes, before: bytes, chunk: bytes) -> int:
@@ -210,19 +218,6 @@ def _stamp_at(data: bytes, pos: int) -> int | None:
         return int(data[start:end])
     except ValueError:
         return None
-
-
-MAX_SAMPLES = 100_000
-
-
-def _sample(report: WorkerReport, value: float, rng: random.Random) -> None:
-    """Keep a uniform sample of at most MAX_SAMPLES latencies (reservoir sampling)."""
-    report.samples_seen += 1
-    if len(report.latencies) < MAX_SAMPLES:
-        report.latencies.append(value)
-    elif rng.random() * report.samples_seen < MAX_SAMPLES:
-        # Kept with probability MAX_SAMPLES/seen, in place of a uniformly chosen one.
-        report.latencies[int(rng.random() * MAX_SAMPLES)] = value
 
 
 class _Window:
@@ -343,7 +338,9 @@ class _BenchClient(asyncio.Protocol):
         # The hot path of the generator (once per read, millions of messages a second):
         # one count over the bytes, then at most two stamps read.
         kept = self.kept
-        n = data.count(MESSAGE) + (kept[-_MESSAGE_EDGE:] + data[:_MESSAGE_EDGE]).count(MESSAGE)
+        n = data.count(MESSAGE)
+        if data[:1] in _MESSAGE_TAIL:
+            n += (kept[-_MESSAGE_EDGE:] + data[:_MESSAGE_EDGE]).count(MESSAGE)
         if self.due:
             self._answers(kept, data)
         self.kept = data[-KEEP:] if len(data) >= KEEP else (kept + data)[-KEEP:]
@@ -358,8 +355,8 @@ class _BenchClient(asyncio.Protocol):
         The stamps of the read's oldest and newest message decide for all of them
         (one stamp when the read holds one message); only a read that spans an edge
         of the window has each of its stamps read. Messages read before any stamp
-        of theirs (cut off by the read) wait for the next read's. Their latencies
-        are the samples.
+        of theirs (cut off by the read) wait for the next read's. The same two
+        stamps give the latencies, each for half of the read's messages.
         """
         window = self.window
         if now < window.start:  # read before the window, so said before it too
@@ -388,21 +385,30 @@ class _BenchClient(asyncio.Protocol):
         if last < start or first >= end:
             return
         if start <= first and last < end:
-            report.delivered += n
+            counted = n
         else:
             # The read spans an edge: each stamp completed in it (one message either side
             # of the read may be counted by its MESSAGE and its stamp, or by neither).
             stream = kept + data
-            report.delivered += sum(
+            counted = sum(
                 start <= int(m[1]) < end
                 for m in STAMPS.finditer(stream, max(0, len(kept) - _STAMP_SIZE))
                 if m.end() > len(kept)
             )
+        report.delivered += counted
+        if not counted:
+            return
+        # Latency, per message: the read's messages were said between its oldest stamp
+        # and its newest, and the ones between are not read; each end stands for half.
         now_ns = time.time_ns()
-        if start <= first < end:
-            _sample(report, (now_ns - first) / 1e9, self.rng)
-        if n > 1 and start <= last < end:
-            _sample(report, (now_ns - last) / 1e9, self.rng)
+        latency = report.latency
+        if last == first:
+            latency.add(now_ns - first, counted)
+        elif start <= first and last < end:
+            latency.add(now_ns - first, counted - counted // 2)
+            latency.add(now_ns - last, counted // 2)
+        else:
+            latency.add(now_ns - (first if first >= start else last), counted)
 
     def _answers(self, kept: bytes, data: bytes) -> None:
         """Take the answers due that completed in ``data`` (``kept`` before it)."""
