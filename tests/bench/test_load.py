@@ -78,6 +78,7 @@ STREAM = GREETING + b"".join(
 def feed(
     chunks: list[bytes],
     says: int = 3,
+    checks: bool = False,
     pipeline: int = 0,
     clients: list[_BenchClient] | None = None,
     span: tuple[int, int] = (0, 2**63),
@@ -96,7 +97,9 @@ def feed(
         window.start_ns, window.end_ns = span
         plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1, pipeline=pipeline)
         report = WorkerReport()
-        client = _BenchClient(plan, ClientPlan("b0", "r", 0.0), report, window, random.Random(1))
+        client = _BenchClient(
+            plan, ClientPlan("b0", "r", 0.0), report, window, random.Random(1), checks
+        )
         if clients is not None:
             clients.append(client)
         wire = Wire()
@@ -198,8 +201,19 @@ def test_frame_lookalikes_in_texts_are_not_frames() -> None:
         '{"type":"message","room":"r"} {"type":"ack","ref":"1"} '
         '"ref":"2" {"type":"error","fatal":false,"ref":"3"}'
     )
-    odd = message(9, text=lookalikes)
-    stream = odd + STREAM + odd
+    stream = GREETING + b"".join(
+        [
+            message(1, text=lookalikes),
+            message(2),
+            message(3),
+            encode(Error(code="rate_limited", message="slow down", fatal=False, ref="2")),
+            encode(Ack(ref="1", ts=1, room="r", seq=4)),
+            message(4),
+            encode(Ack(ref="3", ts=1, room="r", seq=5)),
+            message(5),
+            message(6, text=lookalikes),
+        ]
+    )
     for at in range(1, len(stream)):
         report, _ = feed([stream[:at], stream[at:]])
         assert report.delivered == 6
@@ -312,7 +326,7 @@ def test_deliveries_count_by_when_the_message_was_said() -> None:
     # Said at 1,000,000,000 + k ms; the window is [1.010, 1.020) s.
     base = 10**18
     said = [base + k * 1_000_000 for k in range(30)]
-    stream = b"".join(message(k, t) for k, t in enumerate(said))
+    stream = GREETING + b"".join(message(k, t) for k, t in enumerate(said, 1))
     span = (base + 10_000_000, base + 20_000_000)
     for at in range(1, len(stream)):
         report, _ = feed([stream[:at], stream[at:]], span=span)
@@ -328,7 +342,7 @@ def test_deliveries_count_by_when_the_message_was_said() -> None:
 def test_latency_is_counted_per_message_half_at_each_end_of_a_read() -> None:
     now = time.time_ns()
     said = [now - s * 10**9 for s in (40, 39, 31, 30)]  # 40 s ago, ..., 30 s ago
-    stream = b"".join(message(k, t) for k, t in enumerate(said))
+    stream = GREETING + b"".join(message(k, t) for k, t in enumerate(said, 1))
     report, _ = feed([stream])
     assert report.delivered == report.latency.total == 4
     # Two messages stand at the oldest stamp's latency, two at the newest's.
@@ -338,3 +352,64 @@ def test_latency_is_counted_per_message_half_at_each_end_of_a_read() -> None:
     report, _ = feed([stream], span=(now - 35 * 10**9, now))
     assert report.delivered == report.latency.total == 2
     assert 30 <= report.latency.quantile(0.0) / 1e9 <= report.latency.quantile(1.0) / 1e9 < 30.5
+
+
+SAID = [10**18 + k * 1_000_000 for k in range(30)]  # 1,000,000,000 s + k ms
+TIMED = GREETING + b"".join(message(k, t) for k, t in enumerate(SAID, 1))
+
+
+@given(st.lists(st.integers(1, len(TIMED) - 1), max_size=30), st.integers(0, 29))
+def test_a_window_counts_exactly_what_was_said_in_it_however_the_stream_is_split(
+    cuts: list[int], begin: int
+) -> None:
+    # Each message belongs to the read its stamp completes in, whether that read is
+    # counted whole (by seq) or, across an edge of the window, stamp by stamp.
+    span = (SAID[begin], SAID[begin] + 7_000_000)
+    points = [0, *sorted(set(cuts)), len(TIMED)]
+    report, _ = feed([TIMED[a:b] for a, b in itertools.pairwise(points)], span=span)
+    assert report.delivered == report.latency.total == min(7, 30 - begin)
+
+
+def test_checking_clients_catch_a_skipped_or_repeated_message() -> None:
+    fine = GREETING + b"".join(message(k) for k in (1, 2, 3, 4))
+    skipped = GREETING + b"".join(message(k) for k in (1, 2, 4, 5))
+    repeated = GREETING + b"".join(message(k) for k in (1, 2, 2, 3))
+    for stream, counted, off in ((fine, 4, 0), (skipped, 5, 1), (repeated, 3, 1)):
+        for at in range(1, len(stream)):
+            seen: list[_BenchClient] = []
+            report, _ = feed([stream[:at], stream[at:]], checks=True, clients=seen)
+            assert report.delivered == counted, at  # by seq: what the contract promises
+            assert seen[0].unaccounted() == off, at
+    # Only checking clients count frames; a connection cut inside a message may be one off.
+    seen = []
+    feed([skipped], clients=seen)
+    assert seen[0].unaccounted() == 0
+    seen = []
+    feed([fine + message(5)[:-30]], checks=True, clients=seen)
+    assert seen[0].unaccounted() == 1
+    seen[0].connection_lost(None)
+    assert seen[0].unaccounted() == 0
+
+
+def test_the_count_starts_from_the_seq_in_names_even_split_in_parts() -> None:
+    parts = [
+        encode(Names(room="r", nicks=["b0"], topic="", seq=41, more=True)),
+        encode(Names(room="r", nicks=["b1"], topic="", seq=41)),
+    ]
+    stream = GREETING[: -len(encode(Names(room="r", nicks=["b0"], topic="", seq=0)))]
+    stream += b"".join(parts) + b"".join(message(k) for k in (42, 43, 44))
+    for at in range(1, len(stream)):
+        report, _ = feed([stream[:at], stream[at:]], says=0)
+        assert (report.joined, report.delivered) == (1, 3), at
+
+
+def test_a_seq_that_is_not_a_number_is_not_counted_and_breaks_nothing() -> None:
+    odd = message(2).replace(b'"seq":2,', b'"seq":2e0,')
+    odd = encode_frame(odd[4:])
+    stream = GREETING + message(1) + odd + message(3)
+    for at in range(1, len(stream)):
+        seen: list[_BenchClient] = []
+        report, _ = feed([stream[:at], stream[at:]], checks=True, clients=seen)
+        # Message 3's seq accounts for the odd one before it; the frames agree.
+        assert report.delivered == 3, at
+        assert seen[0].unaccounted() == 0, at
