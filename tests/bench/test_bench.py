@@ -19,7 +19,7 @@ from achat.bench.cli import (
     _summarise,
     parser,
 )
-from achat.bench.load import WorkerReport
+from achat.bench.load import KEEPALIVE_REF, WorkerReport
 from achat.protocol.frames import encode_frame
 from tests.helpers.procs import ServerProcess, script
 
@@ -165,7 +165,7 @@ def test_the_generator_is_named_when_it_may_be_the_limit(
 
 def test_the_sink_answers_every_keep_alive_ping_however_it_is_split() -> None:
     """self-check's sink pongs, or its clients would search every read for the pong."""
-    ping = encode_frame(b'{"type":"ping","ref":"keepalive"}')
+    ping = encode_frame(b'{"type":"ping","ref":"%s"}' % KEEPALIVE_REF.encode())
 
     class Writer:
         def __init__(self) -> None:

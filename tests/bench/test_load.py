@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from achat.bench.load import (
     KEEPALIVE_POLL,
+    KEEPALIVE_REF,
     KEEPALIVE_SECONDS,
+    REF_MARK,
     ClientPlan,
     WorkerPlan,
     WorkerReport,
@@ -67,10 +69,10 @@ STREAM = GREETING + b"".join(
         encode(Ping(ref="keepalive")),  # the server's own: not looked at, not answered
         message(3),
         # Say 2 refused before say 1 is stored: answers need not come in order.
-        encode(Error(code="rate_limited", message="slow down", fatal=False, ref="2")),
-        encode(Ack(ref="1", ts=1, room="r", seq=4)),
+        encode(Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")),
+        encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
         message(4),
-        encode(Ack(ref="3", ts=1, room="r", seq=5)),
+        encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
     ]
 )
 
@@ -174,9 +176,9 @@ def test_a_quiet_client_pings_and_takes_its_pong() -> None:
     assert client.pongs_due == 0
     client.keep_alive(quiet_since + KEEPALIVE_SECONDS)
     client.keep_alive(quiet_since + KEEPALIVE_SECONDS + 1)  # one ping per quiet spell
-    assert wire.written[-1] == encode(Ping(ref="keepalive"))
+    assert wire.written[-1] == encode(Ping(ref=KEEPALIVE_REF))
     assert (client.pongs_due, client.due) == (1, 1)
-    pong = message(5) + encode(Pong(ref="keepalive")) + message(6)
+    pong = message(5) + encode(Pong(ref=KEEPALIVE_REF)) + message(6)
     for at in range(1, len(pong)):
         client.pongs_due = client.due = 1
         client.data_received(pong[:at])
@@ -198,18 +200,20 @@ def test_a_refused_join_is_an_error_and_the_client_leaves() -> None:
 
 def test_frame_lookalikes_in_texts_are_not_frames() -> None:
     lookalikes = (
-        '{"type":"message","room":"r"} {"type":"ack","ref":"1"} '
-        '"ref":"2" {"type":"error","fatal":false,"ref":"3"}'
+        f'{{"type":"message","room":"r","seq":9}} {{"type":"ack","ref":"{REF_MARK}1"}} '
+        f'"ref":"{REF_MARK}2" {{"type":"error","fatal":false,"ref":"{REF_MARK}3"}}'
     )
     stream = GREETING + b"".join(
         [
             message(1, text=lookalikes),
             message(2),
             message(3),
-            encode(Error(code="rate_limited", message="slow down", fatal=False, ref="2")),
-            encode(Ack(ref="1", ts=1, room="r", seq=4)),
+            encode(
+                Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")
+            ),
+            encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
             message(4),
-            encode(Ack(ref="3", ts=1, room="r", seq=5)),
+            encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
             message(5),
             message(6, text=lookalikes),
         ]
@@ -251,7 +255,9 @@ def test_acks_count_only_when_read_inside_the_window() -> None:
 
 
 def test_the_pipeline_refills_on_errors_and_stops_with_the_window() -> None:
-    refused = encode(Error(code="rate_limited", message="slow down", fatal=False, ref="1"))
+    refused = encode(
+        Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "1")
+    )
     seen: list[_BenchClient] = []
     _, wire = feed([GREETING, refused], pipeline=2, clients=seen)
     assert sum(b'"type":"say"' in w for w in wire.written) == 3  # 2, then 1 for the error

@@ -39,6 +39,7 @@ from ..protocol.frames import encode_frame
 from ..protocol.messages import Message, encode
 from .histogram import Histogram
 from .load import (
+    KEEPALIVE_REF,
     KEEPALIVE_SECONDS,
     ClientPlan,
     WorkerPlan,
@@ -410,7 +411,8 @@ def _progress(text: str) -> None:
 
 async def _answer_pings(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """The sink's answer to a generator client's keep-alive pings (it searches until then)."""
-    ping, pong = b'{"type":"ping"', encode_frame(b'{"type":"pong","ref":"keepalive"}')
+    ping = b'{"type":"ping"'
+    pong = encode_frame(b'{"type":"pong","ref":"%s"}' % KEEPALIVE_REF.encode())
     kept = b""
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(65536):

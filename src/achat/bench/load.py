@@ -40,7 +40,8 @@ Besides messages, what a client needs from the server are the answers to
 what it sent: ``names`` to its join, an ``ack`` or an ``error`` to each
 ``say`` (every say carries a ``ref``, which its answer echoes) and a ``pong``
 to its keep-alive ``ping``. Only while answers are due is a read searched
-for them, for their ``"ref":"`` (no message has one), and the search stops
+for them, for their ``"ref":"`` and the ``REF_MARK`` every ref of the
+generator's starts with (no message has either), and the search stops
 at the last answer due: a busy room's client waits for one answer a second,
 found where it arrived (a client that falls behind by more than the time
 between its says has more than one due, and then reads to their end are
@@ -95,8 +96,13 @@ CHECK_EVERY = 10
 #: A seq's digits and the comma after them.
 _SEQ_SIZE = 21
 ERROR = b'{"type":"error"'
-#: An answer's ref field. No message has one (a text's quotes are escaped).
-REF = b'"ref":"'
+#: What every ref of the generator's starts with: the contract allows refs of up to 64
+#: characters, and a long search pattern that ends in a letter no frame of a busy room
+#: has is found 3.4 times as fast as ``"ref":"`` alone (6.2 against 1.8 GB/s).
+REF_MARK = "Z" * 16
+#: An answer's ref field, as the generator's refs make it. No message has one (a text's
+#: quotes are escaped).
+REF = b'"ref":"' + REF_MARK.encode()
 #: What the server writes just before an answer's ref: it is the first field of an ack
 #: and of a pong, and the last of an error (after ``fatal``).
 ACK_HEAD = b'{"type":"ack",'
@@ -106,7 +112,8 @@ _HEAD_SIZE = max(len(ACK_HEAD), len(PONG_HEAD), *map(len, ERROR_HEADS))
 CODE = re.compile(rb'"code":"([a-z_]{1,32})"')
 #: A client that has said nothing for this long pings (the contract: every 30 s).
 KEEPALIVE_SECONDS = 25.0
-KEEPALIVE_FRAME = encode_frame(b'{"type":"ping","ref":"keepalive"}')
+KEEPALIVE_REF = REF_MARK + "keepalive"
+KEEPALIVE_FRAME = encode_frame(b'{"type":"ping","ref":"%s"}' % KEEPALIVE_REF.encode())
 #: How a fatal error that answers nothing (it has no ref) ends, as the last frame.
 FATAL_END = b'"fatal":true}'
 #: Bytes of the stream kept from before a read: enough for any pattern split across two
@@ -179,9 +186,12 @@ def stamped_text(text_size: int = TEXT_SIZE, now_ns: int | None = None) -> bytes
     return head + b"x" * max(0, text_size - len(head))
 
 
+_MARK = REF_MARK.encode()
+
+
 def _say(room: bytes, ref: int, now_ns: int) -> bytes:
     text = stamped_text(now_ns=now_ns)
-    body = b'{"type":"say","room":"%s","text":"%s","ref":"%d"}' % (room, text, ref)
+    body = b'{"type":"say","room":"%s","text":"%s","ref":"%s%d"}' % (room, text, _MARK, ref)
     return encode_frame(body)
 
 
