@@ -198,14 +198,21 @@ def run(args: argparse.Namespace) -> Result:
     return result
 
 
-def _busy(report: WorkerReport) -> float | None:
-    """The share of its CPU a worker used over the measured window."""
-    return report.cpu_seconds / report.window_seconds if report.window_seconds > 0 else None
+def _by_cpu(reports: list[WorkerReport]) -> list[tuple[float, int]]:
+    """For each CPU the workers ran on, the share of it they used over the measured
+    window and the deliveries they counted (a worker not pinned has its own)."""
+    cpus: dict[object, tuple[float, int]] = {}
+    for i, r in enumerate(reports):
+        if r.window_seconds > 0:
+            key = r.cpu if r.cpu is not None else ("worker", i)
+            busy, delivered = cpus.get(key, (0.0, 0))
+            cpus[key] = (busy + r.cpu_seconds / r.window_seconds, delivered + r.delivered)
+    return list(cpus.values())
 
 
 def _load_cpu(reports: list[WorkerReport]) -> float | None:
-    """The busiest worker's CPU over the window, in per cent."""
-    busy = [b for b in map(_busy, reports) if b is not None]
+    """The busiest load CPU over the window, in per cent (its workers' CPU added up)."""
+    busy = [b for b, _ in _by_cpu(reports)]
     return round(100 * max(busy), 1) if busy else None
 
 
@@ -221,10 +228,11 @@ def _note_trouble(result: Result, reports: list[WorkerReport]) -> None:
     if unaccounted:
         checked = sum(r.checked for r in reports)
         result.notes.append(
-            f"the server skipped or repeated messages: {checked:,} client(s) that counted "
-            f"every message frame as well found {unaccounted:,} that the seqs do not "
-            "account for, or the reverse; deliveries are counted by seq, so the figures "
-            "of this run are not to be trusted"
+            f"frames and seqs disagree: {checked:,} client(s) that counted every message "
+            f"frame as well found {unaccounted:,} that the seqs do not account for, or the "
+            "reverse (the server skipped or repeated messages, or sent some this generator "
+            "cannot read); deliveries are counted by seq, so this run's figures are not to "
+            "be trusted"
         )
     closed = sum(r.closed for r in reports)
     if closed:
@@ -445,7 +453,9 @@ def _sink_main(port_pipe: Any, frames_per_write: int, clients: int, cpu: int | N
         message = Message(
             room="busy", seq=_FIRST_SEQ, ts=now_ns // 1_000_000, sender="b1234u1234", text=text
         )
-        numbered = encode(message).replace(b'"seq":%d,' % _FIRST_SEQ, b'"seq":%d,')
+        # Every other % byte (the length prefix may hold one) is escaped for the formatting.
+        frame = encode(message).replace(b"%", b"%%")
+        numbered = frame.replace(b'"seq":%d,' % _FIRST_SEQ, b'"seq":%d,')
         return (numbered * frames_per_write) % tuple(range(first, first + frames_per_write))
 
     welcome = encode_frame(
@@ -527,15 +537,15 @@ def _note_ceiling(result: Result, reports: list[WorkerReport], duration: float) 
     """Say what self-check's figure is: the generator's ceiling, or, when the sink
     could not keep its workers busy, the sink's, with what the workers' rate per CPU
     second comes to with their CPUs full."""
-    busy = [(r.delivered / duration, b) for r in reports if (b := _busy(r))]
-    if not busy or max(b for _, b in busy) * 100 >= SINK_LIMIT_CPU:
+    cpus = [(busy, delivered) for busy, delivered in _by_cpu(reports) if busy > 0]
+    if not cpus or max(busy for busy, _ in cpus) * 100 >= SINK_LIMIT_CPU:
         result.notes.append("a sink floods the generator; this is the most it can count")
         return
-    full = sum(rate / b for rate, b in busy)
+    full = sum(delivered / duration / busy for busy, delivered in cpus)
     result.notes.append(
-        f"a sink floods the generator, and was the limit: the generator's busiest worker "
-        f"used {result.load_cpu_pct}% of its CPU; at the rate it counted per CPU second "
-        f"it would count about {full / 1e6:.1f} M deliveries/s with its CPU full"
+        f"a sink floods the generator, and was the limit: the generator's busiest CPU "
+        f"was {result.load_cpu_pct}% busy; at the rate it counted per CPU second it "
+        f"would count about {full / 1e6:.1f} M deliveries/s with its CPUs full"
     )
 
 

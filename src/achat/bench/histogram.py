@@ -26,15 +26,6 @@ _BITS = 45
 _SIZE = ((_BITS - _SUB_BITS - 1) << _SUB_BITS) + 2 * _SUB
 
 
-def _index(value: int) -> int:
-    if value < 0:
-        return 0
-    shift = value.bit_length() - _SUB_BITS - 1
-    if shift <= 0:
-        return value
-    return min((shift << _SUB_BITS) + (value >> shift), _SIZE - 1)
-
-
 def _top(index: int) -> int:
     """The largest value counted in bucket ``index``."""
     if index < 2 * _SUB:
@@ -55,11 +46,9 @@ class Histogram:
 
     def add(self, value: int, count: int = 1) -> None:
         """Count ``value`` ``count`` times."""
-        # _index, inlined: this runs for every read of the load generator.
-        shift = value.bit_length() - _SUB_BITS - 1
-        if shift <= 0:
+        if value < 2 * _SUB:
             index = value if value > 0 else 0
-        elif shift < _BITS - _SUB_BITS:
+        elif (shift := value.bit_length() - _SUB_BITS - 1) < _BITS - _SUB_BITS:
             index = (shift << _SUB_BITS) + (value >> shift)
         else:
             index = _SIZE - 1

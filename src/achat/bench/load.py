@@ -9,31 +9,37 @@ carry their send time (``t=<ns since epoch>``), so a receiver can measure
 latency from the bytes without decoding every frame.
 
 Receiving is counted, not parsed, and a read costs the same however many
-messages it holds: what it delivered is the seq of its newest message less
-the seq before it. The contract numbers a room's messages 1, 2, 3... and
-every member gets all of them, in that order; achat servers encode a
-message's type, room and seq first, compact
-(``{"type":"message","room":"r","seq":41,``), so one ``bytes.rfind`` from
-the end of a read finds the newest, and the ``names`` that answers the join
+messages it holds. A message belongs to the read its stamp completes in, and
+what a read delivered is the seq of its newest such message less the one
+before. The contract numbers a room's messages 1, 2, 3... and every member
+gets all of them, in that order; achat servers encode a message's type, room
+and seq first, compact (``{"type":"message","room":"r","seq":41,``), so a
+``bytes.rfind`` for the last stamp from the end of a read, and one for the
+seq before it, find the newest, and the ``names`` that answers the join
 gives the seq to start from. Counting by seq trusts the contract's "no gap,
 no repeat", so every ``CHECK_EVERY``-th client of a worker also counts the
 message frames it reads (``{"type":"message","room":"`` in the byte stream,
-patterns split across reads counted once, as every client once did) and the
-run reports any difference: a server that skips or repeats a message is
-caught there, and its figures are not to be trusted. That pass over every
-byte was most of what the generator did: 43 % of its busy time at 4 M
-deliveries/s on session 8's host, where ``bytes.count`` runs at 3.2-3.6 GB/s.
-What counts is when a message was said: the stamps of the oldest and newest
-message of a read place the whole read inside the measured window or
-outside it, and only a read that spans an edge of the window has each of its
-stamps read. Nobody says anything after the window, and the workers read on
-until the room is quiet, so the delivered ratio misses exactly the messages
-said inside the window and never read (give or take one per client at each
-edge). Latency comes from the same two stamps, and is counted per message,
-not per read: each of the two stands for half of the read's messages, in a
-histogram of every message (:mod:`achat.bench.histogram`). It used to be a
-sample of up to 100,000 reads, two stamps each, which gave a read of 400
-messages the weight of a read of one.
+patterns split across reads counted once, as every client once did) and
+compares the two at each read's newest stamp; the run reports any
+difference: a server that skips or repeats a message is caught there (unless
+a skip and a repeat fall in the same read, or in clients that do not check),
+and the run's figures are not to be trusted. That pass over every byte was
+most of what the generator did: 43 % of its busy time at 4 M deliveries/s
+on the reference machine, where ``bytes.count`` ran at 3.2-3.6 GB/s.
+
+What counts is when a message was said. A read whose oldest and newest
+stamps are both inside the measured window, or both outside it, by more than
+``_NEAR_NS``, is counted whole; one near an edge, or across one, has each of
+its stamps read (the stamps of a read are in the order the server took the
+says in, which is not quite the order they were said in). Nobody says
+anything after the window, and the workers read on until the room is quiet,
+so the delivered ratio misses exactly the messages said inside the window
+and never read. Latency is counted per message, in a histogram of every
+message (:mod:`achat.bench.histogram`): stamp by stamp where a read's stamps
+are read, and otherwise spread evenly between its oldest and newest stamps,
+at up to ``SPREAD`` points. It used to be a sample of up to 100,000 reads,
+two stamps each, which gave a read of 400 messages the weight of a read of
+one.
 
 That is all a read costs while the client waits for nothing.
 Besides messages, what a client needs from the server are the answers to
@@ -85,7 +91,7 @@ from .histogram import Histogram
 
 __all__ = ["ClientPlan", "WorkerPlan", "WorkerReport", "run_worker", "stamped_text"]
 
-#: The start of every message frame (see above): what is counted per read.
+#: The start of every message frame (see above): what checking clients count.
 MESSAGE = b'{"type":"message","room":"'
 NAMES = b'{"type":"names"'
 #: The room's seq in ``names``: its last field, or the one before ``more``. Names and
@@ -117,15 +123,23 @@ KEEPALIVE_FRAME = encode_frame(b'{"type":"ping","ref":"%s"}' % KEEPALIVE_REF.enc
 #: How a fatal error that answers nothing (it has no ref) ends, as the last frame.
 FATAL_END = b'"fatal":true}'
 #: Bytes of the stream kept from before a read: enough for any pattern split across two
-#: reads, for what precedes a ref split from it, and for the server's errors whole (their
-#: codes, of an error begun in an earlier read than its ref or ending the stream).
-KEEP = 256
+#: reads, for what precedes a ref split from it, for the server's errors whole (their
+#: codes, of an error begun in an earlier read than its ref or ending the stream) and for
+#: a message from its seq to its stamp, which comes after the sender's nick: 24
+#: characters after NFKC, but sent as typed, which can be over 200 bytes of UTF-8.
+KEEP = 1024
 STAMP = b'"text":"t='
 STAMPS = re.compile(rb'"text":"t=(\d{1,20}) ')
 #: The most bytes a stamp takes, up to the space after its digits.
 _STAMP_SIZE = len(STAMP) + 21
-#: How close (ns) to an edge of the window a read's stamps are looked at more closely.
-_NEAR_NS = 1_000_000_000
+#: How close (ns) to an edge of the window a read's oldest or newest stamp makes it count
+#: stamp by stamp: the stamps of a read are in seq order, which is the order the server
+#: took the says in, not quite the order they were said in.
+_NEAR_NS = 250_000_000
+#: Latency points a read's messages are spread over (see _BenchClient._deliveries).
+SPREAD = 8
+#: The most of a greeting kept while waiting for the room's seq in names.
+GREETING_LIMIT = 4 << 20
 TEXT_SIZE = 60
 #: Longest wait after the window for messages said inside it.
 DRAIN_SECONDS = 10.0
@@ -164,7 +178,8 @@ class WorkerReport:
     delivered: int = 0
     errors: int = 0
     closed: int = 0
-    #: Every message's latency in ns (see _BenchClient._deliveries).
+    #: The latency of every message counted, in ns: read from its stamp, or from the
+    #: two ends of its read (see _BenchClient._deliveries).
     latency: Histogram = field(default_factory=Histogram)
     last_read: float = 0.0  # monotonic time of the last read holding a message
     codes: dict[str, int] = field(default_factory=dict)  # the errors' codes, counted
@@ -177,6 +192,7 @@ class WorkerReport:
     #: two counts differed (see the module's docstring): 0 unless the seqs lie.
     checked: int = 0
     unaccounted: int = 0
+    cpu: int | None = None  # the CPU the worker was pinned to, if any
     done: bool = False
 
 
@@ -265,6 +281,19 @@ def _seq_before(buf: bytes, stamp_at: int, mark: bytes) -> int | None:
         return None
 
 
+def _spread(latency: Histogram, now_ns: int, first: int, last: int, count: int) -> None:
+    """Count ``count`` latencies, said between ``first`` and ``last`` and read at
+    ``now_ns``, at up to SPREAD points evenly between the two."""
+    points = min(count, SPREAD)
+    if points == 1 or first == last:
+        latency.add(now_ns - first, count)
+        return
+    each, more = divmod(count, points)
+    step = (last - first) / (points - 1)
+    for i in range(points):
+        latency.add(now_ns - first - round(step * i), each + (i < more))
+
+
 class _Window:
     """The measured window; unknown until go.
 
@@ -303,9 +332,11 @@ class _BenchClient(asyncio.Protocol):
         # until the join's names gives the room's).
         self.seq_mark = MESSAGE + self.room + b'","seq":'
         self.seq: int | None = None
-        # A checking client's two counts of the messages it read (see above).
+        # A checking client's count of message frames read after the newest stamp, and of
+        # the messages on which frames and seqs disagreed (see above).
         self.checks = checks
-        self.frames = self.by_seq = 0
+        self.after = self.off = 0
+        self.names_at = -1
         self.kept = b""
         self.joined = False
         self.greeting = b""
@@ -391,39 +422,38 @@ class _BenchClient(asyncio.Protocol):
         kept = self.kept
         if self.due:
             self._answers(kept, data)
-        if self.checks:
-            self.frames += data.count(MESSAGE)
-            if data[:1] in _MESSAGE_TAIL:
-                self.frames += (kept[-_MESSAGE_EDGE:] + data[:_MESSAGE_EDGE]).count(MESSAGE)
         newest = self._newest(kept, data) if self.seq is not None else None
+        if self.checks:
+            self._check(kept, data, newest)
         self.kept = data[-KEEP:] if len(data) >= KEEP else (kept + data)[-KEEP:]
         if newest is None:
             return
-        seq, last = newest
+        seq, last, _ = newest
         n = seq - cast(int, self.seq)
         if n <= 0:  # not newer: a repeat, which the checking clients see
             return
         self.seq = seq
-        if self.checks:
-            self.by_seq += n
         now = time.monotonic()
         self.report.last_read = now
         self._deliveries(kept, data, n, last, now)
 
-    def _newest(self, kept: bytes, data: bytes) -> tuple[int, int] | None:
+    def _newest(self, kept: bytes, data: bytes) -> tuple[int, int, int] | None:
         """The seq and stamp of the newest message whose stamp completed in ``data``
-        (``kept`` before it); None if none did, or its seq cannot be read."""
+        (``kept`` before it), and where its stamp starts in ``data`` (negative: in
+        ``kept``); None if no stamp did whose message's seq can be read."""
         mark = self.seq_mark
         at = data.rfind(STAMP)
         while at >= 0:
+            # A stamp cut off by the read's end, or a message whose seq cannot be read,
+            # leaves it to the one before.
             stamp = _stamp_at(data, at)
-            if stamp is None:  # cut off by the read's end: the one before it
-                at = data.rfind(STAMP, 0, at)
-                continue
-            seq = _seq_before(data, at, mark)
-            if seq is None and at < KEEP:  # its message began in the read before
-                seq = _seq_before(kept + data[:at], len(kept) + at, mark)
-            return None if seq is None else (seq, stamp)
+            if stamp is not None:
+                seq = _seq_before(data, at, mark)
+                if seq is None and at < KEEP:  # its message began in the read before
+                    seq = _seq_before(kept + data[:at], len(kept) + at, mark)
+                if seq is not None:
+                    return seq, stamp, at
+            at = data.rfind(STAMP, 0, at)
         # None completed wholly in data; one begun in the read before may have ended in it.
         stream = kept + data[:_STAMP_SIZE]
         found = None
@@ -433,87 +463,100 @@ class _BenchClient(asyncio.Protocol):
         if found is None:
             return None
         seq = _seq_before(stream, found.start(), mark)
-        return None if seq is None else (seq, int(found[1]))
+        return None if seq is None else (seq, int(found[1]), found.start() - len(kept))
+
+    def _check(self, kept: bytes, data: bytes, newest: tuple[int, int, int] | None) -> None:
+        """A checking client's other count: the message frames begun before the newest
+        stamp, against what the seqs say were read up to it (0 if it is no newer)."""
+        frames = data.count(MESSAGE)
+        if data[:1] in _MESSAGE_TAIL:
+            # Begun in the read before, so before any stamp completed in this one.
+            frames += (kept[-_MESSAGE_EDGE:] + data[:_MESSAGE_EDGE]).count(MESSAGE)
+        if newest is None or self.seq is None:
+            self.after += frames
+            return
+        seq, _, at = newest
+        # A frame begun after the stamp's start is after the stamp: no frame overlaps one.
+        after = data.count(MESSAGE, at) if at > 0 else (frames if at < 0 else 0)
+        before = self.after + frames - after
+        self.after = after
+        self.off += abs(before - max(0, seq - self.seq))
 
     def unaccounted(self) -> int:
-        """For a checking client: messages read that the seqs do not account for, or the
-        reverse. One may be in flight on a connection cut inside a message."""
-        if not self.checks:
-            return 0
-        off = abs(self.frames - self.by_seq)
-        return max(0, off - 1) if self.closed.done() else off
+        """For a checking client: messages read that the seqs did not account for, or
+        the reverse, compared at each read's newest stamp."""
+        return self.off
 
     def _deliveries(self, kept: bytes, data: bytes, n: int, last: int, now: float) -> None:
         """Count the ``n`` messages whose stamps completed in ``data`` (``kept`` before it)
         that were said in the window; ``last`` is the newest one's stamp.
 
-        The stamps of the read's oldest and newest message decide for all of them;
-        only a read that spans an edge of the window has each of its stamps read.
-        The same two stamps give the latencies, each for half of the read's messages.
+        A read whose oldest and newest stamps are both well inside the window, or both
+        well outside it, is counted whole; one near or across an edge, stamp by stamp.
+        Only the oldest and newest stamps of a read counted whole are read: its
+        messages' latencies are spread evenly between theirs.
         """
         window = self.window
         if now < window.start:  # read before the window, so said before it too
             return
         start, end = window.start_ns, window.end_ns
         first = last if n == 1 else _stamp_at(data, data.find(STAMP))
-        if first is None or abs(first - start) < _NEAR_NS or abs(first - end) < _NEAR_NS:
-            # Where it matters (near an edge of the window): the first stamp completed
-            # in this read may have begun in the one before.
-            edge = kept[-_STAMP_SIZE:] + data[:_STAMP_SIZE]
-            straddling = STAMPS.search(edge)
-            if straddling is not None and straddling.end() > min(len(kept), _STAMP_SIZE):
-                first = int(straddling[1])
-        if first is None:
-            first = last
         report = self.report
-        if last < start or first >= end:
+        if (
+            first is not None
+            and first <= last
+            and min(abs(first - start), abs(first - end)) >= _NEAR_NS
+            and min(abs(last - start), abs(last - end)) >= _NEAR_NS
+            and (last < start) == (first < start)
+            and (last < end) == (first < end)
+        ):
+            if last < start or first >= end:
+                return
+            report.delivered += n
+            _spread(report.latency, time.time_ns(), first, last, n)
             return
-        if start <= first and last < end:
-            counted = n
-        else:
-            # The read spans an edge: each stamp completed in it.
-            stream = kept + data
-            counted = sum(
-                start <= int(m[1]) < end
-                for m in STAMPS.finditer(stream, max(0, len(kept) - _STAMP_SIZE))
-                if m.end() > len(kept)
-            )
-        report.delivered += counted
-        if not counted:
-            return
-        # Latency, per message: the read's messages were said between its oldest stamp
-        # and its newest, and the ones between are not read; each end stands for half.
+        # Each stamp completed in the read, in the window or not, with its own latency.
         now_ns = time.time_ns()
-        latency = report.latency
-        if last == first:
-            latency.add(now_ns - first, counted)
-        elif start <= first and last < end:
-            latency.add(now_ns - first, counted - counted // 2)
-            latency.add(now_ns - last, counted // 2)
-        else:
-            latency.add(now_ns - (first if first >= start else last), counted)
+        stream = kept + data
+        for m in STAMPS.finditer(stream, max(0, len(kept) - _STAMP_SIZE)):
+            if m.end() > len(kept) and start <= (stamp := int(m[1])) < end:
+                report.delivered += 1
+                report.latency.add(now_ns - stamp)
 
     def _answers(self, kept: bytes, data: bytes) -> None:
         """Take the answers due that completed in ``data`` (``kept`` before it)."""
         report = self.report
         if not self.joined:
             # The greeting (welcome, joined, names) is kept whole until the room's seq.
+            before = len(self.greeting)
             self.greeting += data
-            at = self.greeting.find(NAMES)
-            names_seq = NAMES_SEQ.search(self.greeting, at) if at >= 0 else None
+            if self.names_at < 0:
+                self.names_at = self.greeting.find(NAMES, max(0, before - len(NAMES) + 1))
+            names_seq = None
+            if self.names_at >= 0:
+                # Where the room's seq can be, without searching again what was searched.
+                names_seq = NAMES_SEQ.search(self.greeting, max(self.names_at, before - 28))
             if names_seq is not None:
                 self.seq = int(names_seq[1])
                 self.joined = True
                 self.due -= 1
                 report.joined += 1
                 self.greeting = b""
-            elif (at := self.greeting.find(ERROR)) >= 0 and CODE.search(self.greeting, at):
+            elif (
+                (at := self.greeting.find(ERROR, max(0, before - KEEP))) >= 0
+                and CODE.search(self.greeting, at)
+            ) or len(self.greeting) > GREETING_LIMIT:
                 # The hello or the join was refused (a fatal hello error: the server
-                # closes too, and connection_lost must not count it again).
+                # closes too, and connection_lost must not count it again), or what
+                # came is no greeting this generator can read.
                 report.errors += 1
-                self._note_code(_code_at(b"", self.greeting, len(self.greeting)))
+                if at >= 0:
+                    self._note_code(_code_at(b"", self.greeting, len(self.greeting)))
+                else:
+                    self._note_code("no_names_seq")
                 self.due = 0  # nothing more to wait for: the client leaves
                 self.refused = True
+                self.greeting = b""
                 assert self.transport is not None
                 self.transport.close()
                 return
@@ -608,7 +651,7 @@ async def _keep_alive(everyone: list[_BenchClient], every: float = KEEPALIVE_POL
 
 
 async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
-    report = WorkerReport()
+    report = WorkerReport(cpu=plan.cpu)
     window = _Window()
     rng = random.Random(plan.seed)
     started = time.monotonic()
