@@ -25,7 +25,17 @@ from achat.bench.load import (
     connect_pause,
 )
 from achat.protocol.frames import encode_frame
-from achat.protocol.messages import Ack, Error, Joined, Message, Names, Ping, Pong, encode
+from achat.protocol.messages import (
+    Ack,
+    Error,
+    Joined,
+    Message,
+    Names,
+    Parted,
+    Ping,
+    Pong,
+    encode,
+)
 
 
 class Wire:
@@ -446,6 +456,34 @@ def test_checking_clients_catch_a_skipped_or_repeated_message() -> None:
     seen = []
     feed([twice[:cut], twice[cut:]], checks=True, clients=seen)
     assert seen[0].unaccounted() == 2
+
+
+MIXED = GREETING + b"".join(
+    [
+        message(1),
+        encode(Parted(room="r", nick="b7", ts=1, reason="quit")),
+        message(2),
+        message(3),
+        encode(Ack(ref=REF_MARK + "9", ts=1, room="r", seq=3)),
+        message(4),
+        encode(Joined(room="r", nick="b8", ts=1)),
+        message(5),
+        message(6),
+    ]
+)
+
+
+@given(st.lists(st.integers(1, len(MIXED) - 1), max_size=12))
+def test_any_split_of_a_busy_stream_counts_every_message_once_and_the_checks_agree(
+    cuts: list[int],
+) -> None:
+    points = [0, *sorted(set(cuts)), len(MIXED)]
+    seen: list[_BenchClient] = []
+    report, _ = feed(
+        [MIXED[a:b] for a, b in itertools.pairwise(points)], says=0, checks=True, clients=seen
+    )
+    assert report.delivered == 6
+    assert seen[0].unaccounted() == 0
 
 
 def test_a_stream_cut_anywhere_leaves_the_two_counts_agreeing() -> None:

@@ -477,7 +477,7 @@ class _BenchClient(asyncio.Protocol):
             return
         seq, _, at = newest
         # A frame begun after the stamp's start is after the stamp: no frame overlaps one.
-        after = data.count(MESSAGE, at) if at > 0 else (frames if at < 0 else 0)
+        after = data.count(MESSAGE, at) if at >= 0 else frames
         before = self.after + frames - after
         self.after = after
         self.off += abs(before - max(0, seq - self.seq))
