@@ -521,3 +521,44 @@ def test_a_seq_that_is_not_a_number_is_not_counted_and_breaks_nothing() -> None:
         assert seen[0].unaccounted() == 0, at
     report, _ = feed([stream])
     assert report.delivered == 3
+
+
+def test_a_read_is_placed_by_its_oldest_stamp_even_one_split_from_the_read_before() -> None:
+    start, ms = 10**18, 10**6
+    span = (start, start + 10 * 10**9)
+
+    def delivered(stamps: list[int], cut_in: int | None = None) -> int:
+        stream = GREETING + b"".join(message(k, t) for k, t in enumerate(stamps, 1))
+        if cut_in is None:
+            return feed([stream], span=span, says=0)[0].delivered
+        # Cut inside the digits of message cut_in's stamp.
+        at = stream.index(b"t=%d" % stamps[cut_in - 1]) + 6
+        return feed([stream[:at], stream[at:]], span=span, says=0)[0].delivered
+
+    # The oldest said just before the window, its stamp split: the read is near the edge.
+    assert delivered([start - 10 * ms, start + 300 * ms, start + 310 * ms], cut_in=1) == 2
+    assert delivered([start - 10 * ms, start + 300 * ms, start + 310 * ms]) == 2
+    # Out of order, the newest well before the window: the oldest is still inside it.
+    assert delivered([start + 100 * ms, start - 300 * ms]) == 1
+
+
+def test_frames_whose_seq_cannot_be_read_are_unaccounted_for() -> None:
+    # Another encoder's field order: every frame is a message, no seq where it is looked for.
+    odd = b"".join(
+        encode_frame(
+            b'{"type":"message","room":"r","ts":1,"seq":%d,"from":"a","text":"t=%d x"}'
+            % (k, time.time_ns())
+        )
+        for k in range(1, 50)
+    )
+    seen: list[_BenchClient] = []
+    report, _ = feed([GREETING + odd], says=0, checks=True, clients=seen)
+    assert report.delivered == 0
+    assert seen[0].unaccounted() == 48  # all but one, which a cut stream may leave
+
+
+def test_reads_that_hold_messages_are_counted_for_the_drain() -> None:
+    stream = GREETING + b"".join(message(k) for k in (1, 2, 3))
+    cut = len(GREETING) + len(message(1)) + 3
+    report, _ = feed([stream[:cut], stream[cut:], encode(Ping(ref="x"))], says=0)
+    assert report.message_reads == 2  # the ping holds none

@@ -259,9 +259,9 @@ def _note_short_load(result: Result, planned: float) -> None:
     cpu = f"{result.load_cpu_pct:g}%" if result.load_cpu_pct is not None else "?"
     result.notes.append(
         f"the generator may be the limit here: it offered {result.offered_per_s / planned:.1%} "
-        f"of the {planned:,.0f} deliveries/s planned, and its busiest worker used {cpu} of "
-        "its CPU (self-check shows its ceiling): give the load more CPUs (--procs) or "
-        "fewer clients"
+        f"of the {planned:,.0f} deliveries/s planned, and its busiest CPU was {cpu} busy "
+        "(self-check shows its ceiling): give the load more CPUs (--procs) or fewer "
+        "clients"
     )
 
 
