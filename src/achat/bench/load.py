@@ -212,9 +212,6 @@ def _say(room: bytes, ref: int, now_ns: int) -> bytes:
     return encode_frame(body)
 
 
-#: The bytes of a stream end that can hold the start of a MESSAGE split by a read (see
-#: _straddling, which data_received inlines for MESSAGE).
-_MESSAGE_EDGE = len(MESSAGE) - 1
 #: The bytes a read can start with if it ends a MESSAGE begun in the read before (a read
 #: that starts a frame starts with its length, a zero byte here, and skips the joined edges).
 _MESSAGE_TAIL = frozenset(MESSAGE[i : i + 1] for i in range(1, len(MESSAGE)))
@@ -257,11 +254,17 @@ def _stamp_at(data: bytes, pos: int) -> int | None:
     if pos < 0:
         return None
     start = pos + len(STAMP)
-    end = data.find(b" ", start, start + 21)
-    if end <= start:
+    return _number(data, start, start + 21, b" ")
+
+
+def _number(buf: bytes, start: int, stop: int, end: bytes) -> int | None:
+    """The integer written in ``buf`` from ``start`` to the first ``end`` before ``stop``;
+    None if there is no ``end`` there, or no integer before it."""
+    close = buf.find(end, start, stop)
+    if close <= start:
         return None
     try:
-        return int(data[start:end])
+        return int(buf[start:close])
     except ValueError:
         return None
 
@@ -288,13 +291,7 @@ def _seq_before(buf: bytes, stamp_at: int, mark: bytes) -> int | None:
     if begun < 0:
         return None
     start = begun + len(mark)
-    end = buf.find(b",", start, min(stamp_at, start + _SEQ_SIZE))
-    if end <= start:
-        return None
-    try:
-        return int(buf[start:end])
-    except ValueError:
-        return None
+    return _number(buf, start, min(stamp_at, start + _SEQ_SIZE), b",")
 
 
 def _spread(latency: Histogram, now_ns: int, first: int, last: int, count: int) -> None:
@@ -498,7 +495,7 @@ class _BenchClient(asyncio.Protocol):
         frames = data.count(MESSAGE)
         if data[:1] in _MESSAGE_TAIL:
             # Begun in the read before, so before any stamp completed in this one.
-            frames += (kept[-_MESSAGE_EDGE:] + data[:_MESSAGE_EDGE]).count(MESSAGE)
+            frames += _straddling(MESSAGE, kept, data)
         if newest is None or self.seq is None:
             self.after += frames
             return
