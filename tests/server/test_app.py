@@ -11,7 +11,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -20,6 +20,8 @@ from achat.errors import ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
+from achat.server.session import Session
+from achat.store.base import RefRecord
 from achat.store.memory import MemoryStore
 from tests.conftest import make_config
 from tests.helpers.faultproxy import FaultProxy
@@ -355,6 +357,37 @@ async def test_client_reports_a_refused_hello(server: Server, clients: list[Clie
 # -- limits and errors -------------------------------------------------------------------
 
 
+class HeldStore(MemoryStore):
+    """Stores at once, but while ``holding`` tells the server only when released: a
+    commit that lands exactly when a test says, as the SQLite writer's can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.held: list[Callable[[], None]] = []
+        self.arrived = asyncio.Event()
+
+    def append(
+        self, message: m.Message, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        if not self.holding:
+            super().append(message, on_stored, ref)
+            return
+        super().append(message, lambda: self.held.append(on_stored), ref)
+        self.arrived.set()
+
+    async def wait_held(self, count: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while len(self.held) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+    def release(self, count: int) -> None:
+        done, self.held = self.held[:count], self.held[count:]
+        for on_stored in done:
+            on_stored()
+
+
 async def test_slow_reader_is_cut_off_alone(clients: list[Client]) -> None:
     """A member that stops reading gets sendq_exceeded and is dropped; the others get everything.
 
@@ -404,6 +437,79 @@ async def test_slow_reader_is_cut_off_alone(clients: list[Client]) -> None:
         assert got == list(range(1, len(got) + 1))
         assert len(got) < sent
         assert isinstance(frames[-1], m.Error)
+        assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
+        resumed = await connect(server, clients, "sloth")
+        await resumed.join("a", since=got[-1] if got else 0)
+        rest = await messages(resumed, sent - len(got))
+        assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
+    finally:
+        sloth.close()
+        for c in clients:
+            await c.close()
+        async with asyncio.timeout(10):
+            await server.close()
+
+
+async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(clients: list[Client]) -> None:
+    """The output dropped for sendq_exceeded ends the stream: no message stored meanwhile
+    is written after it, so what the slow reader got is still a gapless prefix.
+
+    The order is made exact: a commit lands between the fan-out that queues a big
+    piece for the reader and the write that finds it over the limit. The close that
+    follows must not write that commit to the reader (it once did: a stream jumped
+    over the dropped piece, as seen under load by achat-bench's checking clients).
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    store = HeldStore()
+    limit = 64 * 1024
+    server = Server(make_config(sendq_limit=limit), store)
+    await server.start(sock=listener)
+    loop = asyncio.get_running_loop()
+    sloth = socket.socket()
+    try:
+        talker = await connect(server, clients, "talker")
+        watcher = await connect(server, clients, "watcher")
+        await talker.join("a")
+        await watcher.join("a")
+        sloth.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sloth.setblocking(False)
+        await loop.sock_connect(sloth, ("127.0.0.1", server.port))
+        await loop.sock_sendall(
+            sloth,
+            encode_frame(b'{"type":"hello","nick":"sloth","version":1}')
+            + encode_frame(b'{"type":"join","room":"a"}'),
+        )
+        while (await next_of(watcher, m.Joined)).nick != "sloth":
+            pass
+        member = server.registry.member("sloth")
+        assert member is not None
+        peer = cast(Session, member.peer)
+        said = 0
+        while peer.unsent < limit // 2:  # the reader's backlog, short of the limit
+            said += 1
+            await talker.say("a", f"{said:04d} " + "x" * 1000)
+        store.holding = True
+        big = [asyncio.create_task(talker.say("a", "y" * 1000)) for _ in range(limit // 2000)]
+        late = asyncio.create_task(talker.say("a", "the late one"))
+        await store.wait_held(len(big) + 1)
+        store.release(len(big))  # the fan-out of these is due...
+        await asyncio.sleep(0)  # ...and done: the reader's write of them is due next
+        assert server.registry.member("sloth") is not None
+        store.release(1)  # a commit lands before that write
+        sent = said + len(big) + 1
+        assert (await late).seq == sent
+        seen = await events_until(watcher, sent)
+        assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
+        assert server.registry.member("sloth") is None
+        decoder = FrameDecoder(max_frame=10**6)
+        frames: list[Any] = []
+        async with asyncio.timeout(WAIT):
+            while data := await loop.sock_recv(sloth, 65536):
+                frames += [m.decode_server(b) for b in decoder.receive_data(data)]
+        got = [f.seq for f in frames if isinstance(f, m.Message)]
+        assert got == list(range(1, len(got) + 1))
+        assert len(got) <= said
         assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
         resumed = await connect(server, clients, "sloth")
         await resumed.join("a", since=got[-1] if got else 0)

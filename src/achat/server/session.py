@@ -12,8 +12,9 @@ end of loop ticks (later when writing has used up its share of a saturated
 loop), so a connection gets at most one ``write`` per pass whatever the
 number of events. When the bytes the
 transport could not send yet plus the outbox pass ``sendq_limit``, the
-outbox is dropped and the peer gets a fatal ``sendq_exceeded``; nobody else
-ever waits for a slow reader.
+outbox is dropped and the peer gets a fatal ``sendq_exceeded`` and nothing
+more, so that what it did get is a gapless prefix that ``join ... since``
+resumes from; nobody else ever waits for a slow reader.
 
 Timeouts are deadlines (:func:`deadline`, pure): ``hello`` within
 ``hello_timeout`` of connecting, a started frame completed within
@@ -297,14 +298,16 @@ class Session(asyncio.Protocol):
             self._scheduled = True
             self._rounds.mark(self)
 
-    def close(self, frame: bytes | None = None) -> None:
-        """Flush what is queued, then ``frame``, then close. Idempotent."""
+    def close(self, frame: bytes | None = None, *, flush: bool = True) -> None:
+        """Flush what is queued (unless ``flush`` is false), then ``frame``, then close.
+        Idempotent."""
         if self._closing:
             return
         try:
-            # Messages already stored reach this peer too before it goes.
-            self._registry.fan_out()
-            self._flush()
+            if flush:
+                # Messages already stored reach this peer too before it goes.
+                self._registry.fan_out()
+                self._flush()
         finally:
             # Whatever went wrong above, the connection still closes and the member leaves.
             self._stop()
@@ -319,9 +322,17 @@ class Session(asyncio.Protocol):
                 # ...which it is made to do after close_timeout.
                 self._loop.call_later(self._limits.close_timeout, transport.abort)
 
-    def fail(self, exc: ProtocolError) -> None:
-        """Answer with a fatal ``error`` built from ``exc`` and close."""
-        self.close(encode(Error(code=exc.code, message=exc.message, fatal=True, ref=exc.ref)))
+    def fail(self, exc: ProtocolError, *, flush: bool = True) -> None:
+        """Answer with a fatal ``error`` built from ``exc`` and close (see :meth:`close`)."""
+        frame = encode(Error(code=exc.code, message=exc.message, fatal=True, ref=exc.ref))
+        self.close(frame, flush=flush)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued for this connection that the kernel has not taken yet."""
+        transport = self._transport
+        queued = transport.get_write_buffer_size() if transport is not None else 0
+        return queued + sum(map(len, self._out or ()))
 
     @property
     def addr(self) -> str:
@@ -540,14 +551,25 @@ class Session(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if transport.get_write_buffer_size() + len(data) > self._limits.sendq_limit:
-            log.info("sendq exceeded addr=%s nick=%s", self.addr, esc(self.nick or ""))
+        unsent = transport.get_write_buffer_size()
+        if unsent + len(data) > self._limits.sendq_limit:
+            log.info(
+                "sendq exceeded addr=%s nick=%s unsent=%d dropped=%d",
+                self.addr,
+                esc(self.nick or ""),
+                unsent,
+                len(data),
+            )
+            # ``data`` is dropped, so nothing queued after it may be written either (a
+            # commit fanned out by the close would be): the peer's stream stops at what
+            # it was already sent, a gapless prefix, and `join since` resumes from there.
             self.fail(
                 ProtocolError(
                     "sendq_exceeded",
                     "you are reading too slowly; rejoin with since to catch up",
                     fatal=True,
-                )
+                ),
+                flush=False,
             )
             return
         transport.write(data)
