@@ -384,6 +384,37 @@ def test_a_big_read_spreads_its_latencies_rather_than_piling_them_at_two_ends() 
     assert 50 - 100 / 7 <= middle <= 50 + 100 / 7 + 2
 
 
+def test_a_big_read_across_an_edge_counts_what_was_said_inside_whatever_the_order() -> None:
+    # 400 messages said over 400 ms, a second ago, taken by the server out of order; the
+    # window starts at the 100th said, so 300 were said inside it.
+    now = time.time_ns()
+    said = [now - 10**9 - 400_000_000 + k * 1_000_000 for k in range(400)]
+    order = said[:]
+    random.Random(4).shuffle(order)
+    stream = GREETING + b"".join(message(k, t) for k, t in enumerate(order, 1))
+    report, _ = feed([stream], span=(said[100], now))
+    assert report.delivered == report.latency.total == 300
+    # The latencies are those of the 300 inside: 1.0 to 1.3 s, with their middle at 1.15.
+    assert 1.0 <= report.latency.quantile(0.0) / 1e9 < 1.05
+    assert 1.13 <= report.latency.quantile(0.5) / 1e9 < 1.2
+    assert 1.27 <= report.latency.quantile(1.0) / 1e9 < 1.33
+
+
+def test_a_read_out_of_order_well_inside_the_window_is_counted_whole() -> None:
+    now = time.time_ns()
+    said = [now - 10**9, now - 3 * 10**9, now - 2 * 10**9]  # the first is the newest
+    stream = GREETING + b"".join(message(k, t) for k, t in enumerate(said, 1))
+    report, _ = feed([stream], span=(now - 10 * 10**9, now))
+    assert report.delivered == report.latency.total == 3
+    # Only the first and last stamps are read: the three stand evenly between them.
+    assert 1.0 <= report.latency.quantile(0.0) / 1e9 < 1.05
+    assert 1.5 <= report.latency.quantile(0.5) / 1e9 < 1.55
+    assert 2.0 <= report.latency.quantile(1.0) / 1e9 < 2.05
+    # Across the window's start, the same read counts only the one said inside it.
+    report, _ = feed([stream], span=(now - int(1.5 * 10**9), now))
+    assert report.delivered == report.latency.total == 1
+
+
 def test_stamps_out_of_order_near_an_edge_are_counted_one_by_one() -> None:
     start = 10**18
     inside, outside = start + 1_000, start - 1_000

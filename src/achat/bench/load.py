@@ -27,19 +27,23 @@ and the run's figures are not to be trusted. That pass over every byte was
 most of what the generator did: 43 % of its busy time at 4 M deliveries/s
 on the reference machine, where ``bytes.count`` ran at 3.2-3.6 GB/s.
 
-What counts is when a message was said. A read whose oldest and newest
-stamps are both inside the measured window, or both outside it, by more than
-``_NEAR_NS``, is counted whole; one near an edge, or across one, has each of
-its stamps read (the stamps of a read are in the order the server took the
-says in, which is not quite the order they were said in). Nobody says
-anything after the window, and the workers read on until the room is quiet,
-so the delivered ratio misses exactly the messages said inside the window
-and never read. Latency is counted per message, in a histogram of every
-message (:mod:`achat.bench.histogram`): stamp by stamp where a read's stamps
-are read, and otherwise spread evenly between its oldest and newest stamps,
-at up to ``SPREAD`` points. It used to be a sample of up to 100,000 reads,
+What counts is when a message was said. A read whose first and last stamps
+are both inside the measured window, or both outside it, by more than
+``_NEAR_NS``, is counted whole, whichever of the two is older (the stamps of
+a read are in the order the server took the says in, which is not quite the
+order they were said in). One near an edge, or across one, has all its
+stamps read at once (``findall``), sorted, and those inside the window
+counted. Nobody says anything after the window, and the workers read on
+until the room is quiet, so the delivered ratio misses exactly the messages
+said inside the window and never read. Latency is counted per message, in a
+histogram of every message (:mod:`achat.bench.histogram`), at up to
+``SPREAD`` points a read: where its stamps are read, the middle stamp of
+each equal share of them in order; otherwise spread evenly between its
+oldest and newest stamps. It used to be a sample of up to 100,000 reads,
 two stamps each, which gave a read of 400 messages the weight of a read of
-one.
+one. A read out of order was once read stamp by stamp wherever it fell, a
+step of Python per stamp: under load most reads are, and that alone took
+the generator past a CPU at busy-room 2,500 (docs/performance.md, item 32).
 
 That is all a read costs while the client waits for nothing.
 Besides messages, what a client needs from the server are the answers to
@@ -83,6 +87,7 @@ import random
 import re
 import resource
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import cast
@@ -307,6 +312,18 @@ def _spread(latency: Histogram, now_ns: int, first: int, last: int, count: int) 
         latency.add(now_ns - first - round(step * i), each + (i < more))
 
 
+def _spread_sorted(latency: Histogram, now_ns: int, said: list[int]) -> None:
+    """Count the latencies of messages said at ``said`` (in order) and read at
+    ``now_ns``, at up to SPREAD points: each the middle one of an equal share."""
+    points = min(len(said), SPREAD)
+    each, more = divmod(len(said), points)
+    at = 0
+    for i in range(points):
+        size = each + (i < more)
+        latency.add(now_ns - said[at + size // 2], size)
+        at += size
+
+
 class _Window:
     """The measured window; unknown until go.
 
@@ -517,32 +534,40 @@ class _BenchClient(asyncio.Protocol):
         """Count the ``n`` messages whose stamps completed in ``data`` (``kept`` before it)
         that were said in the window; ``last`` is the newest one's stamp.
 
-        A read whose oldest and newest stamps are both well inside the window, or both
-        well outside it, is counted whole; one near or across an edge, stamp by stamp.
-        Only the oldest and newest stamps of a read counted whole are read: its
-        messages' latencies are spread evenly between theirs.
+        A read whose first and last stamps are both well inside the window, or both
+        well outside it, whatever their order, is counted whole; one near or across an
+        edge has all its stamps read. Only the two stamps of a read counted whole are
+        read: its messages' latencies are spread evenly between theirs.
         """
         window = self.window
         start, end = window.start_ns, window.end_ns
         first = last if n == 1 else _first_stamp(kept, data)
         report = self.report
-        if first is not None and first <= last:
-            if last < start - _NEAR_NS or first >= end + _NEAR_NS:  # well outside it
+        if first is not None:
+            # The stamps of a read out of order by less than _NEAR_NS are all within that
+            # of the older and the newer of these two, whichever is which.
+            oldest, newest = (first, last) if first <= last else (last, first)
+            if newest < start - _NEAR_NS or oldest >= end + _NEAR_NS:  # well outside it
                 return
-            if start + _NEAR_NS <= first and last < end - _NEAR_NS:  # well inside it
+            if start + _NEAR_NS <= oldest and newest < end - _NEAR_NS:  # well inside it
                 report.delivered += n
                 if n == 1:
                     report.latency.add(time.time_ns() - last)
                 else:
-                    _spread(report.latency, time.time_ns(), first, last, n)
+                    _spread(report.latency, time.time_ns(), oldest, newest, n)
                 return
-        # Each stamp completed in the read, in the window or not, with its own latency.
-        now_ns = time.time_ns()
-        stream = kept + data
-        for m in STAMPS.finditer(stream, max(0, len(kept) - _STAMP_SIZE)):
-            if m.end() > len(kept) and start <= (stamp := int(m[1])) < end:
-                report.delivered += 1
-                report.latency.add(now_ns - stamp)
+        # Every stamp completed in the read (one begun in the tail of ``kept`` too), in
+        # order, and those said in the window counted: a few C calls and a sort, not a
+        # step of Python per stamp, for this is every read of a second of traffic.
+        tail = kept[-_STAMP_SIZE:]
+        found = STAMPS.findall(tail + data)
+        if tail:
+            del found[: len(STAMPS.findall(tail))]
+        said = sorted(map(int, found))
+        inside = said[bisect_left(said, start) : bisect_left(said, end)]
+        if inside:
+            report.delivered += len(inside)
+            _spread_sorted(report.latency, time.time_ns(), inside)
 
     def _answers(self, kept: bytes, data: bytes) -> None:
         """Take the answers due that completed in ``data`` (``kept`` before it)."""
