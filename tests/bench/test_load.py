@@ -124,6 +124,7 @@ def feed(
                 client._write_say()
         for chunk in chunks:
             client.data_received(chunk)
+        window.count_near(report)
         return report, wire
 
     return asyncio.run(run())
@@ -384,35 +385,45 @@ def test_a_big_read_spreads_its_latencies_rather_than_piling_them_at_two_ends() 
     assert 50 - 100 / 7 <= middle <= 50 + 100 / 7 + 2
 
 
-def test_a_big_read_across_an_edge_counts_what_was_said_inside_whatever_the_order() -> None:
-    # 400 messages said over 400 ms, a second ago, taken by the server out of order; the
-    # window starts at the 100th said, so 300 were said inside it.
+def shuffled_in_blocks(said: list[int], block: int, seed: int) -> list[int]:
+    """``said`` in the order a server might take them: shuffled within blocks."""
+    rng, order = random.Random(seed), []
+    for at in range(0, len(said), block):
+        part = said[at : at + block]
+        rng.shuffle(part)
+        order += part
+    return order
+
+
+def test_a_big_read_across_the_start_counts_what_was_said_inside_it() -> None:
+    # 800 messages said a ms apart, from 2 s ago, taken by the server out of order by up
+    # to 40 ms; the window starts at the 300th said, so 500 were said inside it.
     now = time.time_ns()
-    said = [now - 10**9 - 400_000_000 + k * 1_000_000 for k in range(400)]
-    order = said[:]
-    random.Random(4).shuffle(order)
+    said = [now - 2 * 10**9 + k * 1_000_000 for k in range(800)]
+    order = shuffled_in_blocks(said, 40, seed=4)
     stream = GREETING + b"".join(message(k, t) for k, t in enumerate(order, 1))
-    report, _ = feed([stream], span=(said[100], now))
-    assert report.delivered == report.latency.total == 300
-    # The latencies are those of the 300 inside: 1.0 to 1.3 s, with their middle at 1.15.
-    assert 1.0 <= report.latency.quantile(0.0) / 1e9 < 1.05
-    assert 1.13 <= report.latency.quantile(0.5) / 1e9 < 1.2
-    assert 1.27 <= report.latency.quantile(1.0) / 1e9 < 1.33
+    report, _ = feed([stream], span=(said[300], now))
+    assert report.delivered == report.latency.total == 500
+    # The latencies are those of the 500 inside: 1.2 to 1.7 s, with their middle at 1.45.
+    assert 1.2 <= report.latency.quantile(0.0) / 1e9 < 1.25
+    assert 1.4 <= report.latency.quantile(0.5) / 1e9 < 1.5
+    assert 1.67 <= report.latency.quantile(1.0) / 1e9 < 1.73
 
 
 def test_a_read_out_of_order_well_inside_the_window_is_counted_whole() -> None:
-    now = time.time_ns()
-    said = [now - 10**9, now - 3 * 10**9, now - 2 * 10**9]  # the first is the newest
+    now, ms = time.time_ns(), 10**6
+    said = [now - 1000 * ms, now - 1080 * ms, now - 1060 * ms]  # the first is the newest
     stream = GREETING + b"".join(message(k, t) for k, t in enumerate(said, 1))
     report, _ = feed([stream], span=(now - 10 * 10**9, now))
     assert report.delivered == report.latency.total == 3
-    # Only the first and last stamps are read: the three stand evenly between them.
-    assert 1.0 <= report.latency.quantile(0.0) / 1e9 < 1.05
-    assert 1.5 <= report.latency.quantile(0.5) / 1e9 < 1.55
-    assert 2.0 <= report.latency.quantile(1.0) / 1e9 < 2.05
-    # Across the window's start, the same read counts only the one said inside it.
-    report, _ = feed([stream], span=(now - int(1.5 * 10**9), now))
-    assert report.delivered == report.latency.total == 1
+    # Only the first and last stamps are read: the three stand evenly between them, at
+    # 1.0, 1.03 and 1.06 s (read stamp by stamp, they would be 1.0, 1.06 and 1.08).
+    assert 1.0 <= report.latency.quantile(0.0) / 1e9 < 1.017
+    assert 1.03 <= report.latency.quantile(0.5) / 1e9 < 1.047
+    assert 1.06 <= report.latency.quantile(1.0) / 1e9 < 1.077
+    # Across the window's start, the same read counts only the two said inside it.
+    report, _ = feed([stream], span=(now - 1070 * ms, now))
+    assert report.delivered == report.latency.total == 2
 
 
 def test_stamps_out_of_order_near_an_edge_are_counted_one_by_one() -> None:
@@ -465,6 +476,23 @@ def test_a_window_counts_exactly_what_was_said_in_it_however_the_stream_is_split
     points = [0, *sorted(set(cuts)), len(TIMED)]
     report, _ = feed([TIMED[a:b] for a, b in itertools.pairwise(points)], span=span)
     assert report.delivered == report.latency.total == min(7, 30 - begin)
+
+
+SAID_OUT_OF_ORDER = shuffled_in_blocks([10**18 + k * 1_000_000 for k in range(400)], 20, seed=7)
+UNORDERED = GREETING + b"".join(message(k, t) for k, t in enumerate(SAID_OUT_OF_ORDER, 1))
+
+
+@given(st.lists(st.integers(1, len(UNORDERED) - 1), max_size=40), st.integers(0, 399))
+def test_a_window_counts_exactly_what_was_said_in_it_though_taken_out_of_order(
+    cuts: list[int], begin: int
+) -> None:
+    # Out of order by up to 20 ms, split anywhere; the window starts at any message and
+    # ends after the last (nothing is said after it): reads are counted whole, split
+    # at the start by seq, or kept and counted stamp by stamp, and always exactly.
+    start = 10**18 + begin * 1_000_000
+    points = [0, *sorted(set(cuts)), len(UNORDERED)]
+    report, _ = feed([UNORDERED[a:b] for a, b in itertools.pairwise(points)], span=(start, 2**62))
+    assert report.delivered == report.latency.total == 400 - begin
 
 
 def test_checking_clients_catch_a_skipped_or_repeated_message() -> None:
@@ -569,8 +597,8 @@ def test_a_read_is_placed_by_its_oldest_stamp_even_one_split_from_the_read_befor
     # The oldest said just before the window, its stamp split: the read is near the edge.
     assert delivered([start - 10 * ms, start + 300 * ms, start + 310 * ms], cut_in=1) == 2
     assert delivered([start - 10 * ms, start + 300 * ms, start + 310 * ms]) == 2
-    # Out of order, the newest well before the window: the oldest is still inside it.
-    assert delivered([start + 100 * ms, start - 300 * ms]) == 1
+    # Out of order, the one read last said before the window: the first is still inside.
+    assert delivered([start + 50 * ms, start - 30 * ms]) == 1
 
 
 def test_frames_whose_seq_cannot_be_read_are_unaccounted_for() -> None:

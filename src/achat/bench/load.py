@@ -27,23 +27,29 @@ and the run's figures are not to be trusted. That pass over every byte was
 most of what the generator did: 43 % of its busy time at 4 M deliveries/s
 on the reference machine, where ``bytes.count`` ran at 3.2-3.6 GB/s.
 
-What counts is when a message was said. A read whose first and last stamps
-are both inside the measured window, or both outside it, by more than
-``_NEAR_NS``, is counted whole, whichever of the two is older (the stamps of
-a read are in the order the server took the says in, which is not quite the
-order they were said in). One near an edge, or across one, has all its
-stamps read at once (``findall``), sorted, and those inside the window
-counted. Nobody says anything after the window, and the workers read on
-until the room is quiet, so the delivered ratio misses exactly the messages
-said inside the window and never read. Latency is counted per message, in a
+What counts is when a message was said. The stamps of a read are in the
+order the server took the says in, which is not quite the order they were
+said in, but out of order by less than ``_NEAR_NS``; nothing is said at or
+after the window's end. So a read whose first and last stamps, whichever is
+older, were both said well before the window's start is left out whole, and
+one said well after its start is counted whole, by seq. A read across the
+start is split by binary searches over its stamps: after a stamp said well
+after the start everything counts, by seq; before one said well before it
+nothing does; and what lies between is kept and counted stamp by stamp once
+the window is over (``findall``, sorted), when the worker has nothing else to
+do. Nobody says anything after the window, and the workers read on until the
+room is quiet, so the delivered ratio misses exactly the messages said
+inside the window and never read. Latency is counted per message, in a
 histogram of every message (:mod:`achat.bench.histogram`), at up to
-``SPREAD`` points a read: where its stamps are read, the middle stamp of
-each equal share of them in order; otherwise spread evenly between its
-oldest and newest stamps. It used to be a sample of up to 100,000 reads,
-two stamps each, which gave a read of 400 messages the weight of a read of
-one. A read out of order was once read stamp by stamp wherever it fell, a
-step of Python per stamp: under load most reads are, and that alone took
-the generator past a CPU at busy-room 2,500 (docs/performance.md, item 32).
+``SPREAD`` points a read: spread evenly between the stamps a read counted by
+seq starts and ends with, and, where its stamps are read, the middle stamp
+of each equal share of them in order. It used to be a sample of up to
+100,000 reads, two stamps each, which gave a read of 400 messages the weight
+of a read of one. Reads near either edge of the window were once read stamp
+by stamp as they came, a step of Python per stamp for half a second of all
+the traffic at once: at busy-room 2,500 that stalled the worker for a second
+or more at the window's start and at its end, which the latencies measured,
+and often set off a collapse (docs/performance.md, item 32).
 
 That is all a read costs while the client waits for nothing.
 Besides messages, what a client needs from the server are the answers to
@@ -138,10 +144,11 @@ STAMP = b'"text":"t='
 STAMPS = re.compile(rb'"text":"t=(\d{1,20}) ')
 #: The most bytes a stamp takes, up to the space after its digits.
 _STAMP_SIZE = len(STAMP) + 21
-#: How close (ns) to an edge of the window a read's oldest or newest stamp makes it count
-#: stamp by stamp: the stamps of a read are in seq order, which is the order the server
-#: took the says in, not quite the order they were said in.
-_NEAR_NS = 250_000_000
+#: How far (ns) the stamps of a read may be out of order: they are in seq order, the order
+#: the server took the says in, not quite the order they were said in (by up to 28 ms at
+#: busy-room 2,000 on the reference machine). What was said this close to the window's
+#: start is counted stamp by stamp; the rest of a read, by seq (_BenchClient._deliveries).
+_NEAR_NS = 100_000_000
 #: Latency points a read's messages are spread over (see _BenchClient._deliveries).
 SPREAD = 8
 #: The most of a greeting kept while waiting for the room's seq in names.
@@ -289,6 +296,47 @@ def _first_stamp(kept: bytes, data: bytes) -> int | None:
     return _stamp_at(data, data.find(STAMP))
 
 
+def _stamp_from(data: bytes, pos: int) -> tuple[int, int] | None:
+    """Where the first whole stamp at or after ``pos`` starts, and its value."""
+    at = data.find(STAMP, pos)
+    while at >= 0:
+        stamp = _stamp_at(data, at)
+        if stamp is not None:
+            return at, stamp
+        at = data.find(STAMP, at + 1)
+    return None
+
+
+def _stamp_after(data: bytes, bound: int) -> tuple[int, int] | None:
+    """A stamp of at least ``bound`` in ``data``, as early as a binary search over the
+    read's stamps (in order but for a little) finds one: (where, value)."""
+    low, high = 0, len(data)
+    while low < high:
+        mid = (low + high) // 2
+        found = _stamp_from(data, mid)
+        if found is None or found[0] >= high or found[1] >= bound:
+            high = mid
+        else:
+            low = found[0] + 1
+    found = _stamp_from(data, low)
+    return found if found is not None and found[1] >= bound else None
+
+
+def _end_before(data: bytes, high: int, bound: int) -> int:
+    """Where a stamp of less than ``bound`` before ``high`` ends, as late as a binary
+    search finds one; 0 if none is found."""
+    low, end = 0, 0
+    while low < high:
+        mid = (low + high) // 2
+        found = _stamp_from(data, mid)
+        if found is not None and found[0] < high and found[1] < bound:
+            end = data.index(b" ", found[0] + len(STAMP)) + 1
+            low = found[0] + 1
+        else:
+            high = mid
+    return end
+
+
 def _seq_before(buf: bytes, stamp_at: int, mark: bytes) -> int | None:
     """The seq of the message whose stamp starts at ``stamp_at`` of ``buf``, or None if
     its ``mark`` is not in ``buf`` or no seq an achat server writes follows it."""
@@ -331,17 +379,40 @@ class _Window:
     the same on the wall clock of the messages' stamps (which says and deliveries count).
     """
 
-    __slots__ = ("end", "end_ns", "start", "start_ns")
+    __slots__ = ("end", "end_ns", "near", "start", "start_ns")
 
     def __init__(self) -> None:
         self.start = self.end = float("inf")
         self.start_ns = self.end_ns = 2**63
+        #: Reads, or the parts of reads, said near the window's start, kept to be counted
+        #: stamp by stamp after it: when each was read (ns), the end of the stream
+        #: before it (or nothing, for a part that starts after a stamp), and the bytes.
+        self.near: list[tuple[int, bytes, bytes]] = []
 
     def open(self, start: float, duration: float) -> None:
         self.start, self.end = start, start + duration
         wall = time.time_ns() - time.monotonic_ns()
         self.start_ns = round(self.start * 1e9) + wall
         self.end_ns = round(self.end * 1e9) + wall
+
+    def count_near(self, report: WorkerReport) -> None:
+        """Count what the reads kept near the start delivered inside the window.
+
+        Every stamp completed in a read (one begun in the tail before it too) is read
+        at once (``findall``), the stamps are sorted, and those inside the window are
+        counted, their latencies spread over them in order (:func:`_spread_sorted`).
+        """
+        start, end = self.start_ns, self.end_ns
+        for read_at, tail, data in self.near:
+            found = STAMPS.findall(tail + data)
+            if tail:
+                del found[: len(STAMPS.findall(tail))]
+            said = sorted(map(int, found))
+            inside = said[bisect_left(said, start) : bisect_left(said, end)]
+            if inside:
+                report.delivered += len(inside)
+                _spread_sorted(report.latency, read_at, inside)
+        self.near.clear()
 
 
 class _BenchClient(asyncio.Protocol):
@@ -406,10 +477,11 @@ class _BenchClient(asyncio.Protocol):
             self.closed.set_result(None)
         self.report.closed += 1
 
-    def _write_say(self) -> None:
+    def _write_say(self, now_ns: int | None = None) -> None:
         assert self.transport is not None
         self.ref += 1
-        now_ns = time.time_ns()
+        if now_ns is None:
+            now_ns = time.time_ns()
         self.transport.write(_say(self.room, self.ref, now_ns))
         self.unanswered += 1
         self.due += 1
@@ -428,10 +500,15 @@ class _BenchClient(asyncio.Protocol):
             self.last_sent = now
 
     def _tick(self, at: float) -> None:
-        # Sends on a fixed schedule (no drift), whatever the loop's lateness.
+        # Sends on a fixed schedule (no drift), whatever the loop's lateness. Nothing is
+        # said at or after the window's end, on the stamps' clock too: a read counted
+        # whole needs no look at its stamps for that edge (see _deliveries).
         if at >= self.window.end or self.transport is None or self.transport.is_closing():
             return
-        self._write_say()
+        now_ns = time.time_ns()
+        if now_ns >= self.window.end_ns:
+            return
+        self._write_say(now_ns)
         at += 1.0 / self.c.rate
         self.timer = self.loop.call_at(at, self._tick, at)
 
@@ -489,9 +566,7 @@ class _BenchClient(asyncio.Protocol):
             # leaves it to the one before.
             stamp = _stamp_at(data, at)
             if stamp is not None:
-                seq = _seq_before(data, at, mark)
-                if seq is None and at < KEEP:  # its message began in the read before
-                    seq = _seq_before(kept + data[:at], len(kept) + at, mark)
+                seq = self._seq_at(kept, data, at)
                 if seq is not None:
                     return seq, stamp, at
             at = data.rfind(STAMP, 0, at)
@@ -534,40 +609,62 @@ class _BenchClient(asyncio.Protocol):
         """Count the ``n`` messages whose stamps completed in ``data`` (``kept`` before it)
         that were said in the window; ``last`` is the newest one's stamp.
 
-        A read whose first and last stamps are both well inside the window, or both
-        well outside it, whatever their order, is counted whole; one near or across an
-        edge has all its stamps read. Only the two stamps of a read counted whole are
-        read: its messages' latencies are spread evenly between theirs.
+        The stamps of a read are in the order the server took the says in, which is
+        not quite the order they were said in, but out of order by less than _NEAR_NS;
+        and nothing is said at or after the window's end (:meth:`_tick`). So a read
+        whose first and last stamps, whichever is older, are both more than that
+        before the window's start was all said before it, and one whose older stamp is
+        more than that after the start was all said inside it: either is counted
+        whole, by seq, with its messages' latencies spread evenly between the two.
+
+        A read across the start is split by binary searches over its stamps. After a
+        stamp said well after the start, everything is inside the window: counted by
+        seq. Before one said well before it, nothing is. What lies between, said
+        within _NEAR_NS of the start, is kept and counted stamp by stamp after the
+        window (:meth:`_Window.count_near`), when the worker has nothing else to do:
+        read at once, that was a step of Python per stamp for a fifth of a second of
+        all the traffic, and the reads it held up were what the latencies measured.
         """
         window = self.window
         start, end = window.start_ns, window.end_ns
         first = last if n == 1 else _first_stamp(kept, data)
         report = self.report
-        if first is not None:
-            # The stamps of a read out of order by less than _NEAR_NS are all within that
-            # of the older and the newer of these two, whichever is which.
-            oldest, newest = (first, last) if first <= last else (last, first)
-            if newest < start - _NEAR_NS or oldest >= end + _NEAR_NS:  # well outside it
-                return
-            if start + _NEAR_NS <= oldest and newest < end - _NEAR_NS:  # well inside it
-                report.delivered += n
-                if n == 1:
-                    report.latency.add(time.time_ns() - last)
+        now_ns = time.time_ns()
+        if first is None or max(first, last) >= end:
+            # No stamp to go by (not what achat-bench sends), or said after the window
+            # (not what it sends either): every stamp is read.
+            window.near.append((now_ns, kept[-_STAMP_SIZE:], data))
+            return
+        oldest, newest = (first, last) if first <= last else (last, first)
+        if newest < start - _NEAR_NS:  # said well before the window
+            return
+        if start + _NEAR_NS <= oldest:  # inside it
+            report.delivered += n
+            if n == 1:
+                report.latency.add(now_ns - last)
+            else:
+                _spread(report.latency, now_ns, oldest, newest, n)
+            return
+        cut, inside = len(data), 0
+        if newest >= start + _NEAR_NS:
+            found = _stamp_after(data, start + _NEAR_NS)
+            seq = None if found is None else self._seq_at(kept, data, found[0])
+            if found is not None and seq is not None and self.seq is not None:
+                cut, inside = found[0], self.seq - seq + 1
+                report.delivered += inside
+                if inside == 1:
+                    report.latency.add(now_ns - found[1])
                 else:
-                    _spread(report.latency, time.time_ns(), oldest, newest, n)
-                return
-        # Every stamp completed in the read (one begun in the tail of ``kept`` too), in
-        # order, and those said in the window counted: a few C calls and a sort, not a
-        # step of Python per stamp, for this is every read of a second of traffic.
-        tail = kept[-_STAMP_SIZE:]
-        found = STAMPS.findall(tail + data)
-        if tail:
-            del found[: len(STAMPS.findall(tail))]
-        said = sorted(map(int, found))
-        inside = said[bisect_left(said, start) : bisect_left(said, end)]
-        if inside:
-            report.delivered += len(inside)
-            _spread_sorted(report.latency, time.time_ns(), inside)
+                    _spread(report.latency, now_ns, found[1], last, inside)
+        begin = _end_before(data, cut, start - _NEAR_NS) if oldest < start - _NEAR_NS else 0
+        window.near.append((now_ns, kept[-_STAMP_SIZE:] if begin == 0 else b"", data[begin:cut]))
+
+    def _seq_at(self, kept: bytes, data: bytes, at: int) -> int | None:
+        """The seq of the message whose stamp starts at ``at`` of ``data``."""
+        seq = _seq_before(data, at, self.seq_mark)
+        if seq is None and at < KEEP:  # its message began in the read before
+            seq = _seq_before(kept + data[:at], len(kept) + at, self.seq_mark)
+        return seq
 
     def _answers(self, kept: bytes, data: bytes) -> None:
         """Take the answers due that completed in ``data`` (``kept`` before it)."""
@@ -747,6 +844,7 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
             break
         seen = report.message_reads
         await asyncio.sleep(0.05)
+    window.count_near(report)
     checking = [client for client in everyone if client.checks]
     report.checked = len(checking)
     report.unaccounted = sum(client.unaccounted() for client in checking)
