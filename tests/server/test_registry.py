@@ -1078,7 +1078,7 @@ def deferred_registry(clock: Clock) -> tuple[Registry, DeferredStore, list[Calla
     """A registry whose fan-out waits for the test (as it waits for the end of a loop tick)."""
     store = DeferredStore()
     later: list[Callable[[], None]] = []
-    return Registry(store, clock=clock, defer=later.append), store, later
+    return Registry(store, clock=clock, defer=lambda f, _: later.append(f)), store, later
 
 
 def test_a_commit_reaches_each_member_as_one_blob_in_seq_order(clock: Clock) -> None:
@@ -1099,7 +1099,7 @@ def test_a_commit_reaches_each_member_as_one_blob_in_seq_order(clock: Clock) -> 
     assert [type(f) for f in ana_peer.take()] == [m.Message, m.Message, m.Ack]
 
 
-def test_anything_handled_sees_stored_messages_delivered_first(clock: Clock) -> None:
+def test_a_frame_that_shows_the_room_sees_stored_messages_delivered_first(clock: Clock) -> None:
     reg, store, later = deferred_registry(clock)
     ana, ana_peer = add(reg, "ana", "a")
     reg.handle(ana, m.Say(room="a", text="before you came", ref="1"))
@@ -1115,6 +1115,70 @@ def test_anything_handled_sees_stored_messages_delivered_first(clock: Clock) -> 
     later.pop()()  # the scheduled fan-out finds nothing left to do
     assert ana_peer.take() == []
     assert len(cy_peer.of(m.Message)) == 1
+
+
+def test_a_say_does_not_wait_for_the_fan_out_and_is_delivered_after_it(clock: Clock) -> None:
+    reg, store, later = deferred_registry(clock)
+    ana, ana_peer = add(reg, "ana", "a")
+    bob, bob_peer = add(reg, "bob", "a")
+    reg.handle(ana, m.Say(room="a", text="one", ref="1"))
+    store.complete()
+    # bob's say shows nothing of the room: the commit before it waits for its fan-out...
+    reg.handle(bob, m.Say(room="a", text="two", ref="2"))
+    reg.handle(bob, m.Ping(ref="p"))
+    assert bob_peer.take() == [m.Pong(ref="p")]
+    store.complete()
+    later.pop()()
+    # ...and the two messages come out together, in seq order, then the acks.
+    assert [type(f) for f in bob_peer.take()] == [m.Message, m.Message, m.Ack]
+    frames = ana_peer.take()
+    assert [(f.seq, f.text) for f in frames if isinstance(f, m.Message)] == [(1, "one"), (2, "two")]
+
+
+class SlowPeer(FakePeer):
+    """A peer whose every send takes ``cost`` seconds of the test's timer."""
+
+    def __init__(self, timer: list[float], cost: float) -> None:
+        super().__init__()
+        self.timer, self.cost = timer, cost
+
+    def send(self, frame: bytes) -> None:
+        self.timer[0] += self.cost
+        super().send(frame)
+
+
+@pytest.mark.parametrize(("members", "cost", "waits"), [(4, 0.0005, 0.010), (1, 0.0001, 0.0)])
+def test_a_commit_waits_four_times_as_long_as_the_last_fan_out_took(
+    clock: Clock, members: int, cost: float, waits: float
+) -> None:
+    """Fan-outs take at most a fifth of the loop's time; a wait under 1 ms is none.
+
+    A fan-out sends the message to each member and the ack to the sayer: 2.5 ms for
+    four members at 0.5 ms a send, so 10 ms; 0.2 ms for one at 0.1 ms, so none.
+    """
+    timer = [100.0]
+    store = DeferredStore()
+    asked: list[tuple[Callable[[], None], float]] = []
+    reg = Registry(
+        store, clock=clock, defer=lambda f, delay: asked.append((f, delay)), timer=lambda: timer[0]
+    )
+    people = [reg.register(SlowPeer(timer, cost), hello(f"p{i}")) for i in range(members)]
+    for member in people:
+        reg.handle(member, m.Join(room="a"))
+    reg.handle(people[0], m.Say(room="a", text="one"))
+    store.complete()
+    [(fan_out, delay)] = asked
+    assert delay == 0.0  # nothing fanned out yet: at once
+    fan_out()
+    reg.handle(people[0], m.Say(room="a", text="two"))
+    store.complete()
+    assert asked[1][1] == pytest.approx(waits)
+    timer[0] += 1.0  # much later, no wait
+    asked[1][0]()
+    reg.handle(people[0], m.Say(room="a", text="three"))
+    timer[0] += 1.0
+    store.complete()
+    assert asked[2][1] == 0.0
 
 
 def test_a_member_leaving_gets_what_was_stored_before(clock: Clock) -> None:

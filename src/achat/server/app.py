@@ -42,6 +42,15 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _defer(callback: Callable[[], None], delay: float) -> None:
+    """Run ``callback`` on the running loop ``delay`` seconds from now (0: this tick)."""
+    loop = asyncio.get_running_loop()
+    if delay > 0:
+        loop.call_later(delay, callback)
+    else:
+        loop.call_soon(callback)
+
+
 class Server:
     """An achat server bound to one address (or an injected listening socket)."""
 
@@ -65,7 +74,7 @@ class Server:
             max_frame=config.max_frame,
             max_clients=config.max_clients,
             password=config.password,
-            defer=lambda callback: asyncio.get_running_loop().call_soon(callback),
+            defer=_defer,
         )
         self._addresses = AddressLimits(
             max_concurrent=config.max_per_ip,
