@@ -62,6 +62,25 @@ def test_a_count_weighs_as_that_many_values(pairs: list[tuple[int, int]], q: flo
     assert weighted.total == sum(n for _, n in pairs)
 
 
+@given(
+    st.integers(-(10**9), 2**50),
+    st.integers(-(10**9), 2**50),
+    st.integers(1, 1000),
+    st.integers(1, 16),
+)
+def test_adding_between_two_values_is_adding_at_evenly_spaced_points(
+    low: int, high: int, count: int, points: int
+) -> None:
+    at_once, one_by_one = Histogram(), Histogram()
+    at_once.add_between(low, high, count, points)
+    n = min(count, points)
+    each, more = divmod(count, n)
+    for i in range(n):
+        one_by_one.add(low + (round((high - low) / (n - 1) * i) if n > 1 else 0), each + (i < more))
+    assert (at_once.counts, at_once.total) == (one_by_one.counts, one_by_one.total)
+    assert at_once.total == count
+
+
 def test_empty_and_bad_quantiles() -> None:
     assert Histogram().quantile(0.99) == 0
     with pytest.raises(ValueError, match="between 0 and 1"):

@@ -55,6 +55,27 @@ class Histogram:
         self.counts[index] += count
         self.total += count
 
+    def add_between(self, low: int, high: int, count: int, points: int) -> None:
+        """Count ``count`` values spread evenly from ``low`` to ``high``, at up to
+        ``points`` points (as many calls of :meth:`add`, in one)."""
+        points = min(count, points)
+        if points == 1 or low == high:
+            self.add(low, count)
+            return
+        each, more = divmod(count, points)
+        step = (high - low) / (points - 1)
+        counts = self.counts
+        for i in range(points):
+            value = low + round(step * i)
+            if value < 2 * _SUB:
+                index = value if value > 0 else 0
+            elif (shift := value.bit_length() - _SUB_BITS - 1) < _BITS - _SUB_BITS:
+                index = (shift << _SUB_BITS) + (value >> shift)
+            else:
+                index = _SIZE - 1
+            counts[index] += each + (i < more)
+        self.total += count
+
     def merge(self, other: Histogram) -> None:
         """Add ``other``'s counts to these."""
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]

@@ -347,19 +347,6 @@ def _seq_before(buf: bytes, stamp_at: int, mark: bytes) -> int | None:
     return _number(buf, start, min(stamp_at, start + _SEQ_SIZE), b",")
 
 
-def _spread(latency: Histogram, now_ns: int, first: int, last: int, count: int) -> None:
-    """Count ``count`` latencies, said between ``first`` and ``last`` and read at
-    ``now_ns``, at up to SPREAD points evenly between the two."""
-    points = min(count, SPREAD)
-    if points == 1 or first == last:
-        latency.add(now_ns - first, count)
-        return
-    each, more = divmod(count, points)
-    step = (last - first) / (points - 1)
-    for i in range(points):
-        latency.add(now_ns - first - round(step * i), each + (i < more))
-
-
 def _spread_sorted(latency: Histogram, now_ns: int, said: list[int]) -> None:
     """Count the latencies of messages said at ``said`` (in order) and read at
     ``now_ns``, at up to SPREAD points: each the middle one of an equal share."""
@@ -643,7 +630,7 @@ class _BenchClient(asyncio.Protocol):
             if n == 1:
                 report.latency.add(now_ns - last)
             else:
-                _spread(report.latency, now_ns, oldest, newest, n)
+                report.latency.add_between(now_ns - newest, now_ns - oldest, n, SPREAD)
             return
         cut, inside = len(data), 0
         if newest >= start + _NEAR_NS:
@@ -655,7 +642,7 @@ class _BenchClient(asyncio.Protocol):
                 if inside == 1:
                     report.latency.add(now_ns - found[1])
                 else:
-                    _spread(report.latency, now_ns, found[1], last, inside)
+                    report.latency.add_between(now_ns - last, now_ns - found[1], inside, SPREAD)
         begin = _end_before(data, cut, start - _NEAR_NS) if oldest < start - _NEAR_NS else 0
         window.near.append((now_ns, kept[-_STAMP_SIZE:] if begin == 0 else b"", data[begin:cut]))
 
