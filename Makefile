@@ -34,8 +34,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m 'not e2e' $(ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 types: install
 	$(BIN)/mypy --strict src tests

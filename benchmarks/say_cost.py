@@ -30,6 +30,7 @@ from pathlib import Path
 from achat.bench.cli import replace_section
 from achat.protocol.messages import Hello, Join, Message, Say, decode_client, encode
 from achat.protocol.names import validate_text
+from achat.server.app import defer_on_loop
 from achat.server.refs import RecentRefs, receipt_of, ref_key
 from achat.server.registry import Registry
 from achat.store.base import ack_of
@@ -70,8 +71,7 @@ async def registry_and_store(says: int, tick: int) -> tuple[float, float]:
     """CPU µs per ``say`` of the loop thread and of the rest of the process (the store)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "achat.db")
-        loop = asyncio.get_running_loop()
-        registry = Registry(store, clock=lambda: time.time_ns() // 1_000_000, defer=loop.call_soon)
+        registry = Registry(store, clock=lambda: time.time_ns() // 1_000_000, defer=defer_on_loop)
         member = registry.register(Peer(), Hello(nick="bob", version=1))
         registry.handle(member, Join(room=ROOM))
         frames = bodies(says)

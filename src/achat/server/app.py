@@ -42,7 +42,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _defer(callback: Callable[[], None], delay: float) -> None:
+def defer_on_loop(callback: Callable[[], None], delay: float) -> None:
     """Run ``callback`` on the running loop ``delay`` seconds from now (0: this tick)."""
     loop = asyncio.get_running_loop()
     if delay > 0:
@@ -74,7 +74,7 @@ class Server:
             max_frame=config.max_frame,
             max_clients=config.max_clients,
             password=config.password,
-            defer=_defer,
+            defer=defer_on_loop,
         )
         self._addresses = AddressLimits(
             max_concurrent=config.max_per_ip,
