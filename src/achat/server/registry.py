@@ -79,8 +79,8 @@ log = logging.getLogger("achat.server")
 DEFAULT_MAX_TEXT = 4_000
 BACKLOG_PAGE = 500
 #: The most of the loop's time fan-outs a commit triggers may take: after one that took t,
-#: the next waits 4t (see Registry.fan_out).
-FAN_OUT_SHARE = 0.2
+#: the next waits 9t (see Registry.fan_out).
+FAN_OUT_SHARE = 0.1
 #: A wait for a fan-out shorter than this is no wait (the loop's timers are whole ms).
 FAN_OUT_MIN_WAIT = 0.001
 
@@ -370,7 +370,7 @@ class Registry:
         leaving) calls this first, so nobody ever sees events out of their
         order; a ``say`` does not, for its message comes in seq order anyway.
 
-        What a commit sets off waits, after a fan-out that took t, until 4t
+        What a commit sets off waits, after a fan-out that took t, until 9t
         later (:data:`FAN_OUT_SHARE`), and the commits that land meanwhile go
         out together. In a room of 2,500 saying 2,500 messages a second a
         fan-out took about half a millisecond and came after nearly every
