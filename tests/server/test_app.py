@@ -493,8 +493,11 @@ async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(clients: lis
         big = [asyncio.create_task(talker.say("a", "y" * 1000)) for _ in range(limit // 2000)]
         late = asyncio.create_task(talker.say("a", "the late one"))
         await store.wait_held(len(big) + 1)
+        # Their fan-out at once, this tick, whatever the last one took (no pacing wait).
+        server.registry._fan_out_ready = float("-inf")
         store.release(len(big))  # the fan-out of these is due...
         await asyncio.sleep(0)  # ...and done: the reader's write of them is due next
+        assert server.registry.rooms["a"].stored_seq == said + len(big)
         assert server.registry.member("sloth") is not None
         store.release(1)  # a commit lands before that write
         sent = said + len(big) + 1
