@@ -20,7 +20,7 @@ from achat.bench.cli import (
     _summarise,
     parser,
 )
-from achat.bench.load import KEEPALIVE_REF, WorkerReport
+from achat.bench.load import KEEPALIVE_REF, NEAR_NS, WorkerReport
 from achat.protocol.frames import encode_frame
 from tests.helpers.procs import ServerProcess, script
 
@@ -101,6 +101,12 @@ def test_errors_by_code_and_lost_connections_are_noted() -> None:
     assert len(result.notes) == 1
     assert result.notes[0].startswith("frames and seqs disagree: 5 client(s) that counted")
     assert "found 7 that the seqs do not account for" in result.notes[0]
+    # Stamps out of order by more than the count at the window's start allows.
+    result = Result("busy-room", {}, 1.0)
+    _note_trouble(result, [WorkerReport(disorder_ns=NEAR_NS - 1)])
+    assert result.notes == []
+    _note_trouble(result, [WorkerReport(disorder_ns=NEAR_NS + 2 * 10**7)])
+    assert result.notes[0].startswith("stamps out of order by up to 120 ms within a read")
 
 
 def test_self_check_says_whether_the_sink_or_the_generator_set_its_figure() -> None:

@@ -23,6 +23,7 @@ from achat.bench.load import (
     _keep_alive,
     _Window,
     connect_pause,
+    wall_offset,
 )
 from achat.protocol.frames import encode_frame
 from achat.protocol.messages import (
@@ -274,9 +275,34 @@ def test_the_pipeline_refills_on_errors_and_stops_with_the_window() -> None:
     _, wire = feed([GREETING, refused], pipeline=2, clients=seen)
     assert sum(b'"type":"say"' in w for w in wire.written) == 3  # 2, then 1 for the error
     assert seen[0].unanswered == 2
-    # Once the window is over, nothing more is said, whatever comes back.
+    # Once the window is over, nothing more is said, whatever comes back...
     _, wire = feed([STREAM], pipeline=2, window_s=(0.0, time.monotonic()))
     assert not any(b'"type":"say"' in w for w in wire.written)
+    # ...on the stamps' clock too: none is stamped at or after the window's end.
+    _, wire = feed([STREAM], pipeline=2, span=(0, time.time_ns()))
+    assert not any(b'"type":"say"' in w for w in wire.written)
+
+
+def test_a_window_opens_on_the_wall_offset_it_is_given() -> None:
+    window = _Window()
+    window.open(100.0, 10.0, wall=5)
+    assert (window.start_ns, window.end_ns) == (100 * 10**9 + 5, 110 * 10**9 + 5)
+    window.open(100.0, 10.0)  # measured here
+    assert abs(window.start_ns - (100 * 10**9 + wall_offset())) < 10**7
+
+
+def test_the_worst_disorder_seen_in_a_read_is_reported() -> None:
+    start, ms = 10**18, 10**6
+    # Read whole, well inside the window: only its two ends are seen, 30 ms apart.
+    stamps = [start + 500 * ms, start + 510 * ms, start + 470 * ms]
+    stream = GREETING + b"".join(message(k, t) for k, t in enumerate(stamps, 1))
+    report, _ = feed([stream], span=(start, 2**62))
+    assert report.disorder_ns == 30 * ms
+    # Near the start every stamp is read: the worst is 40 ms, in the middle.
+    stamps = [start + 10 * ms, start + 50 * ms, start + 10 * ms, start + 60 * ms]
+    stream = GREETING + b"".join(message(k, t) for k, t in enumerate(stamps, 1))
+    report, _ = feed([stream], span=(start, 2**62))
+    assert (report.delivered, report.disorder_ns) == (4, 40 * ms)
 
 
 def test_saying_something_keeps_a_client_from_pinging() -> None:

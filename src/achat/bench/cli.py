@@ -41,12 +41,14 @@ from .histogram import Histogram
 from .load import (
     KEEPALIVE_REF,
     KEEPALIVE_SECONDS,
+    NEAR_NS,
     ClientPlan,
     WorkerPlan,
     WorkerReport,
     _count,
     run_worker,
     stamped_text,
+    wall_offset,
 )
 
 __all__ = ["Result", "main", "replace_section", "run"]
@@ -234,6 +236,13 @@ def _note_trouble(result: Result, reports: list[WorkerReport]) -> None:
             "cannot read); deliveries are counted by seq, so this run's figures are not to "
             "be trusted"
         )
+    disorder = max((r.disorder_ns for r in reports), default=0)
+    if disorder >= NEAR_NS:
+        result.notes.append(
+            f"stamps out of order by up to {disorder / 1e6:,.0f} ms within a read, more "
+            f"than the {NEAR_NS // 10**6} ms the count at the window's start allows: "
+            "the delivered count may be off by a few messages there"
+        )
     closed = sum(r.closed for r in reports)
     if closed:
         result.notes.append(
@@ -322,8 +331,9 @@ def _drive(
     result.connect_join_s = round(time.monotonic() - started, 3)
     _progress(f"{joined}/{len(clients)} clients joined in {result.connect_join_s:.2f} s")
     go_at = time.monotonic() + 0.2
+    wall_ns = wall_offset()  # one for every worker: they agree on which stamps are inside
     for pipe in pipes:
-        pipe.send(("go", go_at))
+        pipe.send(("go", go_at, wall_ns))
     # Server CPU over the measured window only (not the warm-up or the wind-down).
     window_start, window_end = go_at + args.warmup, go_at + args.warmup + args.duration
     cpu_start: tuple[float, float] | None = None

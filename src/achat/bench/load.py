@@ -29,7 +29,7 @@ on the reference machine, where ``bytes.count`` ran at 3.2-3.6 GB/s.
 
 What counts is when a message was said. The stamps of a read are in the
 order the server took the says in, which is not quite the order they were
-said in, but out of order by less than ``_NEAR_NS``; nothing is said at or
+said in, but out of order by less than ``NEAR_NS``; nothing is said at or
 after the window's end. So a read whose first and last stamps, whichever is
 older, were both said well before the window's start is left out whole, and
 one said well after its start is counted whole, by seq. A read across the
@@ -101,7 +101,7 @@ from typing import cast
 from ..protocol.frames import encode_frame
 from .histogram import Histogram
 
-__all__ = ["ClientPlan", "WorkerPlan", "WorkerReport", "run_worker", "stamped_text"]
+__all__ = ["ClientPlan", "WorkerPlan", "WorkerReport", "run_worker", "stamped_text", "wall_offset"]
 
 #: The start of every message frame (see above): what checking clients count.
 MESSAGE = b'{"type":"message","room":"'
@@ -148,7 +148,7 @@ _STAMP_SIZE = len(STAMP) + 21
 #: the server took the says in, not quite the order they were said in (by up to 28 ms at
 #: busy-room 2,000 on the reference machine). What was said this close to the window's
 #: start is counted stamp by stamp; the rest of a read, by seq (_BenchClient._deliveries).
-_NEAR_NS = 100_000_000
+NEAR_NS = 100_000_000
 #: Latency points a read's messages are spread over (see _BenchClient._deliveries).
 SPREAD = 8
 #: The most of a greeting kept while waiting for the room's seq in names.
@@ -205,6 +205,9 @@ class WorkerReport:
     #: two counts differed (see the module's docstring): 0 unless the seqs lie.
     checked: int = 0
     unaccounted: int = 0
+    #: The most a read's stamps were seen out of order (ns): the window's count is exact
+    #: while it is under NEAR_NS (see _BenchClient._deliveries).
+    disorder_ns: int = 0
     cpu: int | None = None  # the CPU the worker was pinned to, if any
     done: bool = False
 
@@ -359,6 +362,12 @@ def _spread_sorted(latency: Histogram, now_ns: int, said: list[int]) -> None:
         at += size
 
 
+def wall_offset() -> int:
+    """The wall clock less the monotonic one, in ns: the largest of three measures (the
+    monotonic clock is read second, so a measure interrupted between the two is short)."""
+    return max(time.time_ns() - time.monotonic_ns() for _ in range(3))
+
+
 class _Window:
     """The measured window; unknown until go.
 
@@ -376,9 +385,13 @@ class _Window:
         #: before it (or nothing, for a part that starts after a stamp), and the bytes.
         self.near: list[tuple[int, bytes, bytes]] = []
 
-    def open(self, start: float, duration: float) -> None:
+    def open(self, start: float, duration: float, wall: int | None = None) -> None:
+        """Open at ``start`` (monotonic s) for ``duration``; ``wall`` is the wall clock
+        less the monotonic one (ns), measured once by the parent for every worker, so
+        that all agree to the ns on which stamps are inside."""
         self.start, self.end = start, start + duration
-        wall = time.time_ns() - time.monotonic_ns()
+        if wall is None:
+            wall = wall_offset()
         self.start_ns = round(self.start * 1e9) + wall
         self.end_ns = round(self.end * 1e9) + wall
 
@@ -394,7 +407,13 @@ class _Window:
             found = STAMPS.findall(tail + data)
             if tail:
                 del found[: len(STAMPS.findall(tail))]
-            said = sorted(map(int, found))
+            stamps = list(map(int, found))
+            said = sorted(stamps)
+            if said != stamps:  # out of order: by how much, at most
+                newest = 0
+                for stamp in stamps:
+                    newest = max(newest, stamp)
+                    report.disorder_ns = max(report.disorder_ns, newest - stamp)
             inside = said[bisect_left(said, start) : bisect_left(said, end)]
             if inside:
                 report.delivered += len(inside)
@@ -500,8 +519,12 @@ class _BenchClient(asyncio.Protocol):
         self.timer = self.loop.call_at(at, self._tick, at)
 
     def _fill(self) -> None:
-        while self.unanswered < self.plan.pipeline and time.monotonic() < self.window.end:
-            self._write_say()
+        window = self.window
+        while self.unanswered < self.plan.pipeline and time.monotonic() < window.end:
+            now_ns = time.time_ns()
+            if now_ns >= window.end_ns:  # as in _tick
+                return
+            self._write_say(now_ns)
 
     def _start_sending(self) -> None:
         if self.plan.pipeline:
@@ -597,7 +620,7 @@ class _BenchClient(asyncio.Protocol):
         that were said in the window; ``last`` is the newest one's stamp.
 
         The stamps of a read are in the order the server took the says in, which is
-        not quite the order they were said in, but out of order by less than _NEAR_NS;
+        not quite the order they were said in, but out of order by less than NEAR_NS;
         and nothing is said at or after the window's end (:meth:`_tick`). So a read
         whose first and last stamps, whichever is older, are both more than that
         before the window's start was all said before it, and one whose older stamp is
@@ -607,7 +630,7 @@ class _BenchClient(asyncio.Protocol):
         A read across the start is split by binary searches over its stamps. After a
         stamp said well after the start, everything is inside the window: counted by
         seq. Before one said well before it, nothing is. What lies between, said
-        within _NEAR_NS of the start, is kept and counted stamp by stamp after the
+        within NEAR_NS of the start, is kept and counted stamp by stamp after the
         window (:meth:`_Window.count_near`), when the worker has nothing else to do:
         read at once, that was a step of Python per stamp for a fifth of a second of
         all the traffic, and the reads it held up were what the latencies measured.
@@ -622,10 +645,14 @@ class _BenchClient(asyncio.Protocol):
             # (not what it sends either): every stamp is read.
             window.near.append((now_ns, kept[-_STAMP_SIZE:], data))
             return
-        oldest, newest = (first, last) if first <= last else (last, first)
-        if newest < start - _NEAR_NS:  # said well before the window
+        if first <= last:
+            oldest, newest = first, last
+        else:
+            oldest, newest = last, first
+            report.disorder_ns = max(report.disorder_ns, first - last)
+        if newest < start - NEAR_NS:  # said well before the window
             return
-        if start + _NEAR_NS <= oldest:  # inside it
+        if start + NEAR_NS <= oldest:  # inside it
             report.delivered += n
             if n == 1:
                 report.latency.add(now_ns - last)
@@ -633,8 +660,8 @@ class _BenchClient(asyncio.Protocol):
                 report.latency.add_between(now_ns - newest, now_ns - oldest, n, SPREAD)
             return
         cut, inside = len(data), 0
-        if newest >= start + _NEAR_NS:
-            found = _stamp_after(data, start + _NEAR_NS)
+        if newest >= start + NEAR_NS:
+            found = _stamp_after(data, start + NEAR_NS)
             seq = None if found is None else self._seq_at(kept, data, found[0])
             if found is not None and seq is not None and self.seq is not None:
                 cut, inside = found[0], self.seq - seq + 1
@@ -643,7 +670,7 @@ class _BenchClient(asyncio.Protocol):
                     report.latency.add(now_ns - found[1])
                 else:
                     report.latency.add_between(now_ns - last, now_ns - found[1], inside, SPREAD)
-        begin = _end_before(data, cut, start - _NEAR_NS) if oldest < start - _NEAR_NS else 0
+        begin = _end_before(data, cut, start - NEAR_NS) if oldest < start - NEAR_NS else 0
         window.near.append((now_ns, kept[-_STAMP_SIZE:] if begin == 0 else b"", data[begin:cut]))
 
     def _seq_at(self, kept: bytes, data: bytes, at: int) -> int | None:
@@ -807,8 +834,8 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     gc.disable()
     # Wait for the parent's go: one start time for every worker, so that a message sent
     # inside the window by one worker is counted inside it by the others.
-    _, go_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-    window.open(go_at + plan.warmup, plan.duration)
+    _, go_at, wall = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    window.open(go_at + plan.warmup, plan.duration, wall)
     # Everyone starts saying things once the whole room is there (a join storm under a
     # room's full traffic is not what the scenarios measure); the warm-up settles it.
     for client in everyone:
