@@ -526,6 +526,53 @@ async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(clients: lis
             await server.close()
 
 
+async def test_a_backlog_larger_than_the_send_limit_reaches_a_slow_resuming_reader(
+    clients: list[Client],
+) -> None:
+    """join since, with five times the send limit stored since: the backlog is read from
+    the store as the reader reads it, then come the live messages, all in seq order."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    limit = 64 * 1024
+    server = Server(make_config(sendq_limit=limit), MemoryStore())
+    await server.start(sock=listener)
+    loop = asyncio.get_running_loop()
+    late = socket.socket()
+    try:
+        talker = await connect(server, clients, "talker")
+        await talker.join("a")
+        stored = 5 * limit // 1000
+        for i in range(stored):
+            await talker.say("a", f"{i:04d} " + "x" * 1000)
+        late.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        late.setblocking(False)
+        await loop.sock_connect(late, ("127.0.0.1", server.port))
+        await loop.sock_sendall(
+            late,
+            encode_frame(b'{"type":"hello","nick":"late","version":1}')
+            + encode_frame(b'{"type":"join","room":"a","since":0}'),
+        )
+        for i in range(5):  # live, while the backlog is still on its way
+            await talker.say("a", f"live {i}")
+        decoder = FrameDecoder(max_frame=10**6)
+        frames: list[Any] = []
+        async with asyncio.timeout(WAIT):
+            while sum(isinstance(f, m.Message) for f in frames) < stored + 5:
+                data = await loop.sock_recv(late, 4096)
+                assert data, "closed"
+                frames += [m.decode_server(b) for b in decoder.receive_data(data)]
+        assert not [f for f in frames if isinstance(f, m.Error)]
+        got = [f.seq for f in frames if isinstance(f, m.Message)]
+        assert got == list(range(1, stored + 6))
+        assert server.registry.member("late") is not None
+    finally:
+        late.close()
+        for c in clients:
+            await c.close()
+        async with asyncio.timeout(10):
+            await server.close()
+
+
 async def test_first_frame_must_be_hello(server: Server) -> None:
     """Any frame before hello gets a fatal not_registered and the connection closes."""
     raw = await Raw.open(server.port)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -32,6 +32,10 @@ class FakePeer:
     def send(self, frame: bytes) -> None:
         self.raw.append(frame)
         self.frames += [m.decode_server(b) for b in self.decoder.receive_data(frame)]
+
+    def send_pages(self, pages: Iterator[bytes]) -> None:
+        for page in pages:  # a peer that reads at once
+            self.send(page)
 
     def close(self, frame: bytes | None = None) -> None:
         self.closed = True

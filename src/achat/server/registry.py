@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -78,6 +78,8 @@ log = logging.getLogger("achat.server")
 
 DEFAULT_MAX_TEXT = 4_000
 BACKLOG_PAGE = 500
+#: The most bytes of a backlog handed to a connection in one piece.
+BACKLOG_PIECE = 32 * 1024
 #: The most of the loop's time fan-outs a commit triggers may take: after one that took t,
 #: the next waits 9t (see Registry.fan_out).
 FAN_OUT_SHARE = 0.1
@@ -99,6 +101,12 @@ class Peer(Protocol):
 
     def send(self, frame: bytes) -> None:
         """Queue one encoded frame; must not block or raise."""
+        ...
+
+    def send_pages(self, pages: Iterator[bytes]) -> None:
+        """Queue ``pages`` (encoded frames, a piece at a time): each is taken only as the
+        peer reads what it was sent, and whatever is queued after them waits for them
+        all. A backlog of any length goes out this way without being held in memory."""
         ...
 
     def close(self, frame: bytes | None = None) -> None:
@@ -292,34 +300,35 @@ class Registry:
             self._send_backlog(member, room, frame.since, frame.ref)
 
     def _send_backlog(self, member: Member, room: Room, since: int, ref: str | None) -> None:
+        """Queue what ``room`` stored after ``since``, up to what its members have been
+        sent: read from the store a page at a time as the member reads it. What is
+        stored later reaches the member live, after it."""
+        if since < room.stored_seq:
+            member.peer.send_pages(self._backlog(room.name, since, room.stored_seq, ref))
+
+    def _backlog(self, name: str, since: int, upto: int, ref: str | None) -> Iterator[bytes]:
         after = since
-        first = True
-        while after < room.stored_seq:
-            page = self.store.history(room.name, before=None, after=after, limit=BACKLOG_PAGE)
-            if first and page.gap:
-                oldest = page.messages[0].seq if page.messages else room.stored_seq + 1
-                member.peer.send(
-                    encode(
-                        Error(
-                            code="history_gap",
-                            message=(
-                                f"messages {since + 1} to {oldest - 1} of #{room.name} have expired"
-                            ),
-                            fatal=False,
-                            ref=ref,
-                        )
-                    )
-                )
-            first = False
-            if not page.messages:
-                break
-            for message in page.messages:
-                if message.seq > room.stored_seq:
-                    return  # not delivered to members yet: it will reach this one live
-                member.peer.send(encode(message))
-            after = page.messages[-1].seq
-            if not page.more:
-                break
+        while after < upto:
+            page = self.store.history(name, before=None, after=after, limit=BACKLOG_PAGE)
+            if page.gap:
+                oldest = page.messages[0].seq if page.messages else upto + 1
+                text = f"messages {after + 1} to {oldest - 1} of #{name} have expired"
+                yield encode(Error(code="history_gap", message=text, fatal=False, ref=ref))
+            messages = [message for message in page.messages if message.seq <= upto]
+            piece: list[bytes] = []
+            size = 0
+            for message in messages:
+                frame = encode(message)
+                piece.append(frame)
+                size += len(frame)
+                if size >= BACKLOG_PIECE:
+                    yield b"".join(piece)
+                    piece, size = [], 0
+            if piece:
+                yield b"".join(piece)
+            if not messages or len(messages) < len(page.messages) or not page.more:
+                return
+            after = messages[-1].seq
 
     def _part(self, member: Member, frame: Part) -> None:
         room = self._joined_room(member, frame.room)

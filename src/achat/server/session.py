@@ -14,7 +14,11 @@ number of events. When the bytes the
 transport could not send yet plus the outbox pass ``sendq_limit``, the
 outbox is dropped and the peer gets a fatal ``sendq_exceeded`` and nothing
 more, so that what it did get is a gapless prefix that ``join ... since``
-resumes from; nobody else ever waits for a slow reader.
+resumes from; nobody else ever waits for a slow reader. The backlog such a
+join asks for can be any length: it is queued as pages
+(:meth:`Session.send_pages`), read from the store only as the peer reads
+what it was sent (the transport's ``resume_writing``), and what is queued
+after them waits for them.
 
 Timeouts are deadlines (:func:`deadline`, pure): ``hello`` within
 ``hello_timeout`` of connecting, a started frame completed within
@@ -33,6 +37,7 @@ import sys
 import time
 import typing
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import FrameError, ProtocolError
@@ -46,6 +51,11 @@ from .registry import Member, Registry
 __all__ = ["FlushRounds", "Session", "SessionLimits", "SessionOwner", "WriteBudget", "deadline"]
 
 log = logging.getLogger("achat.server")
+
+#: A connection's write buffer above which the transport calls pause_writing (and, once
+#: under a quarter of it, resume_writing); also the most of a backlog's pages handed to
+#: a connection before it has read them (Session.send_pages).
+WRITE_HIGH = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +260,7 @@ class Session(asyncio.Protocol):
         "_registry",
         "_rounds",
         "_scheduled",
+        "_sources",
         "_transport",
         "host",
     )
@@ -272,8 +283,10 @@ class Session(asyncio.Protocol):
         self._decoder = FrameDecoder(limits.max_frame)
         now = self._loop.time()
         self._bucket = TokenBucket(limits.flood, now)
-        # Made on the first send: an idle connection needs no outbox.
-        self._out: list[bytes] | None = None
+        # Made on the first send: an idle connection needs no outbox. Its entries are
+        # frames, or pages taken only as the peer reads (send_pages): _sources of them.
+        self._out: list[bytes | Iterator[bytes]] | None = None
+        self._sources = 0
         self._scheduled = False
         self._closing = False
         self._member: Member | None = None
@@ -294,6 +307,20 @@ class Session(asyncio.Protocol):
             self._out = [frame]
         else:
             self._out.append(frame)
+        if not self._scheduled:
+            self._scheduled = True
+            self._rounds.mark(self)
+
+    def send_pages(self, pages: Iterator[bytes]) -> None:
+        """Queue ``pages``: each is taken when the peer has read what it was sent before,
+        and whatever is queued after them is written once they are all out."""
+        if self._closing:
+            return
+        if self._out is None:
+            self._out = [pages]
+        else:
+            self._out.append(pages)
+        self._sources += 1
         if not self._scheduled:
             self._scheduled = True
             self._rounds.mark(self)
@@ -329,10 +356,11 @@ class Session(asyncio.Protocol):
 
     @property
     def unsent(self) -> int:
-        """Bytes queued for this connection that the kernel has not taken yet."""
+        """Bytes queued for this connection that the kernel has not taken yet (pages not
+        taken yet are not counted: they are read only as they are needed)."""
         transport = self._transport
         queued = transport.get_write_buffer_size() if transport is not None else 0
-        return queued + sum(map(len, self._out or ()))
+        return queued + sum(len(e) for e in self._out or () if isinstance(e, bytes))
 
     @property
     def addr(self) -> str:
@@ -348,6 +376,8 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = typing.cast(asyncio.Transport, transport)
+        # Known, so that pages (send_pages) know when resume_writing will come.
+        self._transport.set_write_buffer_limits(high=self._high())
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             # Interned: every client behind one address shares the string.
@@ -396,6 +426,12 @@ class Session(asyncio.Protocol):
             if not self._dispatch(body) or self._closing:
                 return
 
+    def resume_writing(self) -> None:
+        # The peer has read most of what it was sent: the next pages, if any are due.
+        if self._sources and not self._closing and not self._scheduled:
+            self._scheduled = True
+            self._rounds.mark(self)
+
     def eof_received(self) -> bool:
         # The peer is done sending: close our side too (the member leaves now).
         self.close()
@@ -416,6 +452,7 @@ class Session(asyncio.Protocol):
         """Nothing more is read, queued or timed for this connection."""
         self._closing = True
         self._out = None
+        self._sources = 0
         self._alarms.cancel(self)
 
     def _leave(self) -> None:
@@ -546,30 +583,91 @@ class Session(asyncio.Protocol):
         out = self._out
         if self._closing or not out:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        if self._sources:
+            self._flush_pages(out)
+            return
+        frames = typing.cast(list[bytes], out)
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
         out.clear()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         unsent = transport.get_write_buffer_size()
         if unsent + len(data) > self._limits.sendq_limit:
-            log.info(
-                "sendq exceeded addr=%s nick=%s unsent=%d dropped=%d",
-                self.addr,
-                esc(self.nick or ""),
-                unsent,
-                len(data),
-            )
-            # ``data`` is dropped, so nothing queued after it may be written either (a
-            # commit fanned out by the close would be): the peer's stream stops at what
-            # it was already sent, a gapless prefix, and `join since` resumes from there.
-            self.fail(
-                ProtocolError(
-                    "sendq_exceeded",
-                    "you are reading too slowly; rejoin with since to catch up",
-                    fatal=True,
-                ),
-                flush=False,
-            )
+            self._overflow(unsent, len(data))
             return
         transport.write(data)
+
+    def _flush_pages(self, out: list[bytes | Iterator[bytes]]) -> None:
+        """Write what is queued up to the first pages the peer has not read enough for
+        yet, taking pages while what it has not read is under the high mark."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            out.clear()
+            self._sources = 0
+            return
+        unsent = transport.get_write_buffer_size()
+        high = self._high()
+        pieces: list[bytes] = []
+        size = taken = 0
+        try:
+            while taken < len(out):
+                entry = out[taken]
+                if isinstance(entry, bytes):
+                    pieces.append(entry)
+                    size += len(entry)
+                    taken += 1
+                    continue
+                while unsent + size <= high:
+                    page = next(entry, None)
+                    if page is None:
+                        break
+                    pieces.append(page)
+                    size += len(page)
+                else:
+                    break  # enough for now: the rest once the peer has read it
+                self._sources -= 1
+                taken += 1
+        except Exception:
+            # The pages could not be read (the store failed): nothing queued after them
+            # may be written either, or the peer's stream would have a gap. It is closed;
+            # it resumes with `join since`.
+            log.exception("backlog failed addr=%s", self.addr)
+            self.close(flush=False)
+            return
+        del out[:taken]
+        waiting = sum(len(entry) for entry in out if isinstance(entry, bytes))
+        if unsent + size + waiting > self._limits.sendq_limit:
+            self._overflow(unsent, size + waiting)
+            return
+        if pieces:
+            transport.write(b"".join(pieces))
+        if self._sources and transport.get_write_buffer_size() <= high:
+            # No resume_writing will come (the buffer is not over the high mark): go on at
+            # the next round, which takes a page at least. Over it, resume_writing will.
+            self._scheduled = True
+            self._rounds.mark(self)
+
+    def _high(self) -> int:
+        """The write buffer's high mark: pages are taken up to it (see WRITE_HIGH)."""
+        return min(WRITE_HIGH, self._limits.sendq_limit // 4)
+
+    def _overflow(self, unsent: int, dropped: int) -> None:
+        log.info(
+            "sendq exceeded addr=%s nick=%s unsent=%d dropped=%d",
+            self.addr,
+            esc(self.nick or ""),
+            unsent,
+            dropped,
+        )
+        # What was queued is dropped, so nothing queued after it may be written either (a
+        # commit fanned out by the close would be): the peer's stream stops at what it
+        # was already sent, a gapless prefix, and `join since` resumes from there.
+        self.fail(
+            ProtocolError(
+                "sendq_exceeded",
+                "you are reading too slowly; rejoin with since to catch up",
+                fatal=True,
+            ),
+            flush=False,
+        )
