@@ -573,6 +573,110 @@ async def test_a_backlog_larger_than_the_send_limit_reaches_a_slow_resuming_read
             await server.close()
 
 
+async def read_to_end(sock: socket.socket) -> list[Any]:
+    """Every frame the server sends on ``sock`` until it closes it."""
+    loop = asyncio.get_running_loop()
+    decoder = FrameDecoder(max_frame=10**6)
+    frames: list[Any] = []
+    async with asyncio.timeout(WAIT):
+        while data := await loop.sock_recv(sock, 65536):
+            frames += [m.decode_server(b) for b in decoder.receive_data(data)]
+    return frames
+
+
+async def slow_resumer(server: Server, then: bytes = b"") -> socket.socket:
+    """A reader with small buffers that says hello, joins #a since 0, then ``then``."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    await loop.sock_sendall(
+        sock,
+        encode_frame(b'{"type":"hello","nick":"late","version":1}')
+        + encode_frame(b'{"type":"join","room":"a","since":0}')
+        + then,
+    )
+    return sock
+
+
+@pytest.mark.parametrize("ending", ["bye", "end of stream"])
+async def test_a_reader_that_ends_its_session_during_a_backlog_still_gets_all_of_it(
+    clients: list[Client], ending: str
+) -> None:
+    """bye flushes what is queued, a backlog too, however far behind the reader is."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server = Server(make_config(), MemoryStore())
+    await server.start(sock=listener)
+    try:
+        talker = await connect(server, clients, "talker")
+        await talker.join("a")
+        for i in range(300):
+            await talker.say("a", f"{i:04d} " + "x" * 1000)
+        bye = encode_frame(b'{"type":"bye"}') if ending == "bye" else b""
+        late = await slow_resumer(server, bye)
+        if ending != "bye":
+            late.shutdown(socket.SHUT_WR)
+        try:
+            while server.registry.member("late") is not None:  # it leaves at once...
+                await next_of(talker, m.Parted)
+            frames = await read_to_end(late)  # ...and its backlog follows it out
+        finally:
+            late.close()
+        assert [f.seq for f in frames if isinstance(f, m.Message)] == list(range(1, 301))
+        assert not [f for f in frames if isinstance(f, m.Error)]
+    finally:
+        for c in clients:
+            await c.close()
+        async with asyncio.timeout(10):
+            await server.close()
+
+
+class FailingHistory(MemoryStore):
+    """A store whose history fails after ``pages`` more reads (a disk error)."""
+
+    pages: int | None = None
+
+    def history(self, room: str, **kwargs: Any) -> Any:
+        if self.pages is not None:
+            if self.pages == 0:
+                raise OSError("disk I/O error")
+            self.pages -= 1
+        return super().history(room, **kwargs)
+
+
+@pytest.mark.parametrize("pages", [0, 3])
+async def test_a_backlog_the_store_cannot_read_ends_in_an_error_after_a_gapless_prefix(
+    clients: list[Client], pages: int
+) -> None:
+    store = FailingHistory()
+    server = Server(make_config(), store)
+    await server.start()
+    try:
+        talker = await connect(server, clients, "talker")
+        await talker.join("a")
+        for i in range(100):
+            await talker.say("a", f"{i:04d} " + "x" * 100)
+        store.pages = pages
+        late = await slow_resumer(server)
+        try:
+            frames = await read_to_end(late)
+        finally:
+            late.close()
+        assert isinstance(frames[0], m.Welcome)
+        got = [f.seq for f in frames if isinstance(f, m.Message)]
+        assert got == list(range(1, len(got) + 1))
+        assert len(got) < 100
+        assert isinstance(frames[-1], m.Error)
+        assert (frames[-1].code, frames[-1].fatal) == ("unavailable", True)
+    finally:
+        for c in clients:
+            await c.close()
+        async with asyncio.timeout(10):
+            await server.close()
+
+
 async def test_first_frame_must_be_hello(server: Server) -> None:
     """Any frame before hello gets a fatal not_registered and the connection closes."""
     raw = await Raw.open(server.port)

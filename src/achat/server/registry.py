@@ -77,7 +77,9 @@ __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room
 log = logging.getLogger("achat.server")
 
 DEFAULT_MAX_TEXT = 4_000
-BACKLOG_PAGE = 500
+#: Messages read from the store at a time for a backlog (join since): a backlog waiting
+#: for its reader holds one such page (up to 16 x 16 KB), not 500 of them.
+BACKLOG_PAGE = 16
 #: The most bytes of a backlog handed to a connection in one piece.
 BACKLOG_PIECE = 32 * 1024
 #: The most of the loop's time fan-outs a commit triggers may take: after one that took t,
@@ -311,7 +313,8 @@ class Registry:
         while after < upto:
             page = self.store.history(name, before=None, after=after, limit=BACKLOG_PAGE)
             if page.gap:
-                oldest = page.messages[0].seq if page.messages else upto + 1
+                # Expired since the join, too (pages are read as the member reads them).
+                oldest = min(page.messages[0].seq if page.messages else upto + 1, upto + 1)
                 text = f"messages {after + 1} to {oldest - 1} of #{name} have expired"
                 yield encode(Error(code="history_gap", message=text, fatal=False, ref=ref))
             messages = [message for message in page.messages if message.seq <= upto]

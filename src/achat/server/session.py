@@ -32,6 +32,7 @@ sets it to the deadline that now applies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -243,10 +244,12 @@ class Session(asyncio.Protocol):
 
     __slots__ = (
         "_alarms",
+        "_behind",
         "_bucket",
         "_closing",
         "_connected",
         "_decoder",
+        "_ending",
         "_frame_started",
         "_last_frame",
         "_limits",
@@ -287,6 +290,8 @@ class Session(asyncio.Protocol):
         # frames, or pages taken only as the peer reads (send_pages): _sources of them.
         self._out: list[bytes | Iterator[bytes]] | None = None
         self._sources = 0
+        self._behind = 0  # bytes of frames queued behind the first pages
+        self._ending = False  # closing once the pages queued are out (close)
         self._scheduled = False
         self._closing = False
         self._member: Member | None = None
@@ -307,6 +312,8 @@ class Session(asyncio.Protocol):
             self._out = [frame]
         else:
             self._out.append(frame)
+        if self._sources:
+            self._behind += len(frame)
         if not self._scheduled:
             self._scheduled = True
             self._rounds.mark(self)
@@ -320,6 +327,8 @@ class Session(asyncio.Protocol):
             self._out = [pages]
         else:
             self._out.append(pages)
+        if not self._sources:
+            self._behind = 0
         self._sources += 1
         if not self._scheduled:
             self._scheduled = True
@@ -327,27 +336,48 @@ class Session(asyncio.Protocol):
 
     def close(self, frame: bytes | None = None, *, flush: bool = True) -> None:
         """Flush what is queued (unless ``flush`` is false), then ``frame``, then close.
-        Idempotent."""
-        if self._closing:
+        Idempotent.
+
+        A peer that ends its session (``bye``, or its end of the stream) while pages it
+        asked for are still to go gets them all first: it stops being read and leaves
+        at once, and the connection closes when they are out (or after close_timeout).
+        """
+        if self._closing and not self._ending:
             return
+        self._ending = False
         try:
             if flush:
                 # Messages already stored reach this peer too before it goes.
                 self._registry.fan_out()
                 self._flush()
         finally:
-            # Whatever went wrong above, the connection still closes and the member leaves.
-            self._stop()
             transport = self._transport
-            if transport is not None:
-                if frame is not None and not transport.is_closing():
-                    transport.write(frame)
-                transport.close()
-                # The member leaves at once (the registry may be mid-iteration: right after
-                # it), not when a peer that does not read finally lets the transport go...
-                self._loop.call_soon(self._leave)
-                # ...which it is made to do after close_timeout.
-                self._loop.call_later(self._limits.close_timeout, transport.abort)
+            if flush and frame is None and self._sources and transport is not None:
+                self._end_after_pages(transport)
+            else:
+                # Whatever went wrong above, the connection still closes, the member leaves.
+                self._close_now(frame)
+
+    def _close_now(self, frame: bytes | None) -> None:
+        self._stop()
+        transport = self._transport
+        if transport is not None:
+            if frame is not None and not transport.is_closing():
+                transport.write(frame)
+            transport.close()
+            # The member leaves at once (the registry may be mid-iteration: right after
+            # it), not when a peer that does not read finally lets the transport go...
+            self._loop.call_soon(self._leave)
+            # ...which it is made to do after close_timeout.
+            self._loop.call_later(self._limits.close_timeout, transport.abort)
+
+    def _end_after_pages(self, transport: asyncio.Transport) -> None:
+        self._closing = self._ending = True  # nothing more is read or queued
+        self._alarms.cancel(self)
+        with contextlib.suppress(RuntimeError):  # already not reading (its end came)
+            transport.pause_reading()
+        self._loop.call_soon(self._leave)
+        self._loop.call_later(self._limits.close_timeout, transport.abort)
 
     def fail(self, exc: ProtocolError, *, flush: bool = True) -> None:
         """Answer with a fatal ``error`` built from ``exc`` and close (see :meth:`close`)."""
@@ -428,7 +458,7 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         # The peer has read most of what it was sent: the next pages, if any are due.
-        if self._sources and not self._closing and not self._scheduled:
+        if self._sources and not self._scheduled:
             self._scheduled = True
             self._rounds.mark(self)
 
@@ -451,6 +481,7 @@ class Session(asyncio.Protocol):
     def _stop(self) -> None:
         """Nothing more is read, queued or timed for this connection."""
         self._closing = True
+        self._ending = False
         self._out = None
         self._sources = 0
         self._alarms.cancel(self)
@@ -581,10 +612,12 @@ class Session(asyncio.Protocol):
     def _flush(self) -> None:
         self._scheduled = False
         out = self._out
-        if self._closing or not out:
+        if not out:
             return
-        if self._sources:
+        if self._sources:  # while ending, too (close)
             self._flush_pages(out)
+            return
+        if self._closing:
             return
         frames = typing.cast(list[bytes], out)
         data = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -610,6 +643,7 @@ class Session(asyncio.Protocol):
         high = self._high()
         pieces: list[bytes] = []
         size = taken = 0
+        first = out[0] if not isinstance(out[0], bytes) else None
         try:
             while taken < len(out):
                 entry = out[taken]
@@ -629,19 +663,32 @@ class Session(asyncio.Protocol):
                 self._sources -= 1
                 taken += 1
         except Exception:
-            # The pages could not be read (the store failed): nothing queued after them
-            # may be written either, or the peer's stream would have a gap. It is closed;
-            # it resumes with `join since`.
+            # The pages could not be read (the store failed). What was taken is a gapless
+            # prefix; nothing queued after the pages may follow it, or the peer's stream
+            # would have a gap. It gets an error and is closed; it resumes with since.
             log.exception("backlog failed addr=%s", self.addr)
-            self.close(flush=False)
+            if pieces:
+                transport.write(b"".join(pieces))
+            self.fail(
+                ProtocolError(
+                    "unavailable", "the history could not be read; join again with since"
+                ),
+                flush=False,
+            )
             return
         del out[:taken]
-        waiting = sum(len(entry) for entry in out if isinstance(entry, bytes))
+        if self._sources and out[0] is not first:  # new first pages: count what is behind
+            self._behind = sum(len(entry) for entry in out if isinstance(entry, bytes))
+        waiting = self._behind if self._sources else 0
         if unsent + size + waiting > self._limits.sendq_limit:
             self._overflow(unsent, size + waiting)
             return
         if pieces:
             transport.write(b"".join(pieces))
+        if self._ending and not out:
+            self._stop()  # the pages are out: the session ends as it was asked to
+            transport.close()
+            return
         if self._sources and transport.get_write_buffer_size() <= high:
             # No resume_writing will come (the buffer is not over the high mark): go on at
             # the next round, which takes a page at least. Over it, resume_writing will.
