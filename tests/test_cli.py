@@ -48,6 +48,7 @@ def test_environment_and_flags() -> None:
         ["--max-frame", "100"],
         ["--store", "paper"],
         ["--sendq-limit", "10"],
+        ["--sendq-limit", "150000"],  # the default frame and a backlog's piece, twice
     ],
 )
 def test_bad_options_exit_with_usage_error(argv: list[str]) -> None:

@@ -58,6 +58,7 @@ def parse_server_args(
 
     from .server.config import ServerConfig, default_data_dir
     from .server.limits import FloodPolicy
+    from .server.registry import BACKLOG_PIECE
     from .server.session import SessionLimits
 
     env = os.environ if env is None else env
@@ -215,8 +216,13 @@ def parse_server_args(
     # A message of max_text characters, 4 bytes each in UTF-8, must fit in one frame.
     if args.max_frame < args.max_text * 4 + 1024 or args.max_frame > 16 * 1024 * 1024:
         parser.error("--max-frame must hold a full message (max_text * 4 + 1024) and be <= 16 MiB")
-    if args.sendq_limit < args.max_frame:
-        parser.error("--sendq-limit must be at least --max-frame")
+    # A backlog (join since) is handed over a piece at a time while what the peer has
+    # not read is under a quarter of the limit: the limit must hold that and a piece.
+    if args.sendq_limit < 2 * (args.max_frame + BACKLOG_PIECE):
+        parser.error(
+            f"--sendq-limit must be at least twice --max-frame plus {2 * BACKLOG_PIECE} "
+            "(a backlog's pieces must fit in it)"
+        )
     if args.rate < 0 or args.burst < 1:
         parser.error("--rate must be 0 or more and --burst at least 1")
     if args.max_per_ip < 1 or args.max_new_per_ip < 1:
