@@ -26,6 +26,15 @@ _BITS = 45
 _SIZE = ((_BITS - _SUB_BITS - 1) << _SUB_BITS) + 2 * _SUB
 
 
+def _index(value: int) -> int:
+    """The bucket ``value`` is counted in (negative values in the first)."""
+    if value < 2 * _SUB:
+        return value if value > 0 else 0
+    if (shift := value.bit_length() - _SUB_BITS - 1) < _BITS - _SUB_BITS:
+        return (shift << _SUB_BITS) + (value >> shift)
+    return _SIZE - 1
+
+
 def _top(index: int) -> int:
     """The largest value counted in bucket ``index``."""
     if index < 2 * _SUB:
@@ -46,13 +55,7 @@ class Histogram:
 
     def add(self, value: int, count: int = 1) -> None:
         """Count ``value`` ``count`` times."""
-        if value < 2 * _SUB:
-            index = value if value > 0 else 0
-        elif (shift := value.bit_length() - _SUB_BITS - 1) < _BITS - _SUB_BITS:
-            index = (shift << _SUB_BITS) + (value >> shift)
-        else:
-            index = _SIZE - 1
-        self.counts[index] += count
+        self.counts[_index(value)] += count
         self.total += count
 
     def add_between(self, low: int, high: int, count: int, points: int) -> None:
@@ -66,14 +69,7 @@ class Histogram:
         step = (high - low) / (points - 1)
         counts = self.counts
         for i in range(points):
-            value = low + round(step * i)
-            if value < 2 * _SUB:
-                index = value if value > 0 else 0
-            elif (shift := value.bit_length() - _SUB_BITS - 1) < _BITS - _SUB_BITS:
-                index = (shift << _SUB_BITS) + (value >> shift)
-            else:
-                index = _SIZE - 1
-            counts[index] += each + (i < more)
+            counts[_index(low + round(step * i))] += each + (i < more)
         self.total += count
 
     def merge(self, other: Histogram) -> None:
