@@ -21,7 +21,7 @@ from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
 from achat.server.session import Session
-from achat.store.base import RefRecord
+from achat.store.base import RefRecord, Store
 from achat.store.memory import MemoryStore
 from tests.conftest import make_config
 from tests.helpers.faultproxy import FaultProxy
@@ -32,6 +32,7 @@ E = TypeVar("E")
 WAIT = 3.0
 
 OPEN: list[Raw] = []
+SOCKETS: list[socket.socket] = []  # of slow_reader()
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +43,8 @@ async def close_raw_connections() -> AsyncIterator[None]:
         raw.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await raw.writer.wait_closed()
+    while SOCKETS:
+        SOCKETS.pop().close()
 
 
 class Raw:
@@ -104,12 +107,21 @@ class Raw:
 
 @pytest.fixture
 async def start() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
-    """A factory of servers with custom SessionLimits; every one is closed at the end."""
+    """A factory of servers with custom SessionLimits (and store); every one is closed
+    at the end. On a ``slow_link`` the accepted sockets have a 4 KiB send buffer, so the
+    server's unsent output builds up in its own queue after a few kilobytes."""
     made: list[Server] = []
 
-    async def factory(**limits: Any) -> Server:
-        srv = Server(make_config(**limits), MemoryStore())
-        await srv.start()
+    async def factory(
+        *, store: Store | None = None, slow_link: bool = False, **limits: Any
+    ) -> Server:
+        srv = Server(make_config(**limits), store if store is not None else MemoryStore())
+        if slow_link:
+            listener = socket.create_server(("127.0.0.1", 0))
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await srv.start(sock=listener)
+        else:
+            await srv.start()
         made.append(srv)
         return srv
 
@@ -126,6 +138,35 @@ async def clients() -> AsyncIterator[list[Client]]:
     yield made
     for c in made:
         await c.close()
+
+
+async def slow_reader(server: Server, nick: str, *bodies: bytes) -> socket.socket:
+    """A raw connection with a 4 KiB receive buffer: it says hello as ``nick``, sends
+    ``bodies`` as frames, and reads nothing until the test does."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    SOCKETS.append(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    hello = b'{"type":"hello","nick":"%s","version":1}' % nick.encode()
+    await loop.sock_sendall(sock, b"".join(encode_frame(b) for b in (hello, *bodies)))
+    return sock
+
+
+async def read_to_end(sock: socket.socket) -> list[Any]:
+    """Every frame the server sends on ``sock`` until it closes it."""
+    loop = asyncio.get_running_loop()
+    decoder = FrameDecoder(max_frame=10**6)
+    frames: list[Any] = []
+    async with asyncio.timeout(WAIT):
+        while data := await loop.sock_recv(sock, 65536):
+            frames += [m.decode_server(b) for b in decoder.receive_data(data)]
+    return frames
+
+
+JOIN_A = b'{"type":"join","room":"a"}'
+JOIN_A_SINCE_0 = b'{"type":"join","room":"a","since":0}'
 
 
 async def connect(server: Server, clients: list[Client], nick: str) -> Client:
@@ -388,69 +429,48 @@ class HeldStore(MemoryStore):
             on_stored()
 
 
-async def test_slow_reader_is_cut_off_alone(clients: list[Client]) -> None:
+async def test_slow_reader_is_cut_off_alone(
+    clients: list[Client], start: Callable[..., Awaitable[Server]]
+) -> None:
     """A member that stops reading gets sendq_exceeded and is dropped; the others get everything.
 
     It loses nothing either: what it missed comes back with join since.
     """
-    # Accepted sockets inherit the listener's small send buffer, so the server's unsent
-    # output builds up in its own queue after a few kilobytes, as on a slow link.
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server = Server(make_config(sendq_limit=32 * 1024), MemoryStore())
-    await server.start(sock=listener)
-    loop = asyncio.get_running_loop()
-    sloth = socket.socket()
-    try:
-        talker = await connect(server, clients, "talker")
-        watcher = await connect(server, clients, "watcher")
-        await talker.join("a")
-        await watcher.join("a")
-        sloth.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sloth.setblocking(False)
-        await loop.sock_connect(sloth, ("127.0.0.1", server.port))
-        await loop.sock_sendall(
-            sloth,
-            encode_frame(b'{"type":"hello","nick":"sloth","version":1}')
-            + encode_frame(b'{"type":"join","room":"a"}'),
-        )
-        while (await next_of(watcher, m.Joined)).nick != "sloth":
-            pass
-        sent = 0
-        async with asyncio.timeout(WAIT):
-            while server.registry.member("sloth") is not None:
-                sent += 1
-                await talker.say("a", f"{sent:04d} " + "x" * 1000)
-        assert sent < 1000
-        seen = await events_until(watcher, sent)
-        assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
-        # The cut happens while a message fans out, so the part notice may follow it.
-        left = [x for x in seen if isinstance(x, m.Parted)] or [await next_of(watcher, m.Parted)]
-        assert [(p.nick, p.reason) for p in left] == [("sloth", "quit")]
-        # The slow reader finally reads: a gapless prefix of the room, then the fatal error.
-        decoder = FrameDecoder(max_frame=10**6)
-        frames: list[Any] = []
-        async with asyncio.timeout(WAIT):
-            while data := await loop.sock_recv(sloth, 65536):
-                frames += [m.decode_server(b) for b in decoder.receive_data(data)]
-        got = [f.seq for f in frames if isinstance(f, m.Message)]
-        assert got == list(range(1, len(got) + 1))
-        assert len(got) < sent
-        assert isinstance(frames[-1], m.Error)
-        assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
-        resumed = await connect(server, clients, "sloth")
-        await resumed.join("a", since=got[-1] if got else 0)
-        rest = await messages(resumed, sent - len(got))
-        assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
-    finally:
-        sloth.close()
-        for c in clients:
-            await c.close()
-        async with asyncio.timeout(10):
-            await server.close()
+    server = await start(sendq_limit=32 * 1024, slow_link=True)
+    talker = await connect(server, clients, "talker")
+    watcher = await connect(server, clients, "watcher")
+    await talker.join("a")
+    await watcher.join("a")
+    sloth = await slow_reader(server, "sloth", JOIN_A)
+    while (await next_of(watcher, m.Joined)).nick != "sloth":
+        pass
+    sent = 0
+    async with asyncio.timeout(WAIT):
+        while server.registry.member("sloth") is not None:
+            sent += 1
+            await talker.say("a", f"{sent:04d} " + "x" * 1000)
+    assert sent < 1000
+    seen = await events_until(watcher, sent)
+    assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
+    # The cut happens while a message fans out, so the part notice may follow it.
+    left = [x for x in seen if isinstance(x, m.Parted)] or [await next_of(watcher, m.Parted)]
+    assert [(p.nick, p.reason) for p in left] == [("sloth", "quit")]
+    # The slow reader finally reads: a gapless prefix of the room, then the fatal error.
+    frames = await read_to_end(sloth)
+    got = [f.seq for f in frames if isinstance(f, m.Message)]
+    assert got == list(range(1, len(got) + 1))
+    assert len(got) < sent
+    assert isinstance(frames[-1], m.Error)
+    assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
+    resumed = await connect(server, clients, "sloth")
+    await resumed.join("a", since=got[-1] if got else 0)
+    rest = await messages(resumed, sent - len(got))
+    assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
 
 
-async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(clients: list[Client]) -> None:
+async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(
+    clients: list[Client], start: Callable[..., Awaitable[Server]]
+) -> None:
     """The output dropped for sendq_exceeded ends the stream: no message stored meanwhile
     is written after it, so what the slow reader got is still a gapless prefix.
 
@@ -459,178 +479,98 @@ async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(clients: lis
     follows must not write that commit to the reader (it once did: a stream jumped
     over the dropped piece, as seen under load by achat-bench's checking clients).
     """
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     store = HeldStore()
     limit = 64 * 1024
-    server = Server(make_config(sendq_limit=limit), store)
-    await server.start(sock=listener)
-    loop = asyncio.get_running_loop()
-    sloth = socket.socket()
-    try:
-        talker = await connect(server, clients, "talker")
-        watcher = await connect(server, clients, "watcher")
-        await talker.join("a")
-        await watcher.join("a")
-        sloth.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sloth.setblocking(False)
-        await loop.sock_connect(sloth, ("127.0.0.1", server.port))
-        await loop.sock_sendall(
-            sloth,
-            encode_frame(b'{"type":"hello","nick":"sloth","version":1}')
-            + encode_frame(b'{"type":"join","room":"a"}'),
-        )
-        while (await next_of(watcher, m.Joined)).nick != "sloth":
-            pass
-        member = server.registry.member("sloth")
-        assert member is not None
-        peer = cast(Session, member.peer)
-        said = 0
-        while peer.unsent < limit // 2:  # the reader's backlog, short of the limit
-            said += 1
-            await talker.say("a", f"{said:04d} " + "x" * 1000)
-        store.holding = True
-        big = [asyncio.create_task(talker.say("a", "y" * 1000)) for _ in range(limit // 2000)]
-        late = asyncio.create_task(talker.say("a", "the late one"))
-        await store.wait_held(len(big) + 1)
-        # Their fan-out at once, this tick, whatever the last one took (no pacing wait).
-        server.registry._fan_out_ready = float("-inf")
-        store.release(len(big))  # the fan-out of these is due...
-        await asyncio.sleep(0)  # ...and done: the reader's write of them is due next
-        assert server.registry.rooms["a"].stored_seq == said + len(big)
-        assert server.registry.member("sloth") is not None
-        store.release(1)  # a commit lands before that write
-        sent = said + len(big) + 1
-        assert (await late).seq == sent
-        seen = await events_until(watcher, sent)
-        assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
-        assert server.registry.member("sloth") is None
-        decoder = FrameDecoder(max_frame=10**6)
-        frames: list[Any] = []
-        async with asyncio.timeout(WAIT):
-            while data := await loop.sock_recv(sloth, 65536):
-                frames += [m.decode_server(b) for b in decoder.receive_data(data)]
-        got = [f.seq for f in frames if isinstance(f, m.Message)]
-        assert got == list(range(1, len(got) + 1))
-        assert len(got) <= said
-        assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
-        resumed = await connect(server, clients, "sloth")
-        await resumed.join("a", since=got[-1] if got else 0)
-        rest = await messages(resumed, sent - len(got))
-        assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
-    finally:
-        sloth.close()
-        for c in clients:
-            await c.close()
-        async with asyncio.timeout(10):
-            await server.close()
+    server = await start(store=store, sendq_limit=limit, slow_link=True)
+    talker = await connect(server, clients, "talker")
+    watcher = await connect(server, clients, "watcher")
+    await talker.join("a")
+    await watcher.join("a")
+    sloth = await slow_reader(server, "sloth", JOIN_A)
+    while (await next_of(watcher, m.Joined)).nick != "sloth":
+        pass
+    member = server.registry.member("sloth")
+    assert member is not None
+    peer = cast(Session, member.peer)
+    said = 0
+    while peer.unsent < limit // 2:  # the reader's backlog, short of the limit
+        said += 1
+        await talker.say("a", f"{said:04d} " + "x" * 1000)
+    store.holding = True
+    big = [asyncio.create_task(talker.say("a", "y" * 1000)) for _ in range(limit // 2000)]
+    late = asyncio.create_task(talker.say("a", "the late one"))
+    await store.wait_held(len(big) + 1)
+    # Their fan-out at once, this tick, whatever the last one took (no pacing wait).
+    server.registry._fan_out_ready = float("-inf")
+    store.release(len(big))  # the fan-out of these is due...
+    await asyncio.sleep(0)  # ...and done: the reader's write of them is due next
+    assert server.registry.rooms["a"].stored_seq == said + len(big)
+    assert server.registry.member("sloth") is not None
+    store.release(1)  # a commit lands before that write
+    sent = said + len(big) + 1
+    assert (await late).seq == sent
+    seen = await events_until(watcher, sent)
+    assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
+    assert server.registry.member("sloth") is None
+    frames = await read_to_end(sloth)
+    got = [f.seq for f in frames if isinstance(f, m.Message)]
+    assert got == list(range(1, len(got) + 1))
+    assert len(got) <= said
+    assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
+    resumed = await connect(server, clients, "sloth")
+    await resumed.join("a", since=got[-1] if got else 0)
+    rest = await messages(resumed, sent - len(got))
+    assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
 
 
 async def test_a_backlog_larger_than_the_send_limit_reaches_a_slow_resuming_reader(
-    clients: list[Client],
+    clients: list[Client], start: Callable[..., Awaitable[Server]]
 ) -> None:
     """join since, with five times the send limit stored since: the backlog is read from
     the store as the reader reads it, then come the live messages, all in seq order."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     limit = 64 * 1024
-    server = Server(make_config(sendq_limit=limit), MemoryStore())
-    await server.start(sock=listener)
+    server = await start(sendq_limit=limit, slow_link=True)
     loop = asyncio.get_running_loop()
-    late = socket.socket()
-    try:
-        talker = await connect(server, clients, "talker")
-        await talker.join("a")
-        stored = 5 * limit // 1000
-        for i in range(stored):
-            await talker.say("a", f"{i:04d} " + "x" * 1000)
-        late.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        late.setblocking(False)
-        await loop.sock_connect(late, ("127.0.0.1", server.port))
-        await loop.sock_sendall(
-            late,
-            encode_frame(b'{"type":"hello","nick":"late","version":1}')
-            + encode_frame(b'{"type":"join","room":"a","since":0}'),
-        )
-        for i in range(5):  # live, while the backlog is still on its way
-            await talker.say("a", f"live {i}")
-        decoder = FrameDecoder(max_frame=10**6)
-        frames: list[Any] = []
-        async with asyncio.timeout(WAIT):
-            while sum(isinstance(f, m.Message) for f in frames) < stored + 5:
-                data = await loop.sock_recv(late, 4096)
-                assert data, "closed"
-                frames += [m.decode_server(b) for b in decoder.receive_data(data)]
-        assert not [f for f in frames if isinstance(f, m.Error)]
-        got = [f.seq for f in frames if isinstance(f, m.Message)]
-        assert got == list(range(1, stored + 6))
-        assert server.registry.member("late") is not None
-    finally:
-        late.close()
-        for c in clients:
-            await c.close()
-        async with asyncio.timeout(10):
-            await server.close()
-
-
-async def read_to_end(sock: socket.socket) -> list[Any]:
-    """Every frame the server sends on ``sock`` until it closes it."""
-    loop = asyncio.get_running_loop()
+    talker = await connect(server, clients, "talker")
+    await talker.join("a")
+    stored = 5 * limit // 1000
+    for i in range(stored):
+        await talker.say("a", f"{i:04d} " + "x" * 1000)
+    late = await slow_reader(server, "late", JOIN_A_SINCE_0)
+    for i in range(5):  # live, while the backlog is still on its way
+        await talker.say("a", f"live {i}")
     decoder = FrameDecoder(max_frame=10**6)
     frames: list[Any] = []
     async with asyncio.timeout(WAIT):
-        while data := await loop.sock_recv(sock, 65536):
+        while sum(isinstance(f, m.Message) for f in frames) < stored + 5:
+            data = await loop.sock_recv(late, 4096)
+            assert data, "closed"
             frames += [m.decode_server(b) for b in decoder.receive_data(data)]
-    return frames
-
-
-async def slow_resumer(server: Server, then: bytes = b"") -> socket.socket:
-    """A reader with small buffers that says hello, joins #a since 0, then ``then``."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", server.port))
-    await loop.sock_sendall(
-        sock,
-        encode_frame(b'{"type":"hello","nick":"late","version":1}')
-        + encode_frame(b'{"type":"join","room":"a","since":0}')
-        + then,
-    )
-    return sock
+    assert not [f for f in frames if isinstance(f, m.Error)]
+    got = [f.seq for f in frames if isinstance(f, m.Message)]
+    assert got == list(range(1, stored + 6))
+    assert server.registry.member("late") is not None
 
 
 @pytest.mark.parametrize("ending", ["bye", "end of stream"])
 async def test_a_reader_that_ends_its_session_during_a_backlog_still_gets_all_of_it(
-    clients: list[Client], ending: str
+    clients: list[Client], start: Callable[..., Awaitable[Server]], ending: str
 ) -> None:
     """bye flushes what is queued, a backlog too, however far behind the reader is."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server = Server(make_config(), MemoryStore())
-    await server.start(sock=listener)
-    try:
-        talker = await connect(server, clients, "talker")
-        await talker.join("a")
-        for i in range(300):
-            await talker.say("a", f"{i:04d} " + "x" * 1000)
-        bye = encode_frame(b'{"type":"bye"}') if ending == "bye" else b""
-        late = await slow_resumer(server, bye)
-        if ending != "bye":
-            late.shutdown(socket.SHUT_WR)
-        try:
-            while server.registry.member("late") is not None:  # it leaves at once...
-                await next_of(talker, m.Parted)
-            frames = await read_to_end(late)  # ...and its backlog follows it out
-        finally:
-            late.close()
-        assert [f.seq for f in frames if isinstance(f, m.Message)] == list(range(1, 301))
-        assert not [f for f in frames if isinstance(f, m.Error)]
-    finally:
-        for c in clients:
-            await c.close()
-        async with asyncio.timeout(10):
-            await server.close()
+    server = await start(slow_link=True)
+    talker = await connect(server, clients, "talker")
+    await talker.join("a")
+    for i in range(300):
+        await talker.say("a", f"{i:04d} " + "x" * 1000)
+    bye = [b'{"type":"bye"}'] if ending == "bye" else []
+    late = await slow_reader(server, "late", JOIN_A_SINCE_0, *bye)
+    if ending != "bye":
+        late.shutdown(socket.SHUT_WR)
+    while server.registry.member("late") is not None:  # it leaves at once...
+        await next_of(talker, m.Parted)
+    frames = await read_to_end(late)  # ...and its backlog follows it out
+    assert [f.seq for f in frames if isinstance(f, m.Message)] == list(range(1, 301))
+    assert not [f for f in frames if isinstance(f, m.Error)]
 
 
 class FailingHistory(MemoryStore):
@@ -648,33 +588,22 @@ class FailingHistory(MemoryStore):
 
 @pytest.mark.parametrize("pages", [0, 3])
 async def test_a_backlog_the_store_cannot_read_ends_in_an_error_after_a_gapless_prefix(
-    clients: list[Client], pages: int
+    clients: list[Client], start: Callable[..., Awaitable[Server]], pages: int
 ) -> None:
     store = FailingHistory()
-    server = Server(make_config(), store)
-    await server.start()
-    try:
-        talker = await connect(server, clients, "talker")
-        await talker.join("a")
-        for i in range(100):
-            await talker.say("a", f"{i:04d} " + "x" * 100)
-        store.pages = pages
-        late = await slow_resumer(server)
-        try:
-            frames = await read_to_end(late)
-        finally:
-            late.close()
-        assert isinstance(frames[0], m.Welcome)
-        got = [f.seq for f in frames if isinstance(f, m.Message)]
-        assert got == list(range(1, len(got) + 1))
-        assert len(got) < 100
-        assert isinstance(frames[-1], m.Error)
-        assert (frames[-1].code, frames[-1].fatal) == ("unavailable", True)
-    finally:
-        for c in clients:
-            await c.close()
-        async with asyncio.timeout(10):
-            await server.close()
+    server = await start(store=store)
+    talker = await connect(server, clients, "talker")
+    await talker.join("a")
+    for i in range(100):
+        await talker.say("a", f"{i:04d} " + "x" * 100)
+    store.pages = pages
+    frames = await read_to_end(await slow_reader(server, "late", JOIN_A_SINCE_0))
+    assert isinstance(frames[0], m.Welcome)
+    got = [f.seq for f in frames if isinstance(f, m.Message)]
+    assert got == list(range(1, len(got) + 1))
+    assert len(got) < 100
+    assert isinstance(frames[-1], m.Error)
+    assert (frames[-1].code, frames[-1].fatal) == ("unavailable", True)
 
 
 async def test_first_frame_must_be_hello(server: Server) -> None:
