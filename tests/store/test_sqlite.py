@@ -86,6 +86,31 @@ async def test_callbacks_come_back_on_the_loop(store: SQLiteStore) -> None:
     assert threads == [loop_thread]
 
 
+async def test_an_append_from_another_thread_is_handed_over_at_once(store: SQLiteStore) -> None:
+    """While the loop runs, an append made on another thread is not held for the loop's
+    tick (nothing would wake the loop for it): it goes to the writer at once, and its
+    callback still comes back on the loop."""
+    loop_thread = threading.get_ident()
+    first = asyncio.Event()
+    store.append(msg("r", 1), first.set)  # the store takes this loop as its own
+    async with asyncio.timeout(5):
+        await first.wait()
+    threads: list[int] = []
+    done = asyncio.Event()
+
+    def stored() -> None:
+        threads.append(threading.get_ident())
+        done.set()
+
+    # Made while the loop sleeps, waiting for the callback.
+    other = threading.Timer(0.05, store.append, args=(msg("r", 2), stored))
+    other.start()
+    async with asyncio.timeout(2):
+        await done.wait()
+    other.join()
+    assert threads == [loop_thread]
+
+
 async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:
     """Messages appended in one tick are committed in far fewer transactions than messages."""
     acked: list[int] = []

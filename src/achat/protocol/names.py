@@ -156,6 +156,8 @@ _CONTROL_BUT_LAYOUT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _first_control(text: str, allowed: str) -> str | None:
+    if text.isascii() and text.isprintable():  # most texts: half the regex's time
+        return None
     pattern = _CONTROL_BUT_LAYOUT if allowed else _CONTROL
     found = pattern.search(text)
     return found.group() if found is not None else None

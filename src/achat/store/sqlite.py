@@ -40,7 +40,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -153,6 +153,7 @@ class SQLiteStore:
         self.history_max = history_max
         self._clock = clock
         self._loop = loop
+        self._loop_thread: int | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reader = self._connect()
         self._migrate(self._reader)
@@ -214,13 +215,22 @@ class SQLiteStore:
         Callbacks go back to that loop; with no loop running (plain synchronous
         use) they run on the writer thread.
         """
+        # The thread is compared first: asyncio.get_running_loop() makes a getpid()
+        # system call on CPython 3.11 (to tell a forked child), and every say comes here.
+        # On the loop's own thread, with the loop running, it is the running loop.
+        loop = self._loop
+        if loop is not None and self._loop_thread == threading.get_ident() and loop.is_running():
+            return True
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        if self._loop is None:
-            self._loop = running
-        return running is self._loop
+        if loop is None:
+            self._loop = loop = running
+        if running is not loop:
+            return False
+        self._loop_thread = threading.get_ident()
+        return True
 
     def _put(self, write: _Write) -> None:
         # On the loop, one hand-over per tick: waking the writer thread costs a GIL
@@ -229,7 +239,7 @@ class SQLiteStore:
             self._hand_over([write])
             return
         if not self._tick:
-            asyncio.get_running_loop().call_soon(self._submit)
+            cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._submit)
         self._tick.append(write)
 
     def _submit(self) -> None:
