@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from tests.helpers.procs import ServerProcess
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -33,3 +35,22 @@ def test_say_cost_drives_the_registry_and_store_until_every_say_is_acked() -> No
     loop_us, store_us = asyncio.run(asyncio.wait_for(run, timeout=30))
     assert loop_us > 0
     assert store_us >= 0
+
+
+def test_arrival_times_a_busy_room_at_its_observers_sockets(tmp_path: Path) -> None:
+    arrival = load("arrival")
+    server = ServerProcess(tmp_path / "data")
+    server.start()
+    try:
+        result = arrival.measure(server.port, clients=4, observers=2, seconds=1.0, warmup=0.5)
+    finally:
+        server.stop()
+    # Four clients saying once a second for a second: each observer group saw messages,
+    # every one timed by the kernel's stamp, and the kernel's arrival is before the read.
+    assert result["counted"] >= 2
+    first_p50, last_p50, read_p50 = (
+        result[k][0] for k in ("first_arrival", "last_arrival", "last_read")
+    )
+    assert 0 < first_p50 < 1000
+    assert 0 < last_p50 <= read_p50
+    assert result["load_delivered"] > 0.9
