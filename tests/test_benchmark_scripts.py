@@ -53,4 +53,6 @@ def test_arrival_times_a_busy_room_at_its_observers_sockets(tmp_path: Path) -> N
     )
     assert 0 < first_p50 < 1000
     assert 0 < last_p50 <= read_p50
+    assert result["lag"][0] >= 0
+    assert 0 <= result["shared"] <= 1  # measured over the window, not left unknown
     assert result["load_delivered"] > 0.9

@@ -213,7 +213,9 @@ class SQLiteStore:
         """True on the thread of the loop that appends (captured on first use).
 
         Callbacks go back to that loop; with no loop running (plain synchronous
-        use) they run on the writer thread.
+        use) they run on the writer thread. The loop is expected to run on the
+        thread it first appended from: one that stopped and ran again on
+        another thread would still be taken for running on the first.
         """
         # The thread is compared first: asyncio.get_running_loop() makes a getpid()
         # system call on CPython 3.11 (to tell a forked child), and every say comes here.
