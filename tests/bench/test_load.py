@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from achat.bench import load
 from achat.bench.load import (
     KEEPALIVE_POLL,
     KEEPALIVE_REF,
@@ -125,7 +126,7 @@ def feed(
                 client._write_say()
         for chunk in chunks:
             client.data_received(chunk)
-        window.count_near(report)
+        window.settle(report)
         return report, wire
 
     return asyncio.run(run())
@@ -647,3 +648,22 @@ def test_reads_that_hold_messages_are_counted_for_the_drain() -> None:
     cut = len(GREETING) + len(message(1)) + 3
     report, _ = feed([stream[:cut], stream[cut:], encode(Ping(ref="x"))], says=0)
     assert report.message_reads == 2  # the ping holds none
+
+
+def test_latencies_wait_for_the_window_end_unless_too_many_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    window, report = _Window(), WorkerReport()
+    window.spread(report, 10, 20, 3)
+    window.spread(report, 5, 5, 1)
+    assert report.latency.total == 0  # nothing spread while the window is open
+    window.settle(report)
+    # All there after it, spread as they would have been at once: 5, then 10, 15, 20.
+    assert report.latency.total == 4
+    assert [report.latency.quantile(q) for q in (0.25, 0.5, 0.75, 1.0)] == [5, 10, 15, 20]
+    monkeypatch.setattr(load, "SPREADS_MAX", 2)
+    window.spread(report, 1, 1, 1)
+    assert report.latency.total == 4
+    window.spread(report, 1, 1, 1)  # a second read waiting: both are counted at once
+    assert report.latency.total == 6
+    assert not window.spreads
