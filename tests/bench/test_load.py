@@ -8,10 +8,11 @@ import random
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from achat.bench import load
+from achat.bench.histogram import Histogram
 from achat.bench.load import (
     KEEPALIVE_POLL,
     KEEPALIVE_REF,
@@ -661,9 +662,39 @@ def test_latencies_wait_for_the_window_end_unless_too_many_do(
     # All there after it, spread as they would have been at once: 5, then 10, 15, 20.
     assert report.latency.total == 4
     assert [report.latency.quantile(q) for q in (0.25, 0.5, 0.75, 1.0)] == [5, 10, 15, 20]
-    monkeypatch.setattr(load, "SPREADS_MAX", 2)
-    window.spread(report, 1, 1, 1)
+    # Past the most that may wait, the newest FOLD_CHUNK are counted in the window.
+    monkeypatch.setattr(load, "SPREADS_MAX", 3)
+    monkeypatch.setattr(load, "FOLD_CHUNK", 2)
+    for _ in range(2):
+        window.spread(report, 1, 1, 1)
     assert report.latency.total == 4
-    window.spread(report, 1, 1, 1)  # a second read waiting: both are counted at once
+    window.spread(report, 1, 1, 1)  # three waiting: two counted now, one still waits
     assert report.latency.total == 6
+    assert list(window.spreads) == [1, 1, 1]
+    # A latency no array of 64-bit integers holds (not from a stamp achat-bench wrote)
+    # is counted at once and leaves the others in step.
+    window.spread(report, -(2**64), 7, 2)
+    assert report.latency.total == 8
+    window.settle(report)
+    assert report.latency.total == 9
     assert not window.spreads
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(-(10**6), 10**12), st.integers(0, 10**11), st.integers(1, 5000)),
+        max_size=30,
+    )
+)
+def test_latencies_spread_after_the_window_are_those_spread_at_once(
+    reads: list[tuple[int, int, int]],
+) -> None:
+    window, later = _Window(), WorkerReport()
+    at_once = Histogram()
+    for low, width, count in reads:
+        window.spread(later, low, low + width, count)
+        at_once.add_between(low, low + width, count, load.SPREAD)
+    window.settle(later)
+    assert later.latency.counts == at_once.counts
+    assert later.latency.total == at_once.total
