@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -722,6 +723,34 @@ async def test_frames_before_a_bad_header_are_still_served(
     assert (frames[-1].code, frames[-1].fatal) == ("bad_frame", True)
     [message] = await messages(ana, 1)
     assert (message.sender, message.text) == ("bob", "last words")
+
+
+async def test_the_log_names_what_ended_a_connection_for_a_bad_frame(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator's log says which bad frame closed a connection: an undecodable one
+    before hello, or a bad header after the frames before it were served; never a
+    header read after a frame that had already ended the connection."""
+    caplog.set_level(logging.INFO, logger="achat.server")
+    # A frame that cannot be decoded before hello, then a header too large for any frame.
+    raw = await Raw.open(server.port)
+    raw.writer.write(encode_frame(b'{"type":"hello"') + b"\x7f\xff\xff\xff")
+    [error] = await raw.rest()
+    assert (error.code, error.fatal) == ("invalid_json", True)
+    bad = [r.getMessage() for r in caplog.records if "bad frame" in r.getMessage()]
+    assert len(bad) == 1
+    assert bad[0].endswith("code=invalid_json")
+    # A good hello, then the same header: that header is what ends this one.
+    caplog.clear()
+    raw = await Raw.open(server.port)
+    raw.writer.write(
+        encode_frame(b'{"type":"hello","nick":"ana","version":1}') + b"\x7f\xff\xff\xff"
+    )
+    frames = await raw.rest()
+    assert [type(f) for f in frames] == [m.Welcome, m.Error]
+    bad = [r.getMessage() for r in caplog.records if "bad frame" in r.getMessage()]
+    assert len(bad) == 1
+    assert bad[0].endswith("code=frame_too_large")
 
 
 @pytest.mark.parametrize(

@@ -434,12 +434,13 @@ class Session(asyncio.Protocol):
         try:
             bodies = self._decoder.receive_data(data)
         except FrameError as exc:
-            log.info("bad frame addr=%s code=%s", self.addr, exc.code)
             # Frames completed before the bad header are served, so that what happens
-            # does not depend on how TCP happened to split the stream.
+            # does not depend on how TCP happened to split the stream; one of them may
+            # end the connection first, and then the header is not what ended it.
             for body in exc.frames:
                 if not self._dispatch(body) or self._closing:
                     return
+            log.info("bad frame addr=%s code=%s", self.addr, exc.code)
             self.fail(exc)
             return
         now = self._loop.time()
@@ -534,6 +535,7 @@ class Session(asyncio.Protocol):
             frame: ClientFrame = decode_client(body)
         except ProtocolError as exc:
             if self._member is None:
+                log.info("bad frame addr=%s code=%s", self.addr, exc.code)
                 self.fail(exc)
                 return False
             # Garbage costs a token like any frame, so it cannot flood for free.
