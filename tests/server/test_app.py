@@ -170,6 +170,26 @@ JOIN_A = b'{"type":"join","room":"a"}'
 JOIN_A_SINCE_0 = b'{"type":"join","room":"a","since":0}'
 
 
+async def cut_off_prefix(sock: socket.socket) -> list[int]:
+    """The seqs a reader cut off for reading too slowly got, read to the end: checked
+    to be a gapless prefix of the room's messages, then the fatal sendq_exceeded."""
+    frames = await read_to_end(sock)
+    got = [f.seq for f in frames if isinstance(f, m.Message)]
+    assert got == list(range(1, len(got) + 1))
+    assert isinstance(frames[-1], m.Error)
+    assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
+    return got
+
+
+async def resume_rest(server: Server, clients: list[Client], got: list[int], sent: int) -> None:
+    """The cut-off reader, back as "sloth", joins room a since its last seq: it gets the
+    rest of the ``sent`` messages, in order."""
+    resumed = await connect(server, clients, "sloth")
+    await resumed.join("a", since=got[-1] if got else 0)
+    rest = await messages(resumed, sent - len(got))
+    assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
+
+
 async def connect(server: Server, clients: list[Client], nick: str) -> Client:
     c = Client("127.0.0.1", server.port, nick)
     await c.connect()
@@ -457,16 +477,9 @@ async def test_slow_reader_is_cut_off_alone(
     left = [x for x in seen if isinstance(x, m.Parted)] or [await next_of(watcher, m.Parted)]
     assert [(p.nick, p.reason) for p in left] == [("sloth", "quit")]
     # The slow reader finally reads: a gapless prefix of the room, then the fatal error.
-    frames = await read_to_end(sloth)
-    got = [f.seq for f in frames if isinstance(f, m.Message)]
-    assert got == list(range(1, len(got) + 1))
+    got = await cut_off_prefix(sloth)
     assert len(got) < sent
-    assert isinstance(frames[-1], m.Error)
-    assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
-    resumed = await connect(server, clients, "sloth")
-    await resumed.join("a", since=got[-1] if got else 0)
-    rest = await messages(resumed, sent - len(got))
-    assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
+    await resume_rest(server, clients, got, sent)
 
 
 async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(
@@ -513,15 +526,9 @@ async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(
     seen = await events_until(watcher, sent)
     assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
     assert server.registry.member("sloth") is None
-    frames = await read_to_end(sloth)
-    got = [f.seq for f in frames if isinstance(f, m.Message)]
-    assert got == list(range(1, len(got) + 1))
+    got = await cut_off_prefix(sloth)
     assert len(got) <= said
-    assert (frames[-1].code, frames[-1].fatal) == ("sendq_exceeded", True)
-    resumed = await connect(server, clients, "sloth")
-    await resumed.join("a", since=got[-1] if got else 0)
-    rest = await messages(resumed, sent - len(got))
-    assert [x.seq for x in rest] == list(range(len(got) + 1, sent + 1))
+    await resume_rest(server, clients, got, sent)
 
 
 async def test_a_backlog_larger_than_the_send_limit_reaches_a_slow_resuming_reader(
