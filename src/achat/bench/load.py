@@ -46,11 +46,12 @@ seq starts and ends with, and, where its stamps are read, the middle stamp
 of each equal share of them in order. The spreading itself waits for the
 window's end (item 39): a read in it keeps three numbers. It used to be a
 sample of up to 100,000 reads, two stamps each, which gave a read of 400
-messages the weight of a read of one. Reads near either edge of the window were once read stamp
-by stamp as they came, a step of Python per stamp for half a second of all
-the traffic at once: at busy-room 2,500 that stalled the worker for a second
-or more at the window's start and at its end, which the latencies measured,
-and often set off a collapse (docs/performance.md, item 32).
+messages the weight of a read of one. Reads near either edge of the window
+were once read stamp by stamp as they came, a step of Python per stamp for
+half a second of all the traffic at once: at busy-room 2,500 that stalled
+the worker for a second or more at the window's start and at its end, which
+the latencies measured, and often set off a collapse (docs/performance.md,
+item 32).
 
 That is all a read costs while the client waits for nothing.
 Besides messages, what a client needs from the server are the answers to
