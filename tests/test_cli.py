@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,69 @@ def test_send_to_nowhere_fails(capsys: pytest.CaptureFixture[str]) -> None:
         port = s.getsockname()[1]
     assert cli.main(["send", "--nick", "bot", "--port", str(port), "hello"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_join_loads_its_modules_without_the_collector() -> None:
+    """``achat join`` imports its UI with the collector off, then freezes what it loaded.
+
+    In a fresh interpreter, as the console script runs it: importing ``achat.cli``
+    loads none of the heavy modules (so they fall inside the window), and after
+    ``join`` (here refused: nothing listens) the collector is on again and the
+    modules' objects are in the permanent generation.
+    """
+    probe = f"""
+import gc, sys
+from achat import cli
+heavy = [m for m in ("asyncio", "msgspec", "prompt_toolkit") if m in sys.modules]
+code = cli.main(["join", "--port", "{_closed_port()}", "--nick", "ana"])
+print(heavy, code, gc.isenabled(), gc.get_freeze_count(), "prompt_toolkit" in sys.modules, sep=";")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    heavy, code, enabled, frozen, loaded = done.stdout.strip().split(";")
+    assert heavy == "[]"
+    assert (code, enabled, loaded) == ("1", "True", "True"), done.stderr
+    assert int(frozen) > 20_000  # about 45,000 objects with prompt_toolkit 3.0.5x
+
+
+def test_loading_window_restores_the_collector() -> None:
+    """The window turns the collector back on, even when an import fails, unless it was off."""
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    seen: list[bool] = []
+    kept: list[list[int]] = []
+
+    def load() -> None:
+        with cli._loading_for_good():
+            seen.append(gc.isenabled())
+            kept.extend([] for _ in range(100))
+            raise ImportError("no such module")
+
+    try:
+        with pytest.raises(ImportError):
+            load()
+        assert seen == [False]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(kept)
+        gc.disable()
+        with cli._loading_for_good():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
