@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -22,6 +20,7 @@ from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import encode_frame
 from achat.server.app import Server
+from tests.helpers.fakeserver import WELCOME, fake_server
 
 
 async def next_of(client: Client, kind: type, timeout: float = 3) -> Event:
@@ -117,40 +116,6 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     assert max(delays[:2]) <= 0.2
     assert len(set(delays)) == len(delays)
     assert max(delays[6:]) > 1.0
-
-
-FakeServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def fake_server(handler: FakeServer) -> AsyncIterator[int]:
-    """A one-off server running ``handler``; every connection is closed on the way out."""
-    writers: list[asyncio.StreamWriter] = []
-    tasks: list[asyncio.Task[None]] = []
-
-    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.append(task)
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            await handler(reader, writer)
-
-    server = await asyncio.start_server(run, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        for writer in writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-        await server.wait_closed()
-
-
-WELCOME = m.encode(m.Welcome(nick="ana", server="evil", version=1, max_frame=65536, max_text=4000))
 
 
 async def test_hostile_server_frames_are_dropped_not_raised() -> None:

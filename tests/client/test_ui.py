@@ -12,7 +12,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 from prompt_toolkit.completion import CompleteEvent
@@ -35,6 +35,7 @@ from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEven
 from achat.server.app import Server
 from achat.server.config import ServerConfig
 from achat.store.memory import MemoryStore
+from tests.helpers.fakeserver import WELCOME, fake_server
 
 ESC_ENTER = "\x1b\r"
 CTRL_D = "\x04"
@@ -157,6 +158,67 @@ async def test_initial_join_shows_names_and_sets_current_room(server: Server, bo
         assert ui.state.connection == "connected"
         assert "[#general]" in window.toolbar()
         assert "2 here" in window.toolbar()
+
+
+async def test_the_first_prompt_waits_for_the_rooms_answer(
+    server: Server, bob: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Who is in the first room and its recent lines are shown before the first prompt."""
+    await bob.say("general", "said before ana came")
+    client = Client("127.0.0.1", server.port, "ana")
+    await client.connect()
+    with create_pipe_input() as keyboard:
+        ui = ChatUI(client, room="general", input=keyboard, output=DummyOutput())
+        shown_at_prompt: list[list[str]] = []
+        prompt_async = ui.session.prompt_async
+
+        async def prompt(*args: Any, **kwargs: Any) -> str:
+            shown_at_prompt.append(list(ui.transcript))
+            return await prompt_async(*args, **kwargs)
+
+        monkeypatch.setattr(ui.session, "prompt_async", prompt)
+        task = asyncio.create_task(ui.run())
+        try:
+            await until("the prompt", lambda: bool(shown_at_prompt))
+        finally:
+            ui.quit()
+            async with asyncio.timeout(5):
+                await task
+    opening = shown_at_prompt[0]
+    assert "-- #general: ana, bob (2 people)" in opening
+    assert any("said before ana came" in line for line in opening), opening
+
+
+async def test_the_first_prompt_waits_no_longer_than_its_bound() -> None:
+    """A server that never answers the join still gets a prompt, after ``opening_wait``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # hello
+        writer.write(WELCOME)
+        seen = b""
+        while b'"bye"' not in seen:  # the join, never answered, then the window's goodbye
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            seen += chunk
+        writer.close()
+
+    async with fake_server(handler) as port:
+        client = Client("127.0.0.1", port, "ana")
+        await client.connect()
+        with create_pipe_input() as keyboard:
+            ui = ChatUI(
+                client, room="general", input=keyboard, output=DummyOutput(), opening_wait=0.05
+            )
+            task = asyncio.create_task(ui.run())
+            try:
+                await until("the prompt", lambda: ui.session.app.is_running)
+                assert ui.state.room is None
+                assert "(no room)" in fragment_list_to_text(ui._toolbar())
+            finally:
+                ui.quit()
+                async with asyncio.timeout(5):
+                    await task
 
 
 async def test_without_a_room_the_window_starts_in_no_room(server: Server) -> None:

@@ -79,6 +79,10 @@ TRANSCRIPT_LINES = 10_000
 EVENT_SLICE_SECONDS = 0.008
 #: How often the toolbar's countdown to the next reconnection attempt is redrawn.
 COUNTDOWN_SECONDS = 0.5
+#: Longest the first prompt waits for the first room's answer (who is there, recent
+#: lines): on a server that answers within it, those lines print before any prompt
+#: exists, and the prompt is drawn once, naming the room.
+OPENING_WAIT_SECONDS = 0.2
 
 
 class ChatState(msgspec.Struct):
@@ -142,8 +146,10 @@ class ChatUI:
         output: Output | None = None,
         renderer: Renderer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        opening_wait: float = OPENING_WAIT_SECONDS,
     ) -> None:
         self.client = client
+        self.opening_wait = opening_wait
         self._clock = clock
         self._countdown: asyncio.TimerHandle | None = None
         self.state = ChatState(nick=client.nick)
@@ -158,6 +164,9 @@ class ChatUI:
         self._asked: set[str] = set()  # refs of /who requests, whose names are shown
         self._asked_topic: set[str] = set()  # refs of /topic requests for rooms not joined
         self._quit = asyncio.Event()
+        # Refs of the first room's join and context request, until answered; then opened.
+        self._opening: set[str] = set()
+        self._opened = asyncio.Event()
         self._output = output
         self.session: PromptSession[str] = PromptSession(
             input=input,
@@ -181,6 +190,8 @@ class ChatUI:
             self.show(self.renderer.event(self.client.welcome, current_room=None))
         if self.first_room:
             self.execute(cmd.JoinCmd(self.first_room))
+        if not self._opening:
+            self._opened.set()
         try:
             async with asyncio.TaskGroup() as tasks:
                 reader = tasks.create_task(self.read_events())
@@ -200,7 +211,17 @@ class ChatUI:
         self._quit.set()
 
     async def read_input(self) -> None:
-        """The input coroutine: one line at a time, until quit."""
+        """The input coroutine: one line at a time, until quit.
+
+        The first prompt waits until the first room has answered, for at most
+        ``opening_wait``. Lines printed while a prompt is up make prompt_toolkit
+        erase it, print, ask the terminal where its cursor is and draw it again;
+        the opening's lines are printed before there is a prompt to erase.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.opening_wait):
+                await self._opened.wait()
+        self._flush()
         while True:
             try:
                 line = await self.session.prompt_async(self._prompt)
@@ -262,7 +283,10 @@ class ChatUI:
                 self.show([self.renderer.notice(f"now talking in #{command.room}")])
             else:
                 self._want_context.add(command.room)
-                client.send(Join(room=command.room, ref=client.new_ref()))
+                ref = client.new_ref()
+                client.send(Join(room=command.room, ref=ref))
+                if not self._opened.is_set():
+                    self._opening.add(ref)
         elif isinstance(command, cmd.SayCmd | cmd.MeCmd):
             if state.room is None:
                 self.show([self.renderer.problem("join a room first: /join #general")])
@@ -318,6 +342,20 @@ class ChatUI:
 
     def handle(self, event: object) -> None:
         """Update the state for one event and print what it says."""
+        self._handle(event)
+        if self._opening:
+            self._settle_opening(event)
+
+    def _settle_opening(self, event: object) -> None:
+        """Count ``event`` off the first room's answer; the prompt waits for all of it."""
+        if isinstance(event, Disconnected | ConnectionLost):
+            self._opening.clear()
+        elif not (isinstance(event, Names) and event.more):
+            self._opening.discard(getattr(event, "ref", None) or "")
+        if not self._opening:
+            self._opened.set()
+
+    def _handle(self, event: object) -> None:
         state = self.state
         me = nick_key(state.nick)
         if isinstance(event, Disconnected):
@@ -357,14 +395,17 @@ class ChatUI:
                 state.room = event.room
                 self.show(self.renderer.names(event.room, collected, event.topic))
                 if event.seq > 0:
+                    ref = self.client.new_ref()
                     self.client.send(
                         HistoryRequest(
                             room=event.room,
                             before=event.seq + 1,
                             limit=CONTEXT_LINES,
-                            ref=self.client.new_ref(),
+                            ref=ref,
                         )
                     )
+                    if event.ref in self._opening:
+                        self._opening.add(ref)
                 return
             if event.ref is not None and event.ref in self._asked:
                 self._asked.discard(event.ref)

@@ -1,0 +1,44 @@
+"""A one-off TCP server that runs a test's own handler: a peer that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from achat.protocol import messages as m
+
+__all__ = ["WELCOME", "FakeServer", "fake_server"]
+
+FakeServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_server(handler: FakeServer) -> AsyncIterator[int]:
+    """A one-off server running ``handler``; every connection is closed on the way out."""
+    writers: list[asyncio.StreamWriter] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await handler(reader, writer)
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+WELCOME = m.encode(m.Welcome(nick="ana", server="evil", version=1, max_frame=65536, max_text=4000))
