@@ -247,7 +247,7 @@ def report(times: list[float], result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=15)
     p.add_argument("--burst", type=int, default=5000)
     p.add_argument("--update", type=Path, help="write the table between client markers")
     args = p.parse_args()
