@@ -12,7 +12,7 @@ server this script starts on loopback, and measures from outside:
   drawn on the terminal is the time typing was frozen. Reported: the worst
   and p99 freeze while the burst is being shown, and how long showing it took.
 
-    python benchmarks/client.py [--runs 5] [--burst 5000] [--update docs/performance.md]
+    python benchmarks/client.py [--runs 15] [--burst 5000] [--update docs/performance.md]
 """
 
 from __future__ import annotations

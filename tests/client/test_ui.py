@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -31,11 +31,26 @@ from achat.client.connection import (
     Reconnected,
 )
 from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI
-from achat.protocol.messages import DmEvent, Message, Parted, Renamed, TopicEvent, Welcome
+from achat.protocol.frames import FrameDecoder
+from achat.protocol.messages import (
+    Bye,
+    DmEvent,
+    Hello,
+    Join,
+    Joined,
+    Message,
+    Names,
+    Parted,
+    Renamed,
+    TopicEvent,
+    Welcome,
+    decode_client,
+    encode,
+)
 from achat.server.app import Server
 from achat.server.config import ServerConfig
 from achat.store.memory import MemoryStore
-from tests.helpers.fakeserver import WELCOME, fake_server
+from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server
 
 ESC_ENTER = "\x1b\r"
 CTRL_D = "\x04"
@@ -215,10 +230,95 @@ async def test_the_first_prompt_waits_no_longer_than_its_bound() -> None:
                 await until("the prompt", lambda: ui.session.app.is_running)
                 assert ui.state.room is None
                 assert "(no room)" in fragment_list_to_text(ui._toolbar())
+                assert not ui._opening  # a late answer is an ordinary event
             finally:
                 ui.quit()
                 async with asyncio.timeout(5):
                     await task
+
+
+OnJoin = Callable[[asyncio.StreamWriter, Join], Awaitable[None]]
+
+
+def answering_join(on_join: OnJoin) -> FakeServer:
+    """A server that welcomes, lets ``on_join`` answer the first join, then waits for bye."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        frames: list[object] = []
+        while not any(isinstance(f, Bye) for f in frames):
+            data = await reader.read(65536)
+            if not data:
+                return
+            for body in decoder.receive_data(data):
+                frame = decode_client(body)
+                frames.append(frame)
+                if isinstance(frame, Hello):
+                    writer.write(WELCOME)
+                elif isinstance(frame, Join) and sum(isinstance(f, Join) for f in frames) == 1:
+                    await on_join(writer, frame)
+        writer.close()
+
+    return handler
+
+
+async def first_prompt(
+    port: int, monkeypatch: pytest.MonkeyPatch, opening_wait: float
+) -> tuple[list[str], ChatUI]:
+    """Run ana's window on ``port`` until its first prompt; the transcript at that moment."""
+    client = Client("127.0.0.1", port, "ana")
+    await client.connect()
+    with create_pipe_input() as keyboard:
+        ui = ChatUI(
+            client, room="general", input=keyboard, output=DummyOutput(), opening_wait=opening_wait
+        )
+        shown: list[list[str]] = []
+        prompt_async = ui.session.prompt_async
+
+        async def prompt(*args: Any, **kwargs: Any) -> str:
+            shown.append(list(ui.transcript))
+            return await prompt_async(*args, **kwargs)
+
+        monkeypatch.setattr(ui.session, "prompt_async", prompt)
+        task = asyncio.create_task(ui.run())
+        try:
+            await until("the prompt", lambda: bool(shown))
+        finally:
+            ui.quit()
+            async with asyncio.timeout(5):
+                await task
+    return shown[0], ui
+
+
+async def test_the_opening_waits_for_every_page_of_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names split in pages: the first prompt comes after the last page, not the first."""
+
+    async def pages(writer: asyncio.StreamWriter, join: Join) -> None:
+        writer.write(encode(Joined(room=join.room, nick="ana", ts=1)))
+        page = Names(room=join.room, nicks=["a1", "a2"], topic="", seq=0, ref=join.ref, more=True)
+        writer.write(encode(page))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the last page comes later, in its own read
+        writer.write(
+            encode(Names(room=join.room, nicks=["ana", "zed"], topic="", seq=0, ref=join.ref))
+        )
+
+    async with fake_server(answering_join(pages)) as port:
+        shown, ui = await first_prompt(port, monkeypatch, opening_wait=30)
+    assert "-- #general: a1, a2, ana, zed (4 people)" in shown
+    assert ui.state.room == "general"
+
+
+async def test_the_opening_ends_when_the_connection_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection closed before the join is answered ends the wait at once."""
+
+    async def close(writer: asyncio.StreamWriter, join: Join) -> None:
+        writer.close()
+
+    async with fake_server(answering_join(close)) as port:
+        shown, ui = await first_prompt(port, monkeypatch, opening_wait=30)
+    assert any("disconnected" in line for line in shown), shown
+    assert ui.state.room is None
 
 
 async def test_without_a_room_the_window_starts_in_no_room(server: Server) -> None:

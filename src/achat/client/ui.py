@@ -221,6 +221,8 @@ class ChatUI:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.opening_wait):
                 await self._opened.wait()
+        self._opening.clear()  # late answers are handled as any other
+        self._opened.set()
         self._flush()
         while True:
             try:
