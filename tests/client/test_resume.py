@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -18,10 +18,24 @@ from achat.client.connection import (
     Reconnected,
 )
 from achat.errors import ConnectionClosed
-from achat.protocol.messages import Message
+from achat.protocol.frames import FrameDecoder
+from achat.protocol.messages import (
+    Bye,
+    ClientFrame,
+    Hello,
+    Join,
+    Joined,
+    Message,
+    Names,
+    Part,
+    Parted,
+    decode_client,
+    encode,
+)
 from achat.server.app import Server
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
+from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server
 from tests.helpers.faultproxy import FaultProxy
 
 ROOM = "net"
@@ -149,3 +163,84 @@ async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: F
         client.send(client.say_frame(ROOM, "nobody will get this"))
     assert client.pending == 0
     await client.close()
+
+
+Answer = Callable[[asyncio.StreamWriter, ClientFrame, int], bool]
+
+
+def scripted(answer: Answer, seen: list[list[ClientFrame]]) -> FakeServer:
+    """A server that records each connection's frames and lets ``answer`` reply to them.
+
+    ``answer(writer, frame, connection)`` returns False to drop the connection there
+    (before any answer to ``frame``); ``hello`` is welcomed and ``bye`` closes.
+    """
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames: list[ClientFrame] = []
+        seen.append(frames)
+        decoder = FrameDecoder()
+        while data := await reader.read(65536):
+            for body in decoder.receive_data(data):
+                frame = decode_client(body)
+                frames.append(frame)
+                if isinstance(frame, Hello):
+                    writer.write(WELCOME)
+                elif isinstance(frame, Bye) or not answer(writer, frame, len(seen)):
+                    writer.close()
+                    return
+
+    return handler
+
+
+def answer_join(writer: asyncio.StreamWriter, join: Join) -> None:
+    writer.write(encode(Joined(room=join.room, nick="ana", ts=1)))
+    writer.write(encode(Names(room=join.room, nicks=["ana"], topic="", seq=0, ref=join.ref)))
+
+
+def quick_client(port: int) -> Client:
+    return Client("127.0.0.1", port, "ana", reconnect=True, backoff=Backoff(initial=0.01, cap=0.05))
+
+
+async def test_a_join_unanswered_when_the_connection_drops_is_sent_again() -> None:
+    """The join goes again after reconnecting, with its ref, and its caller gets the answer."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join):
+            if connection == 1:
+                return False  # lost before the answer
+            answer_join(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        async with asyncio.timeout(5):
+            names = await client.join("general")
+    assert names.room == "general"
+    first = [f.ref for f in seen[0] if isinstance(f, Join)]
+    again = [f.ref for f in seen[1] if isinstance(f, Join)]
+    assert again == first
+    assert client.rooms == {"general": 0}
+
+
+async def test_a_part_unanswered_when_the_connection_drops_is_sent_again() -> None:
+    """A room left just before the drop is re-joined, then left again, not kept."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join):
+            answer_join(writer, frame)
+        elif isinstance(frame, Part):
+            if connection == 1:
+                return False
+            writer.write(encode(Parted(room=frame.room, nick="ana", ts=2)))
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        await client.part("general")
+        parted = await wait_for_event(client, Parted)
+    assert isinstance(parted, Parted)
+    part = next(f for f in seen[0] if isinstance(f, Part))
+    assert [type(f) for f in seen[1]] == [Hello, Join, Part, Bye]
+    assert seen[1][2] == part
+    assert client.rooms == {}

@@ -12,7 +12,8 @@ remembers the rooms it is in with the last ``seq`` it saw in each, and every
 ``say``/``dm`` it has sent that has no ``ack`` yet. When the connection
 drops it emits :class:`ConnectionLost`, waits (exponential backoff with
 random jitter, capped), connects again as the same nick, re-joins each room
-with ``since`` = last ``seq`` seen, and resends every unacknowledged frame
+with ``since`` = last ``seq`` seen, sends again any ``join`` or ``part`` the
+lost connection never answered, and resends every unacknowledged frame
 with its original ``ref`` — the server answers a repeat with the original
 ``ack`` instead of storing it twice. Messages whose ``seq`` the client has
 already delivered are dropped, so each message reaches the caller exactly
@@ -171,6 +172,10 @@ class Client:
         self.rooms: dict[str, int | None] = {}
         #: ``say``/``dm`` frames sent (or queued) and not acknowledged yet, in send order.
         self.unacked: dict[str, Say | Dm] = {}
+        # ``join``/``part`` frames sent and not answered yet, by ref: a connection lost
+        # before the answer would otherwise leave a room never joined, or one left
+        # joined again by the resume.
+        self._unanswered: dict[str, Join | Part] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
         self._closing = False
@@ -289,6 +294,8 @@ class Client:
         if self._online and self._writer is not None:
             if kept is not None:
                 self.unacked[kept.ref or ""] = kept
+            elif isinstance(frame, Join | Part) and frame.ref and self.reconnect:
+                self._unanswered[frame.ref] = frame
             self._write(frame)
             return
         if self.reconnect and not self._closing:
@@ -514,9 +521,19 @@ class Client:
         return None
 
     def _resume(self) -> int:
-        """Re-join every room from the last ``seq`` seen, then resend what was not acked."""
+        """Re-join every room from the last ``seq`` seen, then resend what was not acked.
+
+        Joins and parts the lost connection never answered go again, with their
+        own refs (whoever waits for the answer knows it by its ref), after the
+        rooms: a part after its room's re-join.
+        """
+        joins = {f.room: f for f in self._unanswered.values() if isinstance(f, Join)}
         for room, last in list(self.rooms.items()):
-            self._write(Join(room=room, since=last, ref=self.new_ref()))
+            join = joins.pop(room, None)
+            self._write(Join(room=room, since=last, ref=join.ref if join else self.new_ref()))
+        for sent in list(self._unanswered.values()):
+            if isinstance(sent, Part) or joins.get(sent.room) is sent:
+                self._write(sent)
         for frame in list(self.unacked.values()):
             self._write(frame)
         return len(self.unacked)
@@ -561,15 +578,21 @@ class Client:
         elif isinstance(frame, Error):
             if frame.ref and frame.code != "history_gap":
                 self.unacked.pop(frame.ref, None)
+                self._unanswered.pop(frame.ref, None)
         elif isinstance(frame, Joined):
             if nick_key(frame.nick) == me:
                 self.rooms.setdefault(frame.room, None)
         elif isinstance(frame, Parted):
             if nick_key(frame.nick) == me:
                 self.rooms.pop(frame.room, None)
+                for ref, sent in list(self._unanswered.items()):
+                    if isinstance(sent, Part) and sent.room == frame.room:
+                        del self._unanswered[ref]
         elif isinstance(frame, Names):
             if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
                 self.rooms[frame.room] = frame.seq
+            if frame.ref and not frame.more:
+                self._unanswered.pop(frame.ref, None)
         elif isinstance(frame, Renamed) and nick_key(frame.old) == me:
             self.nick = frame.new
         return True
