@@ -23,6 +23,8 @@ from achat.protocol.messages import (
     Bye,
     ClientFrame,
     Hello,
+    History,
+    HistoryRequest,
     Join,
     Joined,
     Message,
@@ -244,3 +246,22 @@ async def test_a_part_unanswered_when_the_connection_drops_is_sent_again() -> No
     assert [type(f) for f in seen[1]] == [Hello, Join, Part, Bye]
     assert seen[1][2] == part
     assert client.rooms == {}
+
+
+async def test_a_question_unanswered_when_the_connection_drops_is_asked_again() -> None:
+    """A history request lost with the connection goes again; its caller gets the answer."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, HistoryRequest):
+            if connection == 1:
+                return False
+            writer.write(encode(History(room=frame.room, messages=[], more=False, ref=frame.ref)))
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        async with asyncio.timeout(5):
+            reply = await client.request(HistoryRequest(room="general", ref=client.new_ref()))
+    assert isinstance(reply, History)
+    asked = [f for f in seen[0] if isinstance(f, HistoryRequest)]
+    assert [f for f in seen[1] if isinstance(f, HistoryRequest)] == asked

@@ -12,10 +12,11 @@ remembers the rooms it is in with the last ``seq`` it saw in each, and every
 ``say``/``dm`` it has sent that has no ``ack`` yet. When the connection
 drops it emits :class:`ConnectionLost`, waits (exponential backoff with
 random jitter, capped), connects again as the same nick, re-joins each room
-with ``since`` = last ``seq`` seen, sends again any ``join`` or ``part`` the
-lost connection never answered, and resends every unacknowledged frame
-with its original ``ref`` — the server answers a repeat with the original
-``ack`` instead of storing it twice. Messages whose ``seq`` the client has
+with ``since`` = last ``seq`` seen, sends again any ``join``, ``part`` or
+question (``who``, ``rooms``, ``history``) the lost connection never
+answered, and resends every unacknowledged frame with its original ``ref``
+— the server answers a repeat with the original ``ack`` instead of storing
+it twice. Messages whose ``seq`` the client has
 already delivered are dropped, so each message reaches the caller exactly
 once and in order. Frames sent while offline wait and go out on reconnect.
 
@@ -94,6 +95,9 @@ CLIENT_FRAME_CAP = 16 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
+# Sent again after a reconnect when unanswered: joining or leaving again changes
+# nothing, and a question gets the same answer, now.
+_RESENT_UNANSWERED = (Join, Part, Who, RoomsRequest, HistoryRequest)
 # Refusals after which connecting again as the same user cannot help.
 _HOPELESS = frozenset({"invalid_nick", "bad_password", "unsupported_version"})
 
@@ -172,10 +176,10 @@ class Client:
         self.rooms: dict[str, int | None] = {}
         #: ``say``/``dm`` frames sent (or queued) and not acknowledged yet, in send order.
         self.unacked: dict[str, Say | Dm] = {}
-        # ``join``/``part`` frames sent and not answered yet, by ref: a connection lost
-        # before the answer would otherwise leave a room never joined, or one left
-        # joined again by the resume.
-        self._unanswered: dict[str, Join | Part] = {}
+        # Joins, parts and questions (who, rooms, history) sent and not answered yet, by
+        # ref: a connection lost before the answer would otherwise leave a room never
+        # joined, one left joined again by the resume, or a question never answered.
+        self._unanswered: dict[str, Join | Part | Who | RoomsRequest | HistoryRequest] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
         self._closing = False
@@ -294,7 +298,7 @@ class Client:
         if self._online and self._writer is not None:
             if kept is not None:
                 self.unacked[kept.ref or ""] = kept
-            elif isinstance(frame, Join | Part) and frame.ref and self.reconnect:
+            elif isinstance(frame, _RESENT_UNANSWERED) and frame.ref and self.reconnect:
                 self._unanswered[frame.ref] = frame
             self._write(frame)
             return
@@ -523,16 +527,16 @@ class Client:
     def _resume(self) -> int:
         """Re-join every room from the last ``seq`` seen, then resend what was not acked.
 
-        Joins and parts the lost connection never answered go again, with their
-        own refs (whoever waits for the answer knows it by its ref), after the
-        rooms: a part after its room's re-join.
+        Joins, parts and questions the lost connection never answered go again,
+        with their own refs (whoever waits for the answer knows it by its ref),
+        after the rooms: a part after its room's re-join.
         """
         joins = {f.room: f for f in self._unanswered.values() if isinstance(f, Join)}
         for room, last in list(self.rooms.items()):
             join = joins.pop(room, None)
             self._write(Join(room=room, since=last, ref=join.ref if join else self.new_ref()))
         for sent in list(self._unanswered.values()):
-            if isinstance(sent, Part) or joins.get(sent.room) is sent:
+            if not isinstance(sent, Join) or joins.get(sent.room) is sent:
                 self._write(sent)
         for frame in list(self.unacked.values()):
             self._write(frame)
@@ -592,6 +596,9 @@ class Client:
             if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
                 self.rooms[frame.room] = frame.seq
             if frame.ref and not frame.more:
+                self._unanswered.pop(frame.ref, None)
+        elif isinstance(frame, Rooms | History):
+            if frame.ref and not (isinstance(frame, Rooms) and frame.more):
                 self._unanswered.pop(frame.ref, None)
         elif isinstance(frame, Renamed) and nick_key(frame.old) == me:
             self.nick = frame.new
