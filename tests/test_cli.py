@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,69 @@ def test_loading_window_restores_the_collector() -> None:
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_typeahead_waits_unechoed_and_the_terminal_is_put_back() -> None:
+    """On a terminal: echo and line editing off inside, the settings as found after."""
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "r", closefd=False) as stream:
+            found = termios.tcgetattr(slave)
+            assert found[3] & termios.ECHO
+            assert found[3] & termios.ICANON
+            inside: list[int] = []
+
+            def interrupted() -> None:
+                with cli._typeahead_kept(stream):
+                    inside.append(termios.tcgetattr(slave)[3] & (termios.ECHO | termios.ICANON))
+                    raise KeyboardInterrupt
+
+            with pytest.raises(KeyboardInterrupt):
+                interrupted()
+            assert inside == [0]
+            assert termios.tcgetattr(slave) == found
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_typeahead_leaves_anything_else_alone() -> None:
+    """A pipe is not a terminal: nothing to set, nothing raised."""
+    read, write = os.pipe()
+    try:
+        with os.fdopen(read, "r", closefd=False) as stream, cli._typeahead_kept(stream):
+            pass
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_join_holds_typeahead_while_it_loads() -> None:
+    """``achat join`` on a terminal turns echo off before its UI loads, and back on after."""
+    master, slave = os.openpty()
+    probe = f"""
+import sys, termios
+during = []
+def hook(event, args):
+    if event == "import" and args[0] == "achat.client.ui":
+        during.append(termios.tcgetattr(0)[3] & (termios.ECHO | termios.ICANON))
+sys.addaudithook(hook)
+from achat import cli
+code = cli.main(["join", "--port", "{_closed_port()}", "--nick", "ana"])
+print(code, during, termios.tcgetattr(0)[3] & termios.ECHO != 0, sep=";")
+"""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert done.stdout.strip() == "1;[0];True", done.stderr

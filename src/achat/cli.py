@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .errors import AchatError, ConnectionClosed, ServerError
@@ -49,6 +49,40 @@ def _runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return _runner()(coro_factory())
+
+
+@contextlib.contextmanager
+def _typeahead_kept(stream: TextIO) -> Iterator[None]:
+    """Until the prompt reads the keyboard, keys typed wait unechoed; then the terminal is reset.
+
+    In the terminal's line mode, keys pressed while ``achat join`` starts were
+    echoed where they fell and then shown again at the prompt, and a Ctrl-D
+    among them was taken by the terminal as the end of that line and lost.
+    Echo and line editing are off from the start instead (Ctrl-C still
+    interrupts), so the prompt gets the keys as typed; the terminal's settings
+    as found are put back on the way out, whatever the way. Not a terminal: as is.
+    """
+    try:
+        import termios
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        found = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError):  # not a terminal
+        yield
+        return
+    mode = list(found)
+    mode[3] &= ~(termios.ECHO | termios.ICANON)
+    mode[6] = list(found[6])
+    mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, mode)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error, OSError):  # the terminal is gone
+            termios.tcsetattr(fd, termios.TCSANOW, found)
 
 
 @contextlib.contextmanager
@@ -415,19 +449,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("achat send: nothing to send", file=sys.stderr)
                 return EXIT_USAGE
             return _run(lambda: _send(args, text))
-        with _loading_for_good():
-            from .client.ui import run_ui
+        with _typeahead_kept(sys.stdin):
+            with _loading_for_good():
+                from .client.ui import run_ui
 
-            run = _runner()
-        return run(
-            run_ui(
-                host=args.host,
-                port=args.port,
-                nick=args.nick,
-                room=args.room,
-                password=args.password,
+                run = _runner()
+            return run(
+                run_ui(
+                    host=args.host,
+                    port=args.port,
+                    nick=args.nick,
+                    room=args.room,
+                    password=args.password,
+                )
             )
-        )
     except ServerError as exc:
         print(f"achat: the server refused: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_FAILED
