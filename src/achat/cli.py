@@ -328,6 +328,8 @@ def _int_or_none(value: str | None) -> int | None:
 
 
 async def _serve(config: ServerConfig) -> int:
+    import asyncio
+
     from .server.app import Server
     from .server.runtime import tune_for_latency
     from .store.base import Store
@@ -351,8 +353,6 @@ async def _serve(config: ServerConfig) -> int:
     except BaseException:
         store.close()
         raise
-    import asyncio
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -34,8 +34,12 @@ from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatU
 from achat.protocol.frames import FrameDecoder
 from achat.protocol.messages import (
     Bye,
+    ClientFrame,
     DmEvent,
+    Error,
     Hello,
+    History,
+    HistoryRequest,
     Join,
     Joined,
     Message,
@@ -237,27 +241,24 @@ async def test_the_first_prompt_waits_no_longer_than_its_bound() -> None:
                     await task
 
 
-OnJoin = Callable[[asyncio.StreamWriter, Join], Awaitable[None]]
+OnFrame = Callable[[asyncio.StreamWriter, ClientFrame], Awaitable[None]]
 
 
-def answering_join(on_join: OnJoin) -> FakeServer:
-    """A server that welcomes, lets ``on_join`` answer the first join, then waits for bye."""
+def answering(on_frame: OnFrame) -> FakeServer:
+    """A server that welcomes, lets ``on_frame`` answer every other frame, until bye."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
-        frames: list[object] = []
-        while not any(isinstance(f, Bye) for f in frames):
-            data = await reader.read(65536)
-            if not data:
-                return
+        while data := await reader.read(65536):
             for body in decoder.receive_data(data):
                 frame = decode_client(body)
-                frames.append(frame)
+                if isinstance(frame, Bye):
+                    writer.close()
+                    return
                 if isinstance(frame, Hello):
                     writer.write(WELCOME)
-                elif isinstance(frame, Join) and sum(isinstance(f, Join) for f in frames) == 1:
-                    await on_join(writer, frame)
-        writer.close()
+                else:
+                    await on_frame(writer, frame)
 
     return handler
 
@@ -293,7 +294,9 @@ async def first_prompt(
 async def test_the_opening_waits_for_every_page_of_names(monkeypatch: pytest.MonkeyPatch) -> None:
     """Names split in pages: the first prompt comes after the last page, not the first."""
 
-    async def pages(writer: asyncio.StreamWriter, join: Join) -> None:
+    async def pages(writer: asyncio.StreamWriter, join: ClientFrame) -> None:
+        if not isinstance(join, Join):
+            return
         writer.write(encode(Joined(room=join.room, nick="ana", ts=1)))
         page = Names(room=join.room, nicks=["a1", "a2"], topic="", seq=0, ref=join.ref, more=True)
         writer.write(encode(page))
@@ -303,19 +306,47 @@ async def test_the_opening_waits_for_every_page_of_names(monkeypatch: pytest.Mon
             encode(Names(room=join.room, nicks=["ana", "zed"], topic="", seq=0, ref=join.ref))
         )
 
-    async with fake_server(answering_join(pages)) as port:
+    async with fake_server(answering(pages)) as port:
         shown, ui = await first_prompt(port, monkeypatch, opening_wait=30)
     assert "-- #general: a1, a2, ana, zed (4 people)" in shown
     assert ui.state.room == "general"
 
 
+async def test_the_opening_waits_for_the_history_after_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recent lines partly expired: the notice of the gap, then the lines, then the prompt."""
+
+    async def answer(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
+        if isinstance(frame, Join):
+            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
+            writer.write(
+                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=7, ref=frame.ref))
+            )
+        elif isinstance(frame, HistoryRequest):
+            gap = Error(
+                code="history_gap", message="older lines expired", fatal=False, ref=frame.ref
+            )
+            writer.write(encode(gap))
+            await writer.drain()
+            await asyncio.sleep(0.05)  # what is left comes later, in its own read
+            kept = Message(room=frame.room, seq=7, ts=1, sender="bob", text="still here")
+            writer.write(
+                encode(History(room=frame.room, messages=[kept], more=False, ref=frame.ref))
+            )
+
+    async with fake_server(answering(answer)) as port:
+        shown, _ = await first_prompt(port, monkeypatch, opening_wait=30)
+    assert any("still here" in line for line in shown), shown
+
+
 async def test_the_opening_ends_when_the_connection_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection closed before the join is answered ends the wait at once."""
 
-    async def close(writer: asyncio.StreamWriter, join: Join) -> None:
+    async def close(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
         writer.close()
 
-    async with fake_server(answering_join(close)) as port:
+    async with fake_server(answering(close)) as port:
         shown, ui = await first_prompt(port, monkeypatch, opening_wait=30)
     assert any("disconnected" in line for line in shown), shown
     assert ui.state.room is None

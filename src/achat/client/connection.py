@@ -16,9 +16,9 @@ with ``since`` = last ``seq`` seen, sends again any ``join``, ``part`` or
 question (``who``, ``rooms``, ``history``) the lost connection never
 answered, and resends every unacknowledged frame with its original ``ref``
 — the server answers a repeat with the original ``ack`` instead of storing
-it twice. Messages whose ``seq`` the client has
-already delivered are dropped, so each message reaches the caller exactly
-once and in order. Frames sent while offline wait and go out on reconnect.
+it twice. Messages whose ``seq`` the client has already delivered are
+dropped, so each message reaches the caller exactly once and in order.
+Frames sent while offline wait and go out on reconnect.
 
 Example::
 

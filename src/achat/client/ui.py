@@ -352,7 +352,11 @@ class ChatUI:
         """Count ``event`` off the first room's answer; the prompt waits for all of it."""
         if isinstance(event, Disconnected | ConnectionLost):
             self._opening.clear()
-        elif not (isinstance(event, Names) and event.more):
+        elif isinstance(event, Names) and event.more:
+            pass  # more pages follow
+        elif isinstance(event, Error) and event.code == "history_gap":
+            pass  # what history is left follows
+        else:
             self._opening.discard(getattr(event, "ref", None) or "")
         if not self._opening:
             self._opened.set()
