@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from achat import cli
+from tests.helpers.fakeserver import fake_server
+from tests.helpers.procs import script
 
 
 def test_server_defaults() -> None:
@@ -217,3 +220,53 @@ print(code, during, termios.tcgetattr(0)[3] & termios.ECHO != 0, sep=";")
         os.close(master)
         os.close(slave)
     assert done.stdout.strip() == "1;[0];True", done.stderr
+
+
+def test_join_without_standard_input_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``achat join <&-`` (stdin closed) is a usage error, not a crash."""
+    monkeypatch.setattr(sys, "stdin", None)
+    assert cli.main(["join", "--port", str(_closed_port()), "--nick", "ana"]) == 2
+    assert "no standard input" in capsys.readouterr().err
+
+
+def test_join_put_back_the_terminal_when_terminated() -> None:
+    """SIGTERM while ``achat join`` runs on a terminal: exit 143, echo and line mode back."""
+    import signal
+    import termios
+    import time
+
+    async def never_welcome(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await reader.read(65536)
+
+    async def run() -> tuple[int, int]:
+        master, slave = os.openpty()
+        try:
+            async with fake_server(never_welcome) as port:
+                proc = await asyncio.create_subprocess_exec(
+                    script("achat"),
+                    "join",
+                    "--port",
+                    str(port),
+                    "--nick",
+                    "ana",
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                )
+                deadline = time.monotonic() + 30
+                while termios.tcgetattr(slave)[3] & termios.ECHO:  # until join holds the keys
+                    assert time.monotonic() < deadline, "echo never turned off"
+                    await asyncio.sleep(0.01)
+                proc.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(proc.wait(), 30)
+            return code, termios.tcgetattr(slave)[3] & (termios.ECHO | termios.ICANON)
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    code, flags = asyncio.run(run())
+    assert code == 128 + signal.SIGTERM
+    assert flags == termios.ECHO | termios.ICANON

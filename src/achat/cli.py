@@ -52,7 +52,7 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 @contextlib.contextmanager
-def _typeahead_kept(stream: TextIO) -> Iterator[None]:
+def _typeahead_kept(stream: TextIO | None) -> Iterator[None]:
     """Until the prompt reads the keyboard, keys typed wait unechoed; then the terminal is reset.
 
     In the terminal's line mode, keys pressed while ``achat join`` starts were
@@ -60,7 +60,9 @@ def _typeahead_kept(stream: TextIO) -> Iterator[None]:
     among them was taken by the terminal as the end of that line and lost.
     Echo and line editing are off from the start instead (Ctrl-C still
     interrupts), so the prompt gets the keys as typed; the terminal's settings
-    as found are put back on the way out, whatever the way. Not a terminal: as is.
+    as found are put back on the way out, whatever the way: a SIGTERM or SIGHUP
+    meanwhile exits through here (as ``SystemExit``) instead of leaving the
+    terminal without echo. Not a terminal: as is.
     """
     try:
         import termios
@@ -68,9 +70,9 @@ def _typeahead_kept(stream: TextIO) -> Iterator[None]:
         yield
         return
     try:
-        fd = stream.fileno()
+        fd = stream.fileno() if stream is not None else -1
         found = termios.tcgetattr(fd)
-    except (termios.error, OSError, ValueError):  # not a terminal
+    except (termios.error, OSError, ValueError):  # not a terminal, or no stdin at all
         yield
         return
     mode = list(found)
@@ -78,11 +80,18 @@ def _typeahead_kept(stream: TextIO) -> Iterator[None]:
     mode[6] = list(found[6])
     mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
     termios.tcsetattr(fd, termios.TCSANOW, mode)
+    handlers = {sig: signal.signal(sig, _exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         with contextlib.suppress(termios.error, OSError):  # the terminal is gone
             termios.tcsetattr(fd, termios.TCSANOW, found)
+
+
+def _exit_on(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -449,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("achat send: nothing to send", file=sys.stderr)
                 return EXIT_USAGE
             return _run(lambda: _send(args, text))
+        if sys.stdin is None:  # uvloop would give the connection fd 0, then abort closing it
+            print("achat join: no standard input to type into", file=sys.stderr)
+            return EXIT_USAGE
         with _typeahead_kept(sys.stdin):
             with _loading_for_good():
                 from .client.ui import run_ui

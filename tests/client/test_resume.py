@@ -20,6 +20,7 @@ from achat.client.connection import (
 from achat.errors import ConnectionClosed
 from achat.protocol.frames import FrameDecoder
 from achat.protocol.messages import (
+    Ack,
     Bye,
     ClientFrame,
     Hello,
@@ -31,6 +32,8 @@ from achat.protocol.messages import (
     Names,
     Part,
     Parted,
+    Say,
+    Who,
     decode_client,
     encode,
 )
@@ -199,22 +202,44 @@ def answer_join(writer: asyncio.StreamWriter, join: Join) -> None:
     writer.write(encode(Names(room=join.room, nicks=["ana"], topic="", seq=0, ref=join.ref)))
 
 
+def answer_any(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
+    """What a server says to ``frame`` (ana's only frames here: joins, parts, says, who)."""
+    if isinstance(frame, Join):
+        answer_join(writer, frame)
+    elif isinstance(frame, Part):
+        writer.write(encode(Parted(room=frame.room, nick="ana", ts=2)))
+    elif isinstance(frame, Say):
+        writer.write(encode(Ack(ref=frame.ref or "", ts=3, room=frame.room, seq=1)))
+    elif isinstance(frame, Who):
+        writer.write(encode(Names(room=frame.room, nicks=["ana"], topic="", seq=0, ref=frame.ref)))
+
+
+def dropping_at(kind: type, *, answer_first: bool = False) -> Answer:
+    """Answer everything, except that the first connection drops at its first ``kind``."""
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1 and isinstance(frame, kind):
+            if answer_first:
+                answer_any(writer, frame)
+            return False
+        answer_any(writer, frame)
+        return True
+
+    return answer
+
+
 def quick_client(port: int) -> Client:
     return Client("127.0.0.1", port, "ana", reconnect=True, backoff=Backoff(initial=0.01, cap=0.05))
+
+
+def kinds(frames: list[ClientFrame]) -> list[type]:
+    return [type(f) for f in frames if not isinstance(f, Hello | Bye)]
 
 
 async def test_a_join_unanswered_when_the_connection_drops_is_sent_again() -> None:
     """The join goes again after reconnecting, with its ref, and its caller gets the answer."""
     seen: list[list[ClientFrame]] = []
-
-    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
-        if isinstance(frame, Join):
-            if connection == 1:
-                return False  # lost before the answer
-            answer_join(writer, frame)
-        return True
-
-    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+    async with fake_server(scripted(dropping_at(Join), seen)) as port, quick_client(port) as client:
         async with asyncio.timeout(5):
             names = await client.join("general")
     assert names.room == "general"
@@ -224,28 +249,86 @@ async def test_a_join_unanswered_when_the_connection_drops_is_sent_again() -> No
     assert client.rooms == {"general": 0}
 
 
-async def test_a_part_unanswered_when_the_connection_drops_is_sent_again() -> None:
-    """A room left just before the drop is re-joined, then left again, not kept."""
+async def test_a_join_half_answered_is_the_rejoin() -> None:
+    """Joined came, names did not: the room's re-join carries the join's ref, once."""
     seen: list[list[ClientFrame]] = []
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
-        if isinstance(frame, Join):
-            answer_join(writer, frame)
-        elif isinstance(frame, Part):
-            if connection == 1:
-                return False
-            writer.write(encode(Parted(room=frame.room, nick="ana", ts=2)))
+        if connection == 1 and isinstance(frame, Join):
+            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
+            return False
+        answer_any(writer, frame)
         return True
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        async with asyncio.timeout(5):
+            names = await client.join("general")
+    assert names.room == "general"
+    first = [f.ref for f in seen[0] if isinstance(f, Join)]
+    assert [f.ref for f in seen[1] if isinstance(f, Join)] == first
+
+
+async def test_a_room_left_just_before_the_drop_stays_left() -> None:
+    """A part unanswered at the drop: the room is not joined again, and the part is
+    answered by the client (the new connection is in no room)."""
+    seen: list[list[ClientFrame]] = []
+    async with fake_server(scripted(dropping_at(Part), seen)) as port, quick_client(port) as client:
         await client.join("general")
         await client.part("general")
         parted = await wait_for_event(client, Parted)
+        await wait_for_event(client, Reconnected)
     assert isinstance(parted, Parted)
-    part = next(f for f in seen[0] if isinstance(f, Part))
-    assert [type(f) for f in seen[1]] == [Hello, Join, Part, Bye]
-    assert seen[1][2] == part
+    assert (parted.room, parted.nick) == ("general", "ana")
+    assert kinds(seen[1]) == []
     assert client.rooms == {}
+
+
+async def test_a_line_typed_before_a_part_reaches_its_room() -> None:
+    """Say, then part, both lost: after the re-join they go again in that order."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1 and isinstance(frame, Say):
+            return True  # never acked: the link is already dead
+        return dropping_at(Part)(writer, frame, connection)
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        client.send(Say(room="general", text="bye all", ref=client.new_ref()))
+        await client.part("general")
+        await wait_for_event(client, Parted)
+        async with asyncio.timeout(5):
+            while client.pending:
+                await wait_for_event(client, Ack)
+    said = next(f for f in seen[0] if isinstance(f, Say))
+    assert kinds(seen[1]) == [Join, Say, Part]
+    assert seen[1][2] == said
+    assert client.rooms == {}
+
+
+async def test_a_room_left_and_joined_again_before_the_drop_is_joined() -> None:
+    """Part, then join of the same room, both lost: the client ends in the room."""
+    seen: list[list[ClientFrame]] = []
+    async with fake_server(scripted(dropping_at(Part), seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        await client.part("general")
+        async with asyncio.timeout(5):
+            names = await client.join("general")
+    assert names.room == "general"
+    assert kinds(seen[1]) == [Join]
+    assert client.rooms == {"general": 0}
+
+
+async def test_an_answered_question_is_not_asked_again() -> None:
+    """Only what was unanswered at the drop goes again: a who answered before it does not."""
+    seen: list[list[ClientFrame]] = []
+    answer = dropping_at(Part)
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        await client.who("general")
+        await client.part("general")
+        await wait_for_event(client, Reconnected)
+    assert Who not in kinds(seen[1])
 
 
 async def test_a_question_unanswered_when_the_connection_drops_is_asked_again() -> None:
@@ -265,3 +348,22 @@ async def test_a_question_unanswered_when_the_connection_drops_is_asked_again() 
     assert isinstance(reply, History)
     asked = [f for f in seen[0] if isinstance(f, HistoryRequest)]
     assert [f for f in seen[1] if isinstance(f, HistoryRequest)] == asked
+
+
+async def test_a_question_given_up_on_is_not_asked_again() -> None:
+    """A request that timed out is forgotten: the next connection is not asked it."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1 and isinstance(frame, Who):
+            return True  # never answered
+        return dropping_at(Part)(writer, frame, connection)
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        with pytest.raises(TimeoutError):
+            await client.request(Who(room="general", ref=client.new_ref()), timeout=0.05)
+        await client.part("general")
+        await wait_for_event(client, Reconnected)
+    assert Who in kinds(seen[0])
+    assert Who not in kinds(seen[1])

@@ -8,17 +8,18 @@ that :meth:`Client.events` iterates. Replies that echo a ``ref`` also resolve
 the future of :meth:`Client.request`.
 
 Theory of operation of reconnecting (``reconnect=True``): the client
-remembers the rooms it is in with the last ``seq`` it saw in each, and every
-``say``/``dm`` it has sent that has no ``ack`` yet. When the connection
-drops it emits :class:`ConnectionLost`, waits (exponential backoff with
-random jitter, capped), connects again as the same nick, re-joins each room
-with ``since`` = last ``seq`` seen, sends again any ``join``, ``part`` or
-question (``who``, ``rooms``, ``history``) the lost connection never
-answered, and resends every unacknowledged frame with its original ``ref``
-— the server answers a repeat with the original ``ack`` instead of storing
-it twice. Messages whose ``seq`` the client has already delivered are
-dropped, so each message reaches the caller exactly once and in order.
-Frames sent while offline wait and go out on reconnect.
+remembers the rooms it is in with the last ``seq`` it saw in each, and, in
+the order it sent them, every frame still waiting for its answer: ``say``
+and ``dm`` until acked, ``join``, ``part`` and the questions (``who``,
+``rooms``, ``history``) until answered. When the connection drops it emits
+:class:`ConnectionLost`, waits (exponential backoff with random jitter,
+capped), connects again as the same nick, re-joins each room with
+``since`` = last ``seq`` seen, and sends those frames again in their order,
+each with its original ``ref`` — the server answers a repeated message with
+the original ``ack`` instead of storing it twice. Messages whose ``seq``
+the client has already delivered are dropped, so each message reaches the
+caller exactly once and in order. Frames sent while offline wait and go out
+on reconnect.
 
 Example::
 
@@ -95,9 +96,10 @@ CLIENT_FRAME_CAP = 16 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
-# Sent again after a reconnect when unanswered: joining or leaving again changes
-# nothing, and a question gets the same answer, now.
-_RESENT_UNANSWERED = (Join, Part, Who, RoomsRequest, HistoryRequest)
+# Kept until answered and sent again after a reconnect: messages until acked (the
+# server knows a repeated ref), and joins, parts and questions, which the new
+# connection needs as much as the lost one did.
+_KEPT = (Say, Dm, Join, Part, Who, RoomsRequest, HistoryRequest)
 # Refusals after which connecting again as the same user cannot help.
 _HOPELESS = frozenset({"invalid_nick", "bad_password", "unsupported_version"})
 
@@ -174,12 +176,11 @@ class Client:
         self.welcome: Welcome | None = None
         #: Rooms joined, with the last ``seq`` delivered in each (None until known).
         self.rooms: dict[str, int | None] = {}
-        #: ``say``/``dm`` frames sent (or queued) and not acknowledged yet, in send order.
-        self.unacked: dict[str, Say | Dm] = {}
-        # Joins, parts and questions (who, rooms, history) sent and not answered yet, by
-        # ref: a connection lost before the answer would otherwise leave a room never
-        # joined, one left joined again by the resume, or a question never answered.
-        self._unanswered: dict[str, Join | Part | Who | RoomsRequest | HistoryRequest] = {}
+        # Frames with a ref sent (or queued while offline) and not answered yet, in the
+        # order they were sent: say and dm until acked; with ``reconnect``, also join,
+        # part and the questions (who, rooms, history). A reconnect sends them again,
+        # in that order, so a line typed before a /part still reaches its room.
+        self._outbox: dict[str, ClientFrame] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
         self._closing = False
@@ -291,20 +292,19 @@ class Client:
         resent after a reconnect. Raises :class:`ConnectionClosed` when the
         frame cannot be sent or kept.
         """
-        kept = frame if isinstance(frame, Say | Dm) and frame.ref else None
+        ref = frame.ref if isinstance(frame, _KEPT) else None
+        kept = bool(ref) and (self.reconnect or isinstance(frame, Say | Dm))
         if isinstance(frame, Join) and frame.since is not None:
             # The backlog after `since` is wanted: deliver from there, not from names.seq.
             self.rooms[frame.room] = frame.since
         if self._online and self._writer is not None:
-            if kept is not None:
-                self.unacked[kept.ref or ""] = kept
-            elif isinstance(frame, _RESENT_UNANSWERED) and frame.ref and self.reconnect:
-                self._unanswered[frame.ref] = frame
+            if kept:
+                self._outbox[ref or ""] = frame
             self._write(frame)
             return
         if self.reconnect and not self._closing:
-            if kept is not None:
-                self.unacked[kept.ref or ""] = kept
+            if kept:
+                self._outbox[ref or ""] = frame
                 return  # goes out with the resend after reconnecting
             if isinstance(frame, Join):
                 self.rooms.setdefault(frame.room, frame.since)
@@ -320,9 +320,14 @@ class Client:
         self._last_sent = self.clock()
 
     @property
+    def unacked(self) -> dict[str, Say | Dm]:
+        """``say``/``dm`` frames sent (or queued) and not acknowledged yet, in send order."""
+        return {ref: f for ref, f in self._outbox.items() if isinstance(f, Say | Dm)}
+
+    @property
     def pending(self) -> int:
         """How many sent messages wait for their ``ack``."""
-        return len(self.unacked)
+        return sum(isinstance(f, Say | Dm) for f in self._outbox.values())
 
     async def request(self, frame: ClientFrame, timeout: float = 30.0) -> ServerFrame:
         """Send ``frame`` (which must carry a ``ref``) and return the server's direct reply.
@@ -340,6 +345,10 @@ class Client:
             self.send(frame)
             async with asyncio.timeout(timeout):
                 reply = await future
+        except TimeoutError:
+            if not isinstance(frame, Say | Dm):
+                self._outbox.pop(ref, None)  # its caller gave up: not asked again
+            raise
         finally:
             self._pending.pop(ref, None)
         if isinstance(reply, Error):
@@ -525,22 +534,39 @@ class Client:
         return None
 
     def _resume(self) -> int:
-        """Re-join every room from the last ``seq`` seen, then resend what was not acked.
+        """Re-join the rooms from the last ``seq`` seen, then send the outbox again, in order.
 
-        Joins, parts and questions the lost connection never answered go again,
-        with their own refs (whoever waits for the answer knows it by its ref),
-        after the rooms: a part after its room's re-join.
+        Each frame goes with its own ref (whoever waits for the answer knows it
+        by its ref; the server answers a repeated say or dm with its first ack).
+        A room's first pending join, part or say decides its re-join: a join is
+        the re-join itself; a part means the room was left (its answer lost, or
+        never sent), and since the new connection is in no room, not joining it
+        again is that part, answered here. Returns how many messages go again.
         """
-        joins = {f.room: f for f in self._unanswered.values() if isinstance(f, Join)}
+        heads: dict[str, ClientFrame] = {}
+        for frame in self._outbox.values():
+            if isinstance(frame, Join | Part | Say):
+                heads.setdefault(frame.room, frame)
+        rejoins: set[int] = set()  # pending joins that the re-join of their room is
         for room, last in list(self.rooms.items()):
-            join = joins.pop(room, None)
-            self._write(Join(room=room, since=last, ref=join.ref if join else self.new_ref()))
-        for sent in list(self._unanswered.values()):
-            if not isinstance(sent, Join) or joins.get(sent.room) is sent:
-                self._write(sent)
-        for frame in list(self.unacked.values()):
-            self._write(frame)
-        return len(self.unacked)
+            head = heads.get(room)
+            if isinstance(head, Part):
+                self._outbox.pop(head.ref or "", None)
+                del self.rooms[room]
+                now = int(time.time() * 1000)
+                self._events.put_nowait(
+                    Parted(room=room, nick=self.nick, ts=now, reason=head.reason)
+                )
+                continue
+            ref = None
+            if isinstance(head, Join):
+                rejoins.add(id(head))
+                ref = head.ref
+            self._write(Join(room=room, since=last, ref=ref or self.new_ref()))
+        for frame in list(self._outbox.values()):
+            if id(frame) not in rejoins:
+                self._write(frame)
+        return self.pending
 
     def _deliver_body(self, body: bytes) -> None:
         try:
@@ -569,7 +595,7 @@ class Client:
         self._events.put_nowait(frame)
 
     def _track(self, frame: ServerFrame) -> bool:
-        """Update rooms, last ``seq`` and unacked state; False to drop a duplicate or echo."""
+        """Update rooms, last ``seq`` and the outbox; False to drop a duplicate or echo."""
         me = nick_key(self.nick)
         if isinstance(frame, Message):
             last = self.rooms.get(frame.room)
@@ -578,28 +604,28 @@ class Client:
             if frame.room in self.rooms:
                 self.rooms[frame.room] = frame.seq
         elif isinstance(frame, Ack):
-            self.unacked.pop(frame.ref, None)
+            self._outbox.pop(frame.ref, None)
         elif isinstance(frame, Error):
             if frame.ref and frame.code != "history_gap":
-                self.unacked.pop(frame.ref, None)
-                self._unanswered.pop(frame.ref, None)
+                self._outbox.pop(frame.ref, None)
         elif isinstance(frame, Joined):
             if nick_key(frame.nick) == me:
                 self.rooms.setdefault(frame.room, None)
         elif isinstance(frame, Parted):
             if nick_key(frame.nick) == me:
                 self.rooms.pop(frame.room, None)
-                for ref, sent in list(self._unanswered.items()):
+                for ref, sent in self._outbox.items():
                     if isinstance(sent, Part) and sent.room == frame.room:
-                        del self._unanswered[ref]
+                        del self._outbox[ref]  # the oldest part of the room: answered
+                        break
         elif isinstance(frame, Names):
             if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
                 self.rooms[frame.room] = frame.seq
             if frame.ref and not frame.more:
-                self._unanswered.pop(frame.ref, None)
+                self._outbox.pop(frame.ref, None)
         elif isinstance(frame, Rooms | History):
             if frame.ref and not (isinstance(frame, Rooms) and frame.more):
-                self._unanswered.pop(frame.ref, None)
+                self._outbox.pop(frame.ref, None)
         elif isinstance(frame, Renamed) and nick_key(frame.old) == me:
             self.nick = frame.new
         return True
