@@ -37,7 +37,11 @@ from achat.protocol.messages import (
     decode_client,
     encode,
 )
+from achat.protocol.messages import (
+    Error as ErrorFrame,
+)
 from achat.server.app import Server
+from achat.server.limits import FloodPolicy
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server
@@ -154,6 +158,47 @@ async def test_messages_typed_offline_are_sent_on_reconnect(
     assert isinstance(reconnected, Reconnected)
     assert reconnected.resent == 1
     await victim.close()
+
+
+async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
+    """Twelve rooms to re-join and six lines typed offline, against a flood limit of 14
+    frames at once: paced, nothing is refused, every line is stored and every room joined."""
+    limits = make_config(flood=FloodPolicy(rate=50, burst=14))
+    srv = Server(limits, SQLiteStore(tmp_path / "achat.db"))
+    await srv.start()
+    proxy = await FaultProxy("127.0.0.1", srv.port).start()
+    rooms = [f"r{i}" for i in range(12)]
+    victim = Client(
+        "127.0.0.1",
+        proxy.port,
+        "victim",
+        reconnect=True,
+        backoff=Backoff(0.2, 0.3),
+        resume_burst=8,
+        resume_interval=0.03,
+    )
+    try:
+        await victim.connect()
+        for room in rooms:
+            await victim.join(room)
+        proxy.reset_all()
+        await wait_for_event(victim, ConnectionLost)
+        saying = [
+            asyncio.create_task(victim.say(rooms[i], f"line {i}", timeout=10)) for i in range(6)
+        ]
+        events: list[Event] = []
+        async with asyncio.timeout(10):
+            while victim.pending or not all(victim.rooms.get(r) is not None for r in rooms):
+                events.append(await victim.next_event())
+        acks = await asyncio.gather(*saying)
+    finally:
+        await victim.close()
+        await proxy.close()
+        await srv.close()
+    refused = [e for e in events if isinstance(e, ErrorFrame)]
+    assert refused == []
+    assert [a.room for a in acks] == rooms[:6]
+    assert sorted(victim.rooms) == sorted(rooms)
 
 
 async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: FaultProxy) -> None:

@@ -14,9 +14,10 @@ and ``dm`` until acked, ``join``, ``part`` and the questions (``who``,
 ``rooms``, ``history``) until answered. When the connection drops it emits
 :class:`ConnectionLost`, waits (exponential backoff with random jitter,
 capped), connects again as the same nick, re-joins each room with
-``since`` = last ``seq`` seen, and sends those frames again in their order,
-each with its original ``ref`` — the server answers a repeated message with
-the original ``ack`` instead of storing it twice. Messages whose ``seq``
+``since`` = last ``seq`` seen, and sends those frames again in their order
+(paced: ``RESUME_BURST``), each with its original ``ref`` — the server
+answers a repeated message with the original ``ack`` instead of storing it
+twice. Messages whose ``seq``
 the client has already delivered are dropped, so each message reaches the
 caller exactly once and in order. Frames sent while offline wait and go out
 on reconnect.
@@ -37,6 +38,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
@@ -94,6 +96,12 @@ CLIENT_FRAME_CAP = 16 * 1024 * 1024
 #: Most bytes read and decoded at once: about 450 messages, 3 ms of decoding on a slow
 #: host, so that a burst does not hold the loop (and the keyboard) for long.
 READ_CHUNK = 64 * 1024
+#: After a reconnect, the frames that go again (re-joins, then the outbox) are written
+#: this many at once, then one every RESUME_INTERVAL seconds: a server's flood limit
+#: (by default 10 frames at once, 5 a second) refuses the rest, and a refused message
+#: is not sent again. What is sent meanwhile queues behind them, in order.
+RESUME_BURST = 8
+RESUME_INTERVAL = 0.25
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
 # Kept until answered and sent again after a reconnect: messages until acked (the
@@ -162,6 +170,8 @@ class Client:
         backoff: Backoff | None = None,
         keepalive: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        resume_burst: int = RESUME_BURST,
+        resume_interval: float = RESUME_INTERVAL,
     ) -> None:
         self.host = host
         self.port = port
@@ -173,6 +183,8 @@ class Client:
         self.backoff = backoff or Backoff()
         self.keepalive = keepalive
         self.clock = clock
+        self.resume_burst = resume_burst
+        self.resume_interval = resume_interval
         self.welcome: Welcome | None = None
         #: Rooms joined, with the last ``seq`` delivered in each (None until known).
         self.rooms: dict[str, int | None] = {}
@@ -181,6 +193,9 @@ class Client:
         # part and the questions (who, rooms, history). A reconnect sends them again,
         # in that order, so a line typed before a /part still reaches its room.
         self._outbox: dict[str, ClientFrame] = {}
+        # Frames of a resume (and what was sent behind them) not written yet, paced.
+        self._paced: deque[ClientFrame] = deque()
+        self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
         self._closing = False
@@ -300,7 +315,10 @@ class Client:
         if self._online and self._writer is not None:
             if kept:
                 self._outbox[ref or ""] = frame
-            self._write(frame)
+            if self._paced:
+                self._paced.append(frame)  # behind the resume, in order
+            else:
+                self._write(frame)
             return
         if self.reconnect and not self._closing:
             if kept:
@@ -318,6 +336,28 @@ class Client:
         assert self._writer is not None
         self._writer.write(encode(frame))
         self._last_sent = self.clock()
+
+    def _write_paced(self, frames: list[ClientFrame]) -> None:
+        """Write ``frames`` ``resume_burst`` at once, then one per ``resume_interval``."""
+        self._stop_pacing()
+        for frame in frames[: self.resume_burst]:
+            self._write(frame)
+        if len(frames) > self.resume_burst:
+            self._paced.extend(frames[self.resume_burst :])
+            self._pacer = asyncio.get_running_loop().create_task(self._pace())
+
+    async def _pace(self) -> None:
+        while self._paced:
+            await asyncio.sleep(self.resume_interval)
+            if not self._online or self._writer is None:
+                return  # what has a ref goes again with the next resume
+            self._write(self._paced.popleft())
+
+    def _stop_pacing(self) -> None:
+        self._paced.clear()
+        if self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
 
     @property
     def unacked(self) -> dict[str, Say | Dm]:
@@ -410,6 +450,7 @@ class Client:
     async def close(self, reason: str | None = None) -> None:
         """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
         self._closing = True
+        self._stop_pacing()
         writer = self._writer
         if writer is not None and self._online and not writer.is_closing():
             with contextlib.suppress(ConnectionError, OSError):
@@ -548,6 +589,7 @@ class Client:
             if isinstance(frame, Join | Part | Say):
                 heads.setdefault(frame.room, frame)
         rejoins: set[int] = set()  # pending joins that the re-join of their room is
+        frames: list[ClientFrame] = []
         for room, last in list(self.rooms.items()):
             head = heads.get(room)
             if isinstance(head, Part):
@@ -562,10 +604,9 @@ class Client:
             if isinstance(head, Join):
                 rejoins.add(id(head))
                 ref = head.ref
-            self._write(Join(room=room, since=last, ref=ref or self.new_ref()))
-        for frame in list(self._outbox.values()):
-            if id(frame) not in rejoins:
-                self._write(frame)
+            frames.append(Join(room=room, since=last, ref=ref or self.new_ref()))
+        frames += [f for f in self._outbox.values() if id(f) not in rejoins]
+        self._write_paced(frames)
         return self.pending
 
     def _deliver_body(self, body: bytes) -> None:
