@@ -232,7 +232,8 @@ def test_join_without_standard_input_says_so(
 
 
 def test_join_put_back_the_terminal_when_terminated() -> None:
-    """SIGTERM while ``achat join`` runs on a terminal: exit 143, echo and line mode back."""
+    """SIGTERM while ``achat join`` runs on a terminal: echo and line mode back, then the
+    process ends by that signal, as it would have."""
     import signal
     import termios
     import time
@@ -268,5 +269,31 @@ def test_join_put_back_the_terminal_when_terminated() -> None:
             os.close(slave)
 
     code, flags = asyncio.run(run())
-    assert code == 128 + signal.SIGTERM
+    assert code == -signal.SIGTERM
     assert flags == termios.ECHO | termios.ICANON
+
+
+def test_typeahead_leaves_an_ignored_hangup_ignored() -> None:
+    """Under nohup (SIGHUP ignored) the window keeps it ignored; after it, handlers are back."""
+    import signal
+
+    master, slave = os.openpty()
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with os.fdopen(slave, "r", closefd=False) as stream, cli._typeahead_kept(stream):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+        os.close(master)
+        os.close(slave)
+
+
+def test_send_without_standard_input_has_nothing_to_send(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``achat send <&-`` with no text: nothing to send, a usage error, not a crash."""
+    monkeypatch.setattr(sys, "stdin", None)
+    assert cli.main(["send", "--port", str(_closed_port()), "--nick", "ana"]) == 2
+    assert "nothing to send" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import io
 import logging
 import os
 import signal
@@ -60,9 +61,9 @@ def _typeahead_kept(stream: TextIO | None) -> Iterator[None]:
     among them was taken by the terminal as the end of that line and lost.
     Echo and line editing are off from the start instead (Ctrl-C still
     interrupts), so the prompt gets the keys as typed; the terminal's settings
-    as found are put back on the way out, whatever the way: a SIGTERM or SIGHUP
-    meanwhile exits through here (as ``SystemExit``) instead of leaving the
-    terminal without echo. Not a terminal: as is.
+    as found are put back on the way out, whatever the way. A SIGTERM or SIGHUP
+    (unless ignored) puts them back too, then ends the process by that signal
+    as it would have. Not a terminal: as is.
     """
     try:
         import termios
@@ -75,23 +76,32 @@ def _typeahead_kept(stream: TextIO | None) -> Iterator[None]:
     except (termios.error, OSError, ValueError):  # not a terminal, or no stdin at all
         yield
         return
-    mode = list(found)
-    mode[3] &= ~(termios.ECHO | termios.ICANON)
-    mode[6] = list(found[6])
-    mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
-    termios.tcsetattr(fd, termios.TCSANOW, mode)
-    handlers = {sig: signal.signal(sig, _exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+
+    def put_back() -> None:
         with contextlib.suppress(termios.error, OSError):  # the terminal is gone
             termios.tcsetattr(fd, termios.TCSANOW, found)
 
+    def put_back_and_die(signum: int, frame: object) -> None:
+        # Not an exception: one raised here can land in a finaliser that swallows it.
+        put_back()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
-def _exit_on(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    handlers: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                handlers[sig] = signal.signal(sig, put_back_and_die)
+        mode = list(found)
+        mode[3] &= ~(termios.ECHO | termios.ICANON)
+        mode[6] = list(found[6])
+        mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(fd, termios.TCSANOW, mode)
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        put_back()
 
 
 @contextlib.contextmanager
@@ -453,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _client_parser(env).parse_args(argv)
     try:
         if args.command == "send":
-            text = args.text if args.text is not None else sys.stdin.read()
+            text = args.text if args.text is not None else (sys.stdin or io.StringIO()).read()
             if not text.strip():
                 print("achat send: nothing to send", file=sys.stderr)
                 return EXIT_USAGE

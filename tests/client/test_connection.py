@@ -194,3 +194,14 @@ async def test_silent_server_is_dropped_and_retried() -> None:
         assert isinstance(back, Reconnected)
         assert hellos == 2
         await client.close()
+
+
+async def test_a_frame_that_cannot_be_encoded_is_refused_and_not_kept(server: Server) -> None:
+    """A lone surrogate cannot be UTF-8: send raises, and nothing waits to be resent."""
+    async with Client("127.0.0.1", server.port, "ana", reconnect=True) as ana:
+        await ana.join("general")
+        with pytest.raises(ValueError, match="surrogate"):
+            ana.send(m.Say(room="general", text="caf\udce9", ref=ana.new_ref()))
+        assert ana.pending == 0
+        ack = await ana.say("general", "fine")
+        assert ack.seq == 1

@@ -697,6 +697,37 @@ async def test_reconnecting_keeps_typed_lines_and_sends_them(server: Server) -> 
             await again.close()
 
 
+async def test_a_room_left_while_offline_is_left_on_reconnecting(server: Server) -> None:
+    """/part typed while reconnecting says it will leave; reconnected, the room is not joined."""
+    port = server.port
+    async with chat_window(server, reconnect=True) as window:
+        await server.close()
+        await window.wait_for("! connection lost: ")
+        window.type("/part\r")
+        await window.wait_for("-- (leaving #general when reconnected)")
+        again = Server(ServerConfig(host="127.0.0.1", port=port), MemoryStore())
+        await again.start()
+        try:
+            await window.wait_for("you left #general")
+            await window.wait_for("-- reconnected")
+            assert window.ui.state.room is None
+            assert window.ui.state.rooms == {}
+            assert "general" not in window.ui.client.rooms
+        finally:
+            window.ui.quit()
+            await window.task
+            await again.close()
+
+
+async def test_a_byte_that_is_not_utf8_is_sent_as_a_replacement(ana: Window, bob: Client) -> None:
+    """A lone surrogate from the terminal (a Latin-1 byte) goes out as U+FFFD, not a crash."""
+    ana.ui.submit("caf\udce9 au lait")
+    received = await next_of(bob, Message)
+    assert received.text == "caf\ufffd au lait"
+    ana.type("still typing\r")
+    assert (await next_of(bob, Message)).text == "still typing"
+
+
 # -- tab completion ----------------------------------------------------------------
 
 

@@ -102,6 +102,8 @@ READ_CHUNK = 64 * 1024
 #: is not sent again. What is sent meanwhile queues behind them, in order.
 RESUME_BURST = 8
 RESUME_INTERVAL = 0.25
+#: Longest ``close()`` lets a paced resume go on before it says bye.
+CLOSE_PACING_WAIT = 5.0
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
 # Kept until answered and sent again after a reconnect: messages until acked (the
@@ -194,7 +196,7 @@ class Client:
         # in that order, so a line typed before a /part still reaches its room.
         self._outbox: dict[str, ClientFrame] = {}
         # Frames of a resume (and what was sent behind them) not written yet, paced.
-        self._paced: deque[ClientFrame] = deque()
+        self._paced: deque[tuple[bytes, bool]] = deque()  # each frame, and whether kept
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
@@ -305,8 +307,10 @@ class Client:
 
         ``say`` and ``dm`` frames with a ``ref`` are remembered until acked and
         resent after a reconnect. Raises :class:`ConnectionClosed` when the
-        frame cannot be sent or kept.
+        frame cannot be sent or kept, and ``ValueError`` when it cannot be encoded
+        (a lone surrogate in a text): then nothing is kept or sent.
         """
+        data = encode(frame)
         ref = frame.ref if isinstance(frame, _KEPT) else None
         kept = bool(ref) and (self.reconnect or isinstance(frame, Say | Dm))
         if isinstance(frame, Join) and frame.since is not None:
@@ -315,10 +319,10 @@ class Client:
         if self._online and self._writer is not None:
             if kept:
                 self._outbox[ref or ""] = frame
-            if self._paced:
-                self._paced.append(frame)  # behind the resume, in order
+            if self._pacer is not None:
+                self._paced.append((data, kept))  # behind the resume, in order
             else:
-                self._write(frame)
+                self._write_bytes(data)
             return
         if self.reconnect and not self._closing:
             if kept:
@@ -333,8 +337,11 @@ class Client:
         raise ConnectionClosed("not connected")
 
     def _write(self, frame: ClientFrame) -> None:
+        self._write_bytes(encode(frame))
+
+    def _write_bytes(self, data: bytes) -> None:
         assert self._writer is not None
-        self._writer.write(encode(frame))
+        self._writer.write(data)
         self._last_sent = self.clock()
 
     def _write_paced(self, frames: list[ClientFrame]) -> None:
@@ -343,21 +350,44 @@ class Client:
         for frame in frames[: self.resume_burst]:
             self._write(frame)
         if len(frames) > self.resume_burst:
-            self._paced.extend(frames[self.resume_burst :])
+            self._paced.extend((encode(f), True) for f in frames[self.resume_burst :])
             self._pacer = asyncio.get_running_loop().create_task(self._pace())
 
     async def _pace(self) -> None:
-        while self._paced:
-            await asyncio.sleep(self.resume_interval)
-            if not self._online or self._writer is None:
-                return  # what has a ref goes again with the next resume
-            self._write(self._paced.popleft())
+        try:
+            while self._paced:
+                await asyncio.sleep(self.resume_interval)
+                if not self._online or self._writer is None:
+                    break
+                with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                    # uvloop: RuntimeError when a reset closed the transport just now
+                    self._write_bytes(self._paced[0][0])
+                    self._paced.popleft()
+                    continue
+                break
+        finally:
+            if self._pacer is asyncio.current_task():  # not stopped for a newer resume
+                self._pacer = None
+                # What has a ref goes again with the next resume; anything else is lost.
+                lost = sum(not kept for _, kept in self._paced)
+                self._paced.clear()
+                if lost:
+                    self._events.put_nowait(
+                        LocalNotice(f"{lost} command(s) not sent: the connection was lost")
+                    )
+
+    async def _wait_for_pacing(self, timeout: float) -> None:
+        """Let a paced resume finish (at most ``timeout``), so closing does not cut it."""
+        pacer = self._pacer
+        if pacer is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(pacer), timeout)
 
     def _stop_pacing(self) -> None:
+        pacer, self._pacer = self._pacer, None
         self._paced.clear()
-        if self._pacer is not None:
-            self._pacer.cancel()
-            self._pacer = None
+        if pacer is not None:
+            pacer.cancel()
 
     @property
     def unacked(self) -> dict[str, Say | Dm]:
@@ -450,6 +480,7 @@ class Client:
     async def close(self, reason: str | None = None) -> None:
         """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
         self._closing = True
+        await self._wait_for_pacing(CLOSE_PACING_WAIT)
         self._stop_pacing()
         writer = self._writer
         if writer is not None and self._online and not writer.is_closing():

@@ -105,6 +105,21 @@ class ChatState(msgspec.Struct):
         return sorted(seen.values(), key=str.casefold)
 
 
+def _as_text(line: str) -> str:
+    """``line`` with what cannot be sent as UTF-8 replaced by U+FFFD.
+
+    A byte from the terminal that is not UTF-8 (a pasted Latin-1 é, a Meta key
+    sending 8-bit) reaches the prompt as a lone surrogate, which no frame can
+    carry.
+    """
+    if line.isascii():
+        return line
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return line.encode("utf-8", "replace").decode("utf-8")
+
+
 class ChatCompleter(Completer):
     """Tab completes commands, ``#rooms`` and nicks of people in the joined rooms."""
 
@@ -258,7 +273,7 @@ class ChatUI:
     def submit(self, line: str) -> None:
         """Carry out one line typed at the prompt."""
         try:
-            command = cmd.parse(line)
+            command = cmd.parse(_as_text(line))
         except cmd.CommandError as exc:
             self.show([self.renderer.problem(str(exc))])
             return
@@ -289,6 +304,8 @@ class ChatUI:
                 client.send(Join(room=command.room, ref=ref))
                 if not self._opened.is_set():
                     self._opening.add(ref)
+                if not client.connected:
+                    self.show([self.renderer.notice(f"(joining #{command.room} when reconnected)")])
         elif isinstance(command, cmd.SayCmd | cmd.MeCmd):
             if state.room is None:
                 self.show([self.renderer.problem("join a room first: /join #general")])
@@ -305,6 +322,8 @@ class ChatUI:
                 self.show([self.renderer.problem("you are in no room")])
                 return
             client.send(Part(room=room, reason=command.reason, ref=client.new_ref()))
+            if not client.connected:
+                self.show([self.renderer.notice(f"(leaving #{room} when reconnected)")])
         elif isinstance(command, cmd.DmCmd):
             ref = client.new_ref()
             self._sent_dms[ref] = (command.nick, command.text)
