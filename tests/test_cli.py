@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import subprocess
@@ -242,7 +243,7 @@ def test_join_put_back_the_terminal_when_terminated() -> None:
         await reader.read(65536)
         await reader.read(65536)
 
-    async def run() -> tuple[int, int]:
+    async def run() -> tuple[int, int, bytes]:
         master, slave = os.openpty()
         try:
             async with fake_server(never_welcome) as port:
@@ -263,14 +264,20 @@ def test_join_put_back_the_terminal_when_terminated() -> None:
                     await asyncio.sleep(0.01)
                 proc.send_signal(signal.SIGTERM)
                 code = await asyncio.wait_for(proc.wait(), 30)
-            return code, termios.tcgetattr(slave)[3] & (termios.ECHO | termios.ICANON)
+            os.set_blocking(master, False)
+            shown = b""
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(master, 65536):
+                    shown += chunk
+            return code, termios.tcgetattr(slave)[3] & (termios.ECHO | termios.ICANON), shown
         finally:
             os.close(master)
             os.close(slave)
 
-    code, flags = asyncio.run(run())
+    code, flags, shown = asyncio.run(run())
     assert code == -signal.SIGTERM
     assert flags == termios.ECHO | termios.ICANON
+    assert b"\x1b[?7h\x1b[?2004l\x1b[?25h\x1b[0m" in shown  # prompt_toolkit's modes off
 
 
 def test_typeahead_leaves_an_ignored_hangup_ignored() -> None:

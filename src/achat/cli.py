@@ -83,6 +83,10 @@ def _typeahead_kept(stream: TextIO | None) -> Iterator[None]:
 
     def put_back_and_die(signum: int, frame: object) -> None:
         # Not an exception: one raised here can land in a finaliser that swallows it.
+        # prompt_toolkit will not undo its own modes: line wrap back on, bracketed
+        # paste off, cursor shown, colours reset, on a new line.
+        with contextlib.suppress(OSError):
+            os.write(fd, b"\x1b[?7h\x1b[?2004l\x1b[?25h\x1b[0m\r\n")
         put_back()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)

@@ -227,11 +227,44 @@ async def test_closing_during_a_paced_resume_lets_it_finish(server: Server) -> N
         await victim.close()
         async with Client("127.0.0.1", server.port, "reader") as reader:
             await reader.join(ROOM)
-            history = await reader.history(ROOM)
+            texts: list[str] = []
+            async with asyncio.timeout(5):  # the store commits on its own thread
+                while len(texts) < 6:
+                    texts = [m.text for m in (await reader.history(ROOM)).messages]
     finally:
         await victim.close()
         await proxy.close()
-    assert [m.text for m in history.messages] == [f"line {i}" for i in range(6)]
+    assert texts == [f"line {i}" for i in range(6)]
+
+
+async def test_closing_can_be_cancelled_while_a_resume_is_paced(server: Server) -> None:
+    """close() waits for a paced resume, but a cancellation of the closer goes through."""
+    proxy = await FaultProxy("127.0.0.1", server.port).start()
+    victim = Client(
+        "127.0.0.1",
+        proxy.port,
+        "victim",
+        reconnect=True,
+        backoff=Backoff(0.2, 0.3),
+        resume_burst=1,
+        resume_interval=60,
+    )
+    try:
+        await victim.connect()
+        await victim.join(ROOM)
+        proxy.reset_all()
+        await wait_for_event(victim, ConnectionLost)
+        victim.send(victim.say_frame(ROOM, "queued behind the re-join"))
+        await wait_for_event(victim, Reconnected)
+        closing = asyncio.create_task(victim.close())
+        await asyncio.sleep(0)  # closing now waits for the pacer
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    finally:
+        victim._stop_pacing()  # not the minute the pacer would wait
+        await victim.close()
+        await proxy.close()
 
 
 async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: FaultProxy) -> None:

@@ -30,7 +30,7 @@ from achat.client.connection import (
     Event,
     Reconnected,
 )
-from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI
+from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI, _as_text
 from achat.protocol.frames import FrameDecoder
 from achat.protocol.messages import (
     Bye,
@@ -717,6 +717,21 @@ async def test_a_room_left_while_offline_is_left_on_reconnecting(server: Server)
             window.ui.quit()
             await window.task
             await again.close()
+
+
+@pytest.mark.parametrize(
+    ("typed", "sent"),
+    [
+        ("caf\udce9", "caf\ufffd"),  # a Latin-1 byte
+        ("\udcc3\udca9", "\u00e9"),  # bytes that together are UTF-8
+        ("x\ud83d\ude00y", "x\U0001f600y"),  # a split surrogate pair
+        ("ok \udce9 and \ud800", "ok \ufffd and \ufffd"),  # a surrogate for no byte
+        ("na\u00efve \U0001f600 \ud55c\uad6d", "na\u00efve \U0001f600 \ud55c\uad6d"),
+    ],
+)
+def test_typed_text_is_made_sendable(typed: str, sent: str) -> None:
+    """What the terminal gave that is not UTF-8 becomes U+FFFD; valid text is untouched."""
+    assert _as_text(typed) == sent
 
 
 async def test_a_byte_that_is_not_utf8_is_sent_as_a_replacement(ana: Window, bob: Client) -> None:

@@ -380,8 +380,7 @@ class Client:
         """Let a paced resume finish (at most ``timeout``), so closing does not cut it."""
         pacer = self._pacer
         if pacer is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(pacer), timeout)
+            await asyncio.wait({pacer}, timeout=timeout)  # the caller's cancellation goes through
 
     def _stop_pacing(self) -> None:
         pacer, self._pacer = self._pacer, None

@@ -109,15 +109,28 @@ def _as_text(line: str) -> str:
     """``line`` with what cannot be sent as UTF-8 replaced by U+FFFD.
 
     A byte from the terminal that is not UTF-8 (a pasted Latin-1 é, a Meta key
-    sending 8-bit) reaches the prompt as a lone surrogate, which no frame can
-    carry.
+    sending 8-bit) reaches the prompt as a lone surrogate (U+DC80 to U+DCFF),
+    which no frame can carry; bytes that together are UTF-8 are decoded, and a
+    split surrogate pair is joined.
     """
     if line.isascii():
         return line
     try:
-        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte
-        return line.encode("utf-8", "replace").decode("utf-8")
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:
+        pass
+    joined = line.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    raw = bytearray()
+    for ch in joined:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            raw.append(code - 0xDC00)  # the byte the terminal sent
+        elif 0xD800 <= code <= 0xDFFF:
+            raw += "\ufffd".encode()
+        else:
+            raw += ch.encode()
+    return raw.decode("utf-8", "replace")
 
 
 class ChatCompleter(Completer):
