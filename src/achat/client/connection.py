@@ -17,10 +17,9 @@ capped), connects again as the same nick, re-joins each room with
 ``since`` = last ``seq`` seen, and sends those frames again in their order
 (paced: ``RESUME_BURST``), each with its original ``ref`` — the server
 answers a repeated message with the original ``ack`` instead of storing it
-twice. Messages whose ``seq``
-the client has already delivered are dropped, so each message reaches the
-caller exactly once and in order. Frames sent while offline wait and go out
-on reconnect.
+twice. Messages whose ``seq`` the client has already delivered are dropped,
+so each message reaches the caller exactly once and in order. Frames sent
+while offline wait and go out on reconnect.
 
 Example::
 
