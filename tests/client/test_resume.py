@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -160,22 +161,20 @@ async def test_messages_typed_offline_are_sent_on_reconnect(
     await victim.close()
 
 
-async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
-    """Twelve rooms to re-join and six lines typed offline, against a flood limit of 14
-    frames at once: paced, nothing is refused, every line is stored and every room joined."""
-    limits = make_config(flood=FloodPolicy(rate=50, burst=14))
-    srv = Server(limits, SQLiteStore(tmp_path / "achat.db"))
-    await srv.start()
-    proxy = await FaultProxy("127.0.0.1", srv.port).start()
-    rooms = [f"r{i}" for i in range(12)]
+@contextlib.asynccontextmanager
+async def cut_off(
+    port: int, rooms: Sequence[str] = (ROOM,), *, resume_burst: int, resume_interval: float
+) -> AsyncIterator[Client]:
+    """``victim``, in ``rooms`` through a proxy to ``port``, just after the proxy cut it."""
+    proxy = await FaultProxy("127.0.0.1", port).start()
     victim = Client(
         "127.0.0.1",
         proxy.port,
         "victim",
         reconnect=True,
         backoff=Backoff(0.2, 0.3),
-        resume_burst=8,
-        resume_interval=0.03,
+        resume_burst=resume_burst,
+        resume_interval=resume_interval,
     )
     try:
         await victim.connect()
@@ -183,21 +182,34 @@ async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
             await victim.join(room)
         proxy.reset_all()
         await wait_for_event(victim, ConnectionLost)
-        saying = [
-            asyncio.create_task(victim.say(rooms[i], f"line {i}", timeout=10)) for i in range(6)
-        ]
-        events: list[Event] = []
-        rejoined: set[str] = set()
-        async with asyncio.timeout(10):
-            while victim.pending or rejoined != set(rooms):
-                event = await victim.next_event()
-                events.append(event)
-                if isinstance(event, Names):
-                    rejoined.add(event.room)
-        acks = await asyncio.gather(*saying)
+        yield victim
     finally:
         await victim.close()
         await proxy.close()
+
+
+async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
+    """Twelve rooms to re-join and six lines typed offline, against a flood limit of 14
+    frames at once: paced, nothing is refused, every line is stored and every room joined."""
+    limits = make_config(flood=FloodPolicy(rate=50, burst=14))
+    srv = Server(limits, SQLiteStore(tmp_path / "achat.db"))
+    await srv.start()
+    rooms = [f"r{i}" for i in range(12)]
+    try:
+        async with cut_off(srv.port, rooms, resume_burst=8, resume_interval=0.03) as victim:
+            saying = [
+                asyncio.create_task(victim.say(rooms[i], f"line {i}", timeout=10)) for i in range(6)
+            ]
+            events: list[Event] = []
+            rejoined: set[str] = set()
+            async with asyncio.timeout(10):
+                while victim.pending or rejoined != set(rooms):
+                    event = await victim.next_event()
+                    events.append(event)
+                    if isinstance(event, Names):
+                        rejoined.add(event.room)
+            acks = await asyncio.gather(*saying)
+    finally:
         await srv.close()
     refused = [e for e in events if isinstance(e, ErrorFrame)]
     assert refused == []
@@ -206,21 +218,7 @@ async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
 
 async def test_closing_during_a_paced_resume_lets_it_finish(server: Server) -> None:
     """Closed right after reconnecting, the client still sends what the resume has queued."""
-    proxy = await FaultProxy("127.0.0.1", server.port).start()
-    victim = Client(
-        "127.0.0.1",
-        proxy.port,
-        "victim",
-        reconnect=True,
-        backoff=Backoff(0.2, 0.3),
-        resume_burst=2,
-        resume_interval=0.05,
-    )
-    try:
-        await victim.connect()
-        await victim.join(ROOM)
-        proxy.reset_all()
-        await wait_for_event(victim, ConnectionLost)
+    async with cut_off(server.port, resume_burst=2, resume_interval=0.05) as victim:
         for i in range(6):
             victim.send(victim.say_frame(ROOM, f"line {i}"))
         await wait_for_event(victim, Reconnected)
@@ -231,40 +229,22 @@ async def test_closing_during_a_paced_resume_lets_it_finish(server: Server) -> N
             async with asyncio.timeout(5):  # the store commits on its own thread
                 while len(texts) < 6:
                     texts = [m.text for m in (await reader.history(ROOM)).messages]
-    finally:
-        await victim.close()
-        await proxy.close()
     assert texts == [f"line {i}" for i in range(6)]
 
 
 async def test_closing_can_be_cancelled_while_a_resume_is_paced(server: Server) -> None:
     """close() waits for a paced resume, but a cancellation of the closer goes through."""
-    proxy = await FaultProxy("127.0.0.1", server.port).start()
-    victim = Client(
-        "127.0.0.1",
-        proxy.port,
-        "victim",
-        reconnect=True,
-        backoff=Backoff(0.2, 0.3),
-        resume_burst=1,
-        resume_interval=60,
-    )
-    try:
-        await victim.connect()
-        await victim.join(ROOM)
-        proxy.reset_all()
-        await wait_for_event(victim, ConnectionLost)
-        victim.send(victim.say_frame(ROOM, "queued behind the re-join"))
-        await wait_for_event(victim, Reconnected)
-        closing = asyncio.create_task(victim.close())
-        await asyncio.sleep(0)  # closing now waits for the pacer
-        closing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await closing
-    finally:
-        victim._stop_pacing()  # not the minute the pacer would wait
-        await victim.close()
-        await proxy.close()
+    async with cut_off(server.port, resume_burst=1, resume_interval=60) as victim:
+        try:
+            victim.send(victim.say_frame(ROOM, "queued behind the re-join"))
+            await wait_for_event(victim, Reconnected)
+            closing = asyncio.create_task(victim.close())
+            await asyncio.sleep(0)  # closing now waits for the pacer
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        finally:
+            victim._stop_pacing()  # not the minute the pacer would wait
 
 
 async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: FaultProxy) -> None:
