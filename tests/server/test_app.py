@@ -170,6 +170,20 @@ JOIN_A = b'{"type":"join","room":"a"}'
 JOIN_A_SINCE_0 = b'{"type":"join","room":"a","since":0}'
 
 
+async def room_with_a_sloth(
+    server: Server, clients: list[Client]
+) -> tuple[Client, Client, socket.socket]:
+    """Room ``a`` with a talker, a watcher and ``sloth``, a slow reader the watcher saw join."""
+    talker = await connect(server, clients, "talker")
+    watcher = await connect(server, clients, "watcher")
+    await talker.join("a")
+    await watcher.join("a")
+    sloth = await slow_reader(server, "sloth", JOIN_A)
+    while (await next_of(watcher, m.Joined)).nick != "sloth":
+        pass
+    return talker, watcher, sloth
+
+
 async def cut_off_prefix(sock: socket.socket) -> list[int]:
     """The seqs a reader cut off for reading too slowly got, read to the end: checked
     to be a gapless prefix of the room's messages, then the fatal sendq_exceeded."""
@@ -458,13 +472,7 @@ async def test_slow_reader_is_cut_off_alone(
     It loses nothing either: what it missed comes back with join since.
     """
     server = await start(sendq_limit=32 * 1024, slow_link=True)
-    talker = await connect(server, clients, "talker")
-    watcher = await connect(server, clients, "watcher")
-    await talker.join("a")
-    await watcher.join("a")
-    sloth = await slow_reader(server, "sloth", JOIN_A)
-    while (await next_of(watcher, m.Joined)).nick != "sloth":
-        pass
+    talker, watcher, sloth = await room_with_a_sloth(server, clients)
     sent = 0
     async with asyncio.timeout(WAIT):
         while server.registry.member("sloth") is not None:
@@ -496,13 +504,7 @@ async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(
     store = HeldStore()
     limit = 64 * 1024
     server = await start(store=store, sendq_limit=limit, slow_link=True)
-    talker = await connect(server, clients, "talker")
-    watcher = await connect(server, clients, "watcher")
-    await talker.join("a")
-    await watcher.join("a")
-    sloth = await slow_reader(server, "sloth", JOIN_A)
-    while (await next_of(watcher, m.Joined)).nick != "sloth":
-        pass
+    talker, watcher, sloth = await room_with_a_sloth(server, clients)
     member = server.registry.member("sloth")
     assert member is not None
     peer = cast(Session, member.peer)
