@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
 from achat.client.connection import (
+    SEND_RATE,
+    SLOWEST_RATE,
     Backoff,
     Client,
     ConnectionLost,
@@ -15,11 +18,15 @@ from achat.client.connection import (
     Event,
     LocalNotice,
     Reconnected,
+    SendBudget,
 )
 from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import encode_frame
 from achat.server.app import Server
+from achat.server.limits import FloodPolicy
+from achat.store.sqlite import SQLiteStore
+from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, fake_server
 
 
@@ -205,3 +212,104 @@ async def test_a_frame_that_cannot_be_encoded_is_refused_and_not_kept(server: Se
         assert ana.pending == 0
         ack = await ana.say("general", "fine")
         assert ack.seq == 1
+
+
+def test_the_send_budget_gives_a_burst_then_its_rate() -> None:
+    budget = SendBudget(burst=3, rate=4.0, now=100.0)
+    assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert budget.wait(100.0) == pytest.approx(0.25)
+    assert not budget.take(100.2)
+    assert budget.wait(100.2) == pytest.approx(0.05)
+    assert budget.take(100.25)
+    # Refilled over a long pause, but never beyond the burst.
+    assert sum(budget.take(200.0) for _ in range(10)) == 3
+    budget.fill(200.0)
+    assert sum(budget.take(200.0) for _ in range(10)) == 3
+
+
+def test_the_send_budget_slows_down_once_per_episode_of_refusals() -> None:
+    budget = SendBudget(burst=8, rate=4.0, now=0.0)
+    assert budget.slow_down(10.0)
+    assert (budget.burst, budget.rate) == (4, 2.0)
+    assert not budget.take(10.0)  # emptied
+    # Within one new interval (0.5 s): refusals of frames written before the slow-down.
+    assert not budget.slow_down(10.4)
+    assert (budget.burst, budget.rate) == (4, 2.0)
+    assert budget.take(10.5)
+    assert budget.slow_down(10.5)
+    assert (budget.burst, budget.rate) == (2, 1.0)
+    for k in range(1, 12):
+        budget.slow_down(10.5 + 100 * k)
+    assert (budget.burst, budget.rate) == (1, SLOWEST_RATE)
+
+
+def test_a_send_budget_of_rate_0_is_no_limit_until_a_refusal() -> None:
+    budget = SendBudget(burst=1, rate=0, now=0.0)
+    assert all(budget.take(0.0) for _ in range(1000))
+    assert budget.wait(0.0) == 0
+    assert budget.slow_down(1.0)
+    assert budget.rate == SEND_RATE
+    with pytest.raises(ValueError, match="burst"):
+        SendBudget(burst=0, rate=1, now=0.0)
+    with pytest.raises(ValueError, match="rate"):
+        SendBudget(burst=1, rate=-1, now=0.0)
+
+
+async def flood_limited_server(tmp_path: Path, policy: FloodPolicy) -> Server:
+    srv = Server(make_config(flood=policy), SQLiteStore(tmp_path / "achat.db"))
+    await srv.start()
+    return srv
+
+
+async def acked_in_order(client: Client, room: str, count: int) -> tuple[list[Event], list[str]]:
+    """``count`` lines sent at once, as fast as typing allows; the events until all are
+    acked, and the room's history."""
+    refs = []
+    for i in range(count):
+        frame = client.say_frame(room, f"line {i}")
+        refs.append(frame.ref)
+        client.send(frame)
+    events: list[Event] = []
+    waiting = set(refs)
+    async with asyncio.timeout(10):
+        while waiting:
+            event = await client.next_event()
+            events.append(event)
+            if isinstance(event, m.Ack):
+                waiting.discard(event.ref)
+    texts = [x.text for x in (await client.history(room)).messages]
+    return events, texts
+
+
+async def test_lines_sent_faster_than_the_flood_limit_wait_their_turn(tmp_path: Path) -> None:
+    """Twenty lines at once against a limit of 6 at once: the client's own budget (under
+    the server's) holds them back, so none is refused and all arrive in order."""
+    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=60, burst=6))
+    try:
+        async with Client("127.0.0.1", srv.port, "ana", send_burst=5, send_rate=50) as ana:
+            await ana.join("general")
+            events, texts = await acked_in_order(ana, "general", 20)
+            assert ana.queued == 0
+    finally:
+        await srv.close()
+    assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
+    assert texts == [f"line {i}" for i in range(20)]
+
+
+async def test_frames_a_stricter_server_refuses_go_again_more_slowly(tmp_path: Path) -> None:
+    """A server stricter than the client's budget refuses part of a burst: the client
+    slows down and sends the refused lines again, ahead of those still waiting, so every
+    line is stored once and in order, and the caller sees no refusal."""
+    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=25, burst=3, strikes=100))
+    try:
+        async with Client("127.0.0.1", srv.port, "ana", send_burst=8, send_rate=60) as ana:
+            await ana.join("general")  # one of the server's 3
+            events, texts = await acked_in_order(ana, "general", 12)
+            assert ana.budget.rate < 60
+    finally:
+        await srv.close()
+    assert [e for e in events if isinstance(e, m.Error)] == []
+    notices = [e.text for e in events if isinstance(e, LocalNotice)]
+    assert len(notices) >= 1
+    assert "sending it again" in notices[0]
+    assert texts == [f"line {i}" for i in range(12)]

@@ -81,8 +81,9 @@ async def test_cuts_mid_frame_lose_nothing_and_show_nothing_twice(
     """Behind a proxy that fragments, delays and cuts mid-frame, every message is seen once."""
     rng = random.Random(11)
     backoff = Backoff(initial=0.01, cap=0.05, rng=random.Random(2))
-    talker = Client("127.0.0.1", server.port, "talker")
-    victim = Client("127.0.0.1", proxy.port, "victim", reconnect=True, backoff=backoff)
+    # The server's flood limit is off: so is the clients' own.
+    talker = Client("127.0.0.1", server.port, "talker", send_rate=0)
+    victim = Client("127.0.0.1", proxy.port, "victim", reconnect=True, backoff=backoff, send_rate=0)
     await talker.connect()
     await victim.connect()
     await talker.join(ROOM)
@@ -163,7 +164,7 @@ async def test_messages_typed_offline_are_sent_on_reconnect(
 
 @contextlib.asynccontextmanager
 async def cut_off(
-    port: int, rooms: Sequence[str] = (ROOM,), *, resume_burst: int, resume_interval: float
+    port: int, rooms: Sequence[str] = (ROOM,), *, send_burst: int, send_rate: float
 ) -> AsyncIterator[Client]:
     """``victim``, in ``rooms`` through a proxy to ``port``, just after the proxy cut it."""
     proxy = await FaultProxy("127.0.0.1", port).start()
@@ -173,8 +174,8 @@ async def cut_off(
         "victim",
         reconnect=True,
         backoff=Backoff(0.2, 0.3),
-        resume_burst=resume_burst,
-        resume_interval=resume_interval,
+        send_burst=send_burst,
+        send_rate=send_rate,
     )
     try:
         await victim.connect()
@@ -196,7 +197,7 @@ async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
     await srv.start()
     rooms = [f"r{i}" for i in range(12)]
     try:
-        async with cut_off(srv.port, rooms, resume_burst=8, resume_interval=0.03) as victim:
+        async with cut_off(srv.port, rooms, send_burst=8, send_rate=33) as victim:
             saying = [
                 asyncio.create_task(victim.say(rooms[i], f"line {i}", timeout=10)) for i in range(6)
             ]
@@ -218,7 +219,7 @@ async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
 
 async def test_closing_during_a_paced_resume_lets_it_finish(server: Server) -> None:
     """Closed right after reconnecting, the client still sends what the resume has queued."""
-    async with cut_off(server.port, resume_burst=2, resume_interval=0.05) as victim:
+    async with cut_off(server.port, send_burst=2, send_rate=20) as victim:
         for i in range(6):
             victim.send(victim.say_frame(ROOM, f"line {i}"))
         await wait_for_event(victim, Reconnected)
@@ -234,7 +235,7 @@ async def test_closing_during_a_paced_resume_lets_it_finish(server: Server) -> N
 
 async def test_closing_can_be_cancelled_while_a_resume_is_paced(server: Server) -> None:
     """close() waits for a paced resume, but a cancellation of the closer goes through."""
-    async with cut_off(server.port, resume_burst=1, resume_interval=60) as victim:
+    async with cut_off(server.port, send_burst=1, send_rate=1 / 60) as victim:
         try:
             victim.send(victim.say_frame(ROOM, "queued behind the re-join"))
             await wait_for_event(victim, Reconnected)

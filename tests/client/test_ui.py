@@ -23,6 +23,8 @@ from prompt_toolkit.output import DummyOutput
 
 from achat.client import commands as cmd
 from achat.client.connection import (
+    SEND_BURST,
+    SEND_RATE,
     Backoff,
     Client,
     ConnectionLost,
@@ -130,11 +132,18 @@ async def bob(server: Server) -> AsyncIterator[Client]:
 
 @contextlib.asynccontextmanager
 async def chat_window(
-    server: Server, nick: str = "ana", room: str | None = "general", *, reconnect: bool = False
+    server: Server,
+    nick: str = "ana",
+    room: str | None = "general",
+    *,
+    reconnect: bool = False,
+    send_rate: float = SEND_RATE,
 ) -> AsyncIterator[Window]:
     """``nick``'s chat window, running, and (with ``room``) joined to it."""
     backoff = Backoff(initial=0.01, cap=0.05)
-    client = Client("127.0.0.1", server.port, nick, reconnect=reconnect, backoff=backoff)
+    client = Client(
+        "127.0.0.1", server.port, nick, reconnect=reconnect, backoff=backoff, send_rate=send_rate
+    )
     await client.connect()
     with create_pipe_input() as keyboard:
         ui = ChatUI(client, room=room, input=keyboard, output=DummyOutput())
@@ -369,6 +378,25 @@ async def test_typed_text_is_sent_and_its_echo_shown(ana: Window, bob: Client) -
     line = await ana.wait_for("<ana> hello everyone")
     assert line.endswith("<ana> hello everyone")
     assert sum("hello everyone" in shown for shown in ana.new_lines()) == 1
+
+
+async def test_lines_typed_faster_than_the_flood_limit_are_queued_not_lost(
+    server: Server, bob: Client
+) -> None:
+    """Lines typed faster than the client's own flood limit wait in order, the toolbar
+    counts them, and every one reaches the room."""
+    count = SEND_BURST + 4
+    async with chat_window(server, send_rate=20) as window:
+        window.mark()
+        window.type("".join(f"line {i}\r" for i in range(count)))
+        await until("lines to queue", lambda: window.ui.client.queued > 0)
+        assert "queued (flood limit)" in window.toolbar()
+        await window.wait_for(f"<ana> line {count - 1}")
+        shown = [line.split("<ana> ")[1] for line in window.new_lines() if "<ana> " in line]
+        assert "queued" not in window.toolbar()
+    assert shown == [f"line {i}" for i in range(count)]
+    received = [(await next_of(bob, Message)).text for _ in range(count)]
+    assert received == shown
 
 
 async def test_message_from_another_client_appears(ana: Window, bob: Client) -> None:
@@ -823,6 +851,7 @@ class _BurstClient:
 
     nick = "ana"
     pending = 0
+    queued = 0
 
     def __init__(self, count: int) -> None:
         self.count = count

@@ -318,7 +318,7 @@ async def next_message(client: Client) -> Message:
 
 async def test_send_delivers_one_message(server_process: ServerProcess) -> None:
     """``achat send`` posts its argument to the room, reports the seq and exits 0."""
-    async with Client("127.0.0.1", server_process.port, "ana") as ana:
+    async with Client("127.0.0.1", server_process.port, "ana", send_rate=0) as ana:
         await ana.join("ops")
         where = ("--host", "127.0.0.1", "--port", str(server_process.port))
         status, out, err = await run_send(*where, "--nick", "bot", "--room", "#Ops", "deployed")
@@ -330,7 +330,7 @@ async def test_send_delivers_one_message(server_process: ServerProcess) -> None:
 
 async def test_send_reads_stdin_when_no_text(server_process: ServerProcess) -> None:
     """``achat send`` without a text argument sends what it reads from stdin."""
-    async with Client("127.0.0.1", server_process.port, "ana") as ana:
+    async with Client("127.0.0.1", server_process.port, "ana", send_rate=0) as ana:
         await ana.join("general")
         where = ("--host", "127.0.0.1", "--port", str(server_process.port))
         status, _, err = await run_send(*where, "--nick", "ci", stdin=b"build 42 is green\n")

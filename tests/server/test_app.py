@@ -205,7 +205,8 @@ async def resume_rest(server: Server, clients: list[Client], got: list[int], sen
 
 
 async def connect(server: Server, clients: list[Client], nick: str) -> Client:
-    c = Client("127.0.0.1", server.port, nick)
+    # These servers' flood limit is off (make_config): so is the clients' own.
+    c = Client("127.0.0.1", server.port, nick, send_rate=0)
     await c.connect()
     clients.append(c)
     return c
@@ -666,7 +667,7 @@ async def test_server_pings_a_quiet_client_and_keeps_it_if_it_answers(
 async def test_client_answers_server_pings(start: Callable[..., Awaitable[Server]]) -> None:
     """The Client answers the server's keepalive pings, so a silent reader stays connected."""
     server = await start(idle_timeout=0.3)
-    async with Client("127.0.0.1", server.port, "lurker") as lurker:
+    async with Client("127.0.0.1", server.port, "lurker", send_rate=0) as lurker:
         # Nothing may happen for over two idle_timeouts: no error, no disconnect.
         with pytest.raises(TimeoutError):
             await lurker.next_event(timeout=0.7)
@@ -818,7 +819,7 @@ async def test_shutdown_tells_everyone_and_frees_the_port(
     """close() sends a fatal server_shutdown to every connection, closes them, frees the port."""
     server = await start()
     port = server.port
-    users = [Client("127.0.0.1", port, nick) for nick in ("ana", "bob")]
+    users = [Client("127.0.0.1", port, nick, send_rate=0) for nick in ("ana", "bob")]
     for c in users:
         await c.connect()
         await c.join("a")
@@ -847,7 +848,7 @@ async def test_shutdown_tells_everyone_and_frees_the_port(
     await again.start()
     try:
         assert again.port == port
-        async with Client("127.0.0.1", port, "ana") as ana:
+        async with Client("127.0.0.1", port, "ana", send_rate=0) as ana:
             await ana.ping()
     finally:
         await again.close()
@@ -875,7 +876,7 @@ async def test_fragmented_slow_link_is_served_correctly(
         "127.0.0.1", server.port, fragment=7, delay=0.001, bandwidth=200_000, seed=5
     ).start()
     try:
-        far = Client("127.0.0.1", proxy.port, "faraway")
+        far = Client("127.0.0.1", proxy.port, "faraway", send_rate=0)
         await far.connect()
         clients.append(far)
         near = await connect(server, clients, "near")

@@ -19,7 +19,7 @@ CYCLES = 20
 
 async def full_log(port: int) -> list[Message]:
     """Every stored message of ROOM, read by a fresh client page by page."""
-    async with Client("127.0.0.1", port, "auditor") as auditor:
+    async with Client("127.0.0.1", port, "auditor", send_rate=0) as auditor:
         messages: list[Message] = []
         after = 0
         while True:
@@ -39,10 +39,10 @@ async def test_kill9_cycles_keep_every_acked_message(tmp_path: Path) -> None:
         port = server.port
         backoff = Backoff(initial=0.02, cap=0.2, rng=random.Random(1))
         senders = [
-            Client("127.0.0.1", port, f"sender{i}", reconnect=True, backoff=backoff)
+            Client("127.0.0.1", port, f"sender{i}", reconnect=True, backoff=backoff, send_rate=0)
             for i in range(3)
         ]
-        watcher = Client("127.0.0.1", port, "watcher", reconnect=True, backoff=backoff)
+        watcher = Client("127.0.0.1", port, "watcher", reconnect=True, backoff=backoff, send_rate=0)
         for client in [*senders, watcher]:
             await client.connect()
             await client.join(ROOM)
@@ -113,7 +113,7 @@ async def test_repeated_ref_after_restart_gets_the_original_ack(tmp_path: Path) 
     db = tmp_path / "achat.db"
     first = Server(make_config(), SQLiteStore(db))
     await first.start()
-    async with Client("127.0.0.1", first.port, "ana") as ana:
+    async with Client("127.0.0.1", first.port, "ana", send_rate=0) as ana:
         await ana.join(ROOM)
         original = await ana.request(Say(room=ROOM, text="only once", ref="fixed-ref"))
     await first.close()
@@ -121,7 +121,7 @@ async def test_repeated_ref_after_restart_gets_the_original_ack(tmp_path: Path) 
     second = Server(make_config(), SQLiteStore(db))
     await second.start()
     try:
-        async with Client("127.0.0.1", second.port, "ana") as ana:
+        async with Client("127.0.0.1", second.port, "ana", send_rate=0) as ana:
             await ana.join(ROOM)
             again = await ana.request(Say(room=ROOM, text="only once", ref="fixed-ref"))
             assert again == original
@@ -139,8 +139,8 @@ async def test_repeated_dm_ref_after_restart_gets_the_original_ack(tmp_path: Pat
     first = Server(make_config(), SQLiteStore(db))
     await first.start()
     async with (
-        Client("127.0.0.1", first.port, "ana") as ana,
-        Client("127.0.0.1", first.port, "bob") as bob,
+        Client("127.0.0.1", first.port, "ana", send_rate=0) as ana,
+        Client("127.0.0.1", first.port, "bob", send_rate=0) as bob,
     ):
         original = await ana.request(Dm(to="bob", text="psst", ref="dm-ref"))
         assert isinstance(original, Ack)
@@ -152,8 +152,8 @@ async def test_repeated_dm_ref_after_restart_gets_the_original_ack(tmp_path: Pat
     await second.start()
     try:
         async with (
-            Client("127.0.0.1", second.port, "ana") as ana,
-            Client("127.0.0.1", second.port, "bob") as bob,
+            Client("127.0.0.1", second.port, "ana", send_rate=0) as ana,
+            Client("127.0.0.1", second.port, "bob", send_rate=0) as bob,
         ):
             again = await ana.request(Dm(to="bob", text="psst", ref="dm-ref"))
             assert again == original

@@ -33,7 +33,7 @@ async def test_no_leak_after_every_kind_of_disconnect() -> None:
     server = Server(make_config(hello_timeout=0.1, sendq_limit=16 * 1024), MemoryStore())
     await server.start()
     try:
-        async with Client("127.0.0.1", server.port, "host") as host:
+        async with Client("127.0.0.1", server.port, "host", send_rate=0) as host:
             await host.join("room")
             await settle_one(server, host)
             fds, tasks = open_fds(), len(asyncio.all_tasks())
@@ -58,7 +58,7 @@ async def settle_one(server: Server, host: Client) -> None:
 async def one_of_each(server: Server, host: Client, round_: int) -> None:
     port = server.port
     # A clean quit.
-    async with Client("127.0.0.1", port, f"clean{round_}") as clean:
+    async with Client("127.0.0.1", port, f"clean{round_}", send_rate=0) as clean:
         await clean.join("room")
     # An abrupt reset after joining.
     raw = await Raw.open(port)
@@ -126,7 +126,9 @@ async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -
         async with asyncio.timeout(20):
             while True:
                 try:
-                    async with Client("127.0.0.1", server.port, "after", connect_timeout=2) as c:
+                    async with Client(
+                        "127.0.0.1", server.port, "after", connect_timeout=2, send_rate=0
+                    ) as c:
                         await c.join("back")
                         ack = await c.say("back", "the server recovered")
                         assert ack.seq == 1

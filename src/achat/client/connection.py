@@ -14,12 +14,21 @@ and ``dm`` until acked, ``join``, ``part`` and the questions (``who``,
 ``rooms``, ``history``) until answered. When the connection drops it emits
 :class:`ConnectionLost`, waits (exponential backoff with random jitter,
 capped), connects again as the same nick, re-joins each room with
-``since`` = last ``seq`` seen, and sends those frames again in their order
-(paced: ``RESUME_BURST``), each with its original ``ref`` — the server
-answers a repeated message with the original ``ack`` instead of storing it
-twice. Messages whose ``seq`` the client has already delivered are dropped,
-so each message reaches the caller exactly once and in order. Frames sent
-while offline wait and go out on reconnect.
+``since`` = last ``seq`` seen, and sends those frames again in their order,
+each with its original ``ref`` — the server answers a repeated message with
+the original ``ack`` instead of storing it twice. Messages whose ``seq`` the
+client has already delivered are dropped, so each message reaches the caller
+exactly once and in order. Frames sent while offline wait and go out on
+reconnect.
+
+Flood control: every frame goes out through the client's own token bucket
+(:class:`SendBudget`, ``SEND_BURST`` at once, then ``SEND_RATE`` a second,
+just under the server's default limit), as IRC clients pace their lines.
+Frames beyond it wait, in order, and are written as the bucket refills; a
+resume is one such burst. Should a stricter server still refuse a kept
+frame with ``rate_limited``, the client halves its pace and sends that
+frame again ahead of those still waiting; the caller sees its eventual
+answer, not the refusal.
 
 Example::
 
@@ -34,6 +43,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import secrets
 import time
@@ -86,6 +96,7 @@ __all__ = [
     "Event",
     "LocalNotice",
     "Reconnected",
+    "SendBudget",
 ]
 
 log = logging.getLogger("achat.client")
@@ -95,19 +106,19 @@ CLIENT_FRAME_CAP = 16 * 1024 * 1024
 #: Most bytes read and decoded at once: about 450 messages, 3 ms of decoding on a slow
 #: host, so that a burst does not hold the loop (and the keyboard) for long.
 READ_CHUNK = 64 * 1024
-#: After a reconnect, the frames that go again (re-joins, then the outbox) are written
-#: this many at once, then one every RESUME_INTERVAL seconds: a server's flood limit
-#: (by default 10 frames at once, 5 a second) refuses the rest, and a refused message
-#: is not sent again. What is sent meanwhile queues behind them, in order.
-RESUME_BURST = 8
-RESUME_INTERVAL = 0.25
-#: Longest ``close()`` lets a paced resume go on before it says bye.
+#: The client's own flood limit: this many frames at once, then SEND_RATE a second,
+#: under the server's default (10 at once, 5 a second), which refuses the rest.
+SEND_BURST = 8
+SEND_RATE = 4.0
+#: The slowest the client goes after a stricter server refused it again and again.
+SLOWEST_RATE = 0.1
+#: Longest ``close()`` lets frames waiting for the flood limit go out before it says bye.
 CLOSE_PACING_WAIT = 5.0
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
-# Kept until answered and sent again after a reconnect: messages until acked (the
-# server knows a repeated ref), and joins, parts and questions, which the new
-# connection needs as much as the lost one did.
+# Kept until answered, and sent again after a reconnect or a flood refusal: messages
+# until acked (the server knows a repeated ref), and joins, parts and questions, which
+# a new connection needs as much as the lost one did.
 _KEPT = (Say, Dm, Join, Part, Who, RoomsRequest, HistoryRequest)
 # Refusals after which connecting again as the same user cannot help.
 _HOPELESS = frozenset({"invalid_nick", "bad_password", "unsupported_version"})
@@ -142,6 +153,69 @@ class LocalNotice(msgspec.Struct, frozen=True):
 Event = ServerFrame | Disconnected | ConnectionLost | Reconnected | LocalNotice
 
 
+class SendBudget:
+    """A token bucket for what the client sends, which slows down when the server refuses.
+
+    Pure: every method takes ``now`` (seconds, monotonic). ``take`` spends a
+    token if there is one; ``wait`` says how long until there is. A ``rate``
+    of 0 is no limit (for a server run with its flood limit off). After a
+    ``rate_limited`` refusal, ``slow_down`` halves the rate (no limit becomes
+    ``SEND_RATE``) and the burst and empties the bucket, at most once per new
+    interval between frames: a refusal usually comes with those of the frames
+    written right after it, and they are one episode, while the next frame
+    goes out one interval after the slow-down.
+    """
+
+    __slots__ = ("_slowed", "_tokens", "_updated", "burst", "rate")
+
+    def __init__(self, burst: int, rate: float, now: float) -> None:
+        if burst < 1 or not 0 <= rate < math.inf:
+            raise ValueError("the send budget needs a burst of at least 1 and a rate of 0 or more")
+        self.burst = burst
+        self.rate = rate
+        self._tokens = float(burst)
+        self._updated = now
+        self._slowed = -math.inf
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self._updated)
+        self._updated = now
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False (and nothing spent) when there is none yet."""
+        if not self.rate:
+            return True
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``take`` succeeds (0 when it would now)."""
+        if not self.rate:
+            return 0.0
+        self._refill(now)
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+    def fill(self, now: float) -> None:
+        """A whole burst again: a new connection starts with the server's bucket full."""
+        self._tokens = float(self.burst)
+        self._updated = now
+
+    def slow_down(self, now: float) -> bool:
+        """Halve the pace after a refusal; False if the refusal is of the same episode."""
+        if self.rate and now - self._slowed < 1.0 / self.rate:
+            return False
+        self._slowed = now
+        self.rate = max(SLOWEST_RATE, self.rate / 2) if self.rate else SEND_RATE
+        self.burst = max(1, self.burst // 2)
+        self._tokens = 0.0
+        self._updated = now
+        return True
+
+
 class Backoff(msgspec.Struct):
     """Exponential backoff with full jitter: ``uniform(initial, min(cap, initial * 2**n))``."""
 
@@ -171,8 +245,8 @@ class Client:
         backoff: Backoff | None = None,
         keepalive: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        resume_burst: int = RESUME_BURST,
-        resume_interval: float = RESUME_INTERVAL,
+        send_burst: int = SEND_BURST,
+        send_rate: float = SEND_RATE,
     ) -> None:
         self.host = host
         self.port = port
@@ -184,18 +258,19 @@ class Client:
         self.backoff = backoff or Backoff()
         self.keepalive = keepalive
         self.clock = clock
-        self.resume_burst = resume_burst
-        self.resume_interval = resume_interval
+        #: The client's own flood control (see the module's docstring).
+        self.budget = SendBudget(send_burst, send_rate, clock())
         self.welcome: Welcome | None = None
         #: Rooms joined, with the last ``seq`` delivered in each (None until known).
         self.rooms: dict[str, int | None] = {}
         # Frames with a ref sent (or queued while offline) and not answered yet, in the
-        # order they were sent: say and dm until acked; with ``reconnect``, also join,
-        # part and the questions (who, rooms, history). A reconnect sends them again,
-        # in that order, so a line typed before a /part still reaches its room.
+        # order they were sent: say and dm until acked, join, part and the questions
+        # (who, rooms, history) until answered. A reconnect sends them again, in that
+        # order, so a line typed before a /part still reaches its room.
         self._outbox: dict[str, ClientFrame] = {}
-        # Frames of a resume (and what was sent behind them) not written yet, paced.
-        self._paced: deque[tuple[bytes, bool]] = deque()  # each frame, and whether kept
+        # Frames waiting for the send budget, in order: each frame's bytes, whether a
+        # resume sends it again (kept, or a re-join), and its ref if it was refused.
+        self._paced: deque[tuple[bytes, bool, str | None]] = deque()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
@@ -302,26 +377,25 @@ class Client:
         return next(self._refs)
 
     def send(self, frame: ClientFrame) -> None:
-        """Send ``frame`` now, or (with ``reconnect``) queue it until the connection is back.
+        """Send ``frame`` as soon as the send budget allows, in order; offline, keep or refuse it.
 
-        ``say`` and ``dm`` frames with a ``ref`` are remembered until acked and
-        resent after a reconnect. Raises :class:`ConnectionClosed` when the
-        frame cannot be sent or kept, and ``ValueError`` when it cannot be encoded
-        (a lone surrogate in a text): then nothing is kept or sent.
+        ``say``, ``dm``, ``join``, ``part`` and the questions with a ``ref``
+        are kept until answered, and sent again after a reconnect or a flood
+        refusal. Offline, with ``reconnect``, a kept frame waits for the
+        connection. Raises :class:`ConnectionClosed` when the frame cannot
+        be sent or kept, and ``ValueError`` when it cannot be encoded (a lone
+        surrogate in a text): then nothing is kept or sent.
         """
         data = encode(frame)
         ref = frame.ref if isinstance(frame, _KEPT) else None
-        kept = bool(ref) and (self.reconnect or isinstance(frame, Say | Dm))
+        kept = bool(ref)
         if isinstance(frame, Join) and frame.since is not None:
             # The backlog after `since` is wanted: deliver from there, not from names.seq.
             self.rooms[frame.room] = frame.since
         if self._online and self._writer is not None:
             if kept:
                 self._outbox[ref or ""] = frame
-            if self._pacer is not None:
-                self._paced.append((data, kept))  # behind the resume, in order
-            else:
-                self._write_bytes(data)
+            self._emit(data, kept)
             return
         if self.reconnect and not self._closing:
             if kept:
@@ -335,29 +409,34 @@ class Client:
                 return
         raise ConnectionClosed("not connected")
 
-    def _write(self, frame: ClientFrame) -> None:
-        self._write_bytes(encode(frame))
+    @property
+    def queued(self) -> int:
+        """How many frames wait for the send budget (the client's own flood limit)."""
+        return len(self._paced)
+
+    def _emit(self, data: bytes, kept: bool) -> None:
+        """Write ``data`` now if the budget allows and nothing waits; else queue it, in order."""
+        if not self._paced and self.budget.take(self.clock()):
+            self._write_bytes(data)
+            return
+        self._paced.append((data, kept, None))
+        if self._pacer is None:
+            self._pacer = asyncio.get_running_loop().create_task(self._pace())
 
     def _write_bytes(self, data: bytes) -> None:
         assert self._writer is not None
         self._writer.write(data)
         self._last_sent = self.clock()
 
-    def _write_paced(self, frames: list[ClientFrame]) -> None:
-        """Write ``frames`` ``resume_burst`` at once, then one per ``resume_interval``."""
-        self._stop_pacing()
-        for frame in frames[: self.resume_burst]:
-            self._write(frame)
-        if len(frames) > self.resume_burst:
-            self._paced.extend((encode(f), True) for f in frames[self.resume_burst :])
-            self._pacer = asyncio.get_running_loop().create_task(self._pace())
-
     async def _pace(self) -> None:
+        """Write the queued frames as the budget refills; stop when the connection drops."""
         try:
             while self._paced:
-                await asyncio.sleep(self.resume_interval)
+                await asyncio.sleep(self.budget.wait(self.clock()))
                 if not self._online or self._writer is None:
                     break
+                if not self.budget.take(self.clock()):
+                    continue
                 with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                     # uvloop: RuntimeError when a reset closed the transport just now
                     self._write_bytes(self._paced[0][0])
@@ -367,23 +446,52 @@ class Client:
         finally:
             if self._pacer is asyncio.current_task():  # not stopped for a newer resume
                 self._pacer = None
-                # What has a ref goes again with the next resume; anything else is lost.
-                lost = sum(not kept for _, kept in self._paced)
-                self._paced.clear()
-                if lost:
-                    self._events.put_nowait(
-                        LocalNotice(f"{lost} command(s) not sent: the connection was lost")
-                    )
+                self._drop_queue()
+
+    def _drop_queue(self) -> None:
+        """Forget what waits to be sent; what is in the outbox goes with the next resume."""
+        lost = sum(not kept for _, kept, _ in self._paced)
+        self._paced.clear()
+        if lost:
+            self._events.put_nowait(
+                LocalNotice(f"{lost} command(s) not sent: the connection was lost")
+            )
+
+    def _send_again(self, ref: str) -> None:
+        """A stricter server refused the kept frame ``ref``: slow down and queue it again.
+
+        It goes ahead of what still waits for the first time, among the other
+        refused frames in the order they were first sent: the server refuses
+        every frame once its bucket is empty, so the frames written after a
+        refused one come back too, and all of them go again in their order.
+        """
+        order = {kept: at for at, kept in enumerate(self._outbox)}
+        mine = order[ref]
+        frame = self._outbox[ref]
+        if self.budget.slow_down(self.clock()):
+            self._events.put_nowait(
+                LocalNotice(
+                    "the server refused a frame for sending too fast: sending it again, "
+                    f"now at most {self.budget.rate:g} a second"
+                )
+            )
+        paced = self._paced
+        at = 0
+        while at < len(paced) and order.get(paced[at][2] or "", mine) < mine:
+            at += 1
+        paced.insert(at, (encode(frame), True, ref))
+        if self._pacer is None:
+            self._pacer = asyncio.get_running_loop().create_task(self._pace())
 
     async def _wait_for_pacing(self, timeout: float) -> None:
-        """Let a paced resume finish (at most ``timeout``), so closing does not cut it."""
+        """Let queued frames go out (at most ``timeout``), so closing does not cut them."""
         pacer = self._pacer
         if pacer is not None:
             await asyncio.wait({pacer}, timeout=timeout)  # the caller's cancellation goes through
 
     def _stop_pacing(self) -> None:
         pacer, self._pacer = self._pacer, None
-        self._paced.clear()
+        self._drop_queue()
         if pacer is not None:
             pacer.cancel()
 
@@ -576,7 +684,7 @@ class Client:
                 return
             if now - self._last_sent >= interval and self._online:
                 with contextlib.suppress(ConnectionError, OSError):
-                    self._write(Ping())
+                    self._emit(encode(Ping()), False)
 
     async def _reconnect(self, reason: str) -> tuple[asyncio.StreamReader, FrameDecoder] | None:
         attempt = 0
@@ -635,7 +743,10 @@ class Client:
                 ref = head.ref
             frames.append(Join(room=room, since=last, ref=ref or self.new_ref()))
         frames += [f for f in self._outbox.values() if id(f) not in rejoins]
-        self._write_paced(frames)
+        self._stop_pacing()  # what it held that is kept is among `frames`
+        self.budget.fill(self.clock())
+        for frame in frames:
+            self._emit(encode(frame), True)
         return self.pending
 
     def _deliver_body(self, body: bytes) -> None:
@@ -650,7 +761,7 @@ class Client:
         if isinstance(frame, Ping):
             # The server checks we are alive; answering is all it takes.
             if self._online and self._writer is not None:
-                self._write(PongReply(ref=frame.ref))
+                self._emit(encode(PongReply(ref=frame.ref)), False)
             return
         if not self._track(frame):
             return
@@ -676,6 +787,11 @@ class Client:
         elif isinstance(frame, Ack):
             self._outbox.pop(frame.ref, None)
         elif isinstance(frame, Error):
+            if frame.code == "rate_limited" and not frame.fatal:
+                if frame.ref is not None and frame.ref in self._outbox and self._online:
+                    self._send_again(frame.ref)
+                    return False  # answered later, when it goes through
+                self.budget.slow_down(self.clock())
             if frame.ref and frame.code != "history_gap":
                 self._outbox.pop(frame.ref, None)
         elif isinstance(frame, Joined):

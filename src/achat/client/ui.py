@@ -562,6 +562,8 @@ class ChatUI:
         pending = self.client.pending
         if pending and state.connection != "connected":
             conn += f" │ {pending} unsent"
+        elif self.client.queued:
+            conn += f" │ {self.client.queued} queued (flood limit)"
         return FormattedText(
             [
                 ("", f" {visible(state.nick)} │ "),
