@@ -28,6 +28,7 @@ from achat.server.limits import FloodPolicy
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, fake_server
+from tests.helpers.faultproxy import FaultProxy
 
 
 async def next_of(client: Client, kind: type, timeout: float = 3) -> Event:
@@ -243,6 +244,17 @@ def test_the_send_budget_slows_down_once_per_episode_of_refusals() -> None:
     assert (budget.burst, budget.rate) == (1, SLOWEST_RATE)
 
 
+def test_the_send_budget_never_speeds_up_or_counts_a_pause_twice() -> None:
+    slow = SendBudget(burst=1, rate=SLOWEST_RATE / 2, now=0.0)
+    assert slow.slow_down(100.0)
+    assert slow.rate == SLOWEST_RATE / 2  # a refusal never raises the rate to the floor
+    budget = SendBudget(burst=5, rate=1.0, now=10.0)
+    assert sum(budget.take(10.0) for _ in range(5)) == 5
+    budget.wait(12.0)  # two tokens back
+    budget.wait(11.0)  # a clock that stepped back does not credit the second again
+    assert sum(budget.take(12.0) for _ in range(5)) == 2
+
+
 def test_a_send_budget_of_rate_0_is_no_limit_until_a_refusal() -> None:
     budget = SendBudget(burst=1, rate=0, now=0.0)
     assert all(budget.take(0.0) for _ in range(1000))
@@ -313,3 +325,91 @@ async def test_frames_a_stricter_server_refuses_go_again_more_slowly(tmp_path: P
     assert len(notices) >= 1
     assert "sending it again" in notices[0]
     assert texts == [f"line {i}" for i in range(12)]
+
+
+async def test_over_a_slow_link_refused_lines_still_arrive_in_order(tmp_path: Path) -> None:
+    """With a round trip longer than the client's interval, a line written after a refused
+    one could overtake it: paced, a kept frame waits for the answer to the one before."""
+    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=10, burst=3, strikes=100))
+    proxy = await FaultProxy("127.0.0.1", srv.port, delay=0.03).start()  # 60 ms round trip
+    try:
+        async with Client("127.0.0.1", proxy.port, "ana", send_burst=8, send_rate=50) as ana:
+            await ana.join("general")
+            events, texts = await acked_in_order(ana, "general", 10)
+    finally:
+        await proxy.close()
+        await srv.close()
+    assert [e for e in events if isinstance(e, m.Error)] == []
+    assert texts == [f"line {i}" for i in range(10)]
+
+
+async def test_closing_waits_for_refused_lines_to_go_again(tmp_path: Path) -> None:
+    """close() right after a burst: the lines the server refused go again before bye."""
+    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=30, burst=3, strikes=100))
+    try:
+        ana = Client("127.0.0.1", srv.port, "ana", send_burst=8, send_rate=0)
+        await ana.connect()
+        await ana.join("general")
+        for i in range(6):
+            ana.send(ana.say_frame("general", f"line {i}"))
+        await ana.close()
+        async with Client("127.0.0.1", srv.port, "reader", send_rate=0) as reader:
+            await reader.join("general")
+            texts = [x.text for x in (await reader.history("general")).messages]
+    finally:
+        await srv.close()
+    assert texts == [f"line {i}" for i in range(6)]
+
+
+async def test_disconnected_is_last_even_with_frames_queued() -> None:
+    """A drop with frames still queued: their notice comes before Disconnected."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(WELCOME)
+        await reader.read(65536)  # the first renames
+        writer.close()
+
+    async with fake_server(handler) as port:
+        client = Client("127.0.0.1", port, "ana", send_burst=2, send_rate=0.1)
+        await client.connect()
+        for i in range(5):
+            client.rename(f"ana{i}")  # two written, three queued
+        events: list[Event] = []
+        async for event in client.events():
+            events.append(event)
+        await client.close()
+    assert isinstance(events[-1], Disconnected)
+    assert [e.text for e in events if isinstance(e, LocalNotice)] == [
+        "3 command(s) not sent: the connection was lost"
+    ]
+    assert client.queued == 0
+
+
+async def test_a_line_that_times_out_while_queued_is_not_sent(server: Server) -> None:
+    """say() gives up on a line still waiting for its turn: it is not sent after all."""
+    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=0.5) as ana:
+        ana.send(ana.say_frame("general", "spends the only token"))  # refused: not in room
+        with pytest.raises(TimeoutError):
+            await ana.say("general", "gave up", timeout=0.05)
+        assert ana.queued == 0
+        assert ana.pending == 0
+
+
+async def test_keepalive_pings_do_not_wait_behind_queued_frames(server: Server) -> None:
+    """Pacing slower than the keepalive: the ping goes at once, so a healthy connection is
+    not dropped for a silence of the client's own making."""
+    async with Client(
+        "127.0.0.1", server.port, "ana", keepalive=0.1, send_burst=1, send_rate=0.01
+    ) as ana:
+        await ana.join("general")  # spends the only token
+        ana.rename("ana2")  # waits 100 s for its turn
+        async with asyncio.timeout(5):
+            pongs = 0
+            while pongs < 3:  # each ping answered; silence would drop it after 0.2 s
+                event = await ana.next_event()
+                assert not isinstance(event, Disconnected)
+                pongs += isinstance(event, m.Pong)
+        assert ana.connected
+        assert ana.queued == 1
+        ana._stop_pacing()  # not the 100 s the rename would wait

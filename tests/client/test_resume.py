@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from achat.client.connection import (
+    SEND_RATE,
     Backoff,
     Client,
     ConnectionLost,
@@ -217,6 +218,29 @@ async def test_a_resume_stays_under_the_flood_limit(tmp_path: Path) -> None:
     assert [a.room for a in acks] == rooms[:6]
 
 
+async def test_re_joins_a_stricter_server_refuses_go_again(tmp_path: Path) -> None:
+    """A server stricter than the client's budget refuses some of the re-joins: they are
+    kept like any join, so they go again and the client ends up in every room."""
+    limits = make_config(flood=FloodPolicy(rate=20, burst=3, strikes=100))
+    srv = Server(limits, SQLiteStore(tmp_path / "achat.db"))
+    await srv.start()
+    rooms = [f"r{i}" for i in range(6)]
+    try:
+        async with cut_off(srv.port, rooms, send_burst=8, send_rate=60) as victim:
+            await wait_for_event(victim, Reconnected)
+            events: list[Event] = []
+            async with asyncio.timeout(10):
+                while victim.queued or victim._written:
+                    events.append(await victim.next_event())
+            member = srv.registry.member("victim")
+            assert member is not None
+            assert sorted(member.rooms) == rooms
+            assert set(victim.rooms) == set(rooms)
+    finally:
+        await srv.close()
+    assert [e for e in events if isinstance(e, ErrorFrame)] == []
+
+
 async def test_closing_during_a_paced_resume_lets_it_finish(server: Server) -> None:
     """Closed right after reconnecting, the client still sends what the resume has queued."""
     async with cut_off(server.port, send_burst=2, send_rate=20) as victim:
@@ -320,8 +344,9 @@ def dropping_at(kind: type, *, answer_first: bool = False) -> Answer:
     return answer
 
 
-def quick_client(port: int) -> Client:
-    return Client("127.0.0.1", port, "ana", reconnect=True, backoff=Backoff(initial=0.01, cap=0.05))
+def quick_client(port: int, send_rate: float = SEND_RATE) -> Client:
+    backoff = Backoff(initial=0.01, cap=0.05)
+    return Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff, send_rate=send_rate)
 
 
 def kinds(frames: list[ClientFrame]) -> list[type]:
@@ -384,7 +409,9 @@ async def test_a_line_typed_before_a_part_reaches_its_room() -> None:
             return True  # never acked: the link is already dead
         return dropping_at(Part)(writer, frame, connection)
 
-    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+    # Unpaced, so the part goes without waiting for the say's ack (paced, it would wait
+    # ANSWER_WAIT for it first).
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
         await client.join("general")
         client.send(Say(room="general", text="bye all", ref=client.new_ref()))
         await client.part("general")

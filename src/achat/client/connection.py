@@ -23,12 +23,17 @@ reconnect.
 
 Flood control: every frame goes out through the client's own token bucket
 (:class:`SendBudget`, ``SEND_BURST`` at once, then ``SEND_RATE`` a second,
-just under the server's default limit), as IRC clients pace their lines.
-Frames beyond it wait, in order, and are written as the bucket refills; a
-resume is one such burst. Should a stricter server still refuse a kept
-frame with ``rate_limited``, the client halves its pace and sends that
-frame again ahead of those still waiting; the caller sees its eventual
-answer, not the refusal.
+just under the server's default limit), as IRC clients pace their lines,
+and while pacing, a kept frame is written only once the kept frame before
+it has been answered (at most ``ANSWER_WAIT``). Frames beyond the budget
+wait, in order; a resume is one such queue, with the bucket full, as the
+server's is on a new connection. Should a stricter server still refuse a
+kept frame with ``rate_limited``, the client halves its pace and sends that
+frame again before anything else; since it was the only one in flight,
+nothing overtook it, whatever the round trip. The caller sees its eventual
+answer, not the refusal. ``close()`` lets what waits go out, and the
+messages be acked, for up to ``CLOSE_PACING_WAIT``; a request that times
+out while still queued is not sent at all.
 
 Example::
 
@@ -112,7 +117,9 @@ SEND_BURST = 8
 SEND_RATE = 4.0
 #: The slowest the client goes after a stricter server refused it again and again.
 SLOWEST_RATE = 0.1
-#: Longest ``close()`` lets frames waiting for the flood limit go out before it says bye.
+#: While pacing, a kept frame waits this long at most for the answer to the one before it.
+ANSWER_WAIT = 5.0
+#: Longest ``close()`` waits for queued frames to go out and messages to be acked.
 CLOSE_PACING_WAIT = 5.0
 
 _REPLY_TYPES = (Ack, Error, Names, History, Rooms, Pong)
@@ -179,7 +186,7 @@ class SendBudget:
 
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self._updated)
-        self._updated = now
+        self._updated = max(self._updated, now)
         self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
 
     def take(self, now: float) -> bool:
@@ -209,7 +216,7 @@ class SendBudget:
         if self.rate and now - self._slowed < 1.0 / self.rate:
             return False
         self._slowed = now
-        self.rate = max(SLOWEST_RATE, self.rate / 2) if self.rate else SEND_RATE
+        self.rate = min(self.rate, max(SLOWEST_RATE, self.rate / 2)) if self.rate else SEND_RATE
         self.burst = max(1, self.burst // 2)
         self._tokens = 0.0
         self._updated = now
@@ -268,9 +275,13 @@ class Client:
         # (who, rooms, history) until answered. A reconnect sends them again, in that
         # order, so a line typed before a /part still reaches its room.
         self._outbox: dict[str, ClientFrame] = {}
-        # Frames waiting for the send budget, in order: each frame's bytes, whether a
-        # resume sends it again (kept, or a re-join), and its ref if it was refused.
-        self._paced: deque[tuple[bytes, bool, str | None]] = deque()
+        # Frames waiting for their turn, in order: each frame's bytes, and its ref if it
+        # is kept in the outbox (None if not: it is lost if the connection drops).
+        self._paced: deque[tuple[bytes, str | None]] = deque()
+        # The kept frames written on this connection and not answered yet.
+        self._written: set[str] = set()
+        # Set (and replaced) whenever a kept frame is answered or the pacer stops.
+        self._answered = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
@@ -387,19 +398,18 @@ class Client:
         surrogate in a text): then nothing is kept or sent.
         """
         data = encode(frame)
-        ref = frame.ref if isinstance(frame, _KEPT) else None
-        kept = bool(ref)
+        ref = (frame.ref if isinstance(frame, _KEPT) else None) or None
         if isinstance(frame, Join) and frame.since is not None:
             # The backlog after `since` is wanted: deliver from there, not from names.seq.
             self.rooms[frame.room] = frame.since
         if self._online and self._writer is not None:
-            if kept:
-                self._outbox[ref or ""] = frame
-            self._emit(data, kept)
+            if ref is not None:
+                self._outbox[ref] = frame
+            self._emit(data, ref)
             return
         if self.reconnect and not self._closing:
-            if kept:
-                self._outbox[ref or ""] = frame
+            if ref is not None:
+                self._outbox[ref] = frame
                 return  # goes out with the resend after reconnecting
             if isinstance(frame, Join):
                 self.rooms.setdefault(frame.room, frame.since)
@@ -411,15 +421,24 @@ class Client:
 
     @property
     def queued(self) -> int:
-        """How many frames wait for the send budget (the client's own flood limit)."""
+        """How many frames wait for their turn (the client's own flood limit)."""
         return len(self._paced)
 
-    def _emit(self, data: bytes, kept: bool) -> None:
-        """Write ``data`` now if the budget allows and nothing waits; else queue it, in order."""
-        if not self._paced and self.budget.take(self.clock()):
+    def _may_write(self, ref: str | None) -> bool:
+        """While pacing, a kept frame goes only once the one before it is answered."""
+        return ref is None or not self.budget.rate or not self._written
+
+    def _emit(self, data: bytes, ref: str | None) -> None:
+        """Write ``data`` (kept as ``ref``) now if its turn has come; else queue it, in order."""
+        if not self._paced and self._may_write(ref) and self.budget.take(self.clock()):
             self._write_bytes(data)
+            if ref is not None:
+                self._written.add(ref)
             return
-        self._paced.append((data, kept, None))
+        self._paced.append((data, ref))
+        self._start_pacer()
+
+    def _start_pacer(self) -> None:
         if self._pacer is None:
             self._pacer = asyncio.get_running_loop().create_task(self._pace())
 
@@ -428,10 +447,34 @@ class Client:
         self._writer.write(data)
         self._last_sent = self.clock()
 
+    def _write_now(self, frame: ClientFrame) -> None:
+        """Write a keepalive ``ping`` or ``pong`` at once: the server waits for it.
+
+        It takes a token when there is one; the budget's margin under the server's
+        limit covers one that goes without.
+        """
+        self.budget.take(self.clock())
+        self._write_bytes(encode(frame))
+
     async def _pace(self) -> None:
-        """Write the queued frames as the budget refills; stop when the connection drops."""
+        """Write the queued frames in order, each when its turn comes; stop when offline.
+
+        A kept frame waits for the answer to the one before it (at most
+        ``ANSWER_WAIT``), then for a token: one refused frame can then be sent
+        again before any other, whatever the round trip.
+        """
         try:
             while self._paced:
+                ref = self._paced[0][1]
+                if not self._may_write(ref):
+                    answered = self._answered
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(ANSWER_WAIT):
+                            await answered.wait()
+                    if not self._online:
+                        break
+                    if answered.is_set():
+                        continue  # the head may have changed (a refusal goes first)
                 await asyncio.sleep(self.budget.wait(self.clock()))
                 if not self._online or self._writer is None:
                     break
@@ -441,16 +484,30 @@ class Client:
                     # uvloop: RuntimeError when a reset closed the transport just now
                     self._write_bytes(self._paced[0][0])
                     self._paced.popleft()
+                    if ref is not None:
+                        self._written.add(ref)
                     continue
                 break
         finally:
             if self._pacer is asyncio.current_task():  # not stopped for a newer resume
                 self._pacer = None
                 self._drop_queue()
+            self._changed()
+
+    def _changed(self) -> None:
+        """Wake whoever waits for an answer or for the queue (the pacer, ``close``)."""
+        self._answered.set()
+        self._answered = asyncio.Event()
+
+    def _settle(self, ref: str) -> None:
+        """``ref`` is answered: it leaves the outbox, and the next kept frame may go."""
+        self._written.discard(ref)
+        if self._outbox.pop(ref, None) is not None:
+            self._changed()
 
     def _drop_queue(self) -> None:
         """Forget what waits to be sent; what is in the outbox goes with the next resume."""
-        lost = sum(not kept for _, kept, _ in self._paced)
+        lost = sum(ref is None for _, ref in self._paced)
         self._paced.clear()
         if lost:
             self._events.put_nowait(
@@ -460,14 +517,13 @@ class Client:
     def _send_again(self, ref: str) -> None:
         """A stricter server refused the kept frame ``ref``: slow down and queue it again.
 
-        It goes ahead of what still waits for the first time, among the other
-        refused frames in the order they were first sent: the server refuses
-        every frame once its bucket is empty, so the frames written after a
-        refused one come back too, and all of them go again in their order.
+        It goes ahead of the frames that were never written, among any other
+        refused ones in the order they were first sent. (While pacing, it was the
+        only kept frame in flight, so it simply goes first.)
         """
+        self._written.discard(ref)
         order = {kept: at for at, kept in enumerate(self._outbox)}
         mine = order[ref]
-        frame = self._outbox[ref]
         if self.budget.slow_down(self.clock()):
             self._events.put_nowait(
                 LocalNotice(
@@ -477,17 +533,23 @@ class Client:
             )
         paced = self._paced
         at = 0
-        while at < len(paced) and order.get(paced[at][2] or "", mine) < mine:
+        while at < len(paced) and order.get(paced[at][1] or "", mine) < mine:
             at += 1
-        paced.insert(at, (encode(frame), True, ref))
-        if self._pacer is None:
-            self._pacer = asyncio.get_running_loop().create_task(self._pace())
+        paced.insert(at, (encode(self._outbox[ref]), ref))
+        self._start_pacer()
+        self._changed()  # no longer in flight
 
-    async def _wait_for_pacing(self, timeout: float) -> None:
-        """Let queued frames go out (at most ``timeout``), so closing does not cut them."""
-        pacer = self._pacer
-        if pacer is not None:
-            await asyncio.wait({pacer}, timeout=timeout)  # the caller's cancellation goes through
+    async def _wait_for_sending(self, timeout: float) -> None:
+        """Until nothing waits to be sent and the messages sent are acked (at most ``timeout``)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._online and (self._paced or self._unacked_written()):
+                    await self._answered.wait()
+        except TimeoutError:
+            pass
+
+    def _unacked_written(self) -> bool:
+        return any(isinstance(self._outbox.get(ref), Say | Dm) for ref in self._written)
 
     def _stop_pacing(self) -> None:
         pacer, self._pacer = self._pacer, None
@@ -522,8 +584,12 @@ class Client:
             async with asyncio.timeout(timeout):
                 reply = await future
         except TimeoutError:
-            if not isinstance(frame, Say | Dm):
-                self._outbox.pop(ref, None)  # its caller gave up: not asked again
+            queued = [entry for entry in self._paced if entry[1] == ref]
+            if queued:  # never written: a timeout means not sent
+                self._paced.remove(queued[0])
+                self._settle(ref)
+            elif not isinstance(frame, Say | Dm):
+                self._settle(ref)  # its caller gave up: not asked again
             raise
         finally:
             self._pending.pop(ref, None)
@@ -586,12 +652,18 @@ class Client:
     async def close(self, reason: str | None = None) -> None:
         """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
         self._closing = True
-        await self._wait_for_pacing(CLOSE_PACING_WAIT)
+        await self._wait_for_sending(CLOSE_PACING_WAIT)
         self._stop_pacing()
+        unacked = self.pending
+        if unacked and self._supervisor is not None and not self._supervisor.done():
+            self._events.put_nowait(
+                LocalNotice(f"{unacked} message(s) not acknowledged by the server before closing")
+            )
         writer = self._writer
         if writer is not None and self._online and not writer.is_closing():
             with contextlib.suppress(ConnectionError, OSError):
                 writer.write(encode(Bye(reason=reason)))
+        self._online = False  # nothing goes out after bye, and a late refusal is not retried
         supervisor = self._supervisor
         if supervisor is not None and not supervisor.done():
             try:
@@ -641,6 +713,7 @@ class Client:
             reason = str(exc)
         finally:
             self._online = False
+            self._stop_pacing()  # its notice comes before Disconnected, which is last
             if self._writer is not None:
                 self._writer.close()
             closed = ConnectionClosed(reason)
@@ -684,7 +757,7 @@ class Client:
                 return
             if now - self._last_sent >= interval and self._online:
                 with contextlib.suppress(ConnectionError, OSError):
-                    self._emit(encode(Ping()), False)
+                    self._write_now(Ping())
 
     async def _reconnect(self, reason: str) -> tuple[asyncio.StreamReader, FrameDecoder] | None:
         attempt = 0
@@ -725,8 +798,8 @@ class Client:
         for frame in self._outbox.values():
             if isinstance(frame, Join | Part | Say):
                 heads.setdefault(frame.room, frame)
-        rejoins: set[int] = set()  # pending joins that the re-join of their room is
-        frames: list[ClientFrame] = []
+        reused: set[int] = set()  # pending joins that the re-join of their room is
+        rejoins: dict[str, ClientFrame] = {}
         for room, last in list(self.rooms.items()):
             head = heads.get(room)
             if isinstance(head, Part):
@@ -739,14 +812,19 @@ class Client:
                 continue
             ref = None
             if isinstance(head, Join):
-                rejoins.add(id(head))
+                reused.add(id(head))
                 ref = head.ref
-            frames.append(Join(room=room, since=last, ref=ref or self.new_ref()))
-        frames += [f for f in self._outbox.values() if id(f) not in rejoins]
-        self._stop_pacing()  # what it held that is kept is among `frames`
+            ref = ref or self.new_ref()
+            rejoins[ref] = Join(room=room, since=last, ref=ref)
+        # The re-joins are kept like any join (a refused one goes again; names answers it).
+        rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
+        self._outbox = rejoins | rest
+        self._written.clear()  # a new connection
+        self._stop_pacing()  # what it held that is kept is in the outbox
         self.budget.fill(self.clock())
-        for frame in frames:
-            self._emit(encode(frame), True)
+        self._paced.extend((encode(frame), ref) for ref, frame in self._outbox.items())
+        if self._paced:
+            self._start_pacer()
         return self.pending
 
     def _deliver_body(self, body: bytes) -> None:
@@ -761,7 +839,7 @@ class Client:
         if isinstance(frame, Ping):
             # The server checks we are alive; answering is all it takes.
             if self._online and self._writer is not None:
-                self._emit(encode(PongReply(ref=frame.ref)), False)
+                self._write_now(PongReply(ref=frame.ref))
             return
         if not self._track(frame):
             return
@@ -785,7 +863,7 @@ class Client:
             if frame.room in self.rooms:
                 self.rooms[frame.room] = frame.seq
         elif isinstance(frame, Ack):
-            self._outbox.pop(frame.ref, None)
+            self._settle(frame.ref)
         elif isinstance(frame, Error):
             if frame.code == "rate_limited" and not frame.fatal:
                 if frame.ref is not None and frame.ref in self._outbox and self._online:
@@ -793,7 +871,7 @@ class Client:
                     return False  # answered later, when it goes through
                 self.budget.slow_down(self.clock())
             if frame.ref and frame.code != "history_gap":
-                self._outbox.pop(frame.ref, None)
+                self._settle(frame.ref)
         elif isinstance(frame, Joined):
             if nick_key(frame.nick) == me:
                 self.rooms.setdefault(frame.room, None)
@@ -802,16 +880,16 @@ class Client:
                 self.rooms.pop(frame.room, None)
                 for ref, sent in self._outbox.items():
                     if isinstance(sent, Part) and sent.room == frame.room:
-                        del self._outbox[ref]  # the oldest part of the room: answered
+                        self._settle(ref)  # the oldest part of the room: answered
                         break
         elif isinstance(frame, Names):
             if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
                 self.rooms[frame.room] = frame.seq
             if frame.ref and not frame.more:
-                self._outbox.pop(frame.ref, None)
+                self._settle(frame.ref)
         elif isinstance(frame, Rooms | History):
             if frame.ref and not (isinstance(frame, Rooms) and frame.more):
-                self._outbox.pop(frame.ref, None)
+                self._settle(frame.ref)
         elif isinstance(frame, Renamed) and nick_key(frame.old) == me:
             self.nick = frame.new
         return True
