@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from achat.client import connection
 from achat.client.connection import (
     SEND_RATE,
     SLOWEST_RATE,
@@ -22,12 +23,12 @@ from achat.client.connection import (
 )
 from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
-from achat.protocol.frames import encode_frame
+from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
 from achat.server.limits import FloodPolicy
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
-from tests.helpers.fakeserver import WELCOME, fake_server
+from tests.helpers.fakeserver import WELCOME, FakeServer, answering, fake_server
 from tests.helpers.faultproxy import FaultProxy
 
 
@@ -413,3 +414,133 @@ async def test_keepalive_pings_do_not_wait_behind_queued_frames(server: Server) 
         assert ana.connected
         assert ana.queued == 1
         ana._stop_pacing()  # not the 100 s the rename would wait
+
+
+async def test_a_line_given_up_while_its_turn_came_does_not_hold_up_the_next(
+    server: Server,
+) -> None:
+    """A say that times out while the pacer waits for a token is skipped, and the line
+    after it goes in its place: nothing waits for an answer to a line never sent."""
+    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=10) as ana:
+        await ana.join("general")  # the only token
+        with pytest.raises(TimeoutError):
+            await ana.say("general", "given up", timeout=0.01)
+        await ana.say("general", "kept", timeout=2)  # would wait ANSWER_WAIT (5 s) for it
+        texts = [x.text for x in (await ana.history("general")).messages]
+    assert texts == ["kept"]
+
+
+async def test_a_question_given_up_while_queued_is_not_asked(server: Server) -> None:
+    """A ping (not kept) whose request times out in the queue is not sent later."""
+    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=20) as ana:
+        await ana.join("general")  # the only token
+        given_up = ana.new_ref()
+        with pytest.raises(TimeoutError):
+            await ana.request(m.Ping(ref=given_up), timeout=0.01)
+        await ana.ping()  # answered after the given-up one would have been
+        events = ana.received()
+    assert [e for e in events if isinstance(e, m.Pong) and e.ref == given_up] == []
+
+
+async def test_a_join_since_given_up_while_queued_leaves_no_room_behind(server: Server) -> None:
+    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=20) as ana:
+        await ana.join("general")  # the only token
+        with pytest.raises(TimeoutError):
+            await ana.request(m.Join(room="other", since=3, ref=ana.new_ref()), timeout=0.01)
+        assert set(ana.rooms) == {"general"}
+
+
+def refusing_the_first_say(order: list[str]) -> FakeServer:
+    """A server that refuses the first say (rate_limited) and records the other frames."""
+
+    async def on_frame(writer: asyncio.StreamWriter, frame: m.ClientFrame) -> None:
+        if isinstance(frame, m.Say) and not order:
+            order.append("refused")
+            writer.write(
+                m.encode(m.Error(code="rate_limited", message="slow", fatal=False, ref=frame.ref))
+            )
+        elif isinstance(frame, m.Say):
+            order.append(f"say {frame.text}")
+            writer.write(m.encode(m.Ack(ref=frame.ref or "", room=frame.room, seq=1, ts=0)))
+        elif isinstance(frame, m.Nick):
+            order.append(f"nick {frame.nick}")
+
+    return answering(on_frame)
+
+
+async def test_a_command_typed_after_a_refused_line_does_not_overtake_it() -> None:
+    order: list[str] = []
+    async with fake_server(refusing_the_first_say(order)) as port:
+        async with Client("127.0.0.1", port, "ana", send_rate=50) as ana:
+            ana.send(ana.say_frame("general", "hello"))  # refused once, then sent again
+            ana.rename("ana2")
+            await next_of(ana, m.Ack)
+        # close() has let the rename go out
+        assert order == ["refused", "say hello", "nick ana2"]
+
+
+async def test_a_frame_unanswered_for_long_stops_holding_up_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Waiting for an answer is bounded, and once given up on, each later frame goes at
+    its own pace instead of waiting as long again."""
+    monkeypatch.setattr(connection, "ANSWER_WAIT", 0.05)
+    said: list[str] = []
+
+    async def on_frame(writer: asyncio.StreamWriter, frame: m.ClientFrame) -> None:
+        if isinstance(frame, m.Say):
+            said.append(frame.text)
+            if frame.text != "never acked":
+                writer.write(m.encode(m.Ack(ref=frame.ref or "", room=frame.room, seq=1, ts=0)))
+
+    async with (
+        fake_server(answering(on_frame)) as port,
+        Client("127.0.0.1", port, "ana", send_rate=50) as ana,
+    ):
+        ana.send(ana.say_frame("general", "never acked"))
+        texts = [f"line {i}" for i in range(3)]
+        async with asyncio.timeout(0.5):  # each would wait ANSWER_WAIT after the last
+            await asyncio.gather(*(ana.say("general", t) for t in texts))
+    assert said == ["never acked", *texts]
+
+
+async def test_closing_while_reconnecting_sends_nothing_more() -> None:
+    """close() while a new connection is opening: it is closed, nothing is resent on it,
+    and the client ends at once."""
+    connections: list[list[str]] = []
+    reopened, welcomed = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames: list[str] = []
+        connections.append(frames)
+        decoder = FrameDecoder()
+        await reader.read(65536)  # hello
+        if len(connections) == 2:
+            reopened.set()
+            await welcomed.wait()  # a slow welcome: close() comes first
+        writer.write(WELCOME)
+        while data := await reader.read(65536):
+            for body in decoder.receive_data(data):
+                frames.append(type(m.decode_client(body)).__name__)
+                if len(connections) == 1:
+                    writer.close()  # the say is never acked
+                    return
+
+    async with fake_server(handler) as port:
+        client = Client(
+            "127.0.0.1", port, "ana", reconnect=True, backoff=Backoff(initial=0.01, cap=0.01)
+        )
+        await client.connect()
+        client.send(client.say_frame("general", "hello"))
+        await next_of(client, ConnectionLost)
+        async with asyncio.timeout(3):
+            await reopened.wait()
+        closing = asyncio.create_task(client.close())
+        await asyncio.sleep(0)
+        welcomed.set()
+        async with asyncio.timeout(1):
+            await closing
+        events = client.received()
+    assert [f for f in connections[1] if f != "Bye"] == []
+    assert isinstance(events[-1], Disconnected)
+    assert not any(isinstance(e, Reconnected) for e in events)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -22,6 +22,7 @@ from prompt_toolkit.input import PipeInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from achat.client import commands as cmd
+from achat.client import connection
 from achat.client.connection import (
     SEND_BURST,
     SEND_RATE,
@@ -33,13 +34,10 @@ from achat.client.connection import (
     Reconnected,
 )
 from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI, _as_text
-from achat.protocol.frames import FrameDecoder
 from achat.protocol.messages import (
-    Bye,
     ClientFrame,
     DmEvent,
     Error,
-    Hello,
     History,
     HistoryRequest,
     Join,
@@ -50,13 +48,12 @@ from achat.protocol.messages import (
     Renamed,
     TopicEvent,
     Welcome,
-    decode_client,
     encode,
 )
 from achat.server.app import Server
 from achat.server.config import ServerConfig
 from achat.store.memory import MemoryStore
-from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server
+from tests.helpers.fakeserver import WELCOME, answering, fake_server
 
 ESC_ENTER = "\x1b\r"
 CTRL_D = "\x04"
@@ -248,28 +245,6 @@ async def test_the_first_prompt_waits_no_longer_than_its_bound() -> None:
                 ui.quit()
                 async with asyncio.timeout(5):
                     await task
-
-
-OnFrame = Callable[[asyncio.StreamWriter, ClientFrame], Awaitable[None]]
-
-
-def answering(on_frame: OnFrame) -> FakeServer:
-    """A server that welcomes, lets ``on_frame`` answer every other frame, until bye."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = FrameDecoder()
-        while data := await reader.read(65536):
-            for body in decoder.receive_data(data):
-                frame = decode_client(body)
-                if isinstance(frame, Bye):
-                    writer.close()
-                    return
-                if isinstance(frame, Hello):
-                    writer.write(WELCOME)
-                else:
-                    await on_frame(writer, frame)
-
-    return handler
 
 
 async def first_prompt(
@@ -916,3 +891,32 @@ async def test_the_toolbar_counts_down_to_the_next_reconnection() -> None:
         assert "connected" in toolbar()
         assert "next try" not in toolbar()
         assert ui._countdown is None  # nothing left redrawing the toolbar
+
+
+async def test_quitting_with_a_line_unacked_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/quit while a line waits for its ack: the window says it is sending it, and, when
+    the server never acks it, that it was not acknowledged, before it is gone."""
+    monkeypatch.setattr(connection, "CLOSE_PACING_WAIT", 0.1)
+
+    async def on_frame(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
+        if isinstance(frame, Join):
+            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
+            writer.write(
+                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=0, ref=frame.ref))
+            )
+        # a say is never acked (a lost ack, a stalled store)
+
+    async with fake_server(answering(on_frame)) as port:
+        client = Client("127.0.0.1", port, "ana")
+        await client.connect()
+        with create_pipe_input() as keyboard:
+            ui = ChatUI(client, room="general", input=keyboard, output=DummyOutput())
+            task = asyncio.create_task(ui.run())
+            await until("ana in #general", lambda: ui.state.room == "general")
+            keyboard.send_text("important line\r")
+            await until("the line sent", lambda: client.pending == 1)
+            keyboard.send_text("/quit\r")
+            async with asyncio.timeout(5):
+                await task
+    assert "-- sending 1 message(s) before quitting…" in ui.transcript
+    assert "! 1 message(s) not acknowledged by the server before closing" in ui.transcript

@@ -7,10 +7,12 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from achat.protocol import messages as m
+from achat.protocol.frames import FrameDecoder
 
-__all__ = ["WELCOME", "FakeServer", "fake_server"]
+__all__ = ["WELCOME", "FakeServer", "OnFrame", "answering", "fake_server"]
 
 FakeServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OnFrame = Callable[[asyncio.StreamWriter, m.ClientFrame], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
@@ -42,3 +44,22 @@ async def fake_server(handler: FakeServer) -> AsyncIterator[int]:
 
 
 WELCOME = m.encode(m.Welcome(nick="ana", server="evil", version=1, max_frame=65536, max_text=4000))
+
+
+def answering(on_frame: OnFrame) -> FakeServer:
+    """A server that welcomes, lets ``on_frame`` answer every other frame, until bye."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        while data := await reader.read(65536):
+            for body in decoder.receive_data(data):
+                frame = m.decode_client(body)
+                if isinstance(frame, m.Bye):
+                    writer.close()
+                    return
+                if isinstance(frame, m.Hello):
+                    writer.write(WELCOME)
+                else:
+                    await on_frame(writer, frame)
+
+    return handler

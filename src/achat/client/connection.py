@@ -24,8 +24,8 @@ reconnect.
 Flood control: every frame goes out through the client's own token bucket
 (:class:`SendBudget`, ``SEND_BURST`` at once, then ``SEND_RATE`` a second,
 just under the server's default limit), as IRC clients pace their lines,
-and while pacing, a kept frame is written only once the kept frame before
-it has been answered (at most ``ANSWER_WAIT``). Frames beyond the budget
+and while pacing, nothing more is written while a kept frame waits for its
+answer (at most ``ANSWER_WAIT``). Frames beyond the budget
 wait, in order; a resume is one such queue, with the bucket full, as the
 server's is on a new connection. Should a stricter server still refuse a
 kept frame with ``rate_limited``, the client halves its pace and sends that
@@ -275,9 +275,14 @@ class Client:
         # (who, rooms, history) until answered. A reconnect sends them again, in that
         # order, so a line typed before a /part still reaches its room.
         self._outbox: dict[str, ClientFrame] = {}
-        # Frames waiting for their turn, in order: each frame's bytes, and its ref if it
-        # is kept in the outbox (None if not: it is lost if the connection drops).
-        self._paced: deque[tuple[bytes, str | None]] = deque()
+        # Frames waiting for their turn, in order: each frame's bytes, its ref (if any),
+        # and whether it is kept in the outbox (if not, it is lost if the connection drops).
+        self._paced: deque[tuple[bytes, str | None, bool]] = deque()
+        # The refs of the frames in _paced, and of those whose callers gave up waiting
+        # (skipped when their turn comes).
+        self._queued: set[str] = set()
+        self._given_up: set[str] = set()
+        self._skipped = 0
         # The kept frames written on this connection and not answered yet.
         self._written: set[str] = set()
         # Set (and replaced) whenever a kept frame is answered or the pacer stops.
@@ -405,7 +410,9 @@ class Client:
         if self._online and self._writer is not None:
             if ref is not None:
                 self._outbox[ref] = frame
-            self._emit(data, ref)
+                self._emit(data, ref, kept=True)
+            else:
+                self._emit(data, getattr(frame, "ref", None) or None, kept=False)
             return
         if self.reconnect and not self._closing:
             if ref is not None:
@@ -422,20 +429,26 @@ class Client:
     @property
     def queued(self) -> int:
         """How many frames wait for their turn (the client's own flood limit)."""
-        return len(self._paced)
+        return len(self._paced) - self._skipped
 
-    def _may_write(self, ref: str | None) -> bool:
-        """While pacing, a kept frame goes only once the one before it is answered."""
-        return ref is None or not self.budget.rate or not self._written
+    def _may_write(self) -> bool:
+        """While pacing, a frame goes only once the kept frame before it is answered."""
+        return not self.budget.rate or not self._written
 
-    def _emit(self, data: bytes, ref: str | None) -> None:
-        """Write ``data`` (kept as ``ref``) now if its turn has come; else queue it, in order."""
-        if not self._paced and self._may_write(ref) and self.budget.take(self.clock()):
+    def _emit(self, data: bytes, ref: str | None, *, kept: bool) -> None:
+        """Write ``data`` now if its turn has come; else queue it, in order.
+
+        ``ref`` is the frame's ref if it has one; ``kept`` says whether it is in
+        the outbox (answered or sent again after a reconnect).
+        """
+        if not self._paced and self._may_write() and self.budget.take(self.clock()):
             self._write_bytes(data)
-            if ref is not None:
+            if kept and ref is not None:
                 self._written.add(ref)
             return
-        self._paced.append((data, ref))
+        self._paced.append((data, ref, kept))
+        if ref is not None:
+            self._queued.add(ref)
         self._start_pacer()
 
     def _start_pacer(self) -> None:
@@ -459,39 +472,51 @@ class Client:
     async def _pace(self) -> None:
         """Write the queued frames in order, each when its turn comes; stop when offline.
 
-        A kept frame waits for the answer to the one before it (at most
-        ``ANSWER_WAIT``), then for a token: one refused frame can then be sent
-        again before any other, whatever the round trip.
+        A frame waits for the answer to the kept frame written before it (at
+        most ``ANSWER_WAIT``: then it stops waiting for that one), then for a
+        token. A refused frame goes again before anything else, and nothing
+        overtakes it, whatever the round trip.
         """
         try:
             while self._paced:
-                ref = self._paced[0][1]
-                if not self._may_write(ref):
+                head = self._paced[0]
+                if head[1] in self._given_up:
+                    self._paced.popleft()  # its caller gave up while it waited
+                    self._given_up.discard(head[1])
+                    self._queued.discard(head[1])
+                    self._skipped -= 1
+                    continue
+                if not self._may_write():
                     answered = self._answered
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         async with asyncio.timeout(ANSWER_WAIT):
                             await answered.wait()
+                    except TimeoutError:
+                        self._written.clear()  # no answer: order no longer against them
                     if not self._online:
                         break
-                    if answered.is_set():
-                        continue  # the head may have changed (a refusal goes first)
+                    continue
                 await asyncio.sleep(self.budget.wait(self.clock()))
                 if not self._online or self._writer is None:
                     break
+                if self._paced[0] is not head or head[1] in self._given_up or not self._may_write():
+                    continue  # the queue changed meanwhile (a refusal, a timeout)
                 if not self.budget.take(self.clock()):
                     continue
                 with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                     # uvloop: RuntimeError when a reset closed the transport just now
-                    self._write_bytes(self._paced[0][0])
+                    self._write_bytes(head[0])
                     self._paced.popleft()
-                    if ref is not None:
-                        self._written.add(ref)
+                    if head[1] is not None:
+                        self._queued.discard(head[1])
+                        if head[2]:
+                            self._written.add(head[1])
                     continue
                 break
         finally:
             if self._pacer is asyncio.current_task():  # not stopped for a newer resume
                 self._pacer = None
-                self._drop_queue()
+                self._drop_queue("the connection was lost")
             self._changed()
 
     def _changed(self) -> None:
@@ -505,14 +530,26 @@ class Client:
         if self._outbox.pop(ref, None) is not None:
             self._changed()
 
-    def _drop_queue(self) -> None:
+    def _give_up(self, ref: str) -> bool:
+        """The caller of ``ref`` stopped waiting: if it is still queued, it is not sent."""
+        if ref not in self._queued or ref in self._given_up:
+            return False
+        self._given_up.add(ref)
+        self._skipped += 1
+        return True
+
+    def _drop_queue(self, why: str) -> None:
         """Forget what waits to be sent; what is in the outbox goes with the next resume."""
-        lost = sum(ref is None for _, ref in self._paced)
+        lost = sum(
+            not kept and not (ref is not None and ref in self._given_up)
+            for _, ref, kept in self._paced
+        )
         self._paced.clear()
+        self._queued.clear()
+        self._given_up.clear()
+        self._skipped = 0
         if lost:
-            self._events.put_nowait(
-                LocalNotice(f"{lost} command(s) not sent: the connection was lost")
-            )
+            self._events.put_nowait(LocalNotice(f"{lost} command(s) not sent: {why}"))
 
     def _send_again(self, ref: str) -> None:
         """A stricter server refused the kept frame ``ref``: slow down and queue it again.
@@ -533,9 +570,10 @@ class Client:
             )
         paced = self._paced
         at = 0
-        while at < len(paced) and order.get(paced[at][1] or "", mine) < mine:
+        while at < len(paced) and paced[at][2] and order.get(paced[at][1] or "", mine) < mine:
             at += 1
-        paced.insert(at, (encode(self._outbox[ref]), ref))
+        paced.insert(at, (encode(self._outbox[ref]), ref, True))
+        self._queued.add(ref)
         self._start_pacer()
         self._changed()  # no longer in flight
 
@@ -543,7 +581,7 @@ class Client:
         """Until nothing waits to be sent and the messages sent are acked (at most ``timeout``)."""
         try:
             async with asyncio.timeout(timeout):
-                while self._online and (self._paced or self._unacked_written()):
+                while self._online and (self.queued or self._unacked_written()):
                     await self._answered.wait()
         except TimeoutError:
             pass
@@ -551,9 +589,9 @@ class Client:
     def _unacked_written(self) -> bool:
         return any(isinstance(self._outbox.get(ref), Say | Dm) for ref in self._written)
 
-    def _stop_pacing(self) -> None:
+    def _stop_pacing(self, why: str = "the connection was lost") -> None:
         pacer, self._pacer = self._pacer, None
-        self._drop_queue()
+        self._drop_queue(why)
         if pacer is not None:
             pacer.cancel()
 
@@ -584,10 +622,10 @@ class Client:
             async with asyncio.timeout(timeout):
                 reply = await future
         except TimeoutError:
-            queued = [entry for entry in self._paced if entry[1] == ref]
-            if queued:  # never written: a timeout means not sent
-                self._paced.remove(queued[0])
+            if self._give_up(ref):  # never written: a timeout means not sent
                 self._settle(ref)
+                if isinstance(frame, Join) and self._joined_since(frame):
+                    del self.rooms[frame.room]  # send() put it there for this join
             elif not isinstance(frame, Say | Dm):
                 self._settle(ref)  # its caller gave up: not asked again
             raise
@@ -596,6 +634,9 @@ class Client:
         if isinstance(reply, Error):
             raise ServerError(reply.code, reply.message, fatal=reply.fatal, ref=reply.ref)
         return reply
+
+    def _joined_since(self, join: Join) -> bool:
+        return join.since is not None and self.rooms.get(join.room) == join.since
 
     def say_frame(self, room: str, text: str) -> Say:
         return Say(room=room, text=text, ref=self.new_ref())
@@ -653,7 +694,7 @@ class Client:
         """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
         self._closing = True
         await self._wait_for_sending(CLOSE_PACING_WAIT)
-        self._stop_pacing()
+        self._stop_pacing("closing")
         unacked = self.pending
         if unacked and self._supervisor is not None and not self._supervisor.done():
             self._events.put_nowait(
@@ -688,6 +729,13 @@ class Client:
             if isinstance(event, Disconnected):
                 return
 
+    def received(self) -> list[Event]:
+        """The events received and not taken yet, without waiting (what close() left)."""
+        events: list[Event] = []
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
+
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next event (for tests and simple bots)."""
         async with asyncio.timeout(timeout):
@@ -706,7 +754,7 @@ class Client:
                     break
                 opened = await self._reconnect(reason)
                 if opened is None:
-                    reason = "gave up reconnecting"
+                    reason = "closed" if self._closing else "gave up reconnecting"
                     break
                 reader, decoder = opened
         except _Hopeless as exc:
@@ -778,6 +826,11 @@ class Client:
             except ConnectionClosed as exc:
                 reason = exc.reason
                 continue
+            if self._closing:  # close() came while this connection was opening
+                self._online = False
+                if self._writer is not None:
+                    self._writer.transport.abort()
+                return None
             assert self.welcome is not None
             resent = self._resume()
             self._events.put_nowait(Reconnected(self.welcome, resent))
@@ -822,7 +875,8 @@ class Client:
         self._written.clear()  # a new connection
         self._stop_pacing()  # what it held that is kept is in the outbox
         self.budget.fill(self.clock())
-        self._paced.extend((encode(frame), ref) for ref, frame in self._outbox.items())
+        self._paced.extend((encode(frame), ref, True) for ref, frame in self._outbox.items())
+        self._queued.update(self._outbox)
         if self._paced:
             self._start_pacer()
         return self.pending

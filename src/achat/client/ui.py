@@ -229,8 +229,16 @@ class ChatUI:
                 prompt.cancel()
         finally:
             self._stop_countdown()
+            unacked = self.client.pending
+            if unacked and self.client.connected:
+                self.show([self.renderer.notice(f"sending {unacked} message(s) before quitting…")])
             self._flush()
             await self.client.close(self._quit_reason)
+            # What came while closing, such as a message the server never acked.
+            for event in self.client.received():
+                if not isinstance(event, Disconnected):
+                    self.handle(event)
+            self._flush()
 
     _quit_reason: str | None = None
 
