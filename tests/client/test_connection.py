@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -544,3 +545,71 @@ async def test_closing_while_reconnecting_sends_nothing_more() -> None:
     assert [f for f in connections[1] if f != "Bye"] == []
     assert isinstance(events[-1], Disconnected)
     assert not any(isinstance(e, Reconnected) for e in events)
+
+
+async def test_a_drop_while_closing_ends_the_wait_and_names_the_lost_message() -> None:
+    """close() waits for an ack; the connection drops instead: close() ends at once, and
+    says the message was not acknowledged, before Disconnected."""
+
+    async def on_frame(writer: asyncio.StreamWriter, frame: m.ClientFrame) -> None:
+        if isinstance(frame, m.Say):
+            writer.transport.abort()  # never acked: the server goes away
+
+    async with fake_server(answering(on_frame)) as port:
+        client = Client("127.0.0.1", port, "ana")
+        await client.connect()
+        client.send(client.say_frame("ops", "hi"))
+        async with asyncio.timeout(2):  # not CLOSE_PACING_WAIT (5 s)
+            await client.close()
+        events = client.received()
+    assert client.pending == 1
+    assert [type(e) for e in events[-2:]] == [LocalNotice, Disconnected]
+    assert "1 message(s) not acknowledged" in cast(LocalNotice, events[-2]).text
+
+
+async def closing_while_reconnecting(backoff: Backoff, hold_welcome: bool) -> list[Event]:
+    """A client whose connection drops; close() while it backs off or waits for the new
+    connection's welcome must end at once and close that connection."""
+    second_closed = asyncio.Event()
+    reopened = asyncio.Event()
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read(65536)  # hello
+        if connections == 1:
+            writer.write(WELCOME)
+            await reader.read(65536)  # the say: the connection drops
+            writer.close()
+            return
+        reopened.set()
+        while await reader.read(65536):  # no welcome: a slow server
+            pass
+        second_closed.set()
+
+    async with fake_server(handler) as port:
+        client = Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff)
+        await client.connect()
+        client.send(client.say_frame("ops", "hi"))
+        await next_of(client, ConnectionLost)
+        if hold_welcome:
+            await reopened.wait()
+        async with asyncio.timeout(1):  # not close()'s 2 s for the supervisor
+            await client.close()
+        if hold_welcome:
+            async with asyncio.timeout(1):
+                await second_closed.wait()
+        return client.received()
+
+
+async def test_closing_while_backing_off_ends_at_once() -> None:
+    events = await closing_while_reconnecting(Backoff(initial=30, cap=30), hold_welcome=False)
+    assert isinstance(events[-1], Disconnected)
+    assert events[-1].reason == "closed"
+
+
+async def test_closing_while_waiting_for_welcome_closes_that_connection() -> None:
+    events = await closing_while_reconnecting(Backoff(initial=0.01, cap=0.01), hold_welcome=True)
+    assert isinstance(events[-1], Disconnected)
+    assert events[-1].reason == "closed"

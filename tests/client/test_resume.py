@@ -486,3 +486,36 @@ async def test_a_question_given_up_on_is_not_asked_again() -> None:
         await wait_for_event(client, Reconnected)
     assert Who in kinds(seen[0])
     assert Who not in kinds(seen[1])
+
+
+async def test_a_line_resent_on_resume_is_kept_when_its_caller_gives_up() -> None:
+    """A say written on the lost connection (maybe stored, its ack lost) waits behind a
+    slow re-join; its caller times out, but it still goes again with its ref."""
+    said: list[tuple[int, str]] = []
+    release, resaid = asyncio.Event(), asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Say):
+            said.append((connection, frame.ref or ""))
+            if connection == 1:
+                return False  # stored, then the connection drops with its ack
+            resaid.set()
+        if isinstance(frame, Join) and connection == 2:
+            asyncio.get_running_loop().create_task(rejoin_later(writer, frame))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async def rejoin_later(writer: asyncio.StreamWriter, join: Join) -> None:
+        await release.wait()  # a long backlog
+        answer_join(writer, join)
+
+    async with fake_server(scripted(answer, [])) as port, quick_client(port) as client:
+        await client.join("general")
+        with pytest.raises(TimeoutError):
+            await client.say("general", "deploy done", timeout=0.3)
+        release.set()
+        async with asyncio.timeout(5):
+            await resaid.wait()
+    assert [c for c, _ in said] == [1, 2]
+    assert said[0][1] == said[1][1]

@@ -920,3 +920,29 @@ async def test_quitting_with_a_line_unacked_says_so(monkeypatch: pytest.MonkeyPa
                 await task
     assert "-- sending 1 message(s) before quitting…" in ui.transcript
     assert "! 1 message(s) not acknowledged by the server before closing" in ui.transcript
+
+
+async def test_a_join_answered_while_quitting_does_not_break_the_quit() -> None:
+    """/join then /quit: the join's names come while the client closes; the window does
+    not ask the closed client for the room's context, and quits cleanly."""
+
+    async def on_frame(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
+        if isinstance(frame, Join):
+            if frame.room == "slow":
+                await asyncio.sleep(0.1)  # answered while the client is closing
+            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
+            writer.write(
+                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=5, ref=frame.ref))
+            )
+
+    async with fake_server(answering(on_frame)) as port:
+        client = Client("127.0.0.1", port, "ana")
+        await client.connect()
+        with create_pipe_input() as keyboard:
+            ui = ChatUI(client, room=None, input=keyboard, output=DummyOutput())
+            task = asyncio.create_task(ui.run())
+            await until("the prompt", lambda: ui.session.app.is_running)
+            keyboard.send_text("/join slow\r/quit\r")
+            async with asyncio.timeout(5):
+                await task
+    assert "-- #slow: ana (1 person)" in ui.transcript

@@ -33,7 +33,7 @@ frame again before anything else; since it was the only one in flight,
 nothing overtook it, whatever the round trip. The caller sees its eventual
 answer, not the refusal. ``close()`` lets what waits go out, and the
 messages be acked, for up to ``CLOSE_PACING_WAIT``; a request that times
-out while still queued is not sent at all.
+out before it was ever written is not sent at all.
 
 Example::
 
@@ -287,6 +287,10 @@ class Client:
         self._written: set[str] = set()
         # Set (and replaced) whenever a kept frame is answered or the pacer stops.
         self._answered = asyncio.Event()
+        # Refs written on any connection and not answered: a resume sends them again,
+        # and a timeout does not unsend them (the server may have them).
+        self._sent: set[str] = set()
+        self._close_requested = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
@@ -355,6 +359,9 @@ class Client:
         except ProtocolError as exc:
             writer.transport.abort()
             raise ConnectionClosed(f"the server answered hello with a bad frame: {exc}") from None
+        except asyncio.CancelledError:
+            writer.transport.abort()  # close() while waiting for welcome
+            raise
         if isinstance(first, Error):
             writer.transport.abort()
             raise ServerError(first.code, first.message, fatal=True)
@@ -445,6 +452,7 @@ class Client:
             self._write_bytes(data)
             if kept and ref is not None:
                 self._written.add(ref)
+                self._sent.add(ref)
             return
         self._paced.append((data, ref, kept))
         if ref is not None:
@@ -511,6 +519,7 @@ class Client:
                         self._queued.discard(head[1])
                         if head[2]:
                             self._written.add(head[1])
+                            self._sent.add(head[1])
                     continue
                 break
         finally:
@@ -527,12 +536,13 @@ class Client:
     def _settle(self, ref: str) -> None:
         """``ref`` is answered: it leaves the outbox, and the next kept frame may go."""
         self._written.discard(ref)
+        self._sent.discard(ref)
         if self._outbox.pop(ref, None) is not None:
             self._changed()
 
     def _give_up(self, ref: str) -> bool:
-        """The caller of ``ref`` stopped waiting: if it is still queued, it is not sent."""
-        if ref not in self._queued or ref in self._given_up:
+        """The caller of ``ref`` stopped waiting: if it was never written, it is not sent."""
+        if ref not in self._queued or ref in self._given_up or ref in self._sent:
             return False
         self._given_up.add(ref)
         self._skipped += 1
@@ -559,6 +569,7 @@ class Client:
         only kept frame in flight, so it simply goes first.)
         """
         self._written.discard(ref)
+        self._sent.discard(ref)  # refused: the server does not have it
         order = {kept: at for at, kept in enumerate(self._outbox)}
         mine = order[ref]
         if self.budget.slow_down(self.clock()):
@@ -693,13 +704,9 @@ class Client:
     async def close(self, reason: str | None = None) -> None:
         """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
         self._closing = True
+        self._close_requested.set()
         await self._wait_for_sending(CLOSE_PACING_WAIT)
         self._stop_pacing("closing")
-        unacked = self.pending
-        if unacked and self._supervisor is not None and not self._supervisor.done():
-            self._events.put_nowait(
-                LocalNotice(f"{unacked} message(s) not acknowledged by the server before closing")
-            )
         writer = self._writer
         if writer is not None and self._online and not writer.is_closing():
             with contextlib.suppress(ConnectionError, OSError):
@@ -748,6 +755,7 @@ class Client:
             while True:
                 reason = await self._read_until_lost(reader, decoder)
                 self._online = False
+                self._changed()  # close() may be waiting for an ack that will not come
                 if self._writer is not None:
                     self._writer.transport.abort()
                 if self._closing or not self.reconnect:
@@ -762,6 +770,12 @@ class Client:
         finally:
             self._online = False
             self._stop_pacing()  # its notice comes before Disconnected, which is last
+            if self._closing and self.pending:
+                self._events.put_nowait(
+                    LocalNotice(
+                        f"{self.pending} message(s) not acknowledged by the server before closing"
+                    )
+                )
             if self._writer is not None:
                 self._writer.close()
             closed = ConnectionClosed(reason)
@@ -812,12 +826,25 @@ class Client:
         while not self._closing:
             delay = self.backoff.delay(attempt)
             self._events.put_nowait(ConnectionLost(reason, delay))
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._close_requested.wait()
             if self._closing:
                 return None
             attempt += 1
+            opening = asyncio.ensure_future(self._open())
+            closing = asyncio.ensure_future(self._close_requested.wait())
             try:
-                opened = await self._open()
+                await asyncio.wait({opening, closing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closing.cancel()
+            if not opening.done():  # close() came first
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, ServerError):
+                    await opening
+                return None
+            try:
+                opened = opening.result()
             except ServerError as exc:
                 if exc.code in _HOPELESS:
                     raise _Hopeless(f"the server refused to take us back: {exc.message}") from None

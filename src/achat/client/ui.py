@@ -237,7 +237,8 @@ class ChatUI:
             # What came while closing, such as a message the server never acked.
             for event in self.client.received():
                 if not isinstance(event, Disconnected):
-                    self.handle(event)
+                    with contextlib.suppress(ConnectionClosed):
+                        self.handle(event)
             self._flush()
 
     _quit_reason: str | None = None
@@ -440,7 +441,7 @@ class ChatUI:
                 self._want_context.discard(event.room)
                 state.room = event.room
                 self.show(self.renderer.names(event.room, collected, event.topic))
-                if event.seq > 0:
+                if event.seq > 0 and not self._quit.is_set():  # no questions while quitting
                     ref = self.client.new_ref()
                     self.client.send(
                         HistoryRequest(
