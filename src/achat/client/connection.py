@@ -507,8 +507,10 @@ class Client:
                 await asyncio.sleep(self.budget.wait(self.clock()))
                 if not self._online or self._writer is None:
                     break
-                if self._paced[0] is not head or head[1] in self._given_up or not self._may_write():
+                if not self._paced or self._paced[0] is not head or head[1] in self._given_up:
                     continue  # the queue changed meanwhile (a refusal, a timeout)
+                if not self._may_write():
+                    continue
                 if not self.budget.take(self.clock()):
                     continue
                 with contextlib.suppress(ConnectionError, OSError, RuntimeError):
