@@ -390,12 +390,15 @@ async def test_disconnected_is_last_even_with_frames_queued() -> None:
 
 async def test_a_line_that_times_out_while_queued_is_not_sent(server: Server) -> None:
     """say() gives up on a line still waiting for its turn: it is not sent after all."""
-    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=0.5) as ana:
-        ana.send(ana.say_frame("general", "spends the only token"))  # refused: not in room
+    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=4) as ana:
+        await ana.join("general")  # the only token
         with pytest.raises(TimeoutError):
             await ana.say("general", "gave up", timeout=0.05)
         assert ana.queued == 0
         assert ana.pending == 0
+        await ana.say("general", "after", timeout=5)  # goes when "gave up" would have
+        texts = [x.text for x in (await ana.history("general")).messages]
+    assert texts == ["after"]
 
 
 async def test_keepalive_pings_do_not_wait_behind_queued_frames(server: Server) -> None:

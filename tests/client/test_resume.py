@@ -32,6 +32,7 @@ from achat.protocol.messages import (
     Joined,
     Message,
     Names,
+    Nick,
     Part,
     Parted,
     Say,
@@ -501,14 +502,10 @@ async def test_a_line_resent_on_resume_is_kept_when_its_caller_gives_up() -> Non
                 return False  # stored, then the connection drops with its ack
             resaid.set()
         if isinstance(frame, Join) and connection == 2:
-            asyncio.get_running_loop().create_task(rejoin_later(writer, frame))
+            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
             return True
         answer_any(writer, frame)
         return True
-
-    async def rejoin_later(writer: asyncio.StreamWriter, join: Join) -> None:
-        await release.wait()  # a long backlog
-        answer_join(writer, join)
 
     async with fake_server(scripted(answer, [])) as port, quick_client(port) as client:
         await client.join("general")
@@ -519,3 +516,117 @@ async def test_a_line_resent_on_resume_is_kept_when_its_caller_gives_up() -> Non
             await resaid.wait()
     assert [c for c, _ in said] == [1, 2]
     assert said[0][1] == said[1][1]
+
+
+def refusal(frame: Say) -> bytes:
+    return encode(ErrorFrame(code="rate_limited", message="slow down", fatal=False, ref=frame.ref))
+
+
+async def test_a_resent_line_refused_then_given_up_still_goes_again() -> None:
+    """A say written on the lost connection is refused once when resent, and its caller
+    gives up meanwhile: the server may have the first copy, so it goes again, its ref
+    unchanged, and the server answers it."""
+    seen: list[list[ClientFrame]] = []
+    resent = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Say) and connection == 1:
+            return False  # maybe stored; the ack is lost with the connection
+        if isinstance(frame, Say):
+            if sum(isinstance(f, Say) for f in seen[1]) == 1:
+                writer.write(refusal(frame))
+                return True
+            resent.set()
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        with pytest.raises(TimeoutError):
+            await client.say("general", "deploy done", timeout=0.3)
+        async with asyncio.timeout(5):
+            await resent.wait()
+    says = [f for f in seen[0] + seen[1] if isinstance(f, Say)]
+    assert len(says) == 3
+    assert len({f.ref for f in says}) == 1
+
+
+async def test_a_line_sent_as_the_connection_comes_back_follows_the_rejoin() -> None:
+    """The client is online again and resumed in one step: a line sent at the first
+    moment it is connected goes after the re-join, not before it (not_in_room)."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Nick) and connection == 1:
+            return False  # the connection drops with nothing kept in flight
+        if isinstance(frame, Say) and not any(isinstance(f, Join) for f in seen[-1]):
+            writer.write(
+                encode(ErrorFrame(code="not_in_room", message="no", fatal=False, ref=frame.ref))
+            )
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        client.rename("ana2")
+        await wait_for_event(client, ConnectionLost)
+        async with asyncio.timeout(5):
+            while not client.connected:  # noqa: ASYNC110 - the first moment it is online
+                await asyncio.sleep(0)
+        ack = await client.say("general", "typed just as it came back", timeout=5)
+    assert ack.seq == 1
+    assert kinds(seen[1]) == [Join, Say]
+
+
+async def test_a_question_given_up_during_a_resume_is_not_asked() -> None:
+    """A who written on the lost connection waits behind a slow re-join; its caller gives
+    up: it is not asked on the new connection."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Who) and connection == 1:
+            return False
+        if isinstance(frame, Join) and connection == 2:
+            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("general")
+        with pytest.raises(TimeoutError):
+            await client.request(Who(room="general", ref=client.new_ref()), timeout=0.3)
+        release.set()
+        await client.who("general")  # asked after the given-up one would have been
+    assert kinds(seen[1]) == [Join, Who]
+
+
+async def test_a_line_given_up_while_offline_is_not_sent() -> None:
+    """say() while disconnected times out before the line was ever written: it is not
+    sent when the connection comes back."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Who) and connection == 1:
+            return False
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port:
+        backoff = Backoff(initial=0.3, cap=0.3)
+        async with Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff) as client:
+            await client.join("general")
+            client.send(Who(room="general", ref=client.new_ref()))
+            await wait_for_event(client, ConnectionLost)
+            with pytest.raises(TimeoutError):
+                await client.say("general", "given up offline", timeout=0.05)
+            await wait_for_event(client, Reconnected)
+            await client.who("general")  # asked after the line would have been sent
+    assert Say not in kinds(seen[1])
+
+
+async def rejoin_after(release: asyncio.Event, writer: asyncio.StreamWriter, join: Join) -> None:
+    await release.wait()  # a long backlog
+    answer_join(writer, join)

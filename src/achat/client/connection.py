@@ -328,12 +328,16 @@ class Client:
         ``invalid_nick`` …) and :class:`ConnectionClosed` when it cannot be
         reached; the first connection is never retried, so a typo fails fast.
         """
-        reader, decoder = await self._open()
+        reader, writer, decoder, rest = await self._open()
+        self._go_online(writer, rest)
         self._supervisor = asyncio.create_task(self._supervise(reader, decoder))
         assert self.welcome is not None
         return self.welcome
 
-    async def _open(self) -> tuple[asyncio.StreamReader, FrameDecoder]:
+    async def _open(
+        self,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder, list[bytes]]:
+        """Connect, say hello, wait for welcome; the caller puts the connection in use."""
         try:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -370,13 +374,16 @@ class Client:
             raise ConnectionClosed(f"the server answered hello with {type(first).__name__}")
         self.welcome = first
         self.nick = first.nick
+        decoder.max_frame = min(max(first.max_frame, DEFAULT_MAX_FRAME), CLIENT_FRAME_CAP)
+        return reader, writer, decoder, rest
+
+    def _go_online(self, writer: asyncio.StreamWriter, rest: list[bytes]) -> None:
+        """Use the connection ``_open`` made; ``rest`` is what came with its welcome."""
         self._writer = writer
         self._online = True
         self._last_heard = self._last_sent = self.clock()
-        decoder.max_frame = min(max(first.max_frame, DEFAULT_MAX_FRAME), CLIENT_FRAME_CAP)
         for body in rest:
             self._deliver_body(body)
-        return reader, decoder
 
     @staticmethod
     async def _read_first(
@@ -488,11 +495,12 @@ class Client:
         try:
             while self._paced:
                 head = self._paced[0]
-                if head[1] in self._given_up:
-                    self._paced.popleft()  # its caller gave up while it waited
-                    self._given_up.discard(head[1])
+                if head[1] in self._given_up or (head[2] and head[1] not in self._outbox):
+                    self._paced.popleft()  # its caller gave up, or it was answered, meanwhile
+                    if head[1] in self._given_up:
+                        self._given_up.discard(head[1])
+                        self._skipped -= 1
                     self._queued.discard(head[1])
-                    self._skipped -= 1
                     continue
                 if not self._may_write():
                     answered = self._answered
@@ -509,6 +517,8 @@ class Client:
                     break
                 if not self._paced or self._paced[0] is not head or head[1] in self._given_up:
                     continue  # the queue changed meanwhile (a refusal, a timeout)
+                if head[2] and head[1] not in self._outbox:
+                    continue  # answered or given up meanwhile: skipped at the top
                 if not self._may_write():
                     continue
                 if not self.budget.take(self.clock()):
@@ -543,12 +553,15 @@ class Client:
             self._changed()
 
     def _give_up(self, ref: str) -> bool:
-        """The caller of ``ref`` stopped waiting: if it was never written, it is not sent."""
-        if ref not in self._queued or ref in self._given_up or ref in self._sent:
+        """The caller of ``ref`` stopped waiting: True if it was never written on any
+        connection, and then it is not sent (skipped in the queue, or kept offline)."""
+        if ref in self._sent or ref in self._given_up:
             return False
-        self._given_up.add(ref)
-        self._skipped += 1
-        return True
+        if ref in self._queued:
+            self._given_up.add(ref)
+            self._skipped += 1
+            return True
+        return ref in self._outbox  # kept while offline
 
     def _drop_queue(self, why: str) -> None:
         """Forget what waits to be sent; what is in the outbox goes with the next resume."""
@@ -570,8 +583,7 @@ class Client:
         refused ones in the order they were first sent. (While pacing, it was the
         only kept frame in flight, so it simply goes first.)
         """
-        self._written.discard(ref)
-        self._sent.discard(ref)  # refused: the server does not have it
+        self._written.discard(ref)  # (still sent: a copy written before a reconnect may be stored)
         order = {kept: at for at, kept in enumerate(self._outbox)}
         mine = order[ref]
         if self.budget.slow_down(self.clock()):
@@ -846,7 +858,7 @@ class Client:
                     await opening
                 return None
             try:
-                opened = opening.result()
+                reader, writer, decoder, rest = opening.result()
             except ServerError as exc:
                 if exc.code in _HOPELESS:
                     raise _Hopeless(f"the server refused to take us back: {exc.message}") from None
@@ -856,14 +868,16 @@ class Client:
                 reason = exc.reason
                 continue
             if self._closing:  # close() came while this connection was opening
-                self._online = False
-                if self._writer is not None:
-                    self._writer.transport.abort()
+                writer.transport.abort()
                 return None
             assert self.welcome is not None
+            # Online and resumed in one step: nothing sent meanwhile can overtake the re-joins.
+            self._go_online(writer, [])
             resent = self._resume()
             self._events.put_nowait(Reconnected(self.welcome, resent))
-            return opened
+            for body in rest:
+                self._deliver_body(body)
+            return reader, decoder
         return None
 
     def _resume(self) -> int:
