@@ -630,3 +630,123 @@ async def test_a_line_given_up_while_offline_is_not_sent() -> None:
 async def rejoin_after(release: asyncio.Event, writer: asyncio.StreamWriter, join: Join) -> None:
     await release.wait()  # a long backlog
     answer_join(writer, join)
+
+
+async def test_a_rejoin_reusing_a_given_up_join_still_goes() -> None:
+    """A join answered by joined, its names lost with the connection: the room is the
+    client's, and that join is its re-join. Its caller giving up during the resume does
+    not stop the re-join."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b" and connection == 1:
+            writer.write(encode(Joined(room="b", nick="ana", ts=1)))  # its names is lost
+            return False
+        if isinstance(frame, Join) and frame.room == "a" and connection == 2:
+            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="b", ref=client.new_ref()), timeout=0.4)
+        assert len(seen) == 2  # it timed out during the resume
+        release.set()
+        await client.who("a")  # asked after the re-join of b would have gone
+    assert "b" in client.rooms
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a", "b"]
+
+
+async def test_a_refused_join_since_given_up_leaves_no_room_behind() -> None:
+    """A join with since, refused on the only connection it was written to, and given up:
+    the room is not the client's, and the next resume does not join it."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b" and connection == 1:
+            writer.write(
+                encode(ErrorFrame(code="rate_limited", message="slow", fatal=False, ref=frame.ref))
+            )
+            return True
+        if isinstance(frame, Who) and connection == 1:
+            return False  # a drop, to see what the resume joins
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="b", since=7, ref=client.new_ref()), timeout=0.1)
+        assert set(client.rooms) == {"a"}
+        client.send(Who(room="a", ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
+
+
+async def test_a_line_refused_on_its_only_connection_and_given_up_is_not_sent() -> None:
+    """Refused, the line was never stored; its caller gave up: it is not sent again."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Say):
+            writer.write(refusal(frame))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.say("a", "refused", timeout=0.1)
+        await client.who("a")  # asked after the line would have gone again
+        assert client.queued == 0
+    assert kinds(seen[0]) == [Join, Say, Who]
+
+
+async def test_a_part_answered_by_the_resume_is_forgotten() -> None:
+    """The resume answers a part written on the lost connection; nothing about it stays."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Part) and connection == 1:
+            return False
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        await client.part("a")
+        await wait_for_event(client, Reconnected)
+        assert client._sent == set()
+        assert client._outbox == {}
+
+
+async def test_queued_does_not_count_a_question_given_up_in_the_queue() -> None:
+    """A who written on the lost connection and given up during the resume will not be
+    asked: the queue's count leaves it out at once."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Who) and connection == 1:
+            return False
+        if isinstance(frame, Join) and frame.room == "a" and connection == 2:
+            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        await client.join("b")
+        with pytest.raises(TimeoutError):
+            await client.request(Who(room="a", ref=client.new_ref()), timeout=0.4)
+        assert len(seen) == 2
+        assert client.queued == 1  # the re-join of b
+        release.set()
+        await client.who("b")
+    assert kinds(seen[1]) == [Join, Join, Who]

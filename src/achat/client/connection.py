@@ -290,6 +290,8 @@ class Client:
         # Refs written on any connection and not answered: a resume sends them again,
         # and a timeout does not unsend them (the server may have them).
         self._sent: set[str] = set()
+        # Of those, the refs written on an earlier connection (the server may have them).
+        self._carried: set[str] = set()
         self._close_requested = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -549,6 +551,10 @@ class Client:
         """``ref`` is answered: it leaves the outbox, and the next kept frame may go."""
         self._written.discard(ref)
         self._sent.discard(ref)
+        self._carried.discard(ref)
+        if ref in self._queued and ref not in self._given_up:
+            self._given_up.add(ref)  # still in the queue: skipped there, not counted
+            self._skipped += 1
         if self._outbox.pop(ref, None) is not None:
             self._changed()
 
@@ -583,7 +589,9 @@ class Client:
         refused ones in the order they were first sent. (While pacing, it was the
         only kept frame in flight, so it simply goes first.)
         """
-        self._written.discard(ref)  # (still sent: a copy written before a reconnect may be stored)
+        self._written.discard(ref)
+        if ref not in self._carried:
+            self._sent.discard(ref)  # refused, and no earlier connection has a copy
         order = {kept: at for at, kept in enumerate(self._outbox)}
         mine = order[ref]
         if self.budget.slow_down(self.clock()):
@@ -651,8 +659,12 @@ class Client:
                 self._settle(ref)
                 if isinstance(frame, Join) and self._joined_since(frame):
                     del self.rooms[frame.room]  # send() put it there for this join
-            elif not isinstance(frame, Say | Dm):
-                self._settle(ref)  # its caller gave up: not asked again
+            elif not isinstance(frame, Say | Dm) and not (
+                isinstance(frame, Join) and frame.room in self.rooms
+            ):
+                # Its caller gave up: not asked again. (A join of a room the client is in
+                # is that room's re-join: it goes, and its names settles it.)
+                self._settle(ref)
             raise
         finally:
             self._pending.pop(ref, None)
@@ -916,6 +928,8 @@ class Client:
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest
         self._written.clear()  # a new connection
+        self._sent &= self._outbox.keys()  # a part answered here is settled
+        self._carried = set(self._sent)
         self._stop_pacing()  # what it held that is kept is in the outbox
         self.budget.fill(self.clock())
         self._paced.extend((encode(frame), ref, True) for ref, frame in self._outbox.items())
