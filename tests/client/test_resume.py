@@ -750,3 +750,100 @@ async def test_queued_does_not_count_a_question_given_up_in_the_queue() -> None:
         release.set()
         await client.who("b")
     assert kinds(seen[1]) == [Join, Join, Who]
+
+
+async def test_a_join_given_up_after_a_part_is_not_sent_on_resume() -> None:
+    """/part a, then a /join a that times out, neither answered, then a drop: the resume
+    answers the part; the given-up join is not a's re-join, and is not sent."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1 and isinstance(frame, Join) and kinds(seen[0]).count(Join) > 1:
+            return True  # no answer to the second join
+        if connection == 1 and isinstance(frame, Part):
+            return True  # nor to the part
+        if connection == 1 and isinstance(frame, Who):
+            return False  # the drop
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
+        await client.join("a")
+        await client.part("a")
+        given_up = Join(room="a", ref=client.new_ref())
+        with pytest.raises(TimeoutError):
+            await client.request(given_up, timeout=0.2)
+        client.send(Who(room="x", ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        await client.who("x")
+    assert given_up.ref not in [f.ref for f in seen[1] if isinstance(f, Join)]
+    assert "a" not in client.rooms
+
+
+async def test_a_join_given_up_in_a_room_already_joined_holds_nothing_up() -> None:
+    """/join of a room the client is in, its answer slow; its caller gives up: the next
+    question does not wait ANSWER_WAIT (5 s) for that answer."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and kinds(seen[0]).count(Join) == 2:
+            return True  # never answered
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="a", ref=client.new_ref()), timeout=0.2)
+        async with asyncio.timeout(1):
+            await client.who("a")
+
+
+async def test_a_rejoin_never_written_goes_even_when_its_caller_gives_up() -> None:
+    """A /join a queued (behind an unanswered who) when the connection drops becomes a's
+    re-join; its caller gives up while it waits: it still goes, so the client is where
+    it thinks it is."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1 and isinstance(frame, Who):
+            return False
+        if connection == 2 and isinstance(frame, Join) and frame.room == "b":
+            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("b")
+        await client.join("a")
+        client.send(Who(room="a", ref=client.new_ref()))  # in flight: the join waits
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="a", ref=client.new_ref()), timeout=0.5)
+        assert len(seen) == 2
+        release.set()
+        await client.who("b")
+    assert "a" in client.rooms
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["b", "a"]
+
+
+async def test_a_refused_join_since_of_a_room_joined_keeps_the_room() -> None:
+    """join(a, since) while in a, refused and given up: the server still has the client
+    in a, so the client keeps it."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and kinds(seen[0]).count(Join) == 2:
+            writer.write(
+                encode(ErrorFrame(code="rate_limited", message="slow", fatal=False, ref=frame.ref))
+            )
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="a", since=0, ref=client.new_ref()), timeout=0.2)
+    assert "a" in client.rooms

@@ -292,6 +292,9 @@ class Client:
         self._sent: set[str] = set()
         # Of those, the refs written on an earlier connection (the server may have them).
         self._carried: set[str] = set()
+        # The refs of the re-joins the last resume sent (reused joins included): they go
+        # whatever their callers do, until answered.
+        self._rejoining: set[str] = set()
         self._close_requested = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -552,6 +555,7 @@ class Client:
         self._written.discard(ref)
         self._sent.discard(ref)
         self._carried.discard(ref)
+        self._rejoining.discard(ref)
         if ref in self._queued and ref not in self._given_up:
             self._given_up.add(ref)  # still in the queue: skipped there, not counted
             self._skipped += 1
@@ -650,21 +654,20 @@ class Client:
             raise ValueError("request() needs a frame with a ref")
         future: asyncio.Future[ServerFrame] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
+        had_room = isinstance(frame, Join) and frame.room in self.rooms
         try:
             self.send(frame)
             async with asyncio.timeout(timeout):
                 reply = await future
         except TimeoutError:
+            if ref in self._rejoining:
+                raise  # its room's re-join: it goes, and its names settles it
             if self._give_up(ref):  # never written: a timeout means not sent
                 self._settle(ref)
-                if isinstance(frame, Join) and self._joined_since(frame):
+                if isinstance(frame, Join) and not had_room and self._joined_since(frame):
                     del self.rooms[frame.room]  # send() put it there for this join
-            elif not isinstance(frame, Say | Dm) and not (
-                isinstance(frame, Join) and frame.room in self.rooms
-            ):
-                # Its caller gave up: not asked again. (A join of a room the client is in
-                # is that room's re-join: it goes, and its names settles it.)
-                self._settle(ref)
+            elif not isinstance(frame, Say | Dm):
+                self._settle(ref)  # its caller gave up: not asked again
             raise
         finally:
             self._pending.pop(ref, None)
@@ -927,6 +930,7 @@ class Client:
         # The re-joins are kept like any join (a refused one goes again; names answers it).
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest
+        self._rejoining = set(rejoins)
         self._written.clear()  # a new connection
         self._sent &= self._outbox.keys()  # a part answered here is settled
         self._carried = set(self._sent)
