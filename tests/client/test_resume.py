@@ -847,3 +847,41 @@ async def test_a_refused_join_since_of_a_room_joined_keeps_the_room() -> None:
         with pytest.raises(TimeoutError):
             await client.request(Join(room="a", since=0, ref=client.new_ref()), timeout=0.2)
     assert "a" in client.rooms
+
+
+async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> None:
+    """In a at seq 5, a join(a, since=9) waits in the queue and is given up: the room's
+    last seq is 5 again, so message 6 is delivered, not dropped as already seen."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    async def answer_later(writer: asyncio.StreamWriter, who: Who) -> None:
+        await release.wait()
+        answer_any(writer, who)
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.since is None:
+            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
+            writer.write(
+                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=5, ref=frame.ref))
+            )
+            return True
+        if isinstance(frame, Who) and frame.room == "slow":
+            asyncio.get_running_loop().create_task(answer_later(writer, frame))
+            return True
+        if isinstance(frame, Who):
+            writer.write(encode(Message(room="a", seq=6, ts=9, sender="bo", text="new")))
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        client.send(Who(room="slow", ref=client.new_ref()))  # in flight: the join waits
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="a", since=9, ref=client.new_ref()), timeout=0.2)
+        assert client.rooms["a"] == 5
+        release.set()
+        await client.who("a")
+        got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert got == [6]
+    assert [f.since for f in seen[0] if isinstance(f, Join)] == [None]  # never written

@@ -654,7 +654,10 @@ class Client:
             raise ValueError("request() needs a frame with a ref")
         future: asyncio.Future[ServerFrame] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
+        # A join with since puts the room's seq in self.rooms when sent; given up, the
+        # room goes back to what it was.
         had_room = isinstance(frame, Join) and frame.room in self.rooms
+        seq_before = self.rooms.get(frame.room) if isinstance(frame, Join) else None
         try:
             self.send(frame)
             async with asyncio.timeout(timeout):
@@ -664,8 +667,11 @@ class Client:
                 raise  # its room's re-join: it goes, and its names settles it
             if self._give_up(ref):  # never written: a timeout means not sent
                 self._settle(ref)
-                if isinstance(frame, Join) and not had_room and self._joined_since(frame):
-                    del self.rooms[frame.room]  # send() put it there for this join
+                if isinstance(frame, Join) and self._joined_since(frame):
+                    if had_room:
+                        self.rooms[frame.room] = seq_before  # send() overwrote it
+                    else:
+                        del self.rooms[frame.room]  # send() put it there for this join
             elif not isinstance(frame, Say | Dm):
                 self._settle(ref)  # its caller gave up: not asked again
             raise
