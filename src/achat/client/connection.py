@@ -278,11 +278,10 @@ class Client:
         # Frames waiting for their turn, in order: each frame's bytes, its ref (if any),
         # and whether it is kept in the outbox (if not, it is lost if the connection drops).
         self._paced: deque[tuple[bytes, str | None, bool]] = deque()
-        # The refs of the frames in _paced, and of those whose callers gave up waiting
-        # (skipped when their turn comes).
+        # The refs of the frames in _paced, and of those that are not to go after all
+        # (given up by their callers, or answered meanwhile): skipped when their turn comes.
         self._queued: set[str] = set()
         self._given_up: set[str] = set()
-        self._skipped = 0
         # The kept frames written on this connection and not answered yet.
         self._written: set[str] = set()
         # Set (and replaced) whenever a kept frame is answered or the pacer stops.
@@ -448,7 +447,7 @@ class Client:
     @property
     def queued(self) -> int:
         """How many frames wait for their turn (the client's own flood limit)."""
-        return len(self._paced) - self._skipped
+        return len(self._paced) - len(self._given_up)
 
     def _may_write(self) -> bool:
         """While pacing, a frame goes only once the kept frame before it is answered."""
@@ -500,11 +499,9 @@ class Client:
         try:
             while self._paced:
                 head = self._paced[0]
-                if head[1] in self._given_up or (head[2] and head[1] not in self._outbox):
+                if head[1] in self._given_up:
                     self._paced.popleft()  # its caller gave up, or it was answered, meanwhile
-                    if head[1] in self._given_up:
-                        self._given_up.discard(head[1])
-                        self._skipped -= 1
+                    self._given_up.discard(head[1])
                     self._queued.discard(head[1])
                     continue
                 if not self._may_write():
@@ -522,8 +519,6 @@ class Client:
                     break
                 if not self._paced or self._paced[0] is not head or head[1] in self._given_up:
                     continue  # the queue changed meanwhile (a refusal, a timeout)
-                if head[2] and head[1] not in self._outbox:
-                    continue  # answered or given up meanwhile: skipped at the top
                 if not self._may_write():
                     continue
                 if not self.budget.take(self.clock()):
@@ -556,9 +551,8 @@ class Client:
         self._sent.discard(ref)
         self._carried.discard(ref)
         self._rejoining.discard(ref)
-        if ref in self._queued and ref not in self._given_up:
+        if ref in self._queued:
             self._given_up.add(ref)  # still in the queue: skipped there, not counted
-            self._skipped += 1
         if self._outbox.pop(ref, None) is not None:
             self._changed()
 
@@ -569,7 +563,6 @@ class Client:
             return False
         if ref in self._queued:
             self._given_up.add(ref)
-            self._skipped += 1
             return True
         return ref in self._outbox  # kept while offline
 
@@ -582,7 +575,6 @@ class Client:
         self._paced.clear()
         self._queued.clear()
         self._given_up.clear()
-        self._skipped = 0
         if lost:
             self._events.put_nowait(LocalNotice(f"{lost} command(s) not sent: {why}"))
 
