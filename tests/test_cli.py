@@ -223,13 +223,17 @@ print(code, during, termios.tcgetattr(0)[3] & termios.ECHO != 0, sep=";")
     assert done.stdout.strip() == "1;[0];True", done.stderr
 
 
-def test_join_without_standard_input_says_so(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("command", "says"), [("join", "no standard input"), ("send", "nothing to send")]
+)
+def test_without_standard_input_is_a_usage_error(
+    command: str, says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``achat join <&-`` (stdin closed) is a usage error, not a crash."""
+    """``achat join <&-`` (stdin closed), or ``achat send <&-`` with no text: a usage error
+    that says why, not a crash."""
     monkeypatch.setattr(sys, "stdin", None)
-    assert cli.main(["join", "--port", str(_closed_port()), "--nick", "ana"]) == 2
-    assert "no standard input" in capsys.readouterr().err
+    assert cli.main([command, "--port", str(_closed_port()), "--nick", "ana"]) == 2
+    assert says in capsys.readouterr().err
 
 
 def test_join_put_back_the_terminal_when_terminated() -> None:
@@ -295,12 +299,3 @@ def test_typeahead_leaves_an_ignored_hangup_ignored() -> None:
         signal.signal(signal.SIGHUP, before)
         os.close(master)
         os.close(slave)
-
-
-def test_send_without_standard_input_has_nothing_to_send(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """``achat send <&-`` with no text: nothing to send, a usage error, not a crash."""
-    monkeypatch.setattr(sys, "stdin", None)
-    assert cli.main(["send", "--port", str(_closed_port()), "--nick", "ana"]) == 2
-    assert "nothing to send" in capsys.readouterr().err

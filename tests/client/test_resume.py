@@ -502,8 +502,7 @@ async def test_a_line_resent_on_resume_is_kept_when_its_caller_gives_up() -> Non
                 return False  # stored, then the connection drops with its ack
             resaid.set()
         if isinstance(frame, Join) and connection == 2:
-            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
-            return True
+            return answer_when(release, writer, frame)
         answer_any(writer, frame)
         return True
 
@@ -518,8 +517,10 @@ async def test_a_line_resent_on_resume_is_kept_when_its_caller_gives_up() -> Non
     assert said[0][1] == said[1][1]
 
 
-def refusal(frame: Say) -> bytes:
-    return encode(ErrorFrame(code="rate_limited", message="slow down", fatal=False, ref=frame.ref))
+def refusal(frame: ClientFrame, code: str = "rate_limited") -> bytes:
+    """A non-fatal error answering ``frame``."""
+    ref = getattr(frame, "ref", None)
+    return encode(ErrorFrame(code=code, message="refused", fatal=False, ref=ref))
 
 
 async def test_a_resent_line_refused_then_given_up_still_goes_again() -> None:
@@ -560,9 +561,7 @@ async def test_a_line_sent_as_the_connection_comes_back_follows_the_rejoin() -> 
         if isinstance(frame, Nick) and connection == 1:
             return False  # the connection drops with nothing kept in flight
         if isinstance(frame, Say) and not any(isinstance(f, Join) for f in seen[-1]):
-            writer.write(
-                encode(ErrorFrame(code="not_in_room", message="no", fatal=False, ref=frame.ref))
-            )
+            writer.write(refusal(frame, "not_in_room"))
             return True
         answer_any(writer, frame)
         return True
@@ -589,8 +588,7 @@ async def test_a_question_given_up_during_a_resume_is_not_asked() -> None:
         if isinstance(frame, Who) and connection == 1:
             return False
         if isinstance(frame, Join) and connection == 2:
-            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
-            return True
+            return answer_when(release, writer, frame)
         answer_any(writer, frame)
         return True
 
@@ -627,9 +625,15 @@ async def test_a_line_given_up_while_offline_is_not_sent() -> None:
     assert Say not in kinds(seen[1])
 
 
-async def rejoin_after(release: asyncio.Event, writer: asyncio.StreamWriter, join: Join) -> None:
-    await release.wait()  # a long backlog
-    answer_join(writer, join)
+def answer_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
+    """Answer ``frame`` once ``release`` is set (a slow re-join: a long backlog)."""
+
+    async def later() -> None:
+        await release.wait()
+        answer_any(writer, frame)
+
+    asyncio.get_running_loop().create_task(later())
+    return True
 
 
 async def test_a_rejoin_reusing_a_given_up_join_still_goes() -> None:
@@ -644,8 +648,7 @@ async def test_a_rejoin_reusing_a_given_up_join_still_goes() -> None:
             writer.write(encode(Joined(room="b", nick="ana", ts=1)))  # its names is lost
             return False
         if isinstance(frame, Join) and frame.room == "a" and connection == 2:
-            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
-            return True
+            return answer_when(release, writer, frame)
         answer_any(writer, frame)
         return True
 
@@ -667,9 +670,7 @@ async def test_a_refused_join_since_given_up_leaves_no_room_behind() -> None:
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.room == "b" and connection == 1:
-            writer.write(
-                encode(ErrorFrame(code="rate_limited", message="slow", fatal=False, ref=frame.ref))
-            )
+            writer.write(refusal(frame))
             return True
         if isinstance(frame, Who) and connection == 1:
             return False  # a drop, to see what the resume joins
@@ -735,8 +736,7 @@ async def test_queued_does_not_count_a_question_given_up_in_the_queue() -> None:
         if isinstance(frame, Who) and connection == 1:
             return False
         if isinstance(frame, Join) and frame.room == "a" and connection == 2:
-            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
-            return True
+            return answer_when(release, writer, frame)
         answer_any(writer, frame)
         return True
 
@@ -810,8 +810,7 @@ async def test_a_rejoin_never_written_goes_even_when_its_caller_gives_up() -> No
         if connection == 1 and isinstance(frame, Who):
             return False
         if connection == 2 and isinstance(frame, Join) and frame.room == "b":
-            asyncio.get_running_loop().create_task(rejoin_after(release, writer, frame))
-            return True
+            return answer_when(release, writer, frame)
         answer_any(writer, frame)
         return True
 
@@ -835,9 +834,7 @@ async def test_a_refused_join_since_of_a_room_joined_keeps_the_room() -> None:
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and kinds(seen[0]).count(Join) == 2:
-            writer.write(
-                encode(ErrorFrame(code="rate_limited", message="slow", fatal=False, ref=frame.ref))
-            )
+            writer.write(refusal(frame))
             return True
         answer_any(writer, frame)
         return True
@@ -855,10 +852,6 @@ async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> No
     seen: list[list[ClientFrame]] = []
     release = asyncio.Event()
 
-    async def answer_later(writer: asyncio.StreamWriter, who: Who) -> None:
-        await release.wait()
-        answer_any(writer, who)
-
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.since is None:
             writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
@@ -867,8 +860,7 @@ async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> No
             )
             return True
         if isinstance(frame, Who) and frame.room == "slow":
-            asyncio.get_running_loop().create_task(answer_later(writer, frame))
-            return True
+            return answer_when(release, writer, frame)
         if isinstance(frame, Who):
             writer.write(encode(Message(room="a", seq=6, ts=9, sender="bo", text="new")))
         answer_any(writer, frame)

@@ -33,7 +33,14 @@ from achat.client.connection import (
     Event,
     Reconnected,
 )
-from achat.client.ui import EVENT_SLICE_SECONDS, ChatCompleter, ChatState, ChatUI, _as_text
+from achat.client.ui import (
+    EVENT_SLICE_SECONDS,
+    OPENING_WAIT_SECONDS,
+    ChatCompleter,
+    ChatState,
+    ChatUI,
+    _as_text,
+)
 from achat.protocol.messages import (
     ClientFrame,
     DmEvent,
@@ -190,26 +197,7 @@ async def test_the_first_prompt_waits_for_the_rooms_answer(
 ) -> None:
     """Who is in the first room and its recent lines are shown before the first prompt."""
     await bob.say("general", "said before ana came")
-    client = Client("127.0.0.1", server.port, "ana")
-    await client.connect()
-    with create_pipe_input() as keyboard:
-        ui = ChatUI(client, room="general", input=keyboard, output=DummyOutput())
-        shown_at_prompt: list[list[str]] = []
-        prompt_async = ui.session.prompt_async
-
-        async def prompt(*args: Any, **kwargs: Any) -> str:
-            shown_at_prompt.append(list(ui.transcript))
-            return await prompt_async(*args, **kwargs)
-
-        monkeypatch.setattr(ui.session, "prompt_async", prompt)
-        task = asyncio.create_task(ui.run())
-        try:
-            await until("the prompt", lambda: bool(shown_at_prompt))
-        finally:
-            ui.quit()
-            async with asyncio.timeout(5):
-                await task
-    opening = shown_at_prompt[0]
+    opening, _ = await first_prompt(server.port, monkeypatch, OPENING_WAIT_SECONDS)
     assert "-- #general: ana, bob (2 people)" in opening
     assert any("said before ana came" in line for line in opening), opening
 
