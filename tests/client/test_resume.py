@@ -19,7 +19,7 @@ from achat.client.connection import (
     Event,
     Reconnected,
 )
-from achat.errors import ConnectionClosed
+from achat.errors import ConnectionClosed, ServerError
 from achat.protocol.frames import FrameDecoder
 from achat.protocol.messages import (
     Ack,
@@ -283,7 +283,10 @@ async def test_without_reconnect_a_drop_ends_the_client(server: Server, proxy: F
     assert not client.connected
     with pytest.raises(ConnectionClosed):
         client.send(client.say_frame(ROOM, "nobody will get this"))
+    with pytest.raises(ConnectionClosed):
+        client.send(Join(room="other", since=3, ref=client.new_ref()))
     assert client.pending == 0
+    assert set(client.rooms) == {ROOM}
     await client.close()
 
 
@@ -877,3 +880,99 @@ async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> No
         got = [e.seq for e in client.received() if isinstance(e, Message)]
     assert got == [6]
     assert [f.since for f in seen[0] if isinstance(f, Join)] == [None]  # never written
+
+
+async def test_a_join_since_the_server_refuses_leaves_no_room_behind() -> None:
+    """join(bad, since) refused for good (not for flooding): the client is not in bad,
+    and the next resume does not try it again."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "bad":
+            writer.write(refusal(frame, "invalid_room"))
+            return True
+        if isinstance(frame, Who) and connection == 1:
+            return False  # a drop, to see what the resume joins
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(ServerError):
+            await client.join("bad", since=3)
+        assert set(client.rooms) == {"a"}
+        client.send(Who(room="a", ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
+
+
+async def test_a_refused_join_since_of_a_room_joined_puts_its_last_seq_back() -> None:
+    """In a at seq 5, join(a, since=2) refused: still in a, at seq 5, so message 6 is
+    delivered and the resume asks from 5."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.since == 2:
+            writer.write(refusal(frame, "unavailable"))
+            return True
+        if isinstance(frame, Join) and connection == 1:
+            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
+            writer.write(
+                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=5, ref=frame.ref))
+            )
+            return True
+        if isinstance(frame, Who) and connection == 1:
+            writer.write(encode(Message(room="a", seq=6, ts=9, sender="bo", text="new")))
+            return False  # then a drop, to see what the resume asks for
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(ServerError):
+            await client.join("a", since=2)
+        assert client.rooms == {"a": 5}
+        client.send(Who(room="a", ref=client.new_ref()))
+        got: list[int] = []
+        async with asyncio.timeout(5):
+            while not isinstance(event := await client.next_event(), Reconnected):
+                if isinstance(event, Message):
+                    got.append(event.seq)
+        await client.who("a")
+    assert got == [6]
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 6)]
+
+
+async def test_a_rejoin_the_server_refuses_leaves_the_room() -> None:
+    """After a drop the server will not have the client back in b: the client says so
+    (the error, then that it left b), is no longer in b, and does not ask again."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b" and connection > 1:
+            writer.write(refusal(frame, "invalid_room"))
+            return True
+        if isinstance(frame, Who) and connection < 3:
+            return False  # two drops: the second shows what the next resume joins
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        await client.join("b")
+        client.send(Who(room="a", ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        before: list[Event] = []
+        async with asyncio.timeout(5):
+            while not isinstance(parted := await client.next_event(), Parted):
+                before.append(parted)
+        assert client.rooms == {"a": 0}
+        await wait_for_event(client, Reconnected)  # the who goes again, and drops again
+        await client.who("a")
+    assert (parted.room, parted.nick) == ("b", "ana")
+    refused = [e for e in before if isinstance(e, ErrorFrame)]
+    rejoin_b = [f.ref for f in seen[1] if isinstance(f, Join) and f.room == "b"]
+    assert [(e.code, e.ref) for e in refused] == [("invalid_room", *rejoin_b)]
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a", "b"]
+    assert [f.room for f in seen[2] if isinstance(f, Join)] == ["a"]

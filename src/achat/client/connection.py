@@ -294,6 +294,11 @@ class Client:
         # The refs of the re-joins the last resume sent (reused joins included): they go
         # whatever their callers do, until answered.
         self._rejoining: set[str] = set()
+        # For each kept join with since not answered yet: whether its room was in rooms
+        # before, and its last seq then (a refused or unsent join puts them back).
+        self._since_joins: dict[str, tuple[bool, int | None]] = {}
+        # Events that follow the frame being delivered (a re-join refused: the room left).
+        self._follow: list[Event] = []
         self._close_requested = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -422,26 +427,30 @@ class Client:
         """
         data = encode(frame)
         ref = (frame.ref if isinstance(frame, _KEPT) else None) or None
+        online = self._online and self._writer is not None
+        if not online and not (self.reconnect and not self._closing):
+            raise ConnectionClosed("not connected")
         if isinstance(frame, Join) and frame.since is not None:
             # The backlog after `since` is wanted: deliver from there, not from names.seq.
+            if ref is not None:
+                self._since_joins[ref] = (frame.room in self.rooms, self.rooms.get(frame.room))
             self.rooms[frame.room] = frame.since
-        if self._online and self._writer is not None:
+        if online:
             if ref is not None:
                 self._outbox[ref] = frame
                 self._emit(data, ref, kept=True)
             else:
                 self._emit(data, getattr(frame, "ref", None) or None, kept=False)
             return
-        if self.reconnect and not self._closing:
-            if ref is not None:
-                self._outbox[ref] = frame
-                return  # goes out with the resend after reconnecting
-            if isinstance(frame, Join):
-                self.rooms.setdefault(frame.room, frame.since)
-                return
-            if isinstance(frame, Part):
-                self.rooms.pop(frame.room, None)
-                return
+        if ref is not None:
+            self._outbox[ref] = frame
+            return  # goes out with the resend after reconnecting
+        if isinstance(frame, Join):
+            self.rooms.setdefault(frame.room, frame.since)
+            return
+        if isinstance(frame, Part):
+            self.rooms.pop(frame.room, None)
+            return
         raise ConnectionClosed("not connected")
 
     @property
@@ -551,6 +560,7 @@ class Client:
         self._sent.discard(ref)
         self._carried.discard(ref)
         self._rejoining.discard(ref)
+        self._since_joins.pop(ref, None)
         if ref in self._queued:
             self._given_up.add(ref)  # still in the queue: skipped there, not counted
         if self._outbox.pop(ref, None) is not None:
@@ -646,10 +656,6 @@ class Client:
             raise ValueError("request() needs a frame with a ref")
         future: asyncio.Future[ServerFrame] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
-        # A join with since puts the room's seq in self.rooms when sent; given up, the
-        # room goes back to what it was.
-        had_room = isinstance(frame, Join) and frame.room in self.rooms
-        seq_before = self.rooms.get(frame.room) if isinstance(frame, Join) else None
         try:
             self.send(frame)
             async with asyncio.timeout(timeout):
@@ -658,12 +664,9 @@ class Client:
             if ref in self._rejoining:
                 raise  # its room's re-join: it goes, and its names settles it
             if self._give_up(ref):  # never written: a timeout means not sent
+                if isinstance(frame, Join):
+                    self._undo_join_since(frame)
                 self._settle(ref)
-                if isinstance(frame, Join) and self._joined_since(frame):
-                    if had_room:
-                        self.rooms[frame.room] = seq_before  # send() overwrote it
-                    else:
-                        del self.rooms[frame.room]  # send() put it there for this join
             elif not isinstance(frame, Say | Dm):
                 self._settle(ref)  # its caller gave up: not asked again
             raise
@@ -673,8 +676,31 @@ class Client:
             raise ServerError(reply.code, reply.message, fatal=reply.fatal, ref=reply.ref)
         return reply
 
-    def _joined_since(self, join: Join) -> bool:
-        return join.since is not None and self.rooms.get(join.room) == join.since
+    def _undo_join_since(self, join: Join) -> None:
+        """``join`` (with since) will not be answered by the server: its room's entry in
+        ``rooms`` is what it was before send() set it, unless something moved it since."""
+        before = self._since_joins.pop(join.ref or "", None)
+        if before is None or self.rooms.get(join.room, -1) != join.since:
+            return
+        had_room, seq = before
+        if had_room:
+            self.rooms[join.room] = seq
+        else:
+            del self.rooms[join.room]
+
+    def _refused(self, error: Error) -> None:
+        """The server refused the kept frame ``error.ref`` for good (the error is not fatal,
+        and the frame is not sent again): a refused join left the client where it was."""
+        join = self._outbox.get(error.ref or "")
+        if not isinstance(join, Join):
+            return
+        if error.ref in self._rejoining:
+            # The new connection is in no room: refused its re-join, the client has left it.
+            if self.rooms.pop(join.room, -1) != -1:
+                now = int(time.time() * 1000)
+                self._follow.append(Parted(room=join.room, nick=self.nick, ts=now))
+        elif join.since is not None:
+            self._undo_join_since(join)
 
     def say_frame(self, room: str, text: str) -> Say:
         return Say(room=room, text=text, ref=self.new_ref())
@@ -965,6 +991,9 @@ class Client:
                 if not partial and not gap:
                     future.set_result(frame)
         self._events.put_nowait(frame)
+        for event in self._follow:
+            self._events.put_nowait(event)
+        self._follow.clear()
 
     def _track(self, frame: ServerFrame) -> bool:
         """Update rooms, last ``seq`` and the outbox; False to drop a duplicate or echo."""
@@ -984,6 +1013,8 @@ class Client:
                     return False  # answered later, when it goes through
                 self.budget.slow_down(self.clock())
             if frame.ref and frame.code != "history_gap":
+                if not frame.fatal:
+                    self._refused(frame)
                 self._settle(frame.ref)
         elif isinstance(frame, Joined):
             if nick_key(frame.nick) == me:
