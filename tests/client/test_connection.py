@@ -454,6 +454,49 @@ async def test_a_join_since_given_up_while_queued_leaves_no_room_behind(server: 
         assert set(ana.rooms) == {"general"}
 
 
+async def said(client: Client, room: str, texts: list[str]) -> None:
+    for text in texts:
+        await client.say(room, text)
+
+
+async def test_a_join_since_delivers_the_backlog_of_a_room_new_to_the_client(
+    server: Server,
+) -> None:
+    """A bot that kept its last seq joins with since after a restart: it gets what came
+    after, once each, then live messages."""
+    async with Client("127.0.0.1", server.port, "bob", send_rate=0) as bob:
+        await bob.join("a")
+        await said(bob, "a", ["one", "two", "three", "four"])
+        async with Client("127.0.0.1", server.port, "ana", send_rate=0) as ana:
+            names = await ana.join("a", since=2)
+            assert names.seq == 4
+            await said(bob, "a", ["five"])
+            await next_of(ana, m.Joined)  # ana's own, then the backlog and "five"
+            got = [cast(m.Message, await next_of(ana, m.Message)) for _ in range(3)]
+            assert ana.rooms == {"a": 5}
+    assert [(x.seq, x.text) for x in got] == [(3, "three"), (4, "four"), (5, "five")]
+
+
+async def test_a_join_since_in_a_room_joined_delivers_nothing_twice(server: Server) -> None:
+    """ana has had messages 1-3 of a; a join of a with since=1 does not deliver 2 and 3
+    again (each message reaches the caller once), and 4 comes as usual."""
+    async with (
+        Client("127.0.0.1", server.port, "ana", send_rate=0) as ana,
+        Client("127.0.0.1", server.port, "bob", send_rate=0) as bob,
+    ):
+        await ana.join("a")
+        await bob.join("a")
+        await said(bob, "a", ["one", "two", "three"])
+        got = [cast(m.Message, await next_of(ana, m.Message)).seq for _ in range(3)]
+        await ana.join("a", since=1)
+        await said(bob, "a", ["four"])
+        got.append(cast(m.Message, await next_of(ana, m.Message)).seq)
+        await ana.who("a")
+        assert [e for e in ana.received() if isinstance(e, m.Message)] == []
+        assert ana.rooms == {"a": 4}
+    assert got == [1, 2, 3, 4]
+
+
 def refusing_the_first_say(order: list[str]) -> FakeServer:
     """A server that refuses the first say (rate_limited) and records the other frames."""
 

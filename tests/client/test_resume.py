@@ -889,9 +889,9 @@ async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> No
     assert [f.since for f in seen[0] if isinstance(f, Join)] == [None]  # never written
 
 
-async def test_a_refused_join_since_of_a_room_joined_puts_its_last_seq_back() -> None:
+async def test_a_refused_join_since_of_a_room_joined_keeps_its_last_seq() -> None:
     """In a at seq 5, join(a, since=2) refused: still in a, at seq 5, so message 6 is
-    delivered and the resume asks from 5."""
+    delivered and the resume asks from 6."""
     seen: list[list[ClientFrame]] = []
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
@@ -958,3 +958,104 @@ async def test_a_rejoin_the_server_refuses_leaves_the_room() -> None:
     assert [(e.code, e.ref) for e in refused] == [("invalid_room", *rejoin_b)]
     assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a", "b"]
     assert [f.room for f in seen[2] if isinstance(f, Join)] == ["a"]
+
+
+async def test_a_join_since_of_a_new_room_refused_on_resume_is_no_room_left() -> None:
+    """join(b, since=7), b new to the client, unanswered when the connection drops, then
+    refused for good when sent again: the client was never in b, so it says only the
+    error (not that it left b), and b is not its room."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b":
+            if connection == 1:
+                return False  # the drop, before any answer
+            writer.write(refusal(frame, "invalid_room"))
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(ServerError):
+            await client.request(Join(room="b", since=7, ref=client.new_ref()), timeout=5)
+        await client.who("a")  # what followed the refusal has come
+        events = client.received()
+    assert set(client.rooms) == {"a"}
+    assert [e for e in events if isinstance(e, Parted)] == []
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 0), ("b", 7)]
+
+
+def refused_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
+    """Refuse ``frame`` for good (invalid_room) once ``release`` is set."""
+
+    async def later() -> None:
+        await release.wait()
+        writer.write(refusal(frame, "invalid_room"))
+
+    asyncio.get_running_loop().create_task(later())
+    return True
+
+
+async def test_a_join_since_refused_after_its_caller_gave_up_is_no_room() -> None:
+    """join(b, since=7) written, its caller gives up, then the server refuses it for good:
+    b is not the client's, and the next resume does not join it."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b":
+            return refused_when(release, writer, frame)
+        if isinstance(frame, Who) and connection == 1:
+            return False  # a drop, to see what the resume joins
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="b", since=7, ref=client.new_ref()), timeout=0.1)
+        release.set()
+        refused = await wait_for_event(client, ErrorFrame)
+        assert set(client.rooms) == {"a"}
+        client.send(Who(room="a", ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+    assert isinstance(refused, ErrorFrame)
+    assert refused.code == "invalid_room"
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
+
+
+async def test_a_join_since_behind_a_refused_rejoin_gets_its_backlog() -> None:
+    """In b at seq 5, a drop; b's re-join is in flight when join(b, since=2) is asked, and
+    is refused. The join then goes, and what since=2 asked for is delivered: 3, 4, 5."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and connection == 2 and frame.since == 5:
+            return refused_when(release, writer, frame)  # the re-join
+        if isinstance(frame, Join):
+            writer.write(encode(Joined(room="b", nick="ana", ts=1)))
+            writer.write(encode(Names(room="b", nicks=["ana"], topic="", seq=5, ref=frame.ref)))
+            for seq in range((frame.since or 5) + 1, 6):
+                writer.write(encode(Message(room="b", seq=seq, ts=9, sender="bo", text="x")))
+            return True
+        if isinstance(frame, Who) and connection == 1:
+            return False
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("b")
+        client.send(Who(room="b", ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        asking = asyncio.ensure_future(client.join("b", since=2))
+        await asyncio.sleep(0)  # sent: it waits behind the re-join in flight
+        assert client.queued == 2  # the who asked again, and this join
+        release.set()
+        await asking
+        await client.who("b")
+        got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert got == [3, 4, 5]
+    assert client.rooms == {"b": 5}

@@ -294,9 +294,9 @@ class Client:
         # The refs of the re-joins the last resume sent (reused joins included): they go
         # whatever their callers do, until answered.
         self._rejoining: set[str] = set()
-        # For each kept join with since not answered yet: whether its room was in rooms
-        # before, and its last seq then (a refused or unsent join puts them back).
-        self._since_joins: dict[str, tuple[bool, int | None]] = {}
+        # The since of each kept join with one whose names has not come yet: a room new
+        # to the client is delivered from there (the backlog follows the names).
+        self._join_since: dict[str, int] = {}
         # Events that follow the frame being delivered (a re-join refused: the room left).
         self._follow: list[Event] = []
         self._close_requested = asyncio.Event()
@@ -431,10 +431,12 @@ class Client:
         if not online and not (self.reconnect and not self._closing):
             raise ConnectionClosed("not connected")
         if isinstance(frame, Join) and frame.since is not None:
-            # The backlog after `since` is wanted: deliver from there, not from names.seq.
+            # The backlog after `since` is wanted: a room new to the client is delivered
+            # from there, not from names.seq; in a room it is in, nothing is delivered twice.
             if ref is not None:
-                self._since_joins[ref] = (frame.room in self.rooms, self.rooms.get(frame.room))
-            self.rooms[frame.room] = frame.since
+                self._join_since[ref] = frame.since  # the room is the client's once answered
+            else:
+                self.rooms.setdefault(frame.room, frame.since)  # no answer will say so
         if online:
             if ref is not None:
                 self._outbox[ref] = frame
@@ -560,7 +562,6 @@ class Client:
         self._sent.discard(ref)
         self._carried.discard(ref)
         self._rejoining.discard(ref)
-        self._since_joins.pop(ref, None)
         if ref in self._queued:
             self._given_up.add(ref)  # still in the queue: skipped there, not counted
         if self._outbox.pop(ref, None) is not None:
@@ -664,8 +665,7 @@ class Client:
             if ref in self._rejoining:
                 raise  # its room's re-join: it goes, and its names settles it
             if self._give_up(ref):  # never written: a timeout means not sent
-                if isinstance(frame, Join):
-                    self._undo_join_since(frame)
+                self._join_since.pop(ref, None)
                 self._settle(ref)
             elif not isinstance(frame, Say | Dm):
                 self._settle(ref)  # its caller gave up: not asked again
@@ -676,37 +676,26 @@ class Client:
             raise ServerError(reply.code, reply.message, fatal=reply.fatal, ref=reply.ref)
         return reply
 
-    def _undo_join_since(self, join: Join) -> None:
-        """``join`` (with since) will not be answered by the server: its room's entry in
-        ``rooms`` is what it was before send() set it, unless something moved it since."""
-        before = self._since_joins.pop(join.ref or "", None)
-        if before is None or self.rooms.get(join.room, -1) != join.since:
-            return
-        had_room, seq = before
-        if had_room:
-            self.rooms[join.room] = seq
-        else:
+    def _refused(self, ref: str) -> None:
+        """The server refused the kept frame ``ref`` for good (the error is not fatal, and
+        the frame is not sent again). A refused re-join: the new connection is in no room,
+        so the client has left that room, and says so after the error."""
+        self._join_since.pop(ref, None)
+        join = self._outbox.get(ref)
+        if isinstance(join, Join) and ref in self._rejoining and join.room in self.rooms:
             del self.rooms[join.room]
-
-    def _refused(self, error: Error) -> None:
-        """The server refused the kept frame ``error.ref`` for good (the error is not fatal,
-        and the frame is not sent again): a refused join left the client where it was."""
-        join = self._outbox.get(error.ref or "")
-        if not isinstance(join, Join):
-            return
-        if error.ref in self._rejoining:
-            # The new connection is in no room: refused its re-join, the client has left it.
-            if self.rooms.pop(join.room, -1) != -1:
-                now = int(time.time() * 1000)
-                self._follow.append(Parted(room=join.room, nick=self.nick, ts=now))
-        elif join.since is not None:
-            self._undo_join_since(join)
+            now = int(time.time() * 1000)
+            self._follow.append(Parted(room=join.room, nick=self.nick, ts=now))
 
     def say_frame(self, room: str, text: str) -> Say:
         return Say(room=room, text=text, ref=self.new_ref())
 
     async def join(self, room: str, since: int | None = None) -> Names:
-        """Join ``room``; returns its ``names`` (messages after ``since`` follow as events)."""
+        """Join ``room``; returns its ``names``.
+
+        With ``since``, the messages stored after it follow as events; in a room the
+        client is in already, none is delivered twice.
+        """
         reply = await self.request(Join(room=room, since=since, ref=self.new_ref()))
         assert isinstance(reply, Names)
         return reply
@@ -949,12 +938,16 @@ class Client:
             if isinstance(head, Join):
                 reused.add(id(head))
                 ref = head.ref
+                if last is None:
+                    last = head.since  # joined, its names lost: from where it asked
             ref = ref or self.new_ref()
             rejoins[ref] = Join(room=room, since=last, ref=ref)
         # The re-joins are kept like any join (a refused one goes again; names answers it).
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest
         self._rejoining = set(rejoins)
+        # A join's since is kept while it can still be answered: it goes again.
+        self._join_since = {r: s for r, s in self._join_since.items() if r in self._outbox}
         self._written.clear()  # a new connection
         self._sent &= self._outbox.keys()  # a part answered here is settled
         self._carried = set(self._sent)
@@ -1014,7 +1007,7 @@ class Client:
                 self.budget.slow_down(self.clock())
             if frame.ref and frame.code != "history_gap":
                 if not frame.fatal:
-                    self._refused(frame)
+                    self._refused(frame.ref)
                 self._settle(frame.ref)
         elif isinstance(frame, Joined):
             if nick_key(frame.nick) == me:
@@ -1027,10 +1020,12 @@ class Client:
                         self._settle(ref)  # the oldest part of the room: answered
                         break
         elif isinstance(frame, Names):
-            if frame.room in self.rooms and self.rooms[frame.room] is None and not frame.more:
-                self.rooms[frame.room] = frame.seq
-            if frame.ref and not frame.more:
-                self._settle(frame.ref)
+            if not frame.more:
+                since = self._join_since.pop(frame.ref, None) if frame.ref else None
+                if frame.room in self.rooms and self.rooms[frame.room] is None:
+                    self.rooms[frame.room] = frame.seq if since is None else since
+                if frame.ref:
+                    self._settle(frame.ref)
         elif isinstance(frame, Rooms | History):
             if frame.ref and not (isinstance(frame, Rooms) and frame.more):
                 self._settle(frame.ref)
