@@ -667,19 +667,19 @@ async def test_a_rejoin_reusing_a_given_up_join_still_goes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "raised", "timeout"),
-    [("rate_limited", TimeoutError, 0.1), ("invalid_room", ServerError, 5.0)],
+    ("code", "late"), [("rate_limited", False), ("invalid_room", False), ("invalid_room", True)]
 )
-async def test_a_refused_join_since_leaves_no_room_behind(
-    code: str, raised: type[Exception], timeout: float
-) -> None:
-    """A join with since, refused on the only connection it was written to: for good, or
-    for flooding until its caller gave up. The room is not the client's, and the next
-    resume does not join it."""
+async def test_a_refused_join_since_leaves_no_room_behind(code: str, late: bool) -> None:
+    """A join with since, refused on the only connection it was written to: for good (at
+    once, or after its caller gave up), or for flooding until its caller gave up. The
+    room is not the client's, and the next resume does not join it."""
     seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.room == "b" and connection == 1:
+            if late:
+                return refused_when(release, writer, frame)
             writer.write(refusal(frame, code))
             return True
         if isinstance(frame, Who) and connection == 1:
@@ -687,15 +687,31 @@ async def test_a_refused_join_since_leaves_no_room_behind(
         answer_any(writer, frame)
         return True
 
+    given_up = late or code == "rate_limited"
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
-        with pytest.raises(raised):
-            await client.request(Join(room="b", since=7, ref=client.new_ref()), timeout=timeout)
+        join = Join(room="b", since=7, ref=client.new_ref())
+        with pytest.raises(TimeoutError if given_up else ServerError):
+            await client.request(join, timeout=0.1 if given_up else 5)
+        release.set()
+        if late:
+            await wait_for_event(client, ErrorFrame)
         assert set(client.rooms) == {"a"}
         client.send(Who(room="a", ref=client.new_ref()))
         await wait_for_event(client, Reconnected)
         await client.who("a")
     assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
+
+
+def refused_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
+    """Refuse ``frame`` for good (invalid_room) once ``release`` is set."""
+
+    async def later() -> None:
+        await release.wait()
+        writer.write(refusal(frame, "invalid_room"))
+
+    asyncio.get_running_loop().create_task(later())
+    return True
 
 
 async def test_a_line_refused_on_its_only_connection_and_given_up_is_not_sent() -> None:
@@ -837,25 +853,6 @@ async def test_a_rejoin_never_written_goes_even_when_its_caller_gives_up() -> No
     assert [f.room for f in seen[1] if isinstance(f, Join)] == ["b", "a"]
 
 
-async def test_a_refused_join_since_of_a_room_joined_keeps_the_room() -> None:
-    """join(a, since) while in a, refused and given up: the server still has the client
-    in a, so the client keeps it."""
-    seen: list[list[ClientFrame]] = []
-
-    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
-        if isinstance(frame, Join) and kinds(seen[0]).count(Join) == 2:
-            writer.write(refusal(frame))
-            return True
-        answer_any(writer, frame)
-        return True
-
-    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
-        await client.join("a")
-        with pytest.raises(TimeoutError):
-            await client.request(Join(room="a", since=0, ref=client.new_ref()), timeout=0.2)
-    assert "a" in client.rooms
-
-
 async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> None:
     """In a at seq 5, a join(a, since=9) waits in the queue and is given up: the room's
     last seq is 5 again, so message 6 is delivered, not dropped as already seen."""
@@ -889,14 +886,15 @@ async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> No
     assert [f.since for f in seen[0] if isinstance(f, Join)] == [None]  # never written
 
 
-async def test_a_refused_join_since_of_a_room_joined_keeps_its_last_seq() -> None:
-    """In a at seq 5, join(a, since=2) refused: still in a, at seq 5, so message 6 is
-    delivered and the resume asks from 6."""
+@pytest.mark.parametrize("code", ["unavailable", "rate_limited"])
+async def test_a_refused_join_since_of_a_room_joined_keeps_its_last_seq(code: str) -> None:
+    """In a at seq 5, join(a, since=2) refused, for good or for flooding until its caller
+    gives up: still in a, at seq 5, so message 6 is delivered and the resume asks from 6."""
     seen: list[list[ClientFrame]] = []
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.since == 2:
-            writer.write(refusal(frame, "unavailable"))
+            writer.write(refusal(frame, code))
             return True
         if isinstance(frame, Join) and connection == 1:
             writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
@@ -912,8 +910,9 @@ async def test_a_refused_join_since_of_a_room_joined_keeps_its_last_seq() -> Non
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
-        with pytest.raises(ServerError):
-            await client.join("a", since=2)
+        join = Join(room="a", since=2, ref=client.new_ref())
+        with pytest.raises(ServerError if code == "unavailable" else TimeoutError):
+            await client.request(join, timeout=5 if code == "unavailable" else 0.2)
         assert client.rooms == {"a": 5}
         client.send(Who(room="a", ref=client.new_ref()))
         got: list[int] = []
@@ -984,46 +983,6 @@ async def test_a_join_since_of_a_new_room_refused_on_resume_is_no_room_left() ->
     assert set(client.rooms) == {"a"}
     assert [e for e in events if isinstance(e, Parted)] == []
     assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 0), ("b", 7)]
-
-
-def refused_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
-    """Refuse ``frame`` for good (invalid_room) once ``release`` is set."""
-
-    async def later() -> None:
-        await release.wait()
-        writer.write(refusal(frame, "invalid_room"))
-
-    asyncio.get_running_loop().create_task(later())
-    return True
-
-
-async def test_a_join_since_refused_after_its_caller_gave_up_is_no_room() -> None:
-    """join(b, since=7) written, its caller gives up, then the server refuses it for good:
-    b is not the client's, and the next resume does not join it."""
-    seen: list[list[ClientFrame]] = []
-    release = asyncio.Event()
-
-    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
-        if isinstance(frame, Join) and frame.room == "b":
-            return refused_when(release, writer, frame)
-        if isinstance(frame, Who) and connection == 1:
-            return False  # a drop, to see what the resume joins
-        answer_any(writer, frame)
-        return True
-
-    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
-        await client.join("a")
-        with pytest.raises(TimeoutError):
-            await client.request(Join(room="b", since=7, ref=client.new_ref()), timeout=0.1)
-        release.set()
-        refused = await wait_for_event(client, ErrorFrame)
-        assert set(client.rooms) == {"a"}
-        client.send(Who(room="a", ref=client.new_ref()))
-        await wait_for_event(client, Reconnected)
-        await client.who("a")
-    assert isinstance(refused, ErrorFrame)
-    assert refused.code == "invalid_room"
-    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
 
 
 async def test_a_join_since_behind_a_refused_rejoin_gets_its_backlog() -> None:
