@@ -497,6 +497,62 @@ async def test_a_join_since_in_a_room_joined_delivers_nothing_twice(server: Serv
     assert got == [1, 2, 3, 4]
 
 
+async def test_a_join_since_in_a_room_with_nothing_delivered_yet_delivers_its_backlog(
+    server: Server,
+) -> None:
+    """ana joined a at seq 3 and has had none of its messages: a join of a since 0 delivers
+    1-3 (new to her), then 4 live."""
+    async with (
+        Client("127.0.0.1", server.port, "bob", send_rate=0) as bob,
+        Client("127.0.0.1", server.port, "ana", send_rate=0) as ana,
+    ):
+        await bob.join("a")
+        await said(bob, "a", ["one", "two", "three"])
+        assert (await ana.join("a")).seq == 3
+        await ana.join("a", since=0)
+        await said(bob, "a", ["four"])
+        got = [cast(m.Message, await next_of(ana, m.Message)).seq for _ in range(4)]
+    assert got == [1, 2, 3, 4]
+
+
+async def test_a_join_since_past_the_rooms_last_message_misses_nothing_after_it(
+    server: Server,
+) -> None:
+    """join(a, since=10) when a's last seq is 3: nothing to deliver from before, and message
+    4, said next, is delivered (not dropped as if already seen)."""
+    async with (
+        Client("127.0.0.1", server.port, "bob", send_rate=0) as bob,
+        Client("127.0.0.1", server.port, "ana", send_rate=0) as ana,
+    ):
+        await bob.join("a")
+        await said(bob, "a", ["one", "two", "three"])
+        assert (await ana.join("a", since=10)).seq == 3
+        await said(bob, "a", ["four"])
+        got = cast(m.Message, await next_of(ana, m.Message))
+        assert ana.rooms == {"a": 4}
+    assert got.seq == 4
+
+
+async def test_with_reconnect_what_is_asked_before_connecting_goes_on_connecting(
+    server: Server,
+) -> None:
+    """reconnect=True keeps what is sent offline: before the first connection too, so a
+    join asked before connect() is answered once connected, its backlog following."""
+    async with Client("127.0.0.1", server.port, "bob", send_rate=0) as bob:
+        await bob.join("a")
+        await said(bob, "a", ["one", "two"])
+        ana = Client("127.0.0.1", server.port, "ana", reconnect=True)
+        asking = asyncio.ensure_future(ana.join("a", since=1))
+        await asyncio.sleep(0)  # asked: kept until connected
+        try:
+            await ana.connect()
+            names = await asking
+            got = cast(m.Message, await next_of(ana, m.Message))
+        finally:
+            await ana.close()
+    assert (names.room, got.seq) == ("a", 2)
+
+
 def refusing_the_first_say(order: list[str]) -> FakeServer:
     """A server that refuses the first say (rate_limited) and records the other frames."""
 

@@ -1018,3 +1018,32 @@ async def test_a_join_since_behind_a_refused_rejoin_gets_its_backlog() -> None:
         got = [e.seq for e in client.received() if isinstance(e, Message)]
     assert got == [3, 4, 5]
     assert client.rooms == {"b": 5}
+
+
+async def test_a_join_since_given_up_then_joined_and_dropped_rejoins_from_its_since() -> None:
+    """join(b, since=2) written, its caller gives up, then joined comes and the connection
+    drops before names: b is the client's, and its re-join asks from 2, as the join did."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b" and connection == 1:
+
+            async def later() -> None:
+                await release.wait()
+                writer.write(encode(Joined(room="b", nick="ana", ts=1)))
+                writer.close()  # names lost with the connection
+
+            asyncio.get_running_loop().create_task(later())
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="b", since=2, ref=client.new_ref()), timeout=0.1)
+        release.set()
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 0), ("b", 2)]

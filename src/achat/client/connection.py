@@ -18,8 +18,8 @@ capped), connects again as the same nick, re-joins each room with
 each with its original ``ref`` — the server answers a repeated message with
 the original ``ack`` instead of storing it twice. Messages whose ``seq`` the
 client has already delivered are dropped, so each message reaches the caller
-exactly once and in order. Frames sent while offline wait and go out on
-reconnect.
+exactly once and in order. Frames sent while offline (before the first
+connection too) wait and go out once connected.
 
 Flood control: every frame goes out through the client's own token bucket
 (:class:`SendBudget`, ``SEND_BURST`` at once, then ``SEND_RATE`` a second,
@@ -294,9 +294,13 @@ class Client:
         # The refs of the re-joins the last resume sent (reused joins included): they go
         # whatever their callers do, until answered.
         self._rejoining: set[str] = set()
-        # The since of each kept join with one whose names has not come yet: a room new
-        # to the client is delivered from there (the backlog follows the names).
-        self._join_since: dict[str, int] = {}
+        # The room and since of each kept join with one whose names has not come yet: a
+        # room whose messages the client has not had is delivered from there (the
+        # backlog follows the names).
+        self._join_since: dict[str, tuple[str, int]] = {}
+        # The rooms whose last seq in `rooms` is where their names put them: no message
+        # of theirs delivered since, so a join since may start them earlier.
+        self._seq_from_names: set[str] = set()
         # Events that follow the frame being delivered (a re-join refused: the room left).
         self._follow: list[Event] = []
         self._close_requested = asyncio.Event()
@@ -338,7 +342,11 @@ class Client:
         reached; the first connection is never retried, so a typo fails fast.
         """
         reader, writer, decoder, rest = await self._open()
-        self._go_online(writer, rest)
+        self._go_online(writer)
+        if self._outbox or self.rooms:
+            self._resume()  # what was asked before connecting (with reconnect) goes now
+        for body in rest:
+            self._deliver_body(body)
         self._supervisor = asyncio.create_task(self._supervise(reader, decoder))
         assert self.welcome is not None
         return self.welcome
@@ -386,13 +394,11 @@ class Client:
         decoder.max_frame = min(max(first.max_frame, DEFAULT_MAX_FRAME), CLIENT_FRAME_CAP)
         return reader, writer, decoder, rest
 
-    def _go_online(self, writer: asyncio.StreamWriter, rest: list[bytes]) -> None:
-        """Use the connection ``_open`` made; ``rest`` is what came with its welcome."""
+    def _go_online(self, writer: asyncio.StreamWriter) -> None:
+        """Use the connection ``_open`` made."""
         self._writer = writer
         self._online = True
         self._last_heard = self._last_sent = self.clock()
-        for body in rest:
-            self._deliver_body(body)
 
     @staticmethod
     async def _read_first(
@@ -434,7 +440,7 @@ class Client:
             # The backlog after `since` is wanted: a room new to the client is delivered
             # from there, not from names.seq; in a room it is in, nothing is delivered twice.
             if ref is not None:
-                self._join_since[ref] = frame.since  # the room is the client's once answered
+                self._join_since[ref] = (frame.room, frame.since)  # used when answered
             else:
                 self.rooms.setdefault(frame.room, frame.since)  # no answer will say so
         if online:
@@ -451,7 +457,7 @@ class Client:
             self.rooms.setdefault(frame.room, frame.since)
             return
         if isinstance(frame, Part):
-            self.rooms.pop(frame.room, None)
+            self._forget_room(frame.room)
             return
         raise ConnectionClosed("not connected")
 
@@ -676,6 +682,11 @@ class Client:
             raise ServerError(reply.code, reply.message, fatal=reply.fatal, ref=reply.ref)
         return reply
 
+    def _forget_room(self, room: str) -> None:
+        """The client is not in ``room`` (any more)."""
+        self.rooms.pop(room, None)
+        self._seq_from_names.discard(room)
+
     def _refused(self, ref: str) -> None:
         """The server refused the kept frame ``ref`` for good (the error is not fatal, and
         the frame is not sent again). A refused re-join: the new connection is in no room,
@@ -683,7 +694,7 @@ class Client:
         self._join_since.pop(ref, None)
         join = self._outbox.get(ref)
         if isinstance(join, Join) and ref in self._rejoining and join.room in self.rooms:
-            del self.rooms[join.room]
+            self._forget_room(join.room)
             now = int(time.time() * 1000)
             self._follow.append(Parted(room=join.room, nick=self.nick, ts=now))
 
@@ -693,8 +704,9 @@ class Client:
     async def join(self, room: str, since: int | None = None) -> Names:
         """Join ``room``; returns its ``names``.
 
-        With ``since``, the messages stored after it follow as events; in a room the
-        client is in already, none is delivered twice.
+        With ``since``, the messages stored after it follow as events, unless messages
+        of a room the client is in already have reached the caller since it joined:
+        then none is delivered twice or out of order.
         """
         reply = await self.request(Join(room=room, since=since, ref=self.new_ref()))
         assert isinstance(reply, Names)
@@ -900,7 +912,7 @@ class Client:
                 return None
             assert self.welcome is not None
             # Online and resumed in one step: nothing sent meanwhile can overtake the re-joins.
-            self._go_online(writer, [])
+            self._go_online(writer)
             resent = self._resume()
             self._events.put_nowait(Reconnected(self.welcome, resent))
             for body in rest:
@@ -928,7 +940,7 @@ class Client:
             head = heads.get(room)
             if isinstance(head, Part):
                 self._outbox.pop(head.ref or "", None)
-                del self.rooms[room]
+                self._forget_room(room)
                 now = int(time.time() * 1000)
                 self._events.put_nowait(
                     Parted(room=room, nick=self.nick, ts=now, reason=head.reason)
@@ -938,8 +950,8 @@ class Client:
             if isinstance(head, Join):
                 reused.add(id(head))
                 ref = head.ref
-                if last is None:
-                    last = head.since  # joined, its names lost: from where it asked
+            if last is None:  # joined, its names lost: from where its join asked, if it did
+                last = next((s for r, s in self._join_since.values() if r == room), None)
             ref = ref or self.new_ref()
             rejoins[ref] = Join(room=room, since=last, ref=ref)
         # The re-joins are kept like any join (a refused one goes again; names answers it).
@@ -988,6 +1000,26 @@ class Client:
             self._events.put_nowait(event)
         self._follow.clear()
 
+    def _place(self, names: Names) -> None:
+        """Where the room of a join's ``names`` starts: the messages after it are delivered.
+
+        By default the room's seq as the names gives it (what comes after is live). A
+        join with since starts it there instead (never past the names' seq), the backlog
+        following; in a room the client is in, only while none of its messages has been
+        delivered since its names, so that none is delivered twice or out of order.
+        """
+        asked = self._join_since.pop(names.ref, None) if names.ref else None
+        since = None if asked is None else min(asked[1], names.seq)
+        room = names.room
+        if room not in self.rooms:
+            return
+        last = self.rooms[room]
+        if last is None:
+            self.rooms[room] = names.seq if since is None else since
+            self._seq_from_names.add(room)
+        elif since is not None and since < last and room in self._seq_from_names:
+            self.rooms[room] = since
+
     def _track(self, frame: ServerFrame) -> bool:
         """Update rooms, last ``seq`` and the outbox; False to drop a duplicate or echo."""
         me = nick_key(self.nick)
@@ -997,6 +1029,7 @@ class Client:
                 return False  # already delivered (resume overlap)
             if frame.room in self.rooms:
                 self.rooms[frame.room] = frame.seq
+                self._seq_from_names.discard(frame.room)
         elif isinstance(frame, Ack):
             self._settle(frame.ref)
         elif isinstance(frame, Error):
@@ -1014,16 +1047,14 @@ class Client:
                 self.rooms.setdefault(frame.room, None)
         elif isinstance(frame, Parted):
             if nick_key(frame.nick) == me:
-                self.rooms.pop(frame.room, None)
+                self._forget_room(frame.room)
                 for ref, sent in self._outbox.items():
                     if isinstance(sent, Part) and sent.room == frame.room:
                         self._settle(ref)  # the oldest part of the room: answered
                         break
         elif isinstance(frame, Names):
             if not frame.more:
-                since = self._join_since.pop(frame.ref, None) if frame.ref else None
-                if frame.room in self.rooms and self.rooms[frame.room] is None:
-                    self.rooms[frame.room] = frame.seq if since is None else since
+                self._place(frame)
                 if frame.ref:
                     self._settle(frame.ref)
         elif isinstance(frame, Rooms | History):
