@@ -628,15 +628,20 @@ async def test_a_line_given_up_while_offline_is_not_sent() -> None:
     assert Say not in kinds(seen[1])
 
 
-def answer_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
-    """Answer ``frame`` once ``release`` is set (a slow re-join: a long backlog)."""
+def when_set(release: asyncio.Event, act: Callable[[], object]) -> bool:
+    """Do ``act`` (an answer held back) once ``release`` is set; the connection stays."""
 
     async def later() -> None:
         await release.wait()
-        answer_any(writer, frame)
+        act()
 
     asyncio.get_running_loop().create_task(later())
     return True
+
+
+def answer_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
+    """Answer ``frame`` once ``release`` is set (a slow re-join: a long backlog)."""
+    return when_set(release, lambda: answer_any(writer, frame))
 
 
 async def test_a_rejoin_reusing_a_given_up_join_still_goes() -> None:
@@ -705,13 +710,7 @@ async def test_a_refused_join_since_leaves_no_room_behind(code: str, late: bool)
 
 def refused_when(release: asyncio.Event, writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
     """Refuse ``frame`` for good (invalid_room) once ``release`` is set."""
-
-    async def later() -> None:
-        await release.wait()
-        writer.write(refusal(frame, "invalid_room"))
-
-    asyncio.get_running_loop().create_task(later())
-    return True
+    return when_set(release, lambda: writer.write(refusal(frame, "invalid_room")))
 
 
 async def test_a_line_refused_on_its_only_connection_and_given_up_is_not_sent() -> None:
@@ -1029,13 +1028,11 @@ async def test_a_join_since_given_up_then_joined_and_dropped_rejoins_from_its_si
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.room == "b" and connection == 1:
 
-            async def later() -> None:
-                await release.wait()
+            def joined_then_drop() -> None:
                 writer.write(encode(Joined(room="b", nick="ana", ts=1)))
                 writer.close()  # names lost with the connection
 
-            asyncio.get_running_loop().create_task(later())
-            return True
+            return when_set(release, joined_then_drop)
         answer_any(writer, frame)
         return True
 
