@@ -533,6 +533,23 @@ async def test_a_join_since_past_the_rooms_last_message_misses_nothing_after_it(
     assert got.seq == 4
 
 
+async def test_a_join_without_a_ref_past_the_rooms_last_message_misses_nothing(
+    server: Server,
+) -> None:
+    """The same for a join sent as a bare frame, with no ref of the caller's."""
+    async with (
+        Client("127.0.0.1", server.port, "bob", send_rate=0) as bob,
+        Client("127.0.0.1", server.port, "ana", send_rate=0) as ana,
+    ):
+        await bob.join("a")
+        await said(bob, "a", ["one", "two", "three"])
+        ana.send(m.Join(room="a", since=10))
+        assert cast(m.Names, await next_of(ana, m.Names)).seq == 3
+        await said(bob, "a", ["four"])
+        got = cast(m.Message, await next_of(ana, m.Message))
+    assert got.seq == 4
+
+
 async def test_with_reconnect_what_is_asked_before_connecting_goes_on_connecting(
     server: Server,
 ) -> None:

@@ -1019,20 +1019,39 @@ async def test_a_join_since_behind_a_refused_rejoin_gets_its_backlog() -> None:
     assert client.rooms == {"b": 5}
 
 
-async def test_a_join_since_given_up_then_joined_and_dropped_rejoins_from_its_since() -> None:
+def joined_with_backlog(writer: asyncio.StreamWriter, join: Join, last: int) -> None:
+    """What a server says to ``join`` in a room at seq ``last``: joined, names, and the
+    messages after the join's since."""
+    writer.write(encode(Joined(room=join.room, nick="ana", ts=1)))
+    writer.write(encode(Names(room=join.room, nicks=["ana"], topic="", seq=last, ref=join.ref)))
+    start = last if join.since is None else join.since
+    for seq in range(start + 1, last + 1):
+        writer.write(encode(Message(room=join.room, seq=seq, ts=1, sender="bo", text="x")))
+
+
+def joined_then_drop(writer: asyncio.StreamWriter, room: str) -> Callable[[], None]:
+    """Say the client joined ``room``, then drop: its names is lost with the connection."""
+
+    def act() -> None:
+        writer.write(encode(Joined(room=room, nick="ana", ts=1)))
+        writer.close()
+
+    return act
+
+
+async def test_a_join_since_given_up_then_joined_and_dropped_gets_its_backlog() -> None:
     """join(b, since=2) written, its caller gives up, then joined comes and the connection
-    drops before names: b is the client's, and its re-join asks from 2, as the join did."""
+    drops before names: b is the client's, its re-join asks from 2, as the join did, and
+    what came after 2 is delivered."""
     seen: list[list[ClientFrame]] = []
     release = asyncio.Event()
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.room == "b" and connection == 1:
-
-            def joined_then_drop() -> None:
-                writer.write(encode(Joined(room="b", nick="ana", ts=1)))
-                writer.close()  # names lost with the connection
-
-            return when_set(release, joined_then_drop)
+            return when_set(release, joined_then_drop(writer, "b"))
+        if isinstance(frame, Join):
+            joined_with_backlog(writer, frame, 5)
+            return True
         answer_any(writer, frame)
         return True
 
@@ -1042,5 +1061,104 @@ async def test_a_join_since_given_up_then_joined_and_dropped_rejoins_from_its_si
             await client.request(Join(room="b", since=2, ref=client.new_ref()), timeout=0.1)
         release.set()
         await wait_for_event(client, Reconnected)
+        await client.who("a")  # answered after the re-joins' backlogs
+        got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 5), ("b", 2)]
+    assert got == [3, 4, 5]
+
+
+async def test_a_join_since_in_flight_at_a_drop_gets_its_backlog() -> None:
+    """In a at seq 3 with none of its messages had, join(a, since=0) is lost with the
+    connection: the re-join asks from 0, and 1-3 are delivered."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and connection == 1 and frame.since == 0:
+            return False
+        if isinstance(frame, Join):
+            joined_with_backlog(writer, frame, 3)
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        assert client.rooms == {"a": 3}
+        await client.join("a", since=0)  # answered after the reconnect
         await client.who("a")
-    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 0), ("b", 2)]
+        got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 0)]
+    assert got == [1, 2, 3]
+
+
+async def test_a_rejoin_asks_from_the_lowest_since_its_joins_asked() -> None:
+    """b joined, its names lost: join(b, since=8) given up once written, join(b, since=2)
+    waiting. The re-join asks from 2, so 3-10 are delivered, once each."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b" and connection == 1:
+            if frame.since == 8:
+                return when_set(release, joined_then_drop(writer, "b"))
+            return True  # not answered before the drop
+        if isinstance(frame, Join):
+            joined_with_backlog(writer, frame, 10)
+            return True
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
+        await client.join("a")
+        with pytest.raises(TimeoutError):
+            await client.request(Join(room="b", since=8, ref=client.new_ref()), timeout=0.1)
+        asking = asyncio.ensure_future(client.join("b", since=2))
+        await asyncio.sleep(0)  # written (unpaced)
+        release.set()
+        await asking
+        await client.who("a")
+        got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 10), ("b", 2)]
+    assert got == list(range(3, 11))
+
+
+async def test_a_join_without_a_ref_is_kept_and_answered_like_any() -> None:
+    """send(Join) without a ref: it gets one, so a refusal is known for what it answers
+    (the room is not the client's, and the next resume does not join it)."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Join) and frame.room == "b":
+            writer.write(refusal(frame, "invalid_room"))
+            return True
+        if isinstance(frame, Who) and connection == 1 and frame.room == "a":
+            return False
+        answer_any(writer, frame)
+        return True
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        client.send(Join(room="b", since=3))
+        refused = await wait_for_event(client, ErrorFrame)
+        assert set(client.rooms) == {"a"}
+        await client.who("a")  # drops, then is asked again
+    assert isinstance(refused, ErrorFrame)
+    assert [refused.ref] == [f.ref for f in seen[0] if isinstance(f, Join) and f.room == "b"]
+    assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
+
+
+async def test_a_plain_client_connected_again_does_not_send_what_failed() -> None:
+    """Without reconnect, a say cut off by a drop fails (ConnectionClosed); its caller
+    connecting again does not have it sent behind its back."""
+    seen: list[list[ClientFrame]] = []
+    async with fake_server(scripted(dropping_at(Say), seen)) as port:
+        client = Client("127.0.0.1", port, "ana", send_rate=0)
+        await client.connect()
+        await client.join("a")
+        with pytest.raises(ConnectionClosed):
+            await client.say("a", "hello")
+        await wait_for_event(client, Disconnected)
+        await client.connect()
+        await client.who("a")
+        await client.close()
+    assert kinds(seen[1]) == [Who]

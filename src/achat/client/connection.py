@@ -294,9 +294,9 @@ class Client:
         # The refs of the re-joins the last resume sent (reused joins included): they go
         # whatever their callers do, until answered.
         self._rejoining: set[str] = set()
-        # The room and since of each kept join with one whose names has not come yet: a
-        # room whose messages the client has not had is delivered from there (the
-        # backlog follows the names).
+        # The room and since of each join with one whose names has not come yet (given up
+        # by its caller or not: the server may have it): a room none of whose messages
+        # the client has had is delivered from there (the backlog follows the names).
         self._join_since: dict[str, tuple[str, int]] = {}
         # The rooms whose last seq in `rooms` is where their names put them: no message
         # of theirs delivered since, so a join since may start them earlier.
@@ -343,8 +343,8 @@ class Client:
         """
         reader, writer, decoder, rest = await self._open()
         self._go_online(writer)
-        if self._outbox or self.rooms:
-            self._resume()  # what was asked before connecting (with reconnect) goes now
+        if self.reconnect and self._outbox:
+            self._resume()  # what was asked before connecting goes now
         for body in rest:
             self._deliver_body(body)
         self._supervisor = asyncio.create_task(self._supervise(reader, decoder))
@@ -429,20 +429,18 @@ class Client:
         refusal. Offline, with ``reconnect``, a kept frame waits for the
         connection. Raises :class:`ConnectionClosed` when the frame cannot
         be sent or kept, and ``ValueError`` when it cannot be encoded (a lone
-        surrogate in a text): then nothing is kept or sent.
+        surrogate in a text): then nothing is kept or sent. A ``join`` without a
+        ``ref`` is given one: where its room starts depends on its answer.
         """
+        if isinstance(frame, Join) and not frame.ref:
+            frame = msgspec.structs.replace(frame, ref=self.new_ref())
         data = encode(frame)
         ref = (frame.ref if isinstance(frame, _KEPT) else None) or None
         online = self._online and self._writer is not None
         if not online and not (self.reconnect and not self._closing):
             raise ConnectionClosed("not connected")
-        if isinstance(frame, Join) and frame.since is not None:
-            # The backlog after `since` is wanted: a room new to the client is delivered
-            # from there, not from names.seq; in a room it is in, nothing is delivered twice.
-            if ref is not None:
-                self._join_since[ref] = (frame.room, frame.since)  # used when answered
-            else:
-                self.rooms.setdefault(frame.room, frame.since)  # no answer will say so
+        if isinstance(frame, Join) and frame.since is not None and ref is not None:
+            self._join_since[ref] = (frame.room, frame.since)  # used by its names (_place)
         if online:
             if ref is not None:
                 self._outbox[ref] = frame
@@ -453,9 +451,6 @@ class Client:
         if ref is not None:
             self._outbox[ref] = frame
             return  # goes out with the resend after reconnecting
-        if isinstance(frame, Join):
-            self.rooms.setdefault(frame.room, frame.since)
-            return
         if isinstance(frame, Part):
             self._forget_room(frame.room)
             return
@@ -935,8 +930,8 @@ class Client:
             if isinstance(frame, Join | Part | Say):
                 heads.setdefault(frame.room, frame)
         reused: set[int] = set()  # pending joins that the re-join of their room is
-        rejoins: dict[str, ClientFrame] = {}
-        for room, last in list(self.rooms.items()):
+        rejoins: dict[str, Join] = {}
+        for room in list(self.rooms):
             head = heads.get(room)
             if isinstance(head, Part):
                 self._outbox.pop(head.ref or "", None)
@@ -950,16 +945,18 @@ class Client:
             if isinstance(head, Join):
                 reused.add(id(head))
                 ref = head.ref
-            if last is None:  # joined, its names lost: from where its join asked, if it did
-                last = next((s for r, s in self._join_since.values() if r == room), None)
             ref = ref or self.new_ref()
-            rejoins[ref] = Join(room=room, since=last, ref=ref)
+            rejoins[ref] = Join(room=room, since=self._start_of(room), ref=ref)
         # The re-joins are kept like any join (a refused one goes again; names answers it).
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest
         self._rejoining = set(rejoins)
-        # A join's since is kept while it can still be answered: it goes again.
-        self._join_since = {r: s for r, s in self._join_since.items() if r in self._outbox}
+        # A join's since is kept while it can still be answered: it goes again. A re-join
+        # asks from its room's start, which its names then places.
+        self._join_since = {r: s for r, s in self._join_since.items() if r in rest}
+        for ref, rejoin in rejoins.items():
+            if rejoin.since is not None:
+                self._join_since[ref] = (rejoin.room, rejoin.since)
         self._written.clear()  # a new connection
         self._sent &= self._outbox.keys()  # a part answered here is settled
         self._carried = set(self._sent)
@@ -999,6 +996,16 @@ class Client:
         for event in self._follow:
             self._events.put_nowait(event)
         self._follow.clear()
+
+    def _start_of(self, room: str) -> int | None:
+        """Where ``room``'s re-join asks from: the last seq delivered; or, while none of
+        its messages has been delivered since its names (or its names never came), the
+        lowest since a join of it asked, if that is lower."""
+        last = self.rooms.get(room)
+        asked = [since for joined, since in self._join_since.values() if joined == room]
+        if not asked or (last is not None and room not in self._seq_from_names):
+            return last
+        return min(asked) if last is None else min(*asked, last)
 
     def _place(self, names: Names) -> None:
         """Where the room of a join's ``names`` starts: the messages after it are delivered.
