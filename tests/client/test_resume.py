@@ -17,6 +17,7 @@ from achat.client.connection import (
     ConnectionLost,
     Disconnected,
     Event,
+    LocalNotice,
     Reconnected,
 )
 from achat.errors import ConnectionClosed, ServerError
@@ -1029,6 +1030,15 @@ def joined_with_backlog(writer: asyncio.StreamWriter, join: Join, last: int) -> 
         writer.write(encode(Message(room=join.room, seq=seq, ts=1, sender="bo", text="x")))
 
 
+def answer_at(writer: asyncio.StreamWriter, frame: ClientFrame, last: int) -> bool:
+    """Answer ``frame`` as a server whose rooms are at seq ``last``."""
+    if isinstance(frame, Join):
+        joined_with_backlog(writer, frame, last)
+    else:
+        answer_any(writer, frame)
+    return True
+
+
 def joined_then_drop(writer: asyncio.StreamWriter, room: str) -> Callable[[], None]:
     """Say the client joined ``room``, then drop: its names is lost with the connection."""
 
@@ -1049,11 +1059,7 @@ async def test_a_join_since_given_up_then_joined_and_dropped_gets_its_backlog() 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.room == "b" and connection == 1:
             return when_set(release, joined_then_drop(writer, "b"))
-        if isinstance(frame, Join):
-            joined_with_backlog(writer, frame, 5)
-            return True
-        answer_any(writer, frame)
-        return True
+        return answer_at(writer, frame, 5)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -1075,11 +1081,7 @@ async def test_a_join_since_in_flight_at_a_drop_gets_its_backlog() -> None:
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and connection == 1 and frame.since == 0:
             return False
-        if isinstance(frame, Join):
-            joined_with_backlog(writer, frame, 3)
-            return True
-        answer_any(writer, frame)
-        return True
+        return answer_at(writer, frame, 3)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -1102,11 +1104,7 @@ async def test_a_rejoin_asks_from_the_lowest_since_its_joins_asked() -> None:
             if frame.since == 8:
                 return when_set(release, joined_then_drop(writer, "b"))
             return True  # not answered before the drop
-        if isinstance(frame, Join):
-            joined_with_backlog(writer, frame, 10)
-            return True
-        answer_any(writer, frame)
-        return True
+        return answer_at(writer, frame, 10)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
         await client.join("a")
@@ -1147,18 +1145,108 @@ async def test_a_join_without_a_ref_is_kept_and_answered_like_any() -> None:
     assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
 
 
-async def test_a_plain_client_connected_again_does_not_send_what_failed() -> None:
-    """Without reconnect, a say cut off by a drop fails (ConnectionClosed); its caller
-    connecting again does not have it sent behind its back."""
+async def test_a_plain_client_connected_again_starts_afresh() -> None:
+    """Without reconnect, a say cut off by a drop fails (ConnectionClosed), and the client
+    is in no room. Its caller connecting again: the say is not sent behind its back, nor
+    counted as pending, nothing waits for its ack, and the client is in no room."""
     seen: list[list[ClientFrame]] = []
     async with fake_server(scripted(dropping_at(Say), seen)) as port:
-        client = Client("127.0.0.1", port, "ana", send_rate=0)
+        client = Client("127.0.0.1", port, "ana")  # paced: a frame in flight holds the next
         await client.connect()
         await client.join("a")
         with pytest.raises(ConnectionClosed):
             await client.say("a", "hello")
         await wait_for_event(client, Disconnected)
+        assert client.pending == 1  # what the caller may want to know after the end
+        await client.connect()
+        assert (client.pending, client.rooms) == (0, {})
+        async with asyncio.timeout(2):  # not ANSWER_WAIT (5 s) for the lost say's ack
+            await client.who("a")
+            await client.close()
+        notices = [e for e in client.received() if isinstance(e, LocalNotice)]
+    assert kinds(seen[1]) == [Who]
+    assert notices == []
+
+
+async def test_a_reconnecting_client_connected_again_rejoins_its_rooms() -> None:
+    """With reconnect, the server refuses to take the client back for good (bad_password)
+    after a drop: Disconnected. Its caller connecting again: the client re-joins its rooms
+    (from their last seq), as a reconnect would."""
+    seen: list[list[ClientFrame]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames: list[ClientFrame] = []
+        seen.append(frames)
+        connection = len(seen)
+        decoder = FrameDecoder()
+        while data := await reader.read(65536):
+            for body in decoder.receive_data(data):
+                frames.append(frame := decode_client(body))
+                if isinstance(frame, Hello) and connection == 2:
+                    refused = ErrorFrame(code="bad_password", message="no", fatal=True)
+                    writer.write(encode(refused))
+                    writer.close()
+                    return
+                if isinstance(frame, Hello):
+                    writer.write(WELCOME)
+                    continue
+                if isinstance(frame, Bye):
+                    writer.close()
+                    return
+                answer_any(writer, frame)
+                if isinstance(frame, Join) and connection == 1:
+                    writer.close()  # the first connection drops once joined
+                    return
+
+    async with fake_server(handler) as port:
+        client = quick_client(port, 0)
+        await client.connect()
+        await client.join("a")
+        await wait_for_event(client, Disconnected)
         await client.connect()
         await client.who("a")
         await client.close()
-    assert kinds(seen[1]) == [Who]
+    assert [(f.room, f.since) for f in seen[2] if isinstance(f, Join)] == [("a", 0)]
+
+
+async def test_a_bare_join_then_a_bare_part_while_offline_leave_no_room() -> None:
+    """While offline, send(Join(b)) then send(Part(b)), neither with a ref: both go, in
+    that order, and the client is not in b."""
+    seen: list[list[ClientFrame]] = []
+    async with fake_server(scripted(dropping_at(Who), seen)) as port, quick_client(port) as client:
+        await client.join("a")
+        client.send(Who(room="a", ref=client.new_ref()))  # the connection drops there
+        await wait_for_event(client, ConnectionLost)
+        client.send(Join(room="b"))
+        client.send(Part(room="b"))
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+    assert [(type(f), f.room) for f in seen[1] if isinstance(f, Join | Part)] == [
+        (Join, "a"),
+        (Join, "b"),
+        (Part, "b"),
+    ]
+    assert set(client.rooms) == {"a"}
+
+
+async def test_a_join_since_after_a_part_does_not_start_the_rejoin() -> None:
+    """In a at seq 3, none of its messages had: a say, a part of a and join(a, since=0),
+    the connection dropping at the say. The re-join asks from 3 (the join since is for
+    after the part); the part goes, then the join, which delivers 1-3, once."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Say) and connection == 1:
+            return False
+        return answer_at(writer, frame, 3)
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
+        await client.join("a")
+        client.send(Say(room="a", text="hi", ref=client.new_ref()))
+        client.send(Part(room="a", ref=client.new_ref()))
+        client.send(Join(room="a", since=0, ref=client.new_ref()))
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+        got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert [f.since for f in seen[1] if isinstance(f, Join)] == [3, 0]
+    assert got == [1, 2, 3]

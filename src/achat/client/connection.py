@@ -9,8 +9,9 @@ the future of :meth:`Client.request`.
 
 Theory of operation of reconnecting (``reconnect=True``): the client
 remembers the rooms it is in with the last ``seq`` it saw in each, and, in
-the order it sent them, every frame still waiting for its answer: ``say``
-and ``dm`` until acked, ``join``, ``part`` and the questions (``who``,
+the order it sent them, every frame with a ``ref`` still waiting for its
+answer (a ``join`` or ``part`` is given one if it has none): ``say`` and
+``dm`` until acked, ``join``, ``part`` and the questions (``who``,
 ``rooms``, ``history``) until answered. When the connection drops it emits
 :class:`ConnectionLost`, waits (exponential backoff with random jitter,
 capped), connects again as the same nick, re-joins each room with
@@ -342,9 +343,11 @@ class Client:
         reached; the first connection is never retried, so a typo fails fast.
         """
         reader, writer, decoder, rest = await self._open()
+        if self._supervisor is not None:
+            self._start_over()
         self._go_online(writer)
-        if self.reconnect and self._outbox:
-            self._resume()  # what was asked before connecting goes now
+        if self.reconnect and (self._outbox or self.rooms):
+            self._resume()  # what was asked before connecting goes now; rooms re-joined
         for body in rest:
             self._deliver_body(body)
         self._supervisor = asyncio.create_task(self._supervise(reader, decoder))
@@ -394,6 +397,17 @@ class Client:
         decoder.max_frame = min(max(first.max_frame, DEFAULT_MAX_FRAME), CLIENT_FRAME_CAP)
         return reader, writer, decoder, rest
 
+    def _start_over(self) -> None:
+        """Connecting again after a connection that ended for good (its callers were told):
+        nothing kept from it goes again, and a client without reconnect is in no room."""
+        for kept in (self._outbox, self._join_since):
+            kept.clear()
+        for refs in (self._written, self._sent, self._carried, self._rejoining):
+            refs.clear()
+        if not self.reconnect:
+            self.rooms.clear()
+            self._seq_from_names.clear()
+
     def _go_online(self, writer: asyncio.StreamWriter) -> None:
         """Use the connection ``_open`` made."""
         self._writer = writer
@@ -429,10 +443,10 @@ class Client:
         refusal. Offline, with ``reconnect``, a kept frame waits for the
         connection. Raises :class:`ConnectionClosed` when the frame cannot
         be sent or kept, and ``ValueError`` when it cannot be encoded (a lone
-        surrogate in a text): then nothing is kept or sent. A ``join`` without a
-        ``ref`` is given one: where its room starts depends on its answer.
+        surrogate in a text): then nothing is kept or sent. A ``join`` or ``part``
+        without a ``ref`` is given one: where the client is depends on their answers.
         """
-        if isinstance(frame, Join) and not frame.ref:
+        if isinstance(frame, Join | Part) and not frame.ref:
             frame = msgspec.structs.replace(frame, ref=self.new_ref())
         data = encode(frame)
         ref = (frame.ref if isinstance(frame, _KEPT) else None) or None
@@ -451,9 +465,6 @@ class Client:
         if ref is not None:
             self._outbox[ref] = frame
             return  # goes out with the resend after reconnecting
-        if isinstance(frame, Part):
-            self._forget_room(frame.room)
-            return
         raise ConnectionClosed("not connected")
 
     @property
@@ -926,9 +937,15 @@ class Client:
         again is that part, answered here. Returns how many messages go again.
         """
         heads: dict[str, ClientFrame] = {}
-        for frame in self._outbox.values():
+        parted: set[str] = set()
+        after_part: set[str] = set()  # joins that come after a part of their room
+        for kept, frame in self._outbox.items():
             if isinstance(frame, Join | Part | Say):
                 heads.setdefault(frame.room, frame)
+            if isinstance(frame, Part):
+                parted.add(frame.room)
+            elif isinstance(frame, Join) and frame.room in parted:
+                after_part.add(kept)
         reused: set[int] = set()  # pending joins that the re-join of their room is
         rejoins: dict[str, Join] = {}
         for room in list(self.rooms):
@@ -946,7 +963,7 @@ class Client:
                 reused.add(id(head))
                 ref = head.ref
             ref = ref or self.new_ref()
-            rejoins[ref] = Join(room=room, since=self._start_of(room), ref=ref)
+            rejoins[ref] = Join(room=room, since=self._start_of(room, after_part), ref=ref)
         # The re-joins are kept like any join (a refused one goes again; names answers it).
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest
@@ -997,12 +1014,17 @@ class Client:
             self._events.put_nowait(event)
         self._follow.clear()
 
-    def _start_of(self, room: str) -> int | None:
+    def _start_of(self, room: str, after_part: set[str]) -> int | None:
         """Where ``room``'s re-join asks from: the last seq delivered; or, while none of
         its messages has been delivered since its names (or its names never came), the
-        lowest since a join of it asked, if that is lower."""
+        lowest since a join of it asked, if that is lower (not a join ``after_part``: it
+        goes after the room is left, and asks for itself)."""
         last = self.rooms.get(room)
-        asked = [since for joined, since in self._join_since.values() if joined == room]
+        asked = [
+            since
+            for ref, (joined, since) in self._join_since.items()
+            if joined == room and ref not in after_part
+        ]
         if not asked or (last is not None and room not in self._seq_from_names):
             return last
         return min(asked) if last is None else min(*asked, last)
