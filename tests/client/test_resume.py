@@ -17,7 +17,6 @@ from achat.client.connection import (
     ConnectionLost,
     Disconnected,
     Event,
-    LocalNotice,
     Reconnected,
 )
 from achat.errors import ConnectionClosed, ServerError
@@ -1049,10 +1048,10 @@ def joined_then_drop(writer: asyncio.StreamWriter, room: str) -> Callable[[], No
     return act
 
 
-async def test_a_join_since_given_up_then_joined_and_dropped_gets_its_backlog() -> None:
+async def test_a_join_since_given_up_then_joined_and_dropped_is_not_asked_again() -> None:
     """join(b, since=2) written, its caller gives up, then joined comes and the connection
-    drops before names: b is the client's, its re-join asks from 2, as the join did, and
-    what came after 2 is delivered."""
+    drops before names: b is the client's and is re-joined, from where its names puts it;
+    the since its caller gave up on is not asked again."""
     seen: list[list[ClientFrame]] = []
     release = asyncio.Event()
 
@@ -1067,10 +1066,11 @@ async def test_a_join_since_given_up_then_joined_and_dropped_gets_its_backlog() 
             await client.request(Join(room="b", since=2, ref=client.new_ref()), timeout=0.1)
         release.set()
         await wait_for_event(client, Reconnected)
-        await client.who("a")  # answered after the re-joins' backlogs
+        await client.who("a")  # answered after the re-joins
         got = [e.seq for e in client.received() if isinstance(e, Message)]
-    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 5), ("b", 2)]
-    assert got == [3, 4, 5]
+        assert client.rooms == {"a": 5, "b": 5}
+    assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 5), ("b", None)]
+    assert got == []
 
 
 async def test_a_join_since_in_flight_at_a_drop_gets_its_backlog() -> None:
@@ -1093,6 +1093,22 @@ async def test_a_join_since_in_flight_at_a_drop_gets_its_backlog() -> None:
     assert got == [1, 2, 3]
 
 
+async def given_up_then_joined(
+    client: Client, release: asyncio.Event, given_up: Join, *, since: int
+) -> list[int]:
+    """``given_up`` times out once written; then a join of its room
+    with ``since``, written at once (unpaced), before the server's held answer is
+    ``release``d. Returns the seqs delivered, once all is answered."""
+    with pytest.raises(TimeoutError):
+        await client.request(given_up, timeout=0.1)
+    asking = asyncio.ensure_future(client.join(given_up.room, since=since))
+    await asyncio.sleep(0)  # written
+    release.set()
+    await asking
+    await client.who("a")
+    return [e.seq for e in client.received() if isinstance(e, Message)]
+
+
 async def test_a_rejoin_asks_from_the_lowest_since_its_joins_asked() -> None:
     """b joined, its names lost: join(b, since=8) given up once written, join(b, since=2)
     waiting. The re-join asks from 2, so 3-10 are delivered, once each."""
@@ -1108,14 +1124,8 @@ async def test_a_rejoin_asks_from_the_lowest_since_its_joins_asked() -> None:
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
         await client.join("a")
-        with pytest.raises(TimeoutError):
-            await client.request(Join(room="b", since=8, ref=client.new_ref()), timeout=0.1)
-        asking = asyncio.ensure_future(client.join("b", since=2))
-        await asyncio.sleep(0)  # written (unpaced)
-        release.set()
-        await asking
-        await client.who("a")
-        got = [e.seq for e in client.received() if isinstance(e, Message)]
+        given_up = Join(room="b", since=8, ref=client.new_ref())
+        got = await given_up_then_joined(client, release, given_up, since=2)
     assert [(f.room, f.since) for f in seen[1] if isinstance(f, Join)] == [("a", 10), ("b", 2)]
     assert got == list(range(3, 11))
 
@@ -1145,68 +1155,54 @@ async def test_a_join_without_a_ref_is_kept_and_answered_like_any() -> None:
     assert [f.room for f in seen[1] if isinstance(f, Join)] == ["a"]
 
 
-async def test_a_plain_client_connected_again_starts_afresh() -> None:
-    """Without reconnect, a say cut off by a drop fails (ConnectionClosed), and the client
-    is in no room. Its caller connecting again: the say is not sent behind its back, nor
-    counted as pending, nothing waits for its ack, and the client is in no room."""
-    seen: list[list[ClientFrame]] = []
-    async with fake_server(scripted(dropping_at(Say), seen)) as port:
-        client = Client("127.0.0.1", port, "ana")  # paced: a frame in flight holds the next
+async def test_a_client_connects_once() -> None:
+    """connect() on a client that is connected, or whose connection has ended, raises:
+    state kept for one connection is not carried into another behind the caller's back."""
+    async with fake_server(scripted(dropping_at(Say), [])) as port:
+        client = Client("127.0.0.1", port, "ana", send_rate=0)
         await client.connect()
+        with pytest.raises(RuntimeError):
+            await client.connect()
         await client.join("a")
         with pytest.raises(ConnectionClosed):
             await client.say("a", "hello")
         await wait_for_event(client, Disconnected)
-        assert client.pending == 1  # what the caller may want to know after the end
-        await client.connect()
-        assert (client.pending, client.rooms) == (0, {})
-        async with asyncio.timeout(2):  # not ANSWER_WAIT (5 s) for the lost say's ack
-            await client.who("a")
-            await client.close()
-        notices = [e for e in client.received() if isinstance(e, LocalNotice)]
-    assert kinds(seen[1]) == [Who]
-    assert notices == []
+        with pytest.raises(RuntimeError):
+            await client.connect()
 
 
-async def test_a_reconnecting_client_connected_again_rejoins_its_rooms() -> None:
-    """With reconnect, the server refuses to take the client back for good (bad_password)
-    after a drop: Disconnected. Its caller connecting again: the client re-joins its rooms
-    (from their last seq), as a reconnect would."""
+async def test_after_the_end_a_reconnecting_client_keeps_nothing_more() -> None:
+    """With reconnect, the server refuses to take the client back for good (bad_password):
+    Disconnected. A frame sent then is refused at once, not kept for a connection that
+    will not come."""
     seen: list[list[ClientFrame]] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        frames: list[ClientFrame] = []
-        seen.append(frames)
-        connection = len(seen)
+        seen.append([])
         decoder = FrameDecoder()
         while data := await reader.read(65536):
             for body in decoder.receive_data(data):
-                frames.append(frame := decode_client(body))
-                if isinstance(frame, Hello) and connection == 2:
-                    refused = ErrorFrame(code="bad_password", message="no", fatal=True)
-                    writer.write(encode(refused))
-                    writer.close()
-                    return
-                if isinstance(frame, Hello):
+                frame = decode_client(body)
+                if isinstance(frame, Hello) and len(seen) == 1:
                     writer.write(WELCOME)
                     continue
-                if isinstance(frame, Bye):
-                    writer.close()
-                    return
-                answer_any(writer, frame)
-                if isinstance(frame, Join) and connection == 1:
-                    writer.close()  # the first connection drops once joined
-                    return
+                if isinstance(frame, Hello):
+                    refused = ErrorFrame(code="bad_password", message="no", fatal=True)
+                    writer.write(encode(refused))
+                elif not isinstance(frame, Bye):
+                    answer_any(writer, frame)
+                writer.close()  # the first connection drops at its first frame
+                return
 
     async with fake_server(handler) as port:
         client = quick_client(port, 0)
         await client.connect()
         await client.join("a")
         await wait_for_event(client, Disconnected)
-        await client.connect()
-        await client.who("a")
-        await client.close()
-    assert [(f.room, f.since) for f in seen[2] if isinstance(f, Join)] == [("a", 0)]
+        with pytest.raises(ConnectionClosed):
+            client.send(Say(room="a", text="too late", ref=client.new_ref()))
+        assert client.pending == 0
+    assert len(seen) == 2
 
 
 async def test_a_bare_join_then_a_bare_part_while_offline_leave_no_room() -> None:
@@ -1248,5 +1244,29 @@ async def test_a_join_since_after_a_part_does_not_start_the_rejoin() -> None:
         await wait_for_event(client, Reconnected)
         await client.who("a")
         got = [e.seq for e in client.received() if isinstance(e, Message)]
+    assert [f.since for f in seen[1] if isinstance(f, Join)] == [3, 0]
+    assert got == [1, 2, 3]
+
+
+async def test_a_join_since_given_up_after_a_part_does_not_start_the_rejoin() -> None:
+    """In a at seq 3, none of its messages had: a say, a part of a, a join(a, since=0)
+    given up once written and another waiting, when the connection drops. The re-join
+    asks from 3; the part goes, then the waiting join, which delivers 1-3, once."""
+    seen: list[list[ClientFrame]] = []
+    release = asyncio.Event()
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1 and isinstance(frame, Say | Part):
+            return True  # not answered before the drop
+        if connection == 1 and isinstance(frame, Join) and frame.since == 0:
+            return when_set(release, writer.close)
+        return answer_at(writer, frame, 3)
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
+        await client.join("a")
+        client.send(Say(room="a", text="hi", ref=client.new_ref()))
+        client.send(Part(room="a", ref=client.new_ref()))
+        given_up = Join(room="a", since=0, ref=client.new_ref())
+        got = await given_up_then_joined(client, release, given_up, since=0)
     assert [f.since for f in seen[1] if isinstance(f, Join)] == [3, 0]
     assert got == [1, 2, 3]

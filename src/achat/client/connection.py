@@ -309,6 +309,7 @@ class Client:
         self._writer: asyncio.StreamWriter | None = None
         self._online = False
         self._closing = False
+        self._ended = False  # Disconnected: nothing more is sent or kept
         self._supervisor: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[ServerFrame]] = {}
@@ -341,13 +342,15 @@ class Client:
         Raises :class:`ServerError` when the server refuses (``nick_taken``,
         ``invalid_nick`` …) and :class:`ConnectionClosed` when it cannot be
         reached; the first connection is never retried, so a typo fails fast.
+        A client connects once (with ``reconnect`` it connects again by itself):
+        after :class:`Disconnected`, make a new one.
         """
+        if self._supervisor is not None or self._closing:
+            raise RuntimeError("this client has connected before: make a new Client")
         reader, writer, decoder, rest = await self._open()
-        if self._supervisor is not None:
-            self._start_over()
         self._go_online(writer)
-        if self.reconnect and (self._outbox or self.rooms):
-            self._resume()  # what was asked before connecting goes now; rooms re-joined
+        if self._outbox:
+            self._resume()  # what was asked before connecting (with reconnect) goes now
         for body in rest:
             self._deliver_body(body)
         self._supervisor = asyncio.create_task(self._supervise(reader, decoder))
@@ -397,17 +400,6 @@ class Client:
         decoder.max_frame = min(max(first.max_frame, DEFAULT_MAX_FRAME), CLIENT_FRAME_CAP)
         return reader, writer, decoder, rest
 
-    def _start_over(self) -> None:
-        """Connecting again after a connection that ended for good (its callers were told):
-        nothing kept from it goes again, and a client without reconnect is in no room."""
-        for kept in (self._outbox, self._join_since):
-            kept.clear()
-        for refs in (self._written, self._sent, self._carried, self._rejoining):
-            refs.clear()
-        if not self.reconnect:
-            self.rooms.clear()
-            self._seq_from_names.clear()
-
     def _go_online(self, writer: asyncio.StreamWriter) -> None:
         """Use the connection ``_open`` made."""
         self._writer = writer
@@ -451,7 +443,7 @@ class Client:
         data = encode(frame)
         ref = (frame.ref if isinstance(frame, _KEPT) else None) or None
         online = self._online and self._writer is not None
-        if not online and not (self.reconnect and not self._closing):
+        if not online and not (self.reconnect and not self._closing and not self._ended):
             raise ConnectionClosed("not connected")
         if isinstance(frame, Join) and frame.since is not None and ref is not None:
             self._join_since[ref] = (frame.room, frame.since)  # used by its names (_place)
@@ -829,6 +821,7 @@ class Client:
             reason = str(exc)
         finally:
             self._online = False
+            self._ended = True
             self._stop_pacing()  # its notice comes before Disconnected, which is last
             if self._closing and self.pending:
                 self._events.put_nowait(
@@ -1017,13 +1010,14 @@ class Client:
     def _start_of(self, room: str, after_part: set[str]) -> int | None:
         """Where ``room``'s re-join asks from: the last seq delivered; or, while none of
         its messages has been delivered since its names (or its names never came), the
-        lowest since a join of it asked, if that is lower (not a join ``after_part``: it
-        goes after the room is left, and asks for itself)."""
+        lowest since an unanswered join of it in the outbox asked, if that is lower. Not
+        a join ``after_part`` (it goes after the room is left, and asks for itself), nor
+        one whose caller gave up (it is not asked again)."""
         last = self.rooms.get(room)
         asked = [
             since
             for ref, (joined, since) in self._join_since.items()
-            if joined == room and ref not in after_part
+            if joined == room and ref in self._outbox and ref not in after_part
         ]
         if not asked or (last is not None and room not in self._seq_from_names):
             return last
