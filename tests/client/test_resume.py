@@ -17,6 +17,7 @@ from achat.client.connection import (
     ConnectionLost,
     Disconnected,
     Event,
+    LocalNotice,
     Reconnected,
 )
 from achat.errors import ConnectionClosed, ServerError
@@ -1270,3 +1271,32 @@ async def test_a_join_since_given_up_after_a_part_does_not_start_the_rejoin() ->
         got = await given_up_then_joined(client, release, given_up, since=0)
     assert [f.since for f in seen[1] if isinstance(f, Join)] == [3, 0]
     assert got == [1, 2, 3]
+
+
+async def test_a_server_that_lost_its_messages_is_asked_for_what_it_has() -> None:
+    """Delivered up to seq 2, the client re-joins a server that has only seq 1 (a restart
+    without its store, and one message since): it says so, and asks for what the server
+    has, so that seq 1, new to it, is delivered."""
+    seen: list[list[ClientFrame]] = []
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if isinstance(frame, Who) and connection == 1:
+            for seq in (1, 2):
+                writer.write(encode(Message(room="a", seq=seq, ts=1, sender="bo", text="old")))
+            return False
+        return answer_at(writer, frame, 0 if connection == 1 else 1)
+
+    async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
+        await client.join("a")
+        client.send(Who(room="a", ref=client.new_ref()))  # two messages, then the drop
+        await wait_for_event(client, Reconnected)
+        await client.who("a")
+        await client.who("a")  # after the join the client sent when it saw the names
+        events = [e for e in client.received() if isinstance(e, Message | LocalNotice)]
+    assert [e.text for e in events] == [
+        "the server has lost the messages of #a after 1 (it had 2): it counts them again "
+        "from there",
+        "x",
+    ]
+    assert [f.since for f in seen[1] if isinstance(f, Join)] == [2, 0]
+    assert client.rooms == {"a": 1}

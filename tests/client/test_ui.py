@@ -688,6 +688,34 @@ async def test_reconnecting_keeps_typed_lines_and_sends_them(server: Server) -> 
             await again.close()
 
 
+async def test_a_server_restarted_without_its_history_is_followed(server: Server) -> None:
+    """The server restarts with an empty memory store, numbering #general from 1 again:
+    the window says so, and shows what is said there, not dropping it as seen."""
+    port = server.port
+    async with (
+        chat_window(server, reconnect=True) as window,
+        Client("127.0.0.1", port, "bob", send_rate=0) as bob,
+    ):
+        await bob.join("general")
+        for text in ("one", "two"):
+            await bob.say("general", text)
+        await window.wait_for("<bob> two")
+        await server.close()
+        await window.wait_for("! connection lost: ")
+        again = Server(ServerConfig(host="127.0.0.1", port=port), MemoryStore())
+        await again.start()
+        try:
+            async with Client("127.0.0.1", port, "cy", send_rate=0) as cy:
+                await cy.join("general")
+                await cy.say("general", "said after the restart")
+            await window.wait_for("! the server has lost the messages of #general after ")
+            await window.wait_for("<cy> said after the restart")
+        finally:
+            window.ui.quit()
+            await window.task
+            await again.close()
+
+
 async def test_a_room_left_while_offline_is_left_on_reconnecting(server: Server) -> None:
     """/part typed while reconnecting says it will leave; reconnected, the room is not joined."""
     port = server.port

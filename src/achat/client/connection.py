@@ -15,8 +15,9 @@ answer (a ``join`` or ``part`` is given one if it has none): ``say`` and
 ``rooms``, ``history``) until answered. When the connection drops it emits
 :class:`ConnectionLost`, waits (exponential backoff with random jitter,
 capped), connects again as the same nick, re-joins each room with
-``since`` = last ``seq`` seen, and sends those frames again in their order,
-each with its original ``ref`` — the server answers a repeated message with
+``since`` = last ``seq`` seen (or a pending join's lower ``since``), and
+sends those frames again in their order, each with its original ``ref`` —
+the server answers a repeated message with
 the original ``ack`` instead of storing it twice. Messages whose ``seq`` the
 client has already delivered are dropped, so each message reaches the caller
 exactly once and in order. Frames sent while offline (before the first
@@ -269,7 +270,8 @@ class Client:
         #: The client's own flood control (see the module's docstring).
         self.budget = SendBudget(send_burst, send_rate, clock())
         self.welcome: Welcome | None = None
-        #: Rooms joined, with the last ``seq`` delivered in each (None until known).
+        #: Rooms joined, with the ``seq`` after which messages are delivered in each: the
+        #: last one delivered, or where a join put the room (None until known).
         self.rooms: dict[str, int | None] = {}
         # Frames with a ref sent (or queued while offline) and not answered yet, in the
         # order they were sent: say and dm until acked, join, part and the questions
@@ -299,8 +301,9 @@ class Client:
         # by its caller or not: the server may have it): a room none of whose messages
         # the client has had is delivered from there (the backlog follows the names).
         self._join_since: dict[str, tuple[str, int]] = {}
-        # The rooms whose last seq in `rooms` is where their names put them: no message
-        # of theirs delivered since, so a join since may start them earlier.
+        # The rooms whose seq in `rooms` is where a join's names put them (its seq, or the
+        # join's since): no message of theirs delivered since, so a join since may start
+        # them earlier.
         self._seq_from_names: set[str] = set()
         # Events that follow the frame being delivered (a re-join refused: the room left).
         self._follow: list[Event] = []
@@ -346,7 +349,7 @@ class Client:
         after :class:`Disconnected`, make a new one.
         """
         if self._supervisor is not None or self._closing:
-            raise RuntimeError("this client has connected before: make a new Client")
+            raise RuntimeError("this client has connected or closed before: make a new Client")
         reader, writer, decoder, rest = await self._open()
         self._go_online(writer)
         if self._outbox:
@@ -686,15 +689,15 @@ class Client:
         self._seq_from_names.discard(room)
 
     def _refused(self, ref: str) -> None:
-        """The server refused the kept frame ``ref`` for good (the error is not fatal, and
-        the frame is not sent again). A refused re-join: the new connection is in no room,
-        so the client has left that room, and says so after the error."""
+        """The server refused the frame ``ref`` for good (the error is not fatal, and the
+        frame is not sent again). A refused re-join: the new connection is in no room, so
+        the client has left that room, and says so after the error."""
         self._join_since.pop(ref, None)
-        join = self._outbox.get(ref)
-        if isinstance(join, Join) and ref in self._rejoining and join.room in self.rooms:
-            self._forget_room(join.room)
+        frame = self._outbox.get(ref)
+        if isinstance(frame, Join) and ref in self._rejoining and frame.room in self.rooms:
+            self._forget_room(frame.room)
             now = int(time.time() * 1000)
-            self._follow.append(Parted(room=join.room, nick=self.nick, ts=now))
+            self._follow.append(Parted(room=frame.room, nick=self.nick, ts=now))
 
     def say_frame(self, room: str, text: str) -> Say:
         return Say(room=room, text=text, ref=self.new_ref())
@@ -920,7 +923,7 @@ class Client:
         return None
 
     def _resume(self) -> int:
-        """Re-join the rooms from the last ``seq`` seen, then send the outbox again, in order.
+        """Re-join the rooms from their start (``_start_of``), then send the outbox again, in order.
 
         Each frame goes with its own ref (whoever waits for the answer knows it
         by its ref; the server answers a repeated say or dm with its first ack).
@@ -1040,6 +1043,21 @@ class Client:
         if last is None:
             self.rooms[room] = names.seq if since is None else since
             self._seq_from_names.add(room)
+        elif names.seq < last and isinstance(self._outbox.get(names.ref or ""), Join):
+            # The server has fewer messages than were delivered here: it lost them (a
+            # restart without its store) and numbers the room from 1 again. What it has
+            # is new here: asked for (a join since 0, placed there while nothing else of
+            # the room comes first), then what comes live.
+            self.rooms[room] = names.seq
+            self._seq_from_names.add(room)
+            self._follow.append(
+                LocalNotice(
+                    f"the server has lost the messages of #{room} after {names.seq} "
+                    f"(it had {last}): it counts them again from there"
+                )
+            )
+            if names.seq and self._online:
+                self.send(Join(room=room, since=0, ref=self.new_ref()))
         elif since is not None and since < last and room in self._seq_from_names:
             self.rooms[room] = since
 
