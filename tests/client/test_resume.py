@@ -1300,3 +1300,69 @@ async def test_a_server_that_lost_its_messages_is_asked_for_what_it_has() -> Non
     ]
     assert [f.since for f in seen[1] if isinstance(f, Join)] == [2, 0]
     assert client.rooms == {"a": 1}
+
+
+def restarted(live_after_rejoin: bool) -> Answer:
+    """Connection 1: room a at seq 3, its messages sent with the first who's answer; a
+    say drops the connection unacked. Then a server restarted without its store, whose a
+    holds seq 1 only, and which stores what is said (and, with ``live_after_rejoin``,
+    has cy speak right after answering the re-join)."""
+    log = [Message(room="a", seq=1, ts=1, sender="cy", text="said after the restart")]
+
+    def names(frame: ClientFrame) -> bytes:
+        ref = getattr(frame, "ref", None)
+        return encode(Names(room="a", nicks=["ana"], topic="", seq=log[-1].seq, ref=ref))
+
+    def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
+        if connection == 1:
+            if isinstance(frame, Who):
+                for seq in (1, 2, 3):
+                    writer.write(encode(Message(room="a", seq=seq, ts=1, sender="bo", text="old")))
+            if isinstance(frame, Say):
+                return False
+            return answer_at(writer, frame, 0)
+        if isinstance(frame, Join):
+            writer.write(encode(Joined(room="a", nick="ana", ts=1)))
+            writer.write(names(frame))
+            for message in log:
+                if frame.since is not None and message.seq > frame.since:
+                    writer.write(encode(message))
+        elif isinstance(frame, Say):
+            log.append(Message(room="a", seq=len(log) + 1, ts=2, sender="ana", text=frame.text))
+            writer.write(encode(log[-1]))
+            writer.write(encode(Ack(ref=frame.ref or "", ts=2, room="a", seq=log[-1].seq)))
+        elif isinstance(frame, Who):
+            writer.write(names(frame))
+        if isinstance(frame, Join) and live_after_rejoin and len(log) == 1:
+            log.append(Message(room="a", seq=2, ts=2, sender="cy", text="live"))
+            writer.write(encode(log[-1]))
+        return True
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("live", "shown"),
+    [
+        (False, ["said after the restart", "mine"]),
+        (True, ["said after the restart", "live", "mine"]),
+    ],
+)
+async def test_what_a_restarted_server_has_is_not_hidden_by_what_comes_first(
+    live: bool, shown: list[str]
+) -> None:
+    """Delivered up to seq 3, the client re-joins a server that lost its messages and has
+    seq 1 since. What of the room comes before the answer to the join since 0 (the line
+    resent after the drop, someone's live message) does not hide seq 1: the messages are
+    delivered once each, in the server's order."""
+    async with fake_server(scripted(restarted(live), [])) as port, quick_client(port) as client:
+        await client.join("a")
+        await client.who("a")  # 1-3 delivered
+        saying = asyncio.ensure_future(client.say("a", "mine", timeout=10))  # drops, unacked
+        await wait_for_event(client, Reconnected)
+        await saying
+        for _ in range(2):
+            await client.who("a")  # the join since 0 has been answered
+        texts = [e.text for e in client.received() if isinstance(e, Message | LocalNotice)]
+    assert texts[0].startswith("the server has lost the messages of #a after 1 (it had 3)")
+    assert texts[1:] == shown
