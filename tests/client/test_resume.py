@@ -1294,8 +1294,8 @@ async def test_a_server_that_lost_its_messages_is_asked_for_what_it_has() -> Non
         await client.who("a")  # after the join the client sent when it saw the names
         events = [e for e in client.received() if isinstance(e, Message | LocalNotice)]
     assert [e.text for e in events] == [
-        "the server has lost the messages of #a after 1 (it had 2): it counts them again "
-        "from there",
+        "the server has lost the messages of #a after 1 (2 were seen here): it numbers "
+        "them again from 2",
         "x",
     ]
     assert [f.since for f in seen[1] if isinstance(f, Join)] == [2, 0]
@@ -1364,5 +1364,8 @@ async def test_what_a_restarted_server_has_is_not_hidden_by_what_comes_first(
         for _ in range(2):
             await client.who("a")  # the join since 0 has been answered
         texts = [e.text for e in client.received() if isinstance(e, Message | LocalNotice)]
-    assert texts[0].startswith("the server has lost the messages of #a after 1 (it had 3)")
+    assert texts[0] == (
+        "the server has lost the messages of #a after 1 (3 were seen here): it numbers "
+        "them again from 2"
+    )
     assert texts[1:] == shown

@@ -1060,7 +1060,7 @@ class Client:
             self._follow.append(
                 LocalNotice(
                     f"the server has lost the messages of #{room} after {names.seq} "
-                    f"(it had {last}): it counts them again from there"
+                    f"({last} were seen here): it numbers them again from {names.seq + 1}"
                 )
             )
             if since == 0 or not names.seq:
