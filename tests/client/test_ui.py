@@ -705,10 +705,13 @@ async def test_a_server_restarted_without_its_history_is_followed(server: Server
         again = Server(ServerConfig(host="127.0.0.1", port=port), MemoryStore())
         await again.start()
         try:
+            await window.wait_for(
+                "! the server has lost the messages of #general after 0 (2 were seen here): "
+                "it numbers them again from 1"
+            )
             async with Client("127.0.0.1", port, "cy", send_rate=0) as cy:
                 await cy.join("general")
                 await cy.say("general", "said after the restart")
-            await window.wait_for("! the server has lost the messages of #general after ")
             await window.wait_for("<cy> said after the restart")
         finally:
             window.ui.quit()

@@ -307,10 +307,6 @@ class Client:
         self._seq_from_names: set[str] = set()
         # Events that follow the frame being delivered (a re-join refused: the room left).
         self._follow: list[Event] = []
-        # Rooms of a server that lost its messages, with the ref of the join since 0 that
-        # asks for what it has: until that is answered, the room's live messages are not
-        # delivered (that join's backlog, up to its names' seq, brings them, in order).
-        self._recovering: dict[str, str] = {}
         self._close_requested = asyncio.Event()
         self._pacer: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -691,7 +687,6 @@ class Client:
         """The client is not in ``room`` (any more)."""
         self.rooms.pop(room, None)
         self._seq_from_names.discard(room)
-        self._recovering.pop(room, None)
 
     def _refused(self, ref: str) -> None:
         """The server refused the frame ``ref`` for good (the error is not fatal, and the
@@ -969,7 +964,6 @@ class Client:
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest
         self._rejoining = set(rejoins)
-        self._recovering.clear()  # a new connection: a recovering room's re-join asks from 0
         # A join's since is kept while it can still be answered: it goes again. A re-join
         # asks from its room's start, which its names then places.
         self._join_since = {r: s for r, s in self._join_since.items() if r in rest}
@@ -1046,30 +1040,25 @@ class Client:
         if room not in self.rooms:
             return
         last = self.rooms[room]
-        if names.ref is not None and self._recovering.get(room) == names.ref:
-            del self._recovering[room]  # nothing of the room delivered since: placed below
         if last is None:
             self.rooms[room] = names.seq if since is None else since
             self._seq_from_names.add(room)
         elif names.seq < last and isinstance(self._outbox.get(names.ref or ""), Join):
             # The server has fewer messages than were delivered here: it lost them (a
-            # restart without its store) and numbers the room from 1 again. What it has
-            # is new here: this join's backlog if it asked from 0; else a join since 0
-            # asks for it, and the room's live messages wait for that one's backlog.
+            # restart without its store) and numbers the room again. What it says from
+            # now on is new, and so is this join's backlog; what it had stored before
+            # this join and the join did not ask for is in its history.
+            start = names.seq if since is None else since
+            self.rooms[room] = start
             self._seq_from_names.add(room)
+            missed = f"; those up to {start} are in its history" if start else ""
             self._follow.append(
                 LocalNotice(
                     f"the server has lost the messages of #{room} after {names.seq} "
                     f"({last} were seen here): it numbers them again from {names.seq + 1}"
+                    + missed
                 )
             )
-            if since == 0 or not names.seq:
-                self.rooms[room] = 0
-            else:
-                self.rooms[room] = names.seq
-                if self._online:
-                    self._recovering[room] = ref = self.new_ref()
-                    self.send(Join(room=room, since=0, ref=ref))
         elif since is not None and since < last and room in self._seq_from_names:
             self.rooms[room] = since
 
@@ -1080,8 +1069,6 @@ class Client:
             last = self.rooms.get(frame.room)
             if last is not None and frame.seq <= last:
                 return False  # already delivered (resume overlap)
-            if self._recovering.get(frame.room) in self._outbox:
-                return False  # its room's join since 0 brings it, in order
             if frame.room in self.rooms:
                 self.rooms[frame.room] = frame.seq
                 self._seq_from_names.discard(frame.room)
