@@ -1295,8 +1295,8 @@ async def test_a_server_that_lost_its_messages_is_followed_from_where_it_is() ->
         await client.who("a")
         events = [e for e in client.received() if isinstance(e, Message | LocalNotice)]
     assert [e.text for e in events] == [
-        "the server has lost the messages of #a after 1 (2 were seen here): it numbers "
-        "them again from 2; those up to 1 are in its history",
+        "the server now has 1 message(s) of #a, where 2 were known here: it has lost its "
+        "messages and numbers them again; its first 1 are in its history",
         "new",  # with the who asked again after the drop (the second who's is seen)
     ]
     assert [f.since for f in seen[1] if isinstance(f, Join)] == [2]
@@ -1356,7 +1356,7 @@ async def test_what_a_restarted_server_says_next_is_delivered(live: bool, shown:
         await client.who("a")
         texts = [e.text for e in client.received() if isinstance(e, Message | LocalNotice)]
     assert texts[0] == (
-        "the server has lost the messages of #a after 1 (3 were seen here): it numbers "
-        "them again from 2; those up to 1 are in its history"
+        "the server now has 1 message(s) of #a, where 3 were known here: it has lost its "
+        "messages and numbers them again; its first 1 are in its history"
     )
     assert texts[1:] == shown

@@ -1051,12 +1051,11 @@ class Client:
             start = names.seq if since is None else since
             self.rooms[room] = start
             self._seq_from_names.add(room)
-            missed = f"; those up to {start} are in its history" if start else ""
+            missed = f"; its first {start} are in its history" if start else ""
             self._follow.append(
                 LocalNotice(
-                    f"the server has lost the messages of #{room} after {names.seq} "
-                    f"({last} were seen here): it numbers them again from {names.seq + 1}"
-                    + missed
+                    f"the server now has {names.seq} message(s) of #{room}, where {last} "
+                    f"were known here: it has lost its messages and numbers them again" + missed
                 )
             )
         elif since is not None and since < last and room in self._seq_from_names:
