@@ -1360,3 +1360,18 @@ async def test_what_a_restarted_server_says_next_is_delivered(live: bool, shown:
         "messages and numbers them again; its first 1 are in its history"
     )
     assert texts[1:] == shown
+
+
+async def test_closing_a_client_that_never_connected_ends_what_waits() -> None:
+    """With reconnect, a join asked before connecting waits for the connection; closing
+    the client instead ends it at once (ConnectionClosed), and the events end too."""
+    client = quick_client(1)  # never connected: the port is not used
+    asking = asyncio.ensure_future(client.join("a"))
+    await asyncio.sleep(0)  # asked: kept until connected
+    async with asyncio.timeout(2):  # not the join's own timeout (30 s)
+        await client.close()
+        with pytest.raises(ConnectionClosed):
+            await asking
+    assert [type(e) for e in client.received()] == [Disconnected]
+    await client.close()  # idempotent: nothing more
+    assert client.received() == []

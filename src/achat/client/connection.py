@@ -757,7 +757,11 @@ class Client:
         await self.request(Ping(ref=self.new_ref()))
 
     async def close(self, reason: str | None = None) -> None:
-        """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent."""
+        """Say ``bye`` (if connected), let the server close, and stop reconnecting. Idempotent.
+
+        On a client that never connected, what waits for the connection fails with
+        :class:`ConnectionClosed`, and the events end with :class:`Disconnected`.
+        """
         self._closing = True
         self._close_requested.set()
         await self._wait_for_sending(CLOSE_PACING_WAIT)
@@ -780,6 +784,16 @@ class Client:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+        if supervisor is None and not self._ended:
+            # Never connected: what waits for a connection is over, and so are the events.
+            self._ended = True
+            self._fail_pending(ConnectionClosed("closed"))
+            self._events.put_nowait(Disconnected("closed"))
+
+    def _fail_pending(self, error: ConnectionClosed) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
 
     # -- receiving ------------------------------------------------------------
 
@@ -816,8 +830,8 @@ class Client:
                 if self._closing or not self.reconnect:
                     break
                 opened = await self._reconnect(reason)
-                if opened is None:
-                    reason = "closed" if self._closing else "gave up reconnecting"
+                if opened is None:  # only when closing
+                    reason = "closed"
                     break
                 reader, decoder = opened
         except _Hopeless as exc:
@@ -834,10 +848,7 @@ class Client:
                 )
             if self._writer is not None:
                 self._writer.close()
-            closed = ConnectionClosed(reason)
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(closed)
+            self._fail_pending(ConnectionClosed(reason))
             self._events.put_nowait(Disconnected(reason))
 
     async def _read_until_lost(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> str:
