@@ -450,17 +450,12 @@ class Client:
             raise ConnectionClosed("not connected")
         if isinstance(frame, Join) and frame.since is not None and ref is not None:
             self._join_since[ref] = (frame.room, frame.since)  # used by its names (_place)
-        if online:
-            if ref is not None:
-                self._outbox[ref] = frame
-                self._emit(data, ref, kept=True)
-            else:
-                self._emit(data, getattr(frame, "ref", None) or None, kept=False)
-            return
         if ref is not None:
-            self._outbox[ref] = frame
-            return  # goes out with the resend after reconnecting
-        raise ConnectionClosed("not connected")
+            self._outbox[ref] = frame  # offline, it goes with the resend after reconnecting
+        if online:
+            self._emit(data, getattr(frame, "ref", None) or None, kept=ref is not None)
+        elif ref is None:
+            raise ConnectionClosed("not connected")
 
     @property
     def queued(self) -> int:
@@ -479,14 +474,18 @@ class Client:
         """
         if not self._paced and self._may_write() and self.budget.take(self.clock()):
             self._write_bytes(data)
-            if kept and ref is not None:
-                self._written.add(ref)
-                self._sent.add(ref)
+            self._wrote(ref, kept=kept)
             return
         self._paced.append((data, ref, kept))
         if ref is not None:
             self._queued.add(ref)
         self._start_pacer()
+
+    def _wrote(self, ref: str | None, *, kept: bool) -> None:
+        """A frame went out: a kept one is now answered on this connection or resent."""
+        if kept and ref is not None:
+            self._written.add(ref)
+            self._sent.add(ref)
 
     def _start_pacer(self) -> None:
         if self._pacer is None:
@@ -547,9 +546,7 @@ class Client:
                     self._paced.popleft()
                     if head[1] is not None:
                         self._queued.discard(head[1])
-                        if head[2]:
-                            self._written.add(head[1])
-                            self._sent.add(head[1])
+                    self._wrote(head[1], kept=head[2])
                     continue
                 break
         finally:
