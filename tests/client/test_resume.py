@@ -48,7 +48,7 @@ from achat.server.app import Server
 from achat.server.limits import FloodPolicy
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
-from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server
+from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server, joined
 from tests.helpers.faultproxy import FaultProxy
 
 ROOM = "net"
@@ -318,21 +318,18 @@ def scripted(answer: Answer, seen: list[list[ClientFrame]]) -> FakeServer:
     return handler
 
 
-def answer_join(writer: asyncio.StreamWriter, join: Join) -> None:
-    writer.write(encode(Joined(room=join.room, nick="ana", ts=1)))
-    writer.write(encode(Names(room=join.room, nicks=["ana"], topic="", seq=0, ref=join.ref)))
-
-
-def answer_any(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
-    """What a server says to ``frame`` (ana's only frames here: joins, parts, says, who)."""
+def answer_any(writer: asyncio.StreamWriter, frame: ClientFrame) -> bool:
+    """What a server says to ``frame`` (ana's only frames here: joins, parts, says, who);
+    True: the connection stays."""
     if isinstance(frame, Join):
-        answer_join(writer, frame)
+        joined(writer, frame)
     elif isinstance(frame, Part):
         writer.write(encode(Parted(room=frame.room, nick="ana", ts=2)))
     elif isinstance(frame, Say):
         writer.write(encode(Ack(ref=frame.ref or "", ts=3, room=frame.room, seq=1)))
     elif isinstance(frame, Who):
         writer.write(encode(Names(room=frame.room, nicks=["ana"], topic="", seq=0, ref=frame.ref)))
+    return True
 
 
 def dropping_at(kind: type, *, answer_first: bool = False) -> Answer:
@@ -343,8 +340,7 @@ def dropping_at(kind: type, *, answer_first: bool = False) -> Answer:
             if answer_first:
                 answer_any(writer, frame)
             return False
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     return answer
 
@@ -379,8 +375,7 @@ async def test_a_join_half_answered_is_the_rejoin() -> None:
         if connection == 1 and isinstance(frame, Join):
             writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
             return False
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         async with asyncio.timeout(5):
@@ -507,8 +502,7 @@ async def test_a_line_resent_on_resume_is_kept_when_its_caller_gives_up() -> Non
             resaid.set()
         if isinstance(frame, Join) and connection == 2:
             return answer_when(release, writer, frame)
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, [])) as port, quick_client(port) as client:
         await client.join("general")
@@ -542,8 +536,7 @@ async def test_a_resent_line_refused_then_given_up_still_goes_again() -> None:
                 writer.write(refusal(frame))
                 return True
             resent.set()
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("general")
@@ -567,8 +560,7 @@ async def test_a_line_sent_as_the_connection_comes_back_follows_the_rejoin() -> 
         if isinstance(frame, Say) and not any(isinstance(f, Join) for f in seen[-1]):
             writer.write(refusal(frame, "not_in_room"))
             return True
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("general")
@@ -593,8 +585,7 @@ async def test_a_question_given_up_during_a_resume_is_not_asked() -> None:
             return False
         if isinstance(frame, Join) and connection == 2:
             return answer_when(release, writer, frame)
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("general")
@@ -613,8 +604,7 @@ async def test_a_line_given_up_while_offline_is_not_sent() -> None:
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Who) and connection == 1:
             return False
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port:
         backoff = Backoff(initial=0.3, cap=0.3)
@@ -658,8 +648,7 @@ async def test_a_rejoin_reusing_a_given_up_join_still_goes() -> None:
             return False
         if isinstance(frame, Join) and frame.room == "a" and connection == 2:
             return answer_when(release, writer, frame)
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -690,8 +679,7 @@ async def test_a_refused_join_since_leaves_no_room_behind(code: str, late: bool)
             return True
         if isinstance(frame, Who) and connection == 1:
             return False  # a drop, to see what the resume joins
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     given_up = late or code == "rate_limited"
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
@@ -722,8 +710,7 @@ async def test_a_line_refused_on_its_only_connection_and_given_up_is_not_sent() 
         if isinstance(frame, Say):
             writer.write(refusal(frame))
             return True
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -741,8 +728,7 @@ async def test_a_part_answered_by_the_resume_is_forgotten() -> None:
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Part) and connection == 1:
             return False
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -763,8 +749,7 @@ async def test_queued_does_not_count_a_question_given_up_in_the_queue() -> None:
             return False
         if isinstance(frame, Join) and frame.room == "a" and connection == 2:
             return answer_when(release, writer, frame)
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -790,8 +775,7 @@ async def test_a_join_given_up_after_a_part_is_not_sent_on_resume() -> None:
             return True  # nor to the part
         if connection == 1 and isinstance(frame, Who):
             return False  # the drop
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port, 0) as client:
         await client.join("a")
@@ -814,8 +798,7 @@ async def test_a_join_given_up_in_a_room_already_joined_holds_nothing_up() -> No
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and kinds(seen[0]).count(Join) == 2:
             return True  # never answered
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -837,8 +820,7 @@ async def test_a_rejoin_never_written_goes_even_when_its_caller_gives_up() -> No
             return False
         if connection == 2 and isinstance(frame, Join) and frame.room == "b":
             return answer_when(release, writer, frame)
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("b")
@@ -861,17 +843,13 @@ async def test_a_join_since_given_up_in_a_room_joined_keeps_its_last_seq() -> No
 
     def answer(writer: asyncio.StreamWriter, frame: ClientFrame, connection: int) -> bool:
         if isinstance(frame, Join) and frame.since is None:
-            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
-            writer.write(
-                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=5, ref=frame.ref))
-            )
+            joined(writer, frame, 5)
             return True
         if isinstance(frame, Who) and frame.room == "slow":
             return answer_when(release, writer, frame)
         if isinstance(frame, Who):
             writer.write(encode(Message(room="a", seq=6, ts=9, sender="bo", text="new")))
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -897,16 +875,12 @@ async def test_a_refused_join_since_of_a_room_joined_keeps_its_last_seq(code: st
             writer.write(refusal(frame, code))
             return True
         if isinstance(frame, Join) and connection == 1:
-            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
-            writer.write(
-                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=5, ref=frame.ref))
-            )
+            joined(writer, frame, 5)
             return True
         if isinstance(frame, Who) and connection == 1:
             writer.write(encode(Message(room="a", seq=6, ts=9, sender="bo", text="new")))
             return False  # then a drop, to see what the resume asks for
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -936,8 +910,7 @@ async def test_a_rejoin_the_server_refuses_leaves_the_room() -> None:
             return True
         if isinstance(frame, Who) and connection < 3:
             return False  # two drops: the second shows what the next resume joins
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -971,8 +944,7 @@ async def test_a_join_since_of_a_new_room_refused_on_resume_is_no_room_left() ->
                 return False  # the drop, before any answer
             writer.write(refusal(frame, "invalid_room"))
             return True
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")
@@ -1002,8 +974,7 @@ async def test_a_join_since_behind_a_refused_rejoin_gets_its_backlog() -> None:
             return True
         if isinstance(frame, Who) and connection == 1:
             return False
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("b")
@@ -1023,8 +994,7 @@ async def test_a_join_since_behind_a_refused_rejoin_gets_its_backlog() -> None:
 def joined_with_backlog(writer: asyncio.StreamWriter, join: Join, last: int) -> None:
     """What a server says to ``join`` in a room at seq ``last``: joined, names, and the
     messages after the join's since."""
-    writer.write(encode(Joined(room=join.room, nick="ana", ts=1)))
-    writer.write(encode(Names(room=join.room, nicks=["ana"], topic="", seq=last, ref=join.ref)))
+    joined(writer, join, last)
     start = last if join.since is None else join.since
     for seq in range(start + 1, last + 1):
         writer.write(encode(Message(room=join.room, seq=seq, ts=1, sender="bo", text="x")))
@@ -1034,9 +1004,8 @@ def answer_at(writer: asyncio.StreamWriter, frame: ClientFrame, last: int) -> bo
     """Answer ``frame`` as a server whose rooms are at seq ``last``."""
     if isinstance(frame, Join):
         joined_with_backlog(writer, frame, last)
-    else:
-        answer_any(writer, frame)
-    return True
+        return True
+    return answer_any(writer, frame)
 
 
 def joined_then_drop(writer: asyncio.StreamWriter, room: str) -> Callable[[], None]:
@@ -1142,8 +1111,7 @@ async def test_a_join_without_a_ref_is_kept_and_answered_like_any() -> None:
             return True
         if isinstance(frame, Who) and connection == 1 and frame.room == "a":
             return False
-        answer_any(writer, frame)
-        return True
+        return answer_any(writer, frame)
 
     async with fake_server(scripted(answer, seen)) as port, quick_client(port) as client:
         await client.join("a")

@@ -60,7 +60,7 @@ from achat.protocol.messages import (
 from achat.server.app import Server
 from achat.server.config import ServerConfig
 from achat.store.memory import MemoryStore
-from tests.helpers.fakeserver import WELCOME, answering, fake_server
+from tests.helpers.fakeserver import WELCOME, answering, fake_server, joined
 
 ESC_ENTER = "\x1b\r"
 CTRL_D = "\x04"
@@ -291,10 +291,7 @@ async def test_the_opening_waits_for_the_history_after_a_gap(
 
     async def answer(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
         if isinstance(frame, Join):
-            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
-            writer.write(
-                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=7, ref=frame.ref))
-            )
+            joined(writer, frame, 7)
         elif isinstance(frame, HistoryRequest):
             gap = Error(
                 code="history_gap", message="older lines expired", fatal=False, ref=frame.ref
@@ -919,10 +916,7 @@ async def test_quitting_with_a_line_unacked_says_so(monkeypatch: pytest.MonkeyPa
 
     async def on_frame(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
         if isinstance(frame, Join):
-            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
-            writer.write(
-                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=0, ref=frame.ref))
-            )
+            joined(writer, frame, 0)
         # a say is never acked (a lost ack, a stalled store)
 
     async with fake_server(answering(on_frame)) as port:
@@ -949,10 +943,7 @@ async def test_a_join_answered_while_quitting_does_not_break_the_quit() -> None:
         if isinstance(frame, Join):
             if frame.room == "slow":
                 await asyncio.sleep(0.1)  # answered while the client is closing
-            writer.write(encode(Joined(room=frame.room, nick="ana", ts=1)))
-            writer.write(
-                encode(Names(room=frame.room, nicks=["ana"], topic="", seq=5, ref=frame.ref))
-            )
+            joined(writer, frame, 5)
 
     async with fake_server(answering(on_frame)) as port:
         client = Client("127.0.0.1", port, "ana")

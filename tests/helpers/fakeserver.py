@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder
 
-__all__ = ["WELCOME", "FakeServer", "OnFrame", "answering", "fake_server"]
+__all__ = ["WELCOME", "FakeServer", "OnFrame", "answering", "fake_server", "joined"]
 
 FakeServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OnFrame = Callable[[asyncio.StreamWriter, m.ClientFrame], Awaitable[None]]
@@ -44,6 +44,12 @@ async def fake_server(handler: FakeServer) -> AsyncIterator[int]:
 
 
 WELCOME = m.encode(m.Welcome(nick="ana", server="evil", version=1, max_frame=65536, max_text=4000))
+
+
+def joined(writer: asyncio.StreamWriter, join: m.Join, seq: int = 0) -> None:
+    """What a server says ana joining: joined, then names with the room at ``seq``."""
+    writer.write(m.encode(m.Joined(room=join.room, nick="ana", ts=1)))
+    writer.write(m.encode(m.Names(room=join.room, nicks=["ana"], topic="", seq=seq, ref=join.ref)))
 
 
 def answering(on_frame: OnFrame) -> FakeServer:
