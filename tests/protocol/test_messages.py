@@ -50,6 +50,9 @@ def test_every_client_frame_decodes(obj: dict[str, Any], kind: type) -> None:
 
 SERVER_FRAMES: list[msgspec.Struct] = [
     m.Welcome(nick="ana", server="s", version=1, max_frame=65536, max_text=4000, motd="hi"),
+    m.Welcome(
+        nick="ana", server="s", version=1, max_frame=1, max_text=1, send_rate=0.5, send_burst=2
+    ),
     m.Message(room="a", seq=1, ts=2, sender="ana", text="hello\nworld"),
     m.DmEvent(sender="ana", to="bob", id=3, ts=4, text="psst"),
     m.Ack(ref="r", ts=5, room="a", seq=1),
@@ -229,6 +232,17 @@ def test_duplicates_in_server_frames_are_refused(body: bytes) -> None:
     with pytest.raises(ProtocolError) as exc:
         m.decode_server(body)
     assert exc.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    "limit", [b'"send_rate":-1', b'"send_rate":1e999', b'"send_burst":0.5', b'"send_rate":"5"']
+)
+def test_a_welcome_with_a_flood_limit_no_client_could_keep_is_refused(limit: bytes) -> None:
+    """The announced flood limit is checked like any field: a client never paces by it."""
+    body = b'{"type":"welcome","nick":"a","server":"s","version":1,"max_frame":9,"max_text":9,'
+    with pytest.raises(ProtocolError) as exc:
+        m.decode_server(body + limit + b"}")
+    assert exc.value.code == "missing_field"
 
 
 _SEPARATORS = st.sampled_from(["", " ", "\n"])

@@ -10,6 +10,7 @@ import pytest
 from achat.errors import ProtocolError
 from achat.protocol import messages as m
 from achat.protocol.frames import HEADER_SIZE, FrameDecoder
+from achat.server.limits import FloodPolicy
 from achat.server.registry import BACKLOG_PAGE, Member, Registry
 from achat.store.base import RefRecord
 from achat.store.memory import MemoryStore
@@ -155,6 +156,15 @@ def test_register_sends_welcome(reg: Registry) -> None:
     )
     assert reg.member("ANA") is member
     assert member.rooms == []
+
+
+def test_welcome_announces_the_flood_limit(store: MemoryStore, clock: Clock) -> None:
+    """With the sessions' flood limit given, welcome says it, so clients can pace under it."""
+    reg = Registry(store, clock=clock, flood=FloodPolicy(rate=2.5, burst=4))
+    peer = FakePeer()
+    reg.register(peer, hello("ana"))
+    [welcome] = peer.take()
+    assert (welcome.send_rate, welcome.send_burst) == (2.5, 4)
 
 
 def test_register_keeps_the_nfkc_form(reg: Registry) -> None:

@@ -184,6 +184,10 @@ class Welcome(_Frame, tag="welcome", frozen=True, kw_only=True):
     max_frame: int
     max_text: int
     motd: str | None = None
+    # Extension: the server's flood limit, so that a client can pace itself under it:
+    # ``send_rate`` frames a second on average (0: no limit), ``send_burst`` at once.
+    send_rate: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    send_burst: Annotated[float, msgspec.Meta(ge=1)] | None = None
 
 
 class Message(_Frame, tag="message", frozen=True, kw_only=True):

@@ -74,6 +74,7 @@ class Server:
             max_frame=config.max_frame,
             max_clients=config.max_clients,
             password=config.password,
+            flood=config.limits.flood,
             defer=defer_on_loop,
         )
         self._addresses = AddressLimits(

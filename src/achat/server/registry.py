@@ -69,6 +69,7 @@ from ..protocol.names import (
     validate_topic,
 )
 from ..store.base import REF_TTL_MS, RefRecord, Store, ack_of
+from .limits import FloodPolicy
 from .log import esc
 from .refs import RecentRefs, ack_from, receipt_of, ref_key
 
@@ -156,6 +157,7 @@ class Registry:
         max_frame: int = DEFAULT_MAX_FRAME,
         max_clients: int = 10_000,
         password: str | None = None,
+        flood: FloodPolicy | None = None,
         defer: Callable[[Callable[[], None], float], object] | None = None,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -172,6 +174,8 @@ class Registry:
         self.max_frame = max_frame
         self.max_clients = max_clients
         self.password = password
+        #: The flood limit the sessions enforce, announced in ``welcome`` (None: not said).
+        self.flood = flood
         self._by_key: dict[str, Member] = {}
         self._by_skeleton: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {
@@ -247,6 +251,8 @@ class Registry:
                     max_frame=self.max_frame,
                     max_text=self.max_text,
                     motd=self.motd,
+                    send_rate=None if self.flood is None else self.flood.rate,
+                    send_burst=None if self.flood is None else self.flood.burst,
                 )
             )
         )
