@@ -11,6 +11,9 @@ import pytest
 
 from achat.client import connection
 from achat.client.connection import (
+    MAX_PACE_BURST,
+    MAX_PACE_RATE,
+    SEND_BURST,
     SEND_RATE,
     SLOWEST_RATE,
     Backoff,
@@ -21,6 +24,7 @@ from achat.client.connection import (
     LocalNotice,
     Reconnected,
     SendBudget,
+    pace_under,
 )
 from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
@@ -269,8 +273,33 @@ def test_a_send_budget_of_rate_0_is_no_limit_until_a_refusal() -> None:
         SendBudget(burst=1, rate=-1, now=0.0)
 
 
-async def flood_limited_server(tmp_path: Path, policy: FloodPolicy) -> Server:
-    srv = Server(make_config(flood=policy), SQLiteStore(tmp_path / "achat.db"))
+def test_a_send_budget_restarts_at_a_new_pace() -> None:
+    budget = SendBudget(burst=8, rate=4.0, now=0.0)
+    assert budget.slow_down(1.0)
+    budget.restart(burst=2, rate=1.0, tokens=1.0, now=5.0)
+    assert (budget.burst, budget.rate) == (2, 1.0)
+    assert [budget.take(5.0) for _ in range(2)] == [True, False]  # the tokens given, not 2
+    assert budget.slow_down(5.1)  # a new episode, however recent the last slow-down
+    budget.restart(burst=3, rate=0.0, tokens=-1.0, now=6.0)
+    assert all(budget.take(6.0) for _ in range(100))
+    with pytest.raises(ValueError, match="burst"):
+        budget.restart(burst=0, rate=1.0, tokens=0.0, now=7.0)
+
+
+def test_the_pace_under_an_announced_limit_leaves_a_margin_and_counts_the_hello() -> None:
+    # The server's default limit gives the client's default pace, a full burst to start.
+    assert pace_under(5.0, 10.0) == (SEND_BURST, SEND_RATE, float(SEND_BURST))
+    assert pace_under(1.0, 3.0) == (2, 0.8, 2.0)
+    # A burst of one was spent on the hello: the first frame waits for the next token.
+    assert pace_under(1.0, 1.0) == (1, 0.8, 0.0)
+    assert pace_under(0.0, 10.0) == (8, 0.0, 8.0)  # no limit stays none
+    huge = pace_under(1e300, 1e300)  # bounded, so that a budget can hold it
+    assert huge == (MAX_PACE_BURST, MAX_PACE_RATE, float(MAX_PACE_BURST))
+    SendBudget(MAX_PACE_BURST, MAX_PACE_RATE, now=0.0)
+
+
+async def flood_limited_server(tmp_path: Path, policy: FloodPolicy, port: int = 0) -> Server:
+    srv = Server(make_config(port, flood=policy), SQLiteStore(tmp_path / "achat.db"))
     await srv.start()
     return srv
 
@@ -308,6 +337,61 @@ async def test_lines_sent_faster_than_the_flood_limit_wait_their_turn(tmp_path: 
         await srv.close()
     assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
     assert texts == [f"line {i}" for i in range(20)]
+
+
+async def test_a_client_paces_itself_under_the_limit_its_server_announces(
+    tmp_path: Path,
+) -> None:
+    """A server stricter than the client's default pace (3 at once, where the client would
+    write 8): the client takes the limit from its welcome, so a burst of lines is held
+    back, not refused, and all arrive in order, with no notice."""
+    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=10, burst=3, strikes=100))
+    try:
+        async with Client("127.0.0.1", srv.port, "ana") as ana:
+            assert (ana.budget.burst, ana.budget.rate) == (2, 8.0)
+            await ana.join("general")
+            events, texts = await acked_in_order(ana, "general", 8)
+    finally:
+        await srv.close()
+    assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
+    assert texts == [f"line {i}" for i in range(8)]
+
+
+async def test_a_client_of_a_server_without_a_flood_limit_does_not_pace(
+    server: Server,
+) -> None:
+    """Flood limit off (announced as a rate of 0): fifty lines pasted at once are all
+    written at once, where the default pace would hold back all but a burst of 8."""
+    async with Client("127.0.0.1", server.port, "ana") as ana:
+        await ana.join("general")
+        for i in range(50):
+            ana.send(ana.say_frame("general", f"line {i}"))
+        assert ana.queued == 0
+        async with asyncio.timeout(10):
+            while ana.pending:
+                await ana.next_event()
+        texts = [x.text for x in (await ana.history("general", limit=50)).messages]
+    assert texts == [f"line {i}" for i in range(50)]
+
+
+async def test_each_connection_takes_its_servers_pace(tmp_path: Path) -> None:
+    """A server restarted with its flood limit off: the reconnected client stops pacing
+    (a pace given by the caller would have been kept)."""
+    strict = await flood_limited_server(tmp_path, FloodPolicy(rate=2, burst=3, strikes=100))
+    port = strict.port
+    backoff = Backoff(initial=0.01, cap=0.05)
+    async with Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff) as ana:
+        assert ana.budget.rate == pytest.approx(1.6)
+        await strict.close()
+        free = Server(make_config(port), SQLiteStore(tmp_path / "achat.db"))
+        await free.start()
+        try:
+            async with asyncio.timeout(10):
+                while not isinstance(await ana.next_event(), Reconnected):
+                    pass
+            assert ana.budget.rate == 0
+        finally:
+            await free.close()
 
 
 async def test_frames_a_stricter_server_refuses_go_again_more_slowly(tmp_path: Path) -> None:

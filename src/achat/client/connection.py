@@ -24,13 +24,14 @@ exactly once and in order. Frames sent while offline (before the first
 connection too) wait and go out once connected.
 
 Flood control: every frame goes out through the client's own token bucket
-(:class:`SendBudget`, ``SEND_BURST`` at once, then ``SEND_RATE`` a second,
-just under the server's default limit), as IRC clients pace their lines,
-and while pacing, nothing more is written while a kept frame waits for its
-answer (at most ``ANSWER_WAIT``). Frames beyond the budget
-wait, in order; a resume is one such queue, with the bucket full, as the
-server's is on a new connection. Should a stricter server still refuse a
-kept frame with ``rate_limited``, the client halves its pace and sends that
+(:class:`SendBudget`), as IRC clients pace their lines: ``PACE_SHARE`` of
+the flood limit the server announces in ``welcome``, on each connection
+(:func:`pace_under`), or ``SEND_BURST`` at once, then ``SEND_RATE`` a
+second (under the default limit) from a server that announces none, or
+the pace the caller gave. While pacing, nothing more is written while a
+kept frame waits for its answer (at most ``ANSWER_WAIT``). Frames beyond
+the budget wait, in order; a resume is one such queue. Should a server
+still refuse a kept frame with ``rate_limited``, the client halves its pace and sends that
 frame again before anything else; since it was the only one in flight,
 nothing overtook it, whatever the round trip. The caller sees its eventual
 answer, not the refusal. ``close()`` lets what waits go out, and the
@@ -113,10 +114,17 @@ CLIENT_FRAME_CAP = 16 * 1024 * 1024
 #: Most bytes read and decoded at once: about 450 messages, 3 ms of decoding on a slow
 #: host, so that a burst does not hold the loop (and the keyboard) for long.
 READ_CHUNK = 64 * 1024
-#: The client's own flood limit: this many frames at once, then SEND_RATE a second,
-#: under the server's default (10 at once, 5 a second), which refuses the rest.
+#: The share of the server's flood limit the client paces itself to, for the jitter of
+#: the network: frames sent at even intervals may arrive closer together.
+PACE_SHARE = 0.8
+#: The client's own flood limit when the server does not announce one in ``welcome``:
+#: this many frames at once, then SEND_RATE a second, PACE_SHARE of the server's
+#: default (10 at once, 5 a second), which refuses the rest.
 SEND_BURST = 8
 SEND_RATE = 4.0
+#: Bounds on a pace taken from what a server announces (beyond them, no pacing is felt).
+MAX_PACE_BURST = 10_000
+MAX_PACE_RATE = 1e6
 #: The slowest the client goes after a stricter server refused it again and again.
 SLOWEST_RATE = 0.1
 #: While pacing, a kept frame waits this long at most for the answer to the one before it.
@@ -213,6 +221,16 @@ class SendBudget:
         self._tokens = float(self.burst)
         self._updated = now
 
+    def restart(self, burst: int, rate: float, tokens: float, now: float) -> None:
+        """A new pace, with ``tokens`` (at most ``burst``) to spend at once: a new connection."""
+        if burst < 1 or not 0 <= rate < math.inf:
+            raise ValueError("the send budget needs a burst of at least 1 and a rate of 0 or more")
+        self.burst = burst
+        self.rate = rate
+        self._tokens = max(0.0, min(float(burst), tokens))
+        self._updated = now
+        self._slowed = -math.inf
+
     def slow_down(self, now: float) -> bool:
         """Halve the pace after a refusal; False if the refusal is of the same episode."""
         if self.rate and now - self._slowed < 1.0 / self.rate:
@@ -223,6 +241,19 @@ class SendBudget:
         self._tokens = 0.0
         self._updated = now
         return True
+
+
+def pace_under(send_rate: float, send_burst: float) -> tuple[int, float, float]:
+    """The burst, rate and starting tokens of a client under a server's announced limit.
+
+    ``PACE_SHARE`` of the server's rate (0, no limit, stays 0) and of its
+    burst, at least one frame. A new connection's bucket on the server is
+    full but for the ``hello`` it took: the client starts with at most that
+    many tokens.
+    """
+    burst = max(1, min(int(send_burst * PACE_SHARE), MAX_PACE_BURST))
+    rate = min(send_rate * PACE_SHARE, MAX_PACE_RATE)
+    return burst, rate, min(float(burst), send_burst - 1.0)
 
 
 class Backoff(msgspec.Struct):
@@ -254,8 +285,8 @@ class Client:
         backoff: Backoff | None = None,
         keepalive: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        send_burst: int = SEND_BURST,
-        send_rate: float = SEND_RATE,
+        send_burst: int | None = None,
+        send_rate: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -267,8 +298,14 @@ class Client:
         self.backoff = backoff or Backoff()
         self.keepalive = keepalive
         self.clock = clock
-        #: The client's own flood control (see the module's docstring).
-        self.budget = SendBudget(send_burst, send_rate, clock())
+        #: The client's own flood control (see the module's docstring): a pace given here
+        #: is kept; without one, each connection paces under what its server announces.
+        self.budget = SendBudget(
+            SEND_BURST if send_burst is None else send_burst,
+            SEND_RATE if send_rate is None else send_rate,
+            clock(),
+        )
+        self._own_pace = send_burst is not None or send_rate is not None
         self.welcome: Welcome | None = None
         #: Rooms joined, with the ``seq`` after which messages are delivered in each: the
         #: last one delivered, or where a join put the room (None until known).
@@ -408,6 +445,18 @@ class Client:
         self._writer = writer
         self._online = True
         self._last_heard = self._last_sent = self.clock()
+        self._start_pace()
+
+    def _start_pace(self) -> None:
+        """A new connection: the server's bucket is full again (but for the hello), and the
+        pace is the one its welcome announces, unless the caller gave one or it says none."""
+        now = self.clock()
+        welcome = self.welcome
+        if self._own_pace or welcome is None or welcome.send_rate is None:
+            self.budget.fill(now)
+            return
+        burst, rate, tokens = pace_under(welcome.send_rate, welcome.send_burst or 1.0)
+        self.budget.restart(burst, rate, tokens, now)
 
     @staticmethod
     async def _read_first(
@@ -982,7 +1031,6 @@ class Client:
         self._sent &= self._outbox.keys()  # a part answered here is settled
         self._carried = set(self._sent)
         self._stop_pacing()  # what it held that is kept is in the outbox
-        self.budget.fill(self.clock())
         self._paced.extend((encode(frame), ref, True) for ref, frame in self._outbox.items())
         self._queued.update(self._outbox)
         if self._paced:
