@@ -57,6 +57,11 @@ def test_environment_and_flags() -> None:
         ["--store", "paper"],
         ["--sendq-limit", "10"],
         ["--sendq-limit", "150000"],  # the default frame and a backlog's piece, twice
+        ["--rate", "-1"],
+        ["--rate", "nan"],  # would make every connection's bucket NaN: nothing passes
+        ["--rate", "inf"],
+        ["--burst", "0.5"],
+        ["--burst", "inf"],  # announced in welcome, where JSON has no infinity
     ],
 )
 def test_bad_options_exit_with_usage_error(argv: list[str]) -> None:

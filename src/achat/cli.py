@@ -12,6 +12,7 @@ import contextlib
 import gc
 import io
 import logging
+import math
 import os
 import signal
 import sys
@@ -311,8 +312,8 @@ def parse_server_args(
             f"--sendq-limit must be at least twice --max-frame plus {2 * BACKLOG_PIECE} "
             "(a backlog's pieces must fit in it)"
         )
-    if args.rate < 0 or args.burst < 1:
-        parser.error("--rate must be 0 or more and --burst at least 1")
+    if not (0 <= args.rate < math.inf and 1 <= args.burst < math.inf):  # NaN fails too
+        parser.error("--rate must be a number of 0 or more and --burst at least 1")
     if args.max_per_ip < 1 or args.max_new_per_ip < 1:
         parser.error("--max-per-ip and --max-new-per-ip must be at least 1")
     return ServerConfig(

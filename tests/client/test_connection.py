@@ -25,6 +25,7 @@ from achat.client.connection import (
     Reconnected,
     SendBudget,
     pace_under,
+    ping_due,
 )
 from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
@@ -273,29 +274,77 @@ def test_a_send_budget_of_rate_0_is_no_limit_until_a_refusal() -> None:
         SendBudget(burst=1, rate=-1, now=0.0)
 
 
-def test_a_send_budget_restarts_at_a_new_pace() -> None:
+def test_a_send_budget_restarts_at_a_new_pace_with_a_whole_burst() -> None:
     budget = SendBudget(burst=8, rate=4.0, now=0.0)
     assert budget.slow_down(1.0)
-    budget.restart(burst=2, rate=1.0, tokens=1.0, now=5.0)
+    budget.restart(burst=2, rate=1.0, now=5.0)
     assert (budget.burst, budget.rate) == (2, 1.0)
-    assert [budget.take(5.0) for _ in range(2)] == [True, False]  # the tokens given, not 2
+    assert [budget.take(5.0) for _ in range(3)] == [True, True, False]
     assert budget.slow_down(5.1)  # a new episode, however recent the last slow-down
-    budget.restart(burst=3, rate=0.0, tokens=-1.0, now=6.0)
+    budget.restart(burst=3, rate=0.0, now=6.0)
     assert all(budget.take(6.0) for _ in range(100))
     with pytest.raises(ValueError, match="burst"):
-        budget.restart(burst=0, rate=1.0, tokens=0.0, now=7.0)
+        budget.restart(burst=0, rate=1.0, now=7.0)
 
 
-def test_the_pace_under_an_announced_limit_leaves_a_margin_and_counts_the_hello() -> None:
-    # The server's default limit gives the client's default pace, a full burst to start.
-    assert pace_under(5.0, 10.0) == (SEND_BURST, SEND_RATE, float(SEND_BURST))
-    assert pace_under(1.0, 3.0) == (2, 0.8, 2.0)
-    # A burst of one was spent on the hello: the first frame waits for the next token.
-    assert pace_under(1.0, 1.0) == (1, 0.8, 0.0)
-    assert pace_under(0.0, 10.0) == (8, 0.0, 8.0)  # no limit stays none
-    huge = pace_under(1e300, 1e300)  # bounded, so that a budget can hold it
-    assert huge == (MAX_PACE_BURST, MAX_PACE_RATE, float(MAX_PACE_BURST))
+def test_a_frame_spent_without_a_token_is_owed_up_to_a_burst() -> None:
+    """A ping or pong goes whether or not there is a token: what waits then waits longer,
+    as the server's bucket makes it, but never for more than a burst's worth of them."""
+    budget = SendBudget(burst=2, rate=1.0, now=0.0)
+    budget.spend(0.0)
+    budget.spend(0.0)
+    budget.spend(0.0)  # one owed
+    assert budget.wait(0.0) == pytest.approx(2.0)
+    for _ in range(10):
+        budget.spend(0.0)
+    assert budget.wait(0.0) == pytest.approx(3.0)  # two owed at most
+    unlimited = SendBudget(burst=1, rate=0.0, now=0.0)
+    unlimited.spend(0.0)
+    assert unlimited.take(0.0)
+
+
+def test_a_keepalive_ping_takes_a_token_or_waits_a_little_for_one() -> None:
+    assert not ping_due(quiet=29.9, wait=0.0, interval=30.0)
+    assert ping_due(quiet=30.0, wait=0.0, interval=30.0)
+    # A frame waits for the next token: it will end the silence, unless that is long.
+    assert not ping_due(quiet=35.0, wait=2.0, interval=30.0)
+    assert ping_due(quiet=40.0, wait=2.0, interval=30.0)
+
+
+def welcome_limit(rate: object, burst: object) -> m.Welcome:
+    return m.Welcome(
+        nick="a", server="s", version=1, max_frame=1, max_text=1, send_rate=rate, send_burst=burst
+    )
+
+
+def test_the_pace_under_an_announced_limit_leaves_a_margin() -> None:
+    # The server's default limit gives the client's default pace.
+    assert pace_under(welcome_limit(5, 10)) == (SEND_BURST, SEND_RATE)
+    assert pace_under(welcome_limit(1.0, 3)) == (2, 0.8)
+    assert pace_under(welcome_limit(1, 1)) == (1, 0.8)
+    assert pace_under(welcome_limit(0, 10)) == (8, 0.0)  # no limit stays none
+    huge = pace_under(welcome_limit(1e300, 1e300))  # bounded, so that a budget can hold it
+    assert huge == (MAX_PACE_BURST, MAX_PACE_RATE)
     SendBudget(MAX_PACE_BURST, MAX_PACE_RATE, now=0.0)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst"),
+    [
+        (None, None),
+        (5, None),
+        (None, 10),
+        ("5/s", 10),
+        (5, [10]),
+        (True, 10),
+        (-1, 10),
+        (5, 0.5),
+        (float("nan"), 10),
+        (5, float("inf")),
+    ],
+)
+def test_a_limit_the_client_cannot_use_is_not_followed(rate: object, burst: object) -> None:
+    assert pace_under(welcome_limit(rate, burst)) is None
 
 
 async def flood_limited_server(tmp_path: Path, policy: FloodPolicy, port: int = 0) -> Server:
@@ -392,6 +441,50 @@ async def test_each_connection_takes_its_servers_pace(tmp_path: Path) -> None:
             assert ana.budget.rate == 0
         finally:
             await free.close()
+
+
+async def test_a_server_that_announces_no_limit_gets_the_clients_own_pace() -> None:
+    """After a server without a flood limit, one that says nothing of its limit (an older
+    server, another implementation): the client goes back to its own 8 at once, then 4
+    a second, instead of writing everything at once to a server that may limit it."""
+    unlimited = m.encode(
+        m.Welcome(
+            nick="ana",
+            server="s",
+            version=1,
+            max_frame=65536,
+            max_text=4000,
+            send_rate=0,
+            send_burst=10,
+        )
+    )
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read(65536)  # hello
+        if connections == 1:
+            writer.write(unlimited)
+            writer.close()
+            return
+        writer.write(WELCOME)
+        while await reader.read(65536):
+            pass
+
+    backoff = Backoff(initial=0.01, cap=0.05)
+    async with fake_server(handler) as port:
+        client = Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff)
+        await client.connect()
+        assert client.budget.rate == 0
+        async with asyncio.timeout(5):
+            while not isinstance(await client.next_event(), Reconnected):
+                pass
+        for i in range(20):
+            client.rename(f"ana{i}")
+        assert client.queued == 20 - SEND_BURST
+        client._stop_pacing()  # not the 3 s the rest would take
+        await client.close()
 
 
 async def test_frames_a_stricter_server_refuses_go_again_more_slowly(tmp_path: Path) -> None:

@@ -235,14 +235,23 @@ def test_duplicates_in_server_frames_are_refused(body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "limit", [b'"send_rate":-1', b'"send_rate":1e999', b'"send_burst":0.5', b'"send_rate":"5"']
+    ("limit", "rate", "burst"),
+    [
+        (b'"send_rate":5,"send_burst":10', 5, 10),
+        (b'"send_rate":-1', -1, None),
+        (b'"send_rate":"5/s","send_burst":[10]', "5/s", [10]),
+        (b'"send_burst":0.5', None, 0.5),
+    ],
 )
-def test_a_welcome_with_a_flood_limit_no_client_could_keep_is_refused(limit: bytes) -> None:
-    """The announced flood limit is checked like any field: a client never paces by it."""
+def test_a_welcome_takes_any_flood_limit_as_given(
+    limit: bytes, rate: object, burst: object
+) -> None:
+    """The announced flood limit is an added field: whatever a server puts there, the
+    welcome is valid (the client decides what it can use), as with an unknown field."""
     body = b'{"type":"welcome","nick":"a","server":"s","version":1,"max_frame":9,"max_text":9,'
-    with pytest.raises(ProtocolError) as exc:
-        m.decode_server(body + limit + b"}")
-    assert exc.value.code == "missing_field"
+    welcome = m.decode_server(body + limit + b"}")
+    assert isinstance(welcome, m.Welcome)
+    assert (welcome.send_rate, welcome.send_burst) == (rate, burst)
 
 
 _SEPARATORS = st.sampled_from(["", " ", "\n"])

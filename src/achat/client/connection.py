@@ -58,6 +58,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
+from typing import TypeGuard
 
 import msgspec
 
@@ -221,15 +222,22 @@ class SendBudget:
         self._tokens = float(self.burst)
         self._updated = now
 
-    def restart(self, burst: int, rate: float, tokens: float, now: float) -> None:
-        """A new pace, with ``tokens`` (at most ``burst``) to spend at once: a new connection."""
+    def restart(self, burst: int, rate: float, now: float) -> None:
+        """A new pace, with a whole burst to spend: a new connection, the server's bucket full."""
         if burst < 1 or not 0 <= rate < math.inf:
             raise ValueError("the send budget needs a burst of at least 1 and a rate of 0 or more")
         self.burst = burst
         self.rate = rate
-        self._tokens = max(0.0, min(float(burst), tokens))
-        self._updated = now
         self._slowed = -math.inf
+        self.fill(now)
+
+    def spend(self, now: float) -> None:
+        """Count a frame that goes whether or not there is a token (an answer the server
+        waits for): into debt if need be, at most a burst's worth, so that what follows
+        waits as the server's bucket makes it."""
+        if self.rate:
+            self._refill(now)
+            self._tokens = max(-float(self.burst), self._tokens - 1.0)
 
     def slow_down(self, now: float) -> bool:
         """Halve the pace after a refusal; False if the refusal is of the same episode."""
@@ -243,17 +251,37 @@ class SendBudget:
         return True
 
 
-def pace_under(send_rate: float, send_burst: float) -> tuple[int, float, float]:
-    """The burst, rate and starting tokens of a client under a server's announced limit.
+def pace_under(welcome: Welcome) -> tuple[int, float] | None:
+    """The burst and rate a client keeps to under the flood limit ``welcome`` announces.
 
-    ``PACE_SHARE`` of the server's rate (0, no limit, stays 0) and of its
-    burst, at least one frame. A new connection's bucket on the server is
-    full but for the ``hello`` it took: the client starts with at most that
-    many tokens.
+    ``PACE_SHARE`` of the server's burst (at least one frame) and of its rate
+    (0, no limit, stays 0). None when it announces none the client can use:
+    both figures must be numbers, the rate 0 or more and the burst 1 or more.
     """
-    burst = max(1, min(int(send_burst * PACE_SHARE), MAX_PACE_BURST))
-    rate = min(send_rate * PACE_SHARE, MAX_PACE_RATE)
-    return burst, rate, min(float(burst), send_burst - 1.0)
+    rate, burst = welcome.send_rate, welcome.send_burst
+    if not (_is_number(rate) and _is_number(burst) and rate >= 0 and burst >= 1):
+        return None
+    return (
+        max(1, min(int(burst * PACE_SHARE), MAX_PACE_BURST)),
+        min(rate * PACE_SHARE, MAX_PACE_RATE),
+    )
+
+
+def ping_due(quiet: float, wait: float, interval: float) -> bool:
+    """Whether a keepalive ``ping`` goes, ``quiet`` seconds after the client last wrote.
+
+    After ``interval``, when the budget has a token (``wait`` is 0). Without one
+    a frame is waiting for it, and will end the silence when it comes; the ping
+    goes anyway once the silence has lasted a third longer, spending what the
+    frame waits for. (With a keepalive shorter than the pace's interval, pings
+    then take most of the budget; with the default of 30 s that needs a server
+    limit under one frame in 24 s.)
+    """
+    return (quiet >= interval and not wait) or quiet >= interval * 4 / 3
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Backoff(msgspec.Struct):
@@ -306,6 +334,12 @@ class Client:
             clock(),
         )
         self._own_pace = send_burst is not None or send_rate is not None
+        # The pace of a connection whose welcome announces no flood limit (or of every one,
+        # when the caller gave one): slowed down by the refusals of such connections, as
+        # the next is likely to the same server, with the same limit.
+        self._quiet_pace = (self.budget.burst, self.budget.rate)
+        # True while the connection's pace is the one its welcome announced.
+        self._announced = False
         self.welcome: Welcome | None = None
         #: Rooms joined, with the ``seq`` after which messages are delivered in each: the
         #: last one delivered, or where a join put the room (None until known).
@@ -448,15 +482,20 @@ class Client:
         self._start_pace()
 
     def _start_pace(self) -> None:
-        """A new connection: the server's bucket is full again (but for the hello), and the
-        pace is the one its welcome announces, unless the caller gave one or it says none."""
-        now = self.clock()
+        """A new connection, whose server has its bucket full: the pace its welcome
+        announces, or the client's own (see ``_quiet_pace``), with a whole burst."""
         welcome = self.welcome
-        if self._own_pace or welcome is None or welcome.send_rate is None:
-            self.budget.fill(now)
-            return
-        burst, rate, tokens = pace_under(welcome.send_rate, welcome.send_burst or 1.0)
-        self.budget.restart(burst, rate, tokens, now)
+        pace = None if self._own_pace or welcome is None else pace_under(welcome)
+        self._announced = pace is not None
+        burst, rate = pace or self._quiet_pace
+        self.budget.restart(burst, rate, self.clock())
+
+    def _slow_down(self) -> bool:
+        """Halve the pace after a refusal; False if the refusal is of the same episode."""
+        slowed = self.budget.slow_down(self.clock())
+        if slowed and not self._announced:
+            self._quiet_pace = (self.budget.burst, self.budget.rate)
+        return slowed
 
     @staticmethod
     async def _read_first(
@@ -548,10 +587,11 @@ class Client:
     def _write_now(self, frame: ClientFrame) -> None:
         """Write a keepalive ``ping`` or ``pong`` at once: the server waits for it.
 
-        It takes a token when there is one; the budget's margin under the server's
-        limit covers one that goes without.
+        The server counts it like any frame, and so does the budget, into debt if
+        there is no token: what waits for its turn waits that much longer, and is
+        not refused for a token the ping took.
         """
-        self.budget.take(self.clock())
+        self.budget.spend(self.clock())
         self._write_bytes(encode(frame))
 
     async def _pace(self) -> None:
@@ -654,7 +694,7 @@ class Client:
             self._sent.discard(ref)  # refused, and no earlier connection has a copy
         order = {kept: at for at, kept in enumerate(self._outbox)}
         mine = order[ref]
-        if self.budget.slow_down(self.clock()):
+        if self._slow_down():
             self._events.put_nowait(
                 LocalNotice(
                     "the server refused a frame for sending too fast: sending it again, "
@@ -930,7 +970,7 @@ class Client:
                 log.info("no answer from the server for %.0f s; dropping", now - self._last_heard)
                 self._writer.transport.abort()
                 return
-            if now - self._last_sent >= interval and self._online:
+            if self._online and ping_due(now - self._last_sent, self.budget.wait(now), interval):
                 with contextlib.suppress(ConnectionError, OSError):
                     self._write_now(Ping())
 
@@ -1134,7 +1174,7 @@ class Client:
                 if frame.ref is not None and frame.ref in self._outbox and self._online:
                     self._send_again(frame.ref)
                     return False  # answered later, when it goes through
-                self.budget.slow_down(self.clock())
+                self._slow_down()
             if frame.ref and frame.code != "history_gap":
                 if not frame.fatal:
                     self._refused(frame.ref)

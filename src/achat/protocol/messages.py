@@ -185,9 +185,11 @@ class Welcome(_Frame, tag="welcome", frozen=True, kw_only=True):
     max_text: int
     motd: str | None = None
     # Extension: the server's flood limit, so that a client can pace itself under it:
-    # ``send_rate`` frames a second on average (0: no limit), ``send_burst`` at once.
-    send_rate: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    send_burst: Annotated[float, msgspec.Meta(ge=1)] | None = None
+    # ``send_rate`` frames a second on average (0: no limit), ``send_burst`` at once. Any
+    # JSON value is taken: an added field a client cannot use is ignored, as an unknown
+    # one would be, and never makes the welcome invalid (client.connection.pace_under).
+    send_rate: object = None
+    send_burst: object = None
 
 
 class Message(_Frame, tag="message", frozen=True, kw_only=True):
