@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 from typing import cast
@@ -25,13 +26,13 @@ from achat.client.connection import (
     Reconnected,
     SendBudget,
     pace_under,
-    ping_due,
 )
 from achat.errors import ConnectionClosed, ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
 from achat.server.limits import FloodPolicy
+from achat.store.memory import MemoryStore
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, FakeServer, answering, fake_server
@@ -303,14 +304,6 @@ def test_a_frame_spent_without_a_token_is_owed_up_to_a_burst() -> None:
     assert unlimited.take(0.0)
 
 
-def test_a_keepalive_ping_takes_a_token_or_waits_a_little_for_one() -> None:
-    assert not ping_due(quiet=29.9, wait=0.0, interval=30.0)
-    assert ping_due(quiet=30.0, wait=0.0, interval=30.0)
-    # A frame waits for the next token: it will end the silence, unless that is long.
-    assert not ping_due(quiet=35.0, wait=2.0, interval=30.0)
-    assert ping_due(quiet=40.0, wait=2.0, interval=30.0)
-
-
 def welcome_limit(rate: object, burst: object) -> m.Welcome:
     return m.Welcome(
         nick="a", server="s", version=1, max_frame=1, max_text=1, send_rate=rate, send_burst=burst
@@ -578,23 +571,44 @@ async def test_a_line_that_times_out_while_queued_is_not_sent(server: Server) ->
     assert texts == ["after"]
 
 
-async def test_keepalive_pings_do_not_wait_behind_queued_frames(server: Server) -> None:
-    """Pacing slower than the keepalive: the ping goes at once, so a healthy connection is
-    not dropped for a silence of the client's own making."""
-    async with Client(
-        "127.0.0.1", server.port, "ana", keepalive=0.1, send_burst=1, send_rate=0.01
-    ) as ana:
-        await ana.join("general")  # spends the only token
-        ana.rename("ana2")  # waits 100 s for its turn
-        async with asyncio.timeout(5):
-            pongs = 0
-            while pongs < 3:  # each ping answered; silence would drop it after 0.2 s
-                event = await ana.next_event()
-                assert not isinstance(event, Disconnected)
-                pongs += isinstance(event, m.Pong)
-        assert ana.connected
-        assert ana.queued == 1
-        ana._stop_pacing()  # not the 100 s the rename would wait
+async def test_pacing_slower_than_the_keepalive_keeps_the_connection_up() -> None:
+    """The rename waits 100 s for a token: no keepalive ping takes it, and the connection
+    is not taken for dead meanwhile. The server pings the quiet client, which answers."""
+    srv = Server(make_config(idle_timeout=0.6), MemoryStore())
+    await srv.start()
+    try:
+        async with Client(
+            "127.0.0.1", srv.port, "ana", keepalive=0.1, send_burst=1, send_rate=0.01
+        ) as ana:
+            await ana.join("general")  # spends the only token
+            ana.rename("ana2")
+            events: list[Event] = []
+            with contextlib.suppress(TimeoutError):
+                # Over two of the server's idle timeouts and seven of the client's
+                # keepalive intervals: either's silence would have ended the connection.
+                async with asyncio.timeout(1.5):
+                    while True:
+                        events.append(await ana.next_event())
+            assert ana.connected
+            assert ana.queued == 1
+            ana._stop_pacing()  # not the 100 s the rename would wait
+    finally:
+        await srv.close()
+    assert [e for e in events if isinstance(e, ConnectionLost | Disconnected | m.Error)] == []
+
+
+async def test_keepalive_pings_leave_a_waiting_frame_its_token(tmp_path: Path) -> None:
+    """A keepalive shorter than the pace's interval (0.2 s against 1 frame in 0.625 s): the
+    line waiting for its token gets it, not a ping, so it is neither refused nor put off."""
+    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=2, burst=1, strikes=100))
+    try:
+        async with Client("127.0.0.1", srv.port, "ana", keepalive=0.2) as ana:
+            await ana.join("general")  # the only token
+            events, texts = await acked_in_order(ana, "general", 2)
+    finally:
+        await srv.close()
+    assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
+    assert texts == ["line 0", "line 1"]
 
 
 async def test_a_line_given_up_while_its_turn_came_does_not_hold_up_the_next(

@@ -241,6 +241,7 @@ def test_duplicates_in_server_frames_are_refused(body: bytes) -> None:
         (b'"send_rate":-1', -1, None),
         (b'"send_rate":"5/s","send_burst":[10]', "5/s", [10]),
         (b'"send_burst":0.5', None, 0.5),
+        (b'"send_rate":1e999', float("inf"), None),
     ],
 )
 def test_a_welcome_takes_any_flood_limit_as_given(

@@ -267,19 +267,6 @@ def pace_under(welcome: Welcome) -> tuple[int, float] | None:
     )
 
 
-def ping_due(quiet: float, wait: float, interval: float) -> bool:
-    """Whether a keepalive ``ping`` goes, ``quiet`` seconds after the client last wrote.
-
-    After ``interval``, when the budget has a token (``wait`` is 0). Without one
-    a frame is waiting for it, and will end the silence when it comes; the ping
-    goes anyway once the silence has lasted a third longer, spending what the
-    frame waits for. (With a keepalive shorter than the pace's interval, pings
-    then take most of the budget; with the default of 30 s that needs a server
-    limit under one frame in 24 s.)
-    """
-    return (quiet >= interval and not wait) or quiet >= interval * 4 / 3
-
-
 def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -584,15 +571,15 @@ class Client:
         self._writer.write(data)
         self._last_sent = self.clock()
 
-    def _write_now(self, frame: ClientFrame) -> None:
-        """Write a keepalive ``ping`` or ``pong`` at once: the server waits for it.
+    def _answer_ping(self, ref: str | None) -> None:
+        """Answer the server's ``ping`` at once: it waits for the ``pong``.
 
-        The server counts it like any frame, and so does the budget, into debt if
-        there is no token: what waits for its turn waits that much longer, and is
-        not refused for a token the ping took.
+        The server counts it like any frame, and so does the budget, into debt
+        if there is no token: what waits for its turn waits that much longer,
+        and is not refused for a token the pong took.
         """
         self.budget.spend(self.clock())
-        self._write_bytes(encode(frame))
+        self._write_bytes(encode(PongReply(ref=ref)))
 
     async def _pace(self) -> None:
         """Write the queued frames in order, each when its turn comes; stop when offline.
@@ -961,18 +948,28 @@ class Client:
                 await keepalive
 
     async def _keepalive(self) -> None:
-        """Ping when we have been quiet; drop a connection that has gone silent."""
+        """Ping when we have been quiet; drop a connection that has gone silent.
+
+        A ping takes a token, and waits for one: without a token, a frame
+        waiting for it ends the silence when it comes (or the server, which
+        pings a quiet client, keeps the connection up); a ping into debt would
+        only put it off, and past the server's limit be refused. The server
+        is given twice the longer of the keepalive interval and the pace's
+        interval to say something, before the connection is taken for dead.
+        """
         interval = self.keepalive
         while True:
             await asyncio.sleep(interval / 3)
             now = self.clock()
-            if now - self._last_heard > 2 * interval and self._writer is not None:
+            rate = self.budget.rate
+            patience = 2 * max(interval, 1 / rate if rate else 0.0)
+            if now - self._last_heard > patience and self._writer is not None:
                 log.info("no answer from the server for %.0f s; dropping", now - self._last_heard)
                 self._writer.transport.abort()
                 return
-            if self._online and ping_due(now - self._last_sent, self.budget.wait(now), interval):
+            if self._online and now - self._last_sent >= interval and self.budget.take(now):
                 with contextlib.suppress(ConnectionError, OSError):
-                    self._write_now(Ping())
+                    self._write_bytes(encode(Ping()))
 
     async def _reconnect(self, reason: str) -> tuple[asyncio.StreamReader, FrameDecoder] | None:
         attempt = 0
@@ -1089,7 +1086,7 @@ class Client:
         if isinstance(frame, Ping):
             # The server checks we are alive; answering is all it takes.
             if self._online and self._writer is not None:
-                self._write_now(PongReply(ref=frame.ref))
+                self._answer_ping(frame.ref)
             return
         if not self._track(frame):
             return

@@ -304,7 +304,11 @@ ServerFrame = (
 
 _ENCODER = msgspec.json.Encoder()
 _CLIENT_DECODER: msgspec.json.Decoder[ClientFrame] = msgspec.json.Decoder(ClientFrame)
-_SERVER_DECODER: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(ServerFrame)
+# float_hook: a number too large for a float in an untyped (added) field is infinity, for
+# the client to ignore, rather than a reason to refuse the frame.
+_SERVER_DECODER: msgspec.json.Decoder[ServerFrame] = msgspec.json.Decoder(
+    ServerFrame, float_hook=float
+)
 
 # A JSON string, written so that the regex engine never backtracks.
 _STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
