@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -366,17 +366,27 @@ async def acked_in_order(client: Client, room: str, count: int) -> tuple[list[Ev
     return events, texts
 
 
+async def paced_lines(
+    tmp_path: Path, policy: FloodPolicy, count: int, **options: Any
+) -> tuple[tuple[int, float], list[Event], list[str]]:
+    """``count`` lines sent at once in #general by a client of a server with ``policy``:
+    the client's pace once connected, the events until all are acked, and the history."""
+    srv = await flood_limited_server(tmp_path, policy)
+    try:
+        async with Client("127.0.0.1", srv.port, "ana", **options) as ana:
+            pace = (ana.budget.burst, ana.budget.rate)
+            await ana.join("general")  # one of the server's tokens
+            events, texts = await acked_in_order(ana, "general", count)
+    finally:
+        await srv.close()
+    return pace, events, texts
+
+
 async def test_lines_sent_faster_than_the_flood_limit_wait_their_turn(tmp_path: Path) -> None:
     """Twenty lines at once against a limit of 6 at once: the client's own budget (under
     the server's) holds them back, so none is refused and all arrive in order."""
-    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=60, burst=6))
-    try:
-        async with Client("127.0.0.1", srv.port, "ana", send_burst=5, send_rate=50) as ana:
-            await ana.join("general")
-            events, texts = await acked_in_order(ana, "general", 20)
-            assert ana.queued == 0
-    finally:
-        await srv.close()
+    policy = FloodPolicy(rate=60, burst=6)
+    _, events, texts = await paced_lines(tmp_path, policy, 20, send_burst=5, send_rate=50)
     assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
     assert texts == [f"line {i}" for i in range(20)]
 
@@ -387,14 +397,9 @@ async def test_a_client_paces_itself_under_the_limit_its_server_announces(
     """A server stricter than the client's default pace (3 at once, where the client would
     write 8): the client takes the limit from its welcome, so a burst of lines is held
     back, not refused, and all arrive in order, with no notice."""
-    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=10, burst=3, strikes=100))
-    try:
-        async with Client("127.0.0.1", srv.port, "ana") as ana:
-            assert (ana.budget.burst, ana.budget.rate) == (2, 8.0)
-            await ana.join("general")
-            events, texts = await acked_in_order(ana, "general", 8)
-    finally:
-        await srv.close()
+    policy = FloodPolicy(rate=10, burst=3, strikes=100)
+    pace, events, texts = await paced_lines(tmp_path, policy, 8)
+    assert pace == (2, 8.0)
     assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
     assert texts == [f"line {i}" for i in range(8)]
 
@@ -440,17 +445,7 @@ async def test_a_server_that_announces_no_limit_gets_the_clients_own_pace() -> N
     """After a server without a flood limit, one that says nothing of its limit (an older
     server, another implementation): the client goes back to its own 8 at once, then 4
     a second, instead of writing everything at once to a server that may limit it."""
-    unlimited = m.encode(
-        m.Welcome(
-            nick="ana",
-            server="s",
-            version=1,
-            max_frame=65536,
-            max_text=4000,
-            send_rate=0,
-            send_burst=10,
-        )
-    )
+    unlimited = m.encode(welcome_limit(0, 10))
     connections = 0
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -600,13 +595,8 @@ async def test_pacing_slower_than_the_keepalive_keeps_the_connection_up() -> Non
 async def test_keepalive_pings_leave_a_waiting_frame_its_token(tmp_path: Path) -> None:
     """A keepalive shorter than the pace's interval (0.2 s against 1 frame in 0.625 s): the
     line waiting for its token gets it, not a ping, so it is neither refused nor put off."""
-    srv = await flood_limited_server(tmp_path, FloodPolicy(rate=2, burst=1, strikes=100))
-    try:
-        async with Client("127.0.0.1", srv.port, "ana", keepalive=0.2) as ana:
-            await ana.join("general")  # the only token
-            events, texts = await acked_in_order(ana, "general", 2)
-    finally:
-        await srv.close()
+    policy = FloodPolicy(rate=2, burst=1, strikes=100)
+    _, events, texts = await paced_lines(tmp_path, policy, 2, keepalive=0.2)
     assert [e for e in events if isinstance(e, m.Error | LocalNotice)] == []
     assert texts == ["line 0", "line 1"]
 
