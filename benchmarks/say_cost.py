@@ -138,6 +138,8 @@ def store_commit_us(says: int, tick: int) -> float:
             if not store._commit(db, batch):
                 raise RuntimeError("a commit failed")
         elapsed = time.perf_counter() - start
+        if db.execute("SELECT count(*) FROM messages").fetchone()[0] != says:
+            raise RuntimeError("not every message was stored")
         db.close()
         store.close()
     return elapsed / says * 1e6
