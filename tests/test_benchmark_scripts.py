@@ -58,3 +58,10 @@ def test_arrival_times_a_busy_room_at_its_observers_sockets(tmp_path: Path) -> N
     assert result["lag"][0] >= 0
     assert 0 <= result["shared"] <= 1  # measured over the window, not left unknown
     assert result["load_delivered"] > 0.9
+
+
+def test_row_layouts_times_each_layout() -> None:
+    text = load("row_layouts").table(messages=450, tick=100)
+    rows = [line for line in text.splitlines() if line.endswith(" µs |")]
+    assert len(rows) == 4
+    assert "100 messages in one blob" in rows[-1]
