@@ -61,6 +61,7 @@ def test_arrival_times_a_busy_room_at_its_observers_sockets(tmp_path: Path) -> N
 
 
 def test_row_layouts_times_each_layout() -> None:
+    """Each of the four layouts is timed, the blob one with the tick's messages in a row."""
     text = load("row_layouts").table(messages=450, tick=100)
     rows = [line for line in text.splitlines() if line.endswith(" µs |")]
     assert len(rows) == 4

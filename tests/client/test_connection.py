@@ -276,6 +276,7 @@ def test_a_send_budget_of_rate_0_is_no_limit_until_a_refusal() -> None:
 
 
 def test_a_send_budget_restarts_at_a_new_pace_with_a_whole_burst() -> None:
+    """A new connection: the new pace, a whole burst, and a slow-down counts as new."""
     budget = SendBudget(burst=8, rate=4.0, now=0.0)
     assert budget.slow_down(1.0)
     budget.restart(burst=2, rate=1.0, now=5.0)
@@ -311,6 +312,7 @@ def welcome_limit(rate: object, burst: object) -> m.Welcome:
 
 
 def test_the_pace_under_an_announced_limit_leaves_a_margin() -> None:
+    """80 % of the announced burst and rate, at least one frame, and bounded."""
     # The server's default limit gives the client's default pace.
     assert pace_under(welcome_limit(5, 10)) == (SEND_BURST, SEND_RATE)
     assert pace_under(welcome_limit(1.0, 3)) == (2, 0.8)
@@ -318,7 +320,7 @@ def test_the_pace_under_an_announced_limit_leaves_a_margin() -> None:
     assert pace_under(welcome_limit(0, 10)) == (8, 0.0)  # no limit stays none
     huge = pace_under(welcome_limit(1e300, 1e300))  # bounded, so that a budget can hold it
     assert huge == (MAX_PACE_BURST, MAX_PACE_RATE)
-    SendBudget(MAX_PACE_BURST, MAX_PACE_RATE, now=0.0)
+    assert SendBudget(MAX_PACE_BURST, MAX_PACE_RATE, now=0.0).take(0.0)
 
 
 @pytest.mark.parametrize(
@@ -337,11 +339,12 @@ def test_the_pace_under_an_announced_limit_leaves_a_margin() -> None:
     ],
 )
 def test_a_limit_the_client_cannot_use_is_not_followed(rate: object, burst: object) -> None:
+    """Anything but two finite numbers, a rate of 0 or more and a burst of 1 or more."""
     assert pace_under(welcome_limit(rate, burst)) is None
 
 
-async def flood_limited_server(tmp_path: Path, policy: FloodPolicy, port: int = 0) -> Server:
-    srv = Server(make_config(port, flood=policy), SQLiteStore(tmp_path / "achat.db"))
+async def flood_limited_server(tmp_path: Path, policy: FloodPolicy) -> Server:
+    srv = Server(make_config(flood=policy), SQLiteStore(tmp_path / "achat.db"))
     await srv.start()
     return srv
 
@@ -422,23 +425,29 @@ async def test_a_client_of_a_server_without_a_flood_limit_does_not_pace(
 
 
 async def test_each_connection_takes_its_servers_pace(tmp_path: Path) -> None:
-    """A server restarted with its flood limit off: the reconnected client stops pacing
-    (a pace given by the caller would have been kept)."""
+    """Reconnected to another server, one with its flood limit off: the client stops
+    pacing, and twenty lines pasted at once are all written at once (the strict server's
+    pace would have held back all but 2)."""
     strict = await flood_limited_server(tmp_path, FloodPolicy(rate=2, burst=3, strikes=100))
-    port = strict.port
+    free = Server(make_config(), MemoryStore())
+    await free.start()
+    proxy = await FaultProxy("127.0.0.1", strict.port).start()
     backoff = Backoff(initial=0.01, cap=0.05)
-    async with Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff) as ana:
-        assert ana.budget.rate == pytest.approx(1.6)
-        await strict.close()
-        free = Server(make_config(port), SQLiteStore(tmp_path / "achat.db"))
-        await free.start()
-        try:
+    try:
+        async with Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff) as ana:
+            proxy.target = ("127.0.0.1", free.port)
+            proxy.reset_all()
             async with asyncio.timeout(10):
                 while not isinstance(await ana.next_event(), Reconnected):
                     pass
-            assert ana.budget.rate == 0
-        finally:
-            await free.close()
+            await ana.join("general")
+            for i in range(20):
+                ana.send(ana.say_frame("general", f"line {i}"))
+            assert ana.queued == 0
+    finally:
+        await proxy.close()
+        await free.close()
+        await strict.close()
 
 
 async def test_a_server_that_announces_no_limit_gets_the_clients_own_pace() -> None:
@@ -473,6 +482,48 @@ async def test_a_server_that_announces_no_limit_gets_the_clients_own_pace() -> N
         assert client.queued == 20 - SEND_BURST
         client._stop_pacing()  # not the 3 s the rest would take
         await client.close()
+
+
+async def test_a_slow_down_lasts_while_the_server_says_nothing_of_its_limit() -> None:
+    """Refused by a server that says nothing of its limit, the client halves its pace and
+    keeps it on the next connection to such a server (likely the same, with the same
+    limit); a server that announces its limit gets a pace under it instead."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        decoder = FrameDecoder()
+        while data := await reader.read(65536):
+            for body in decoder.receive_data(data):
+                frame = m.decode_client(body)
+                if isinstance(frame, m.Hello):
+                    writer.write(m.encode(welcome_limit(5, 10)) if number == 3 else WELCOME)
+                elif isinstance(frame, m.Say) and frame.ref is not None:
+                    if number == 1:  # refused: the client slows down, then the link drops
+                        error = m.Error(
+                            code="rate_limited", message="slow", fatal=False, ref=frame.ref
+                        )
+                        writer.write(m.encode(error))
+                    else:
+                        writer.write(m.encode(m.Ack(ref=frame.ref, ts=1, room="a", seq=1)))
+                    writer.close()
+                    return
+
+    backoff = Backoff(initial=0.01, cap=0.05)
+    paces = []
+    async with fake_server(handler) as port:
+        client = Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff)
+        await client.connect()
+        paces.append((client.budget.burst, client.budget.rate))
+        client.send(client.say_frame("a", "hello"))
+        async with asyncio.timeout(10):
+            while len(paces) < 3:
+                if isinstance(await client.next_event(), Reconnected):
+                    paces.append((client.budget.burst, client.budget.rate))
+        await client.close()
+    assert paces == [(8, 4.0), (4, 2.0), (8, 4.0)]
 
 
 async def test_frames_a_stricter_server_refuses_go_again_more_slowly(tmp_path: Path) -> None:
@@ -567,8 +618,9 @@ async def test_a_line_that_times_out_while_queued_is_not_sent(server: Server) ->
 
 
 async def test_pacing_slower_than_the_keepalive_keeps_the_connection_up() -> None:
-    """The rename waits 100 s for a token: no keepalive ping takes it, and the connection
-    is not taken for dead meanwhile. The server pings the quiet client, which answers."""
+    """The rename waits 100 s for a token, far longer than the keepalive interval: the
+    client does not take the server for dead meanwhile, nor does the server the client
+    (it pings the quiet client, which answers)."""
     srv = Server(make_config(idle_timeout=0.6), MemoryStore())
     await srv.start()
     try:

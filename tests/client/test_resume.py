@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from achat.client.connection import (
     SEND_RATE,
@@ -46,6 +48,7 @@ from achat.protocol.messages import (
 )
 from achat.server.app import Server
 from achat.server.limits import FloodPolicy
+from achat.store.memory import MemoryStore
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server, joined
@@ -1343,3 +1346,122 @@ async def test_closing_a_client_that_never_connected_ends_what_waits() -> None:
     assert [type(e) for e in client.received()] == [Disconnected]
     await client.close()  # idempotent: nothing more
     assert client.received() == []
+
+
+# -- random scenarios: joins, parts, lines and cuts ------------------------------------
+
+ROOMS = ("a", "b", "c")
+_OPS = st.one_of(
+    st.tuples(st.just("say"), st.sampled_from(ROOMS)),
+    st.tuples(st.just("join"), st.sampled_from(ROOMS)),
+    st.tuples(st.just("part"), st.sampled_from(ROOMS)),
+    st.tuples(st.just("other"), st.sampled_from(ROOMS)),  # someone else says a line there
+    st.tuples(st.just("cut"), st.integers(1, 80)),  # after that many bytes to the client
+    st.tuples(st.just("pause"), st.integers(0, 20)),  # milliseconds
+)
+
+
+async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> None:
+    """Run ``ops`` against a real server behind a proxy that cuts the client off, then
+    check what the client and the server ended with against what the ops asked for."""
+    srv = Server(make_config(flood=flood), MemoryStore())
+    await srv.start()
+    proxy = await FaultProxy("127.0.0.1", srv.port, fragment=5, seed=1).start()
+    backoff = Backoff(initial=0.01, cap=0.05, rng=random.Random(1))
+    ana = Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff)
+    bob = Client("127.0.0.1", srv.port, "bob")
+    delivered: dict[str, list[int]] = {room: [] for room in ROOMS}
+    stretch: dict[str, int | None] = {}  # room: the first seq delivered since ana joined
+    changed = asyncio.Event()
+
+    async def watch() -> None:
+        async for event in ana.events():
+            if isinstance(event, Message):
+                delivered[event.room].append(event.seq)
+                if stretch.get(event.room, 0) is None:
+                    stretch[event.room] = event.seq
+            elif isinstance(event, Joined) and event.nick == "ana":
+                stretch[event.room] = None
+            changed.set()
+
+    try:
+        await ana.connect()
+        await bob.connect()
+        for room in ROOMS:
+            await bob.join(room)
+        watching = asyncio.create_task(watch())
+        member: set[str] = set()
+        said: dict[str, bool] = {}  # ana's lines: stored (said in a room she was in) or not
+        for n, (kind, arg) in enumerate(ops):
+            if kind == "say":
+                room = str(arg)
+                said[f"ana {n}"] = room in member
+                ana.send(ana.say_frame(room, f"ana {n}"))
+            elif kind == "join":
+                member.add(str(arg))
+                ana.send(Join(room=str(arg), ref=ana.new_ref()))
+            elif kind == "part":
+                member.discard(str(arg))
+                ana.send(Part(room=str(arg), ref=ana.new_ref()))
+            elif kind == "other":
+                bob.send(bob.say_frame(str(arg), f"bob {n}"))
+            elif kind == "cut":
+                proxy.reset_after(int(str(arg)))
+            else:
+                await asyncio.sleep(int(str(arg)) / 1000)
+
+        def last_seq(room: str) -> int:
+            return srv.registry.rooms[room].stored_seq if room in srv.registry.rooms else 0
+
+        def settled() -> bool:
+            # Everything ana sent answered (her outbox: lines, joins and parts alike).
+            if ana._outbox or ana.queued or bob.pending or bob.queued or not ana.connected:
+                return False
+            # Every message of a room ana is in has reached her (or came before her join).
+            return all(seq == last_seq(room) for room, seq in ana.rooms.items())
+
+        async with asyncio.timeout(20):
+            while not settled():
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):  # bob's acks do not wake ana's watcher
+                        await changed.wait()
+        watching.cancel()
+        rooms = set(ana.rooms)
+        stored = {
+            m.text: m.room
+            for room in ROOMS
+            for m in srv.store.history(room, before=None, after=0, limit=500).messages
+        }
+        texts = [
+            m.text
+            for room in ROOMS
+            for m in srv.store.history(room, before=None, after=0, limit=500).messages
+        ]
+    finally:
+        await ana.close()
+        await bob.close()
+        await proxy.close()
+        await srv.close()
+    assert len(texts) == len(set(texts)), "a line was stored twice"
+    assert {t for t, ok in said.items() if ok} == {t for t in stored if t.startswith("ana")}
+    assert rooms == member
+    for room, seqs in delivered.items():
+        assert seqs == sorted(set(seqs)), f"#{room}: a message shown twice or out of order"
+    for room in member:
+        first = stretch.get(room)
+        if first is not None:  # since ana last joined, every message reached her once
+            tail = [s for s in delivered[room] if s >= first]
+            assert tail == list(range(first, last_seq(room) + 1)), f"#{room}: a gap"
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_OPS, min_size=1, max_size=30))
+def test_random_joins_parts_lines_and_cuts_keep_every_promise(
+    ops: list[tuple[str, object]],
+) -> None:
+    """Whatever the order of joins, parts, lines and cuts of the connection: each line
+    said in a room the client was in is stored once and the others not at all, the
+    client ends in the rooms the ops leave it in, and in each room every message reaches
+    it once, in order, with no gap since it last joined. The client paces (a flood limit)."""
+    asyncio.run(random_scenario(ops, FloodPolicy(rate=200, burst=5, strikes=1000)))

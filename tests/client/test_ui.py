@@ -25,7 +25,6 @@ from achat.client import commands as cmd
 from achat.client import connection
 from achat.client.connection import (
     SEND_BURST,
-    SEND_RATE,
     Backoff,
     Client,
     ConnectionLost,
@@ -141,9 +140,10 @@ async def chat_window(
     room: str | None = "general",
     *,
     reconnect: bool = False,
-    send_rate: float = SEND_RATE,
+    send_rate: float | None = None,
 ) -> AsyncIterator[Window]:
-    """``nick``'s chat window, running, and (with ``room``) joined to it."""
+    """``nick``'s chat window, running, and (with ``room``) joined to it; paced as the
+    server's welcome says, as `achat join` is, unless ``send_rate`` is given."""
     backoff = Backoff(initial=0.01, cap=0.05)
     client = Client(
         "127.0.0.1", server.port, nick, reconnect=reconnect, backoff=backoff, send_rate=send_rate

@@ -234,7 +234,7 @@ class SendBudget:
     def spend(self, now: float) -> None:
         """Count a frame that goes whether or not there is a token (an answer the server
         waits for): into debt if need be, at most a burst's worth, so that what follows
-        waits as the server's bucket makes it."""
+        waits for the tokens the server's bucket will have, rather than be refused."""
         if self.rate:
             self._refill(now)
             self._tokens = max(-float(self.burst), self._tokens - 1.0)
@@ -950,10 +950,10 @@ class Client:
     async def _keepalive(self) -> None:
         """Ping when we have been quiet; drop a connection that has gone silent.
 
-        A ping takes a token, and waits for one: without a token, a frame
-        waiting for it ends the silence when it comes (or the server, which
+        A ping takes a token, and without one skips its turn: a frame waiting
+        for the token ends the silence when it comes (or the server, which
         pings a quiet client, keeps the connection up); a ping into debt would
-        only put it off, and past the server's limit be refused. The server
+        only put that frame off, and past the server's limit be refused. The server
         is given twice the longer of the keepalive interval and the pace's
         interval to say something, before the connection is taken for dead.
         """

@@ -186,8 +186,8 @@ class Welcome(_Frame, tag="welcome", frozen=True, kw_only=True):
     motd: str | None = None
     # Extension: the server's flood limit, so that a client can pace itself under it:
     # ``send_rate`` frames a second on average (0: no limit), ``send_burst`` at once. Any
-    # JSON value is taken: an added field a client cannot use is ignored, as an unknown
-    # one would be, and never makes the welcome invalid (client.connection.pace_under).
+    # value strict JSON allows is taken: an added field a client cannot use is ignored, as
+    # an unknown one would be, not a reason to refuse the welcome (connection.pace_under).
     send_rate: object = None
     send_burst: object = None
 
