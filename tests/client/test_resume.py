@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -48,7 +49,6 @@ from achat.protocol.messages import (
 )
 from achat.server.app import Server
 from achat.server.limits import FloodPolicy
-from achat.store.memory import MemoryStore
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server, joined
@@ -1358,18 +1358,19 @@ _OPS = st.one_of(
     st.tuples(st.just("other"), st.sampled_from(ROOMS)),  # someone else says a line there
     st.tuples(st.just("cut"), st.integers(1, 80)),  # after that many bytes to the client
     st.tuples(st.just("pause"), st.integers(0, 20)),  # milliseconds
+    st.tuples(st.just("restart"), st.just(0)),  # the server, on its SQLite file
 )
 
 
-async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> None:
-    """Run ``ops`` against a real server behind a proxy that cuts the client off, then
-    check what the client and the server ended with against what the ops asked for."""
-    srv = Server(make_config(flood=flood), MemoryStore())
+async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy, db: Path) -> None:
+    """Run ``ops`` against a real server (SQLite in ``db``) behind a proxy that cuts its
+    clients off, then check what they and the server ended with against the ops."""
+    srv = Server(make_config(flood=flood), SQLiteStore(db))
     await srv.start()
     proxy = await FaultProxy("127.0.0.1", srv.port, fragment=5, seed=1).start()
     backoff = Backoff(initial=0.01, cap=0.05, rng=random.Random(1))
     ana = Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff)
-    bob = Client("127.0.0.1", srv.port, "bob")
+    bob = Client("127.0.0.1", proxy.port, "bob", reconnect=True, backoff=backoff)
     delivered: dict[str, list[int]] = {room: [] for room in ROOMS}
     stretch: dict[str, int | None] = {}  # room: the first seq delivered since ana joined
     changed = asyncio.Event()
@@ -1392,6 +1393,7 @@ async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> 
         watching = asyncio.create_task(watch())
         member: set[str] = set()
         said: dict[str, bool] = {}  # ana's lines: stored (said in a room she was in) or not
+        bob_said: set[str] = set()  # bob is in every room
         for n, (kind, arg) in enumerate(ops):
             if kind == "say":
                 room = str(arg)
@@ -1404,9 +1406,15 @@ async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> 
                 member.discard(str(arg))
                 ana.send(Part(room=str(arg), ref=ana.new_ref()))
             elif kind == "other":
+                bob_said.add(f"bob {n}")
                 bob.send(bob.say_frame(str(arg), f"bob {n}"))
             elif kind == "cut":
                 proxy.reset_after(int(str(arg)))
+            elif kind == "restart":
+                await srv.close()
+                srv = Server(make_config(flood=flood), SQLiteStore(db))
+                await srv.start()
+                proxy.target = ("127.0.0.1", srv.port)
             else:
                 await asyncio.sleep(int(str(arg)) / 1000)
 
@@ -1415,7 +1423,9 @@ async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> 
 
         def settled() -> bool:
             # Everything ana sent answered (her outbox: lines, joins and parts alike).
-            if ana._outbox or ana.queued or bob.pending or bob.queued or not ana.connected:
+            if ana._outbox or ana.queued or bob._outbox or bob.queued:
+                return False
+            if not (ana.connected and bob.connected):
                 return False
             # Every message of a room ana is in has reached her (or came before her join).
             return all(seq == last_seq(room) for room, seq in ana.rooms.items())
@@ -1445,6 +1455,7 @@ async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> 
         await srv.close()
     assert len(texts) == len(set(texts)), "a line was stored twice"
     assert {t for t, ok in said.items() if ok} == {t for t in stored if t.startswith("ana")}
+    assert bob_said == {t for t in stored if t.startswith("bob")}
     assert rooms == member
     for room, seqs in delivered.items():
         assert seqs == sorted(set(seqs)), f"#{room}: a message shown twice or out of order"
@@ -1457,11 +1468,14 @@ async def random_scenario(ops: list[tuple[str, object]], flood: FloodPolicy) -> 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(_OPS, min_size=1, max_size=30))
-def test_random_joins_parts_lines_and_cuts_keep_every_promise(
+def test_random_joins_parts_lines_cuts_and_restarts_keep_every_promise(
     ops: list[tuple[str, object]],
 ) -> None:
-    """Whatever the order of joins, parts, lines and cuts of the connection: each line
-    said in a room the client was in is stored once and the others not at all, the
-    client ends in the rooms the ops leave it in, and in each room every message reaches
-    it once, in order, with no gap since it last joined. The client paces (a flood limit)."""
-    asyncio.run(random_scenario(ops, FloodPolicy(rate=200, burst=5, strikes=1000)))
+    """Whatever the order of joins, parts, lines, cuts of the connections and restarts of
+    the server: each line said in a room the client was in is stored once and the others
+    not at all (another member's too), the client ends in the rooms the ops leave it in,
+    and in each room every message reaches it once, in order, with no gap since it last
+    joined. The clients pace (a flood limit)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = FloodPolicy(rate=200, burst=5, strikes=1000)
+        asyncio.run(random_scenario(ops, policy, Path(tmp) / "achat.db"))
