@@ -49,6 +49,7 @@ from achat.protocol.messages import (
 )
 from achat.server.app import Server
 from achat.server.limits import FloodPolicy
+from achat.store.memory import MemoryStore
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, FakeServer, fake_server, joined
@@ -1346,6 +1347,50 @@ async def test_closing_a_client_that_never_connected_ends_what_waits() -> None:
     assert [type(e) for e in client.received()] == [Disconnected]
     await client.close()  # idempotent: nothing more
     assert client.received() == []
+
+
+async def test_a_server_with_a_new_history_is_followed_from_its_first_message() -> None:
+    """The server lost its messages (a memory store, replaced) and has since stored more
+    of the room than the client had seen, so counting cannot tell: its welcome's history
+    id says the numbering started again, and the client shows what the server has from
+    its first message, instead of taking seqs it has seen for messages it has."""
+    first, second = Server(make_config(), MemoryStore()), Server(make_config(), MemoryStore())
+    await first.start()
+    await second.start()
+    proxy = await FaultProxy("127.0.0.1", first.port).start()
+    backoff = Backoff(initial=0.01, cap=0.05)
+    try:
+        async with (
+            Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff) as ana,
+            Client("127.0.0.1", first.port, "bob") as bob,
+        ):
+            await ana.join(ROOM)
+            await bob.join(ROOM)
+            for text in ("old 1", "old 2"):
+                await bob.say(ROOM, text)
+            async with asyncio.timeout(5):
+                while ana.rooms[ROOM] != 2:
+                    await ana.next_event()
+            async with Client("127.0.0.1", second.port, "cy") as cy:
+                await cy.join(ROOM)
+                for text in ("new 1", "new 2", "new 3"):
+                    await cy.say(ROOM, text)
+            proxy.target = ("127.0.0.1", second.port)
+            proxy.reset_all()
+            events: list[Event] = []
+            async with asyncio.timeout(5):
+                while not events or getattr(events[-1], "text", "") != "new 3":
+                    events.append(await ana.next_event())
+    finally:
+        await proxy.close()
+        await first.close()
+        await second.close()
+    assert [e.text for e in events if isinstance(e, Message)] == ["new 1", "new 2", "new 3"]
+    notices = [e.text for e in events if isinstance(e, LocalNotice)]
+    assert notices == [
+        f"the server has lost its messages and numbers them again from 1: what it has of "
+        f"#{ROOM} is shown from its first message"
+    ]
 
 
 # -- random scenarios: joins, parts, lines and cuts ------------------------------------

@@ -152,7 +152,13 @@ def test_register_sends_welcome(reg: Registry) -> None:
     member = reg.register(peer, hello("Ana"))
     [welcome] = peer.take()
     assert welcome == m.Welcome(
-        nick="Ana", server="test", version=1, max_frame=65536, max_text=4000, motd="be nice"
+        nick="Ana",
+        server="test",
+        version=1,
+        max_frame=65536,
+        max_text=4000,
+        motd="be nice",
+        history_id=reg.store.history_id,
     )
     assert reg.member("ANA") is member
     assert member.rooms == []

@@ -273,3 +273,8 @@ def test_after_pages_report_the_gap_only_where_it_is(limit: int) -> None:
     assert first[2] is True
     later = page(store, after=first[0][-1], limit=limit)
     assert later[2] is False
+
+
+def test_each_memory_store_numbers_its_own_messages() -> None:
+    """Its messages die with it: another store starts from 1, under another history id."""
+    assert MemoryStore().history_id != MemoryStore().history_id

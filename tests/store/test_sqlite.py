@@ -211,6 +211,23 @@ def test_schema_version_is_recorded(store: SQLiteStore, db_path: Path) -> None:
         other.close()
 
 
+def test_the_history_id_stays_with_the_file(db_path: Path, tmp_path: Path) -> None:
+    """The id of the numbering of messages is made with the file and read back with it;
+    another file numbers its own messages, with another id."""
+    first = SQLiteStore(db_path)
+    made = first.history_id
+    first.close()
+    again = SQLiteStore(db_path)
+    other = SQLiteStore(tmp_path / "other.db")
+    try:
+        assert again.history_id == made
+        assert other.history_id != made
+        assert len(made) == 16
+    finally:
+        again.close()
+        other.close()
+
+
 def test_newer_schema_is_refused(db_path: Path) -> None:
     """A database written by a newer achat is refused instead of being misread."""
     db_path.parent.mkdir(parents=True)
@@ -434,6 +451,7 @@ def test_a_version_2_database_keeps_the_acks_it_stored(db_path: Path) -> None:
         assert [(r.ref, r.ack) for r in s.load_refs(now=3_000)] == expected
         indexes = s._reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         assert "dms_ts" in {name for (name,) in indexes}
+        assert len(s.history_id) == 16  # given one by the upgrade
     finally:
         s.close()
 

@@ -21,7 +21,9 @@ the server answers a repeated message with
 the original ``ack`` instead of storing it twice. Messages whose ``seq`` the
 client has already delivered are dropped, so each message reaches the caller
 exactly once and in order. Frames sent while offline (before the first
-connection too) wait and go out once connected.
+connection too) wait and go out once connected. A server whose ``welcome``
+gives another ``history_id`` than the last one numbers its rooms anew (it
+lost its messages): each is re-joined with ``since`` 0 instead.
 
 Flood control: every frame goes out through the client's own token bucket
 (:class:`SendBudget`), as IRC clients pace their lines: ``PACE_SHARE`` of
@@ -327,6 +329,10 @@ class Client:
         self._quiet_pace = (self.budget.burst, self.budget.rate)
         # True while the connection's pace is the one its welcome announced.
         self._announced = False
+        # The id of the server's numbering of messages, from the last welcome that gave
+        # one; and whether this connection's differs (its rooms start again from 1).
+        self._history_id: str | None = None
+        self._renumbered = False
         self.welcome: Welcome | None = None
         #: Rooms joined, with the ``seq`` after which messages are delivered in each: the
         #: last one delivered, or where a join put the room (None until known).
@@ -467,6 +473,10 @@ class Client:
         self._online = True
         self._last_heard = self._last_sent = self.clock()
         self._start_pace()
+        history_id = self.welcome.history_id if self.welcome is not None else None
+        if isinstance(history_id, str):
+            self._renumbered = self._history_id not in (None, history_id)
+            self._history_id = history_id
 
     def _start_pace(self) -> None:
         """A new connection, whose server has its bucket full: the pace its welcome
@@ -1053,7 +1063,21 @@ class Client:
                 reused.add(id(head))
                 ref = head.ref
             ref = ref or self.new_ref()
-            rejoins[ref] = Join(room=room, since=self._start_of(room, after_part), ref=ref)
+            since = self._start_of(room, after_part)
+            if self._renumbered:  # the seqs known here are of the old numbering
+                since = 0
+                self.rooms[room] = None
+                self._seq_from_names.discard(room)
+            rejoins[ref] = Join(room=room, since=since, ref=ref)
+        if self._renumbered and rejoins:
+            shown = ", ".join(f"#{join.room}" for join in rejoins.values())
+            self._events.put_nowait(
+                LocalNotice(
+                    "the server has lost its messages and numbers them again from 1: what "
+                    f"it has of {shown} is shown from its first message"
+                )
+            )
+        self._renumbered = False
         # The re-joins are kept like any join (a refused one goes again; names answers it).
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
         self._outbox = rejoins | rest

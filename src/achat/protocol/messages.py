@@ -190,6 +190,9 @@ class Welcome(_Frame, tag="welcome", frozen=True, kw_only=True):
     # an unknown one would be, not a reason to refuse the welcome (connection.pace_under).
     send_rate: object = None
     send_burst: object = None
+    # Extension: names the server's numbering of messages; when it changes, every room's
+    # seq has started again from 1 (the server lost its messages). Any value, as above.
+    history_id: object = None
 
 
 class Message(_Frame, tag="message", frozen=True, kw_only=True):

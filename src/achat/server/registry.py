@@ -253,6 +253,7 @@ class Registry:
                     motd=self.motd,
                     send_rate=None if self.flood is None else self.flood.rate,
                     send_burst=None if self.flood is None else self.flood.burst,
+                    history_id=self.store.history_id,
                 )
             )
         )

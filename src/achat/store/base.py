@@ -78,6 +78,11 @@ class HistoryPage:
 class Store(Protocol):
     """What the registry needs from a message store. No method may block for long."""
 
+    #: Names this store's numbering of messages: the same for as long as its rooms' seqs
+    #: go on from where they were, a new one when they start again from 1 (a memory
+    #: store each time it is made, a database file when it is created).
+    history_id: str
+
     def load_rooms(self) -> list[RoomRecord]:
         """Every room the store knows, with its topic and latest ``seq``."""
         ...

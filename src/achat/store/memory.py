@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ class MemoryStore:
         # which made each say past MAX_REFS cost more than the last.
         self._refs: OrderedDict[tuple[str, str], RefRecord] = OrderedDict()
         self._max = max_per_room
+        #: Messages live as long as this object: each one numbers its rooms from 1.
+        self.history_id = secrets.token_hex(8)
 
     def load_rooms(self) -> list[RoomRecord]:
         names = set(self._messages) | set(self._topics)

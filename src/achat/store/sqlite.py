@@ -51,7 +51,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 log = logging.getLogger("achat.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Seconds between checkpoints while commits keep coming (bounds the WAL's growth).
 CHECKPOINT_INTERVAL = 0.5
@@ -106,6 +106,15 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX dms_ts ON dms (ts);
     """,
+    # 4: the id of this file's numbering of messages, for clients to tell a server that
+    # lost its messages (and numbers its rooms from 1 again) from one that kept them.
+    """
+    CREATE TABLE meta (
+        key    TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO meta (key, value) VALUES ('history_id', lower(hex(randomblob(8))));
+    """,
 )
 
 #: How far back (ms) load_refs looks for messages whose ref may still be in force: the
@@ -157,6 +166,10 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reader = self._connect()
         self._migrate(self._reader)
+        #: The id of this file's numbering of messages (see ``Store``).
+        self.history_id: str = self._reader.execute(
+            "SELECT value FROM meta WHERE key = 'history_id'"
+        ).fetchone()[0]
         # Lists of writes for the writer thread; None tells it to stop.
         self._queue: queue.SimpleQueue[list[_Write] | None] = queue.SimpleQueue()
         # Writes of the current loop tick, handed to the writer thread together.
