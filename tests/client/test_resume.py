@@ -1393,6 +1393,45 @@ async def test_a_server_with_a_new_history_is_followed_from_its_first_message() 
     ]
 
 
+async def test_what_asks_by_seq_offline_is_of_the_old_numbering_on_a_new_history() -> None:
+    """Asked while offline: a join of #x since 3 and a page of #y's history before 3. The
+    server comes back with a new history: the join asks from its first message (the
+    notice names the room), and the page, whose seqs mean other messages now, is answered
+    here with an error instead of showing them."""
+    first, second = Server(make_config(), MemoryStore()), Server(make_config(), MemoryStore())
+    await first.start()
+    await second.start()
+    proxy = await FaultProxy("127.0.0.1", first.port).start()
+    backoff = Backoff(initial=0.01, cap=0.05)
+    try:
+        async with Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff) as ana:
+            await first.close()
+            await wait_for_event(ana, ConnectionLost)
+            joining = asyncio.create_task(ana.join("x", since=3))
+            paging = asyncio.create_task(ana.history("y", before=3))
+            async with Client("127.0.0.1", second.port, "cy") as cy:
+                await cy.join("x")
+                for text in ("new 1", "new 2", "new 3", "new 4"):
+                    await cy.say("x", text)
+            proxy.target = ("127.0.0.1", second.port)
+            events: list[Event] = []
+            async with asyncio.timeout(5):
+                while not events or getattr(events[-1], "text", "") != "new 4":
+                    events.append(await ana.next_event())
+                await joining
+                with pytest.raises(ServerError) as refused:
+                    await paging
+    finally:
+        await proxy.close()
+        await second.close()
+    assert [e.text for e in events if isinstance(e, Message)] == [f"new {i}" for i in range(1, 5)]
+    assert refused.value.code == "unavailable"
+    assert [e.text for e in events if isinstance(e, LocalNotice)] == [
+        "the server has lost its messages and numbers them again from 1: what it has of #x "
+        "is shown from its first message"
+    ]
+
+
 # -- random scenarios: joins, parts, lines and cuts ------------------------------------
 
 ROOMS = ("a", "b", "c")

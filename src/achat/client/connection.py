@@ -1063,23 +1063,12 @@ class Client:
                 reused.add(id(head))
                 ref = head.ref
             ref = ref or self.new_ref()
-            since = self._start_of(room, after_part)
-            if self._renumbered:  # the seqs known here are of the old numbering
-                since = 0
-                self.rooms[room] = None
-                self._seq_from_names.discard(room)
-            rejoins[ref] = Join(room=room, since=since, ref=ref)
-        if self._renumbered and rejoins:
-            shown = ", ".join(f"#{join.room}" for join in rejoins.values())
-            self._events.put_nowait(
-                LocalNotice(
-                    "the server has lost its messages and numbers them again from 1: what "
-                    f"it has of {shown} is shown from its first message"
-                )
-            )
-        self._renumbered = False
+            rejoins[ref] = Join(room=room, since=self._start_of(room, after_part), ref=ref)
         # The re-joins are kept like any join (a refused one goes again; names answers it).
         rest = {ref: f for ref, f in self._outbox.items() if id(f) not in reused}
+        if self._renumbered:
+            rejoins, rest = self._renumber(rejoins, rest)
+            self._renumbered = False
         self._outbox = rejoins | rest
         self._rejoining = set(rejoins)
         # A join's since is kept while it can still be answered: it goes again. A re-join
@@ -1097,6 +1086,45 @@ class Client:
         if self._paced:
             self._start_pacer()
         return self.pending
+
+    def _renumber(
+        self, rejoins: dict[str, Join], rest: dict[str, ClientFrame]
+    ) -> tuple[dict[str, Join], dict[str, ClientFrame]]:
+        """The server numbers its messages anew (its welcome's history id changed): the
+        seqs known here and in the outbox are of the old numbering.
+
+        Every room is joined again from the server's first message, and so is every
+        join with a ``since`` still waiting for its answer. A ``history`` question by
+        seq has no answer any more: it is answered here with an ``unavailable`` error.
+        """
+        rejoins = {ref: Join(room=j.room, since=0, ref=ref) for ref, j in rejoins.items()}
+        for join in rejoins.values():
+            self.rooms[join.room] = None
+            self._seq_from_names.discard(join.room)
+        kept: dict[str, ClientFrame] = {}
+        for ref, frame in rest.items():
+            if isinstance(frame, Join) and frame.since is not None:
+                frame = Join(room=frame.room, since=0, ref=ref)
+                self._join_since[ref] = (frame.room, 0)
+            elif isinstance(frame, HistoryRequest) and (frame.before, frame.after) != (None, None):
+                text = "the server has lost its messages: the history asked for is gone"
+                answer = Error(code="unavailable", message=text, fatal=False, ref=ref)
+                future = self._pending.get(ref)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+                self._events.put_nowait(answer)
+                continue
+            kept[ref] = frame
+        rooms = [j.room for j in rejoins.values()]
+        rooms += [f.room for f in kept.values() if isinstance(f, Join) and f.since == 0]
+        shown = ", ".join(dict.fromkeys(f"#{room}" for room in rooms))
+        self._events.put_nowait(
+            LocalNotice(
+                "the server has lost its messages and numbers them again from 1"
+                + (f": what it has of {shown} is shown from its first message" if shown else "")
+            )
+        )
+        return rejoins, kept
 
     def _deliver_body(self, body: bytes) -> None:
         try:

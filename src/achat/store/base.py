@@ -80,7 +80,8 @@ class Store(Protocol):
 
     #: Names this store's numbering of messages: the same for as long as its rooms' seqs
     #: go on from where they were, a new one when they start again from 1 (a memory
-    #: store each time it is made, a database file when it is created).
+    #: store each time it is made, a database file when it is created; a file put back
+    #: from an older copy keeps its id, though its seqs go back).
     history_id: str
 
     def load_rooms(self) -> list[RoomRecord]:
