@@ -1349,21 +1349,31 @@ async def test_closing_a_client_that_never_connected_ends_what_waits() -> None:
     assert client.received() == []
 
 
-async def test_a_server_with_a_new_history_is_followed_from_its_first_message() -> None:
-    """The server lost its messages (a memory store, replaced) and has since stored more
-    of the room than the client had seen, so counting cannot tell: its welcome's history
-    id says the numbering started again, and the client shows what the server has from
-    its first message, instead of taking seqs it has seen for messages it has."""
+@contextlib.asynccontextmanager
+async def two_histories() -> AsyncIterator[tuple[Server, Server, FaultProxy, Client]]:
+    """Two servers with memory stores, each its own history; a proxy to the first, and
+    ana connected through it, reconnecting."""
     first, second = Server(make_config(), MemoryStore()), Server(make_config(), MemoryStore())
     await first.start()
     await second.start()
     proxy = await FaultProxy("127.0.0.1", first.port).start()
     backoff = Backoff(initial=0.01, cap=0.05)
     try:
-        async with (
-            Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff) as ana,
-            Client("127.0.0.1", first.port, "bob") as bob,
-        ):
+        async with Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff) as ana:
+            yield first, second, proxy, ana
+    finally:
+        await proxy.close()
+        await first.close()
+        await second.close()
+
+
+async def test_a_server_with_a_new_history_is_followed_from_its_first_message() -> None:
+    """The server lost its messages (a memory store, replaced) and has since stored more
+    of the room than the client had seen, so counting cannot tell: its welcome's history
+    id says the numbering started again, and the client shows what the server has from
+    its first message, instead of taking seqs it has seen for messages it has."""
+    async with two_histories() as (first, second, proxy, ana):
+        async with Client("127.0.0.1", first.port, "bob") as bob:
             await ana.join(ROOM)
             await bob.join(ROOM)
             for text in ("old 1", "old 2"):
@@ -1371,20 +1381,16 @@ async def test_a_server_with_a_new_history_is_followed_from_its_first_message() 
             async with asyncio.timeout(5):
                 while ana.rooms[ROOM] != 2:
                     await ana.next_event()
-            async with Client("127.0.0.1", second.port, "cy") as cy:
-                await cy.join(ROOM)
-                for text in ("new 1", "new 2", "new 3"):
-                    await cy.say(ROOM, text)
-            proxy.target = ("127.0.0.1", second.port)
-            proxy.reset_all()
-            events: list[Event] = []
-            async with asyncio.timeout(5):
-                while not events or getattr(events[-1], "text", "") != "new 3":
-                    events.append(await ana.next_event())
-    finally:
-        await proxy.close()
-        await first.close()
-        await second.close()
+        async with Client("127.0.0.1", second.port, "cy") as cy:
+            await cy.join(ROOM)
+            for text in ("new 1", "new 2", "new 3"):
+                await cy.say(ROOM, text)
+        proxy.target = ("127.0.0.1", second.port)
+        proxy.reset_all()
+        events: list[Event] = []
+        async with asyncio.timeout(5):
+            while not events or getattr(events[-1], "text", "") != "new 3":
+                events.append(await ana.next_event())
     assert [e.text for e in events if isinstance(e, Message)] == ["new 1", "new 2", "new 3"]
     notices = [e.text for e in events if isinstance(e, LocalNotice)]
     assert notices == [
@@ -1398,32 +1404,23 @@ async def test_what_asks_by_seq_offline_is_of_the_old_numbering_on_a_new_history
     server comes back with a new history: the join asks from its first message (the
     notice names the room), and the page, whose seqs mean other messages now, is answered
     here with an error instead of showing them."""
-    first, second = Server(make_config(), MemoryStore()), Server(make_config(), MemoryStore())
-    await first.start()
-    await second.start()
-    proxy = await FaultProxy("127.0.0.1", first.port).start()
-    backoff = Backoff(initial=0.01, cap=0.05)
-    try:
-        async with Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=backoff) as ana:
-            await first.close()
-            await wait_for_event(ana, ConnectionLost)
-            joining = asyncio.create_task(ana.join("x", since=3))
-            paging = asyncio.create_task(ana.history("y", before=3))
-            async with Client("127.0.0.1", second.port, "cy") as cy:
-                await cy.join("x")
-                for text in ("new 1", "new 2", "new 3", "new 4"):
-                    await cy.say("x", text)
-            proxy.target = ("127.0.0.1", second.port)
-            events: list[Event] = []
-            async with asyncio.timeout(5):
-                while not events or getattr(events[-1], "text", "") != "new 4":
-                    events.append(await ana.next_event())
-                await joining
-                with pytest.raises(ServerError) as refused:
-                    await paging
-    finally:
-        await proxy.close()
-        await second.close()
+    async with two_histories() as (first, second, proxy, ana):
+        await first.close()
+        await wait_for_event(ana, ConnectionLost)
+        joining = asyncio.create_task(ana.join("x", since=3))
+        paging = asyncio.create_task(ana.history("y", before=3))
+        async with Client("127.0.0.1", second.port, "cy") as cy:
+            await cy.join("x")
+            for text in ("new 1", "new 2", "new 3", "new 4"):
+                await cy.say("x", text)
+        proxy.target = ("127.0.0.1", second.port)
+        events: list[Event] = []
+        async with asyncio.timeout(5):
+            while not events or getattr(events[-1], "text", "") != "new 4":
+                events.append(await ana.next_event())
+            await joining
+            with pytest.raises(ServerError) as refused:
+                await paging
     assert [e.text for e in events if isinstance(e, Message)] == [f"new {i}" for i in range(1, 5)]
     assert refused.value.code == "unavailable"
     assert [e.text for e in events if isinstance(e, LocalNotice)] == [
