@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -60,6 +61,7 @@ from achat.server.app import Server
 from achat.server.config import ServerConfig
 from achat.store.memory import MemoryStore
 from tests.helpers.fakeserver import WELCOME, answering, fake_server, joined
+from tests.helpers.faultproxy import FaultProxy
 
 ESC_ENTER = "\x1b\r"
 CTRL_D = "\x04"
@@ -715,6 +717,47 @@ async def test_a_server_restarted_without_its_history_is_followed(server: Server
             window.ui.quit()
             await window.task
             await again.close()
+
+
+@pytest.mark.parametrize("cut", ["in the names", "in the context"])
+async def test_a_room_joined_as_the_server_lost_its_messages_is_shown_once(cut: str) -> None:
+    """The window's join of #x is cut off in its names (the room's place unknown), or in
+    the answer to its context (asked by seq of the old numbering), and the client comes
+    back to a server with a new history. The new server's messages are shown once each,
+    as context or as the room's backlog, and no error for the context lost on the way."""
+    old = Server(ServerConfig(host="127.0.0.1", port=0), MemoryStore())
+    new = Server(ServerConfig(host="127.0.0.1", port=0), MemoryStore())
+    await old.start()
+    await new.start()
+    proxy = await FaultProxy("127.0.0.1", old.port).start()
+    for server, nick, said in ((old, "bob", "old"), (new, "cy", "new")):
+        async with Client("127.0.0.1", server.port, nick) as client:
+            await client.join("x")
+            for i in range(1, 4):
+                await client.say("x", f"{said} {i}")
+    client = Client("127.0.0.1", proxy.port, "ana", reconnect=True, backoff=Backoff(0.01, 0.05))
+    await client.connect()
+    joined_size = len(encode(Joined(room="x", nick="ana", ts=int(time.time() * 1000))))
+    names_size = len(encode(Names(room="x", nicks=["ana"], topic="", seq=3, ref="0123abcd-1")))
+    proxy.target = ("127.0.0.1", new.port)
+    proxy.reset_after(joined_size + (2 if cut == "in the names" else names_size + 60))
+    try:
+        with create_pipe_input() as keyboard:
+            ui = ChatUI(client, room="x", input=keyboard, output=DummyOutput())
+            window = Window(ui, keyboard, asyncio.create_task(ui.run()))
+            await window.wait_for("<cy> new 3")
+            await until("everything answered", lambda: not client._outbox and client.connected)
+            ui.quit()
+            await window.task
+    finally:
+        await client.close()
+        await proxy.close()
+        await old.close()
+        await new.close()
+    assert proxy.resets == 1
+    shown = [line.split("> ", 1)[1] for line in ui.transcript if "<cy> " in line]
+    assert shown == ["new 1", "new 2", "new 3"]
+    assert not [line for line in ui.transcript if "unavailable" in line or "old " in line]
 
 
 async def test_a_room_left_while_offline_is_left_on_reconnecting(server: Server) -> None:

@@ -1095,9 +1095,15 @@ class Client:
 
         Every room is joined again from the server's first message, and so is every
         join with a ``since`` still waiting for its answer. A ``history`` question by
-        seq has no answer any more: it is answered here with an ``unavailable`` error.
+        seq (``after`` 0, from the first, excepted) has no answer any more: it is
+        answered here with an ``unavailable`` error.
         """
-        rejoins = {ref: Join(room=j.room, since=0, ref=ref) for ref, j in rejoins.items()}
+        # A room whose place is not known yet (its names did not come) was joined for what
+        # comes live, and is joined so again.
+        rejoins = {
+            ref: j if j.since is None else Join(room=j.room, since=0, ref=ref)
+            for ref, j in rejoins.items()
+        }
         for join in rejoins.values():
             self.rooms[join.room] = None
             self._seq_from_names.discard(join.room)
@@ -1106,7 +1112,7 @@ class Client:
             if isinstance(frame, Join) and frame.since is not None:
                 frame = Join(room=frame.room, since=0, ref=ref)
                 self._join_since[ref] = (frame.room, 0)
-            elif isinstance(frame, HistoryRequest) and (frame.before, frame.after) != (None, None):
+            elif isinstance(frame, HistoryRequest) and (frame.before is not None or frame.after):
                 text = "the server has lost its messages: the history asked for is gone"
                 answer = Error(code="unavailable", message=text, fatal=False, ref=ref)
                 future = self._pending.get(ref)
@@ -1115,8 +1121,7 @@ class Client:
                 self._events.put_nowait(answer)
                 continue
             kept[ref] = frame
-        rooms = [j.room for j in rejoins.values()]
-        rooms += [f.room for f in kept.values() if isinstance(f, Join) and f.since == 0]
+        rooms = [j.room for j in (rejoins | kept).values() if isinstance(j, Join) and j.since == 0]
         shown = ", ".join(dict.fromkeys(f"#{room}" for room in rooms))
         self._events.put_nowait(
             LocalNotice(

@@ -191,6 +191,7 @@ class ChatUI:
         self._sent_dms: dict[str, tuple[str, str]] = {}
         self._asked: set[str] = set()  # refs of /who requests, whose names are shown
         self._asked_topic: set[str] = set()  # refs of /topic requests for rooms not joined
+        self._context: set[str] = set()  # refs of the history asked for a room just joined
         self._quit = asyncio.Event()
         # Refs of the first room's join and context request, until answered; then opened.
         self._opening: set[str] = set()
@@ -443,6 +444,7 @@ class ChatUI:
                 self.show(self.renderer.names(event.room, collected, event.topic))
                 if event.seq > 0 and not self._quit.is_set():  # no questions while quitting
                     ref = self.client.new_ref()
+                    self._context.add(ref)
                     self.client.send(
                         HistoryRequest(
                             room=event.room,
@@ -500,6 +502,12 @@ class ChatUI:
         elif isinstance(event, Error):
             self._sent_dms.pop(event.ref or "", None)
             self._asked_topic.discard(event.ref or "")
+            if event.ref in self._context:
+                self._context.discard(event.ref)
+                if event.code == "unavailable":
+                    return  # lost with the server's messages, which a notice has said
+        elif isinstance(event, History) and event.ref in self._context:
+            self._context.discard(event.ref)
         elif isinstance(event, History) and not event.messages and event.ref is None:
             return
         self.show(self.renderer.event(event, current_room=state.room))
