@@ -1403,12 +1403,13 @@ async def test_what_asks_by_seq_offline_is_of_the_old_numbering_on_a_new_history
     """Asked while offline: a join of #x since 3 and a page of #y's history before 3. The
     server comes back with a new history: the join asks from its first message (the
     notice names the room), and the page, whose seqs mean other messages now, is answered
-    here with an error instead of showing them."""
+    here with an error instead of showing them; a page from the first (after 0) is not."""
     async with two_histories() as (first, second, proxy, ana):
         await first.close()
         await wait_for_event(ana, ConnectionLost)
         joining = asyncio.create_task(ana.join("x", since=3))
         paging = asyncio.create_task(ana.history("y", before=3))
+        from_first = asyncio.create_task(ana.history("x", after=0))
         async with Client("127.0.0.1", second.port, "cy") as cy:
             await cy.join("x")
             for text in ("new 1", "new 2", "new 3", "new 4"):
@@ -1421,8 +1422,10 @@ async def test_what_asks_by_seq_offline_is_of_the_old_numbering_on_a_new_history
             await joining
             with pytest.raises(ServerError) as refused:
                 await paging
+            first_page = await from_first
     assert [e.text for e in events if isinstance(e, Message)] == [f"new {i}" for i in range(1, 5)]
     assert refused.value.code == "unavailable"
+    assert [m.text for m in first_page.messages] == [f"new {i}" for i in range(1, 5)]
     assert [e.text for e in events if isinstance(e, LocalNotice)] == [
         "the server has lost its messages and numbers them again from 1: what it has of #x "
         "is shown from its first message"

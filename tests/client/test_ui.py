@@ -311,6 +311,26 @@ async def test_the_opening_waits_for_the_history_after_a_gap(
     assert any("still here" in line for line in shown), shown
 
 
+async def test_a_servers_own_refusal_of_the_context_is_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window keeps quiet only about the client's own error for a context lost with
+    the server's messages: an ``unavailable`` the server sends for it is shown."""
+
+    async def answer(writer: asyncio.StreamWriter, frame: ClientFrame) -> None:
+        if isinstance(frame, Join):
+            joined(writer, frame, 7)
+        elif isinstance(frame, HistoryRequest):
+            text = "the archive is down"
+            writer.write(
+                encode(Error(code="unavailable", message=text, fatal=False, ref=frame.ref))
+            )
+
+    async with fake_server(answering(answer)) as port:
+        shown, _ = await first_prompt(port, monkeypatch, opening_wait=30)
+    assert any("the archive is down" in line for line in shown), shown
+
+
 async def test_the_opening_ends_when_the_connection_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection closed before the join is answered ends the wait at once."""
 

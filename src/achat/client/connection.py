@@ -23,7 +23,9 @@ client has already delivered are dropped, so each message reaches the caller
 exactly once and in order. Frames sent while offline (before the first
 connection too) wait and go out once connected. A server whose ``welcome``
 gives another ``history_id`` than the last one numbers its rooms anew (it
-lost its messages): each is re-joined with ``since`` 0 instead.
+lost its messages): each room with a known place is re-joined with ``since``
+0 instead, and a ``history`` question by seq is answered with a non-fatal
+``unavailable`` error whose message is ``HISTORY_LOST``.
 
 Flood control: every frame goes out through the client's own token bucket
 (:class:`SendBudget`), as IRC clients pace their lines: ``PACE_SHARE`` of
@@ -125,6 +127,9 @@ PACE_SHARE = 0.8
 #: default (10 at once, 5 a second), which refuses the rest.
 SEND_BURST = 8
 SEND_RATE = 4.0
+#: The message of the ``unavailable`` error the client answers a ``history`` question by seq
+#: with, when the server turns out to have numbered its messages anew (see ``_renumber``).
+HISTORY_LOST = "the server has lost its messages: the history asked for is gone"
 #: Bounds on a pace taken from what a server announces (beyond them, no pacing is felt).
 MAX_PACE_BURST = 10_000
 MAX_PACE_RATE = 1e6
@@ -1093,10 +1098,11 @@ class Client:
         """The server numbers its messages anew (its welcome's history id changed): the
         seqs known here and in the outbox are of the old numbering.
 
-        Every room is joined again from the server's first message, and so is every
-        join with a ``since`` still waiting for its answer. A ``history`` question by
-        seq (``after`` 0, from the first, excepted) has no answer any more: it is
-        answered here with an ``unavailable`` error.
+        Every room with a known place is joined again from the server's first
+        message (one whose names never came, for what comes live, as it was), and
+        every join with a ``since`` still waiting for its answer asks from 0. A
+        ``history`` question by seq (``after`` 0, from the first, excepted) has no
+        answer any more: it is answered here with an ``unavailable`` error.
         """
         # A room whose place is not known yet (its names did not come) was joined for what
         # comes live, and is joined so again.
@@ -1113,8 +1119,7 @@ class Client:
                 frame = Join(room=frame.room, since=0, ref=ref)
                 self._join_since[ref] = (frame.room, 0)
             elif isinstance(frame, HistoryRequest) and (frame.before is not None or frame.after):
-                text = "the server has lost its messages: the history asked for is gone"
-                answer = Error(code="unavailable", message=text, fatal=False, ref=ref)
+                answer = Error(code="unavailable", message=HISTORY_LOST, fatal=False, ref=ref)
                 future = self._pending.get(ref)
                 if future is not None and not future.done():
                     future.set_result(answer)

@@ -51,7 +51,14 @@ from ..protocol.messages import (
 )
 from ..protocol.names import nick_key
 from . import commands as cmd
-from .connection import Client, ConnectionLost, Disconnected, LocalNotice, Reconnected
+from .connection import (
+    HISTORY_LOST,
+    Client,
+    ConnectionLost,
+    Disconnected,
+    LocalNotice,
+    Reconnected,
+)
 from .render import Line, Renderer, plain, visible
 
 __all__ = ["ChatCompleter", "ChatState", "ChatUI", "run_ui"]
@@ -504,8 +511,8 @@ class ChatUI:
             self._asked_topic.discard(event.ref or "")
             if event.ref in self._context:
                 self._context.discard(event.ref)
-                if event.code == "unavailable":
-                    return  # lost with the server's messages, which a notice has said
+                if event.code == "unavailable" and event.message == HISTORY_LOST:
+                    return  # the client's own: lost with the server's messages, as said
         elif isinstance(event, History) and event.ref in self._context:
             self._context.discard(event.ref)
         elif isinstance(event, History) and not event.messages and event.ref is None:
