@@ -35,7 +35,7 @@ from achat.server.limits import FloodPolicy
 from achat.store.memory import MemoryStore
 from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
-from tests.helpers.fakeserver import WELCOME, FakeServer, answering, fake_server
+from tests.helpers.fakeserver import WELCOME, FakeServer, answering, fake_server, numbered
 from tests.helpers.faultproxy import FaultProxy
 
 
@@ -455,13 +455,12 @@ async def test_a_server_that_announces_no_limit_gets_the_clients_own_pace() -> N
     server, another implementation): the client goes back to its own 8 at once, then 4
     a second, instead of writing everything at once to a server that may limit it."""
     unlimited = m.encode(welcome_limit(0, 10))
-    connections = 0
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(
+        number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         await reader.read(65536)  # hello
-        if connections == 1:
+        if number == 1:
             writer.write(unlimited)
             writer.close()
             return
@@ -470,7 +469,7 @@ async def test_a_server_that_announces_no_limit_gets_the_clients_own_pace() -> N
             pass
 
     backoff = Backoff(initial=0.01, cap=0.05)
-    async with fake_server(handler) as port:
+    async with fake_server(numbered(handler)) as port:
         client = Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff)
         await client.connect()
         assert client.budget.rate == 0
@@ -488,12 +487,10 @@ async def test_a_slow_down_lasts_while_the_server_says_nothing_of_its_limit() ->
     """Refused by a server that says nothing of its limit, the client halves its pace and
     keeps it on the next connection to such a server (likely the same, with the same
     limit); a server that announces its limit gets a pace under it instead."""
-    connections = 0
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
+    async def handler(
+        number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         decoder = FrameDecoder()
         while data := await reader.read(65536):
             for body in decoder.receive_data(data):
@@ -513,7 +510,7 @@ async def test_a_slow_down_lasts_while_the_server_says_nothing_of_its_limit() ->
 
     backoff = Backoff(initial=0.01, cap=0.05)
     paces = []
-    async with fake_server(handler) as port:
+    async with fake_server(numbered(handler)) as port:
         client = Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff)
         await client.connect()
         paces.append((client.budget.burst, client.budget.rate))
@@ -924,13 +921,12 @@ async def closing_while_reconnecting(backoff: Backoff, hold_welcome: bool) -> li
     connection's welcome must end at once and close that connection."""
     second_closed = asyncio.Event()
     reopened = asyncio.Event()
-    connections = 0
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def handler(
+        number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         await reader.read(65536)  # hello
-        if connections == 1:
+        if number == 1:
             writer.write(WELCOME)
             await reader.read(65536)  # the say: the connection drops
             writer.close()
@@ -940,7 +936,7 @@ async def closing_while_reconnecting(backoff: Backoff, hold_welcome: bool) -> li
             pass
         second_closed.set()
 
-    async with fake_server(handler) as port:
+    async with fake_server(numbered(handler)) as port:
         client = Client("127.0.0.1", port, "ana", reconnect=True, backoff=backoff)
         await client.connect()
         client.send(client.say_frame("ops", "hi"))

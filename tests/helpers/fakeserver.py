@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder
 
-__all__ = ["WELCOME", "FakeServer", "OnFrame", "answering", "fake_server", "joined"]
+__all__ = ["WELCOME", "FakeServer", "OnFrame", "answering", "fake_server", "joined", "numbered"]
 
 FakeServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OnFrame = Callable[[asyncio.StreamWriter, m.ClientFrame], Awaitable[None]]
+Numbered = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
@@ -41,6 +43,16 @@ async def fake_server(handler: FakeServer) -> AsyncIterator[int]:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
         await server.wait_closed()
+
+
+def numbered(handler: Numbered) -> FakeServer:
+    """A server that runs ``handler`` with the number of each connection, from 1."""
+    numbers = itertools.count(1)
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handler(next(numbers), reader, writer)
+
+    return run
 
 
 WELCOME = m.encode(m.Welcome(nick="ana", server="evil", version=1, max_frame=65536, max_text=4000))
