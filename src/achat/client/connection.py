@@ -1107,7 +1107,7 @@ class Client:
         # A room whose place is not known yet (its names did not come) was joined for what
         # comes live, and is joined so again.
         rejoins = {
-            ref: j if j.since is None else Join(room=j.room, since=0, ref=ref)
+            ref: j if j.since is None else msgspec.structs.replace(j, since=0)
             for ref, j in rejoins.items()
         }
         for join in rejoins.values():
@@ -1116,7 +1116,7 @@ class Client:
         kept: dict[str, ClientFrame] = {}
         for ref, frame in rest.items():
             if isinstance(frame, Join) and frame.since is not None:
-                frame = Join(room=frame.room, since=0, ref=ref)
+                frame = msgspec.structs.replace(frame, since=0)
                 self._join_since[ref] = (frame.room, 0)
             elif isinstance(frame, HistoryRequest) and (frame.before is not None or frame.after):
                 answer = Error(code="unavailable", message=HISTORY_LOST, fatal=False, ref=ref)
