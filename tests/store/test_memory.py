@@ -44,6 +44,24 @@ def test_append_calls_back_once_stored() -> None:
     assert calls == ["message", "dm"]
 
 
+def test_append_many_stores_each_then_calls_back_once() -> None:
+    """append_many keeps each message with its ref, in order, and calls on_stored once."""
+    store = MemoryStore()
+    calls: list[str] = []
+    messages = [msg("a", 1), msg("b", 1), msg("a", 2)]
+    refs = [RefRecord("ana", "r1", 9000), None, RefRecord("ana", "r3", 9001)]
+    store.append_many(messages, refs, lambda: calls.append("stored"))
+    assert calls == ["stored"]
+    assert page(store) == ([1, 2], False, False)
+    assert page(store, room="b") == ([1], False, False)
+    assert [(r.ref, r.ack) for r in store.load_refs(0)] == [
+        ("r1", ack_of("r1", messages[0])),
+        ("r3", ack_of("r3", messages[2])),
+    ]
+    with pytest.raises(ValueError, match="shorter"):
+        store.append_many(messages, refs[:2], lambda: None)
+
+
 def test_empty_room() -> None:
     """A room with no messages (or unknown) has an empty history, no more and no gap."""
     store = MemoryStore()

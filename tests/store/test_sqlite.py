@@ -111,6 +111,39 @@ async def test_an_append_from_another_thread_is_handed_over_at_once(store: SQLit
     assert threads == [loop_thread]
 
 
+async def test_append_many_commits_together_and_calls_back_once(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    """append_many stores every message with its ref, and calls back once, after the
+    commit that holds all of them; an empty list still calls back."""
+    messages = [msg("r", 1), msg("s", 1), msg("r", 2)]
+    refs = [RefRecord("ana", "r1", 9000), None, RefRecord("ana", "r3", 9001)]
+    counts: list[int] = []
+    done = asyncio.Event()
+
+    def stored() -> None:
+        with sqlite3.connect(db_path) as other:
+            counts.append(other.execute("SELECT count(*) FROM messages").fetchone()[0])
+        done.set()
+
+    store.append_many(messages, refs, stored)
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert counts == [3]
+    assert [m.seq for m in store.history("r", before=None, after=None, limit=10).messages] == [
+        1,
+        2,
+    ]
+    assert [(r.ref, r.ack) for r in store.load_refs(0)] == [
+        ("r1", ack_of("r1", messages[0])),
+        ("r3", ack_of("r3", messages[2])),
+    ]
+    empty = asyncio.Event()
+    store.append_many([], [], empty.set)
+    async with asyncio.timeout(5):
+        await empty.wait()
+
+
 async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:
     """Messages appended in one tick are committed in far fewer transactions than messages."""
     acked: list[int] = []

@@ -9,7 +9,7 @@ get its ``ack``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,6 +102,20 @@ class Store(Protocol):
         """Store a message (its ``seq`` set by the registry) and its ``ref``, atomically.
 
         ``on_stored`` is called on the event loop once both are kept.
+        """
+        ...
+
+    def append_many(
+        self,
+        messages: Sequence[Message],
+        refs: Sequence[RefRecord | None],
+        on_stored: Callable[[], None],
+    ) -> None:
+        """Store several messages (each room's in ``seq`` order), ``refs[i]`` with
+        ``messages[i]``, as :meth:`append` would one by one, in the order given.
+
+        ``on_stored`` is called once, on the event loop, when all of them are kept:
+        one call for a read's worth of ``say`` frames instead of one per message.
         """
         ...
 

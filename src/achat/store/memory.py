@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..protocol.messages import DmEvent, Message
 from .base import HistoryPage, RefRecord, RoomRecord, ack_of
@@ -56,11 +56,25 @@ class MemoryStore:
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
         self._remember(ref, message)
+        self._keep(message)
+        on_stored()
+
+    def append_many(
+        self,
+        messages: Sequence[Message],
+        refs: Sequence[RefRecord | None],
+        on_stored: Callable[[], None],
+    ) -> None:
+        for message, ref in zip(messages, refs, strict=True):
+            self._remember(ref, message)
+            self._keep(message)
+        on_stored()
+
+    def _keep(self, message: Message) -> None:
         log = self._messages.setdefault(message.room, [])
         log.append(message)
         if self._max is not None and len(log) > self._max:
             del log[: len(log) - self._max]
-        on_stored()
 
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None

@@ -38,7 +38,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -257,6 +257,14 @@ class SQLiteStore:
             cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._submit)
         self._tick.append(write)
 
+    def _put_many(self, writes: list[_Write]) -> None:
+        if not self._on_loop():
+            self._hand_over(writes)
+            return
+        if not self._tick:
+            cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._submit)
+        self._tick += writes
+
     def _submit(self) -> None:
         if self._tick:
             self._hand_over(self._tick)
@@ -304,6 +312,18 @@ class SQLiteStore:
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
         self._put(_Write(message, None, ref, on_stored))
+
+    def append_many(
+        self,
+        messages: Sequence[Message],
+        refs: Sequence[RefRecord | None],
+        on_stored: Callable[[], None],
+    ) -> None:
+        writes = [_Write(m, None, r, None) for m, r in zip(messages, refs, strict=True)]
+        if not writes:
+            writes.append(_Write(None, None, None, None))
+        writes[-1].on_stored = on_stored  # the last of them is committed with the rest
+        self._put_many(writes)
 
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
