@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -335,3 +336,96 @@ def test_long_digit_runs_inside_strings_are_fine() -> None:
     frame = m.decode_client(b'{"type":"say","room":"a","text":"call 0012345678901234567890123"}')
     assert isinstance(frame, m.Say)
     assert isinstance(m.decode_client(b'{"type":"ping","x":12345678901234567890}'), m.Ping)
+
+
+# -- several frames at once ---------------------------------------------------------
+
+
+def _each(bodies: list[bytes]) -> list[m.ClientFrame] | str:
+    """What decoding each body alone gives: every frame, or the first error's code."""
+    frames = []
+    for body in bodies:
+        try:
+            frames.append(m.decode_client(body))
+        except ProtocolError as exc:
+            return exc.code
+    return frames
+
+
+def test_a_run_of_plain_frames_is_decoded_at_once() -> None:
+    """Frames without braces in their strings take the one pass, and give what decoding
+    each alone gives."""
+    bodies = [json.dumps(obj, separators=(",", ":")).encode() for obj, _ in CLIENT_FRAMES]
+    bodies += [
+        b'{ "type" : "say", "room": "a", "text": "caf\xc3\xa9 \xf0\x9f\x99\x82", "ref": "7" }',
+        b'{"type":"say","room":"a","text":"two\\nlines\\ttab \\u00e9 [x]"}',
+        b'{"type":"say","room":"a","\\u0074ext":"a key spelled with escapes"}',
+    ]
+    frames = m.decode_client_many(bodies)
+    assert frames is not None
+    assert frames == _each(bodies)
+
+
+@pytest.mark.parametrize(
+    "bodies",
+    [
+        # Each is wrong alone; joined by commas, they would make two valid frames.
+        [b'{"type":"ping"},{"type":"ping"', b'"ref":"x"}'],
+        [b'{"type":"say","room":"a","text":"x"}', b'{"type":"ping","ref":"}', b'{"type":"ping"}'],
+        [b'{"type":"say","room":"a","text":"[1,"}', b'"2]"}'],
+        # Two bodies with a brace each, read as one frame with the braces in its text.
+        [b'{"type":"say","room":"a","text":"}', b'{","ref":"1"}'],
+        # A repeated key, or one frame's quotes made up by another's missing ones.
+        [b'{"type":"ping","ref":"a","ref":"b"}', b'{"type":"ping"}'],
+        [b'{"type":"say","room":"a","text":"x","x":"1"}', b'{"type":"ping","ref":1}'],
+        # Legal frames that only the slow way takes: a brace in a text, an escaped quote,
+        # a field given its default.
+        [b'{"type":"say","room":"a","text":"{}"}', b'{"type":"ping"}'],
+        [b'{"type":"say","room":"a","text":"a\\"b"}', b'{"type":"ping"}'],
+        [b'{"type":"join","room":"a","since":null}', b'{"type":"ping"}'],
+        # An integer too long for the quick count, twice, to hide two extra quotes.
+        [b'{"type":"hello","nick":"a","version":1' + b"0" * 25 + b',"x":""}'] * 2,
+    ],
+)
+def test_bodies_that_need_a_closer_look_are_left_to_decode_one_by_one(
+    bodies: list[bytes],
+) -> None:
+    """None whenever the one pass could read the bodies differently from one by one."""
+    assert m.decode_client_many(bodies) is None
+
+
+@st.composite
+def _cut_frames(draw: st.DrawFn) -> list[bytes]:
+    """Valid frames written one after another with commas between them, then split into
+    bodies at any of its commas (inside a frame or between two): joined again with commas,
+    the bodies are the valid stream, though most of them are invalid alone."""
+    objects = draw(st.lists(st.sampled_from([obj for obj, _ in CLIENT_FRAMES]), min_size=1))
+    texts = draw(st.lists(st.sampled_from(["x", "{", "}", "[", "]", '"', ",", "a]", "}{"])))
+    objects = [
+        obj | {"text": text} if "text" in obj else obj
+        for obj, text in zip(objects, texts + ["x"] * len(objects), strict=False)
+    ]
+    stream = ",".join(json.dumps(obj, separators=(",", ":")) for obj in objects)
+    commas = [i for i, c in enumerate(stream) if c == ","]
+    cuts = sorted(draw(st.sets(st.sampled_from(commas)))) if commas else []
+    edges = [-1, *cuts, len(stream)]
+    bodies = [stream[a + 1 : b].encode() for a, b in itertools.pairwise(edges)]
+    return [body for body in bodies if body]  # the framing never gives an empty one
+
+
+_BODY = (
+    _objects_with_repeats()
+    | st.sampled_from([json.dumps(obj).encode() for obj, _ in CLIENT_FRAMES])
+    | st.binary(min_size=1, max_size=40)
+    | st.text(alphabet='{}[]",:\\ ab1', min_size=1, max_size=30).map(str.encode)
+)
+
+
+@settings(max_examples=600)
+@given(st.lists(_BODY, min_size=1, max_size=6) | _cut_frames())
+def test_the_one_pass_decodes_as_one_by_one_or_not_at_all(bodies: list[bytes]) -> None:
+    """Whatever the bodies, the one pass gives exactly what decoding each alone gives
+    (and only when every one of them decodes), or leaves them to that."""
+    frames = m.decode_client_many(bodies)
+    if frames is not None:
+        assert frames == _each(bodies)
