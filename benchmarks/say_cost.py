@@ -6,11 +6,13 @@ against it, in one process on one core (pin it: ``taskset -c 0``):
 
 - the strict decode of a ``say`` frame (``decode_client``);
 - the registry and the SQLite store together, fed ``say`` frames in ticks
-  of ``--tick`` (as a connection's reads bring them) on uvloop, until every
-  one is stored and acked: the loop thread's CPU and the writer thread's;
+  of ``--tick`` (as a connection's reads bring them, decoded together and
+  handed over as one run, as the session does) on uvloop, until every one
+  is stored and acked: the loop thread's CPU and the writer thread's;
 - the least Python a ``say`` needs in this design, run in one loop with
-  nothing around it: decode, check the text, build the message and its ack,
-  encode both, remember the ref, build the row (SQLite not included);
+  nothing around it: decode (a tick's frames together), check the text,
+  build the message and its ack, encode both, remember the ref, build the
+  row (SQLite not included);
 - the store's commit alone, on one thread with nothing else running: the
   rows of a tick's messages (one per ``say``, its ref on it) inserted and
   committed as the writer thread does, without the hand-over, callbacks or
@@ -28,10 +30,20 @@ import tempfile
 import time
 import timeit
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 from achat.bench.cli import replace_section
-from achat.protocol.messages import Hello, Join, Message, Say, decode_client, encode
+from achat.errors import ProtocolError
+from achat.protocol.messages import (
+    Hello,
+    Join,
+    Message,
+    Say,
+    decode_client,
+    decode_client_many,
+    encode,
+)
 from achat.protocol.names import validate_text
 from achat.server.app import defer_on_loop
 from achat.server.refs import RecentRefs, receipt_of, ref_key
@@ -41,6 +53,7 @@ from achat.store.sqlite import SQLiteStore, _Write
 
 ROOM = "bench"
 NOW = 1_764_090_000_000
+TICK = 200  # says per read, as --tick's default
 TEXT = b"t=1764090000000000000 " + b"x" * 38  # like achat-bench's stamped texts
 
 
@@ -60,6 +73,9 @@ class Peer:
     def send(self, frame: bytes) -> None:
         self.frames += 1
 
+    def send_pages(self, pages: Iterator[bytes]) -> None:
+        self.frames += sum(1 for _ in pages)
+
     def close(self, frame: bytes | None = None) -> None:
         return None
 
@@ -68,6 +84,12 @@ def decode_us() -> float:
     body = bodies(1)[0]
     runs = timeit.repeat(lambda: decode_client(body), number=100_000, repeat=5)
     return min(runs) / 100_000 * 1e6
+
+
+def decode_many_us(tick: int) -> float:
+    run = bodies(tick)
+    runs = timeit.repeat(lambda: decode_client_many(run), number=1000, repeat=5)
+    return min(runs) / 1000 / tick * 1e6
 
 
 async def registry_and_store(says: int, tick: int) -> tuple[float, float]:
@@ -81,8 +103,9 @@ async def registry_and_store(says: int, tick: int) -> tuple[float, float]:
         # Both clocks in ns: os.times() counts in ticks of 10 ms, coarser than a short run.
         loop_start, process_start = time.thread_time(), time.process_time()
         for i in range(0, says, tick):
-            for body in frames[i : i + tick]:
-                registry.handle(member, decode_client(body))
+            run = decode_client_many(frames[i : i + tick])
+            assert run is not None
+            registry.say_many(member, run, refused)  # type: ignore[arg-type]
             await asyncio.sleep(0)  # the tick ends: the store takes the batch
         # Polled: the registry tells nobody when a commit's callbacks have run.
         while registry.rooms[ROOM].stored_seq < says:  # noqa: ASYNC110
@@ -94,14 +117,22 @@ async def registry_and_store(says: int, tick: int) -> tuple[float, float]:
     return loop_cpu / says * 1e6, (process_cpu - loop_cpu) / says * 1e6
 
 
+def refused(exc: ProtocolError) -> None:
+    raise exc
+
+
 def least_python_us(says: int) -> float:
     refs: RecentRefs[object] = RecentRefs(granularity=1000)  # as the server keeps them
     frames = bodies(says)
     rows: list[tuple[object, ...]] = []
     out: list[bytes] = []
     start = time.perf_counter()
-    for seq, body in enumerate(frames, 1):
-        say = decode_client(body)
+    decoded = [
+        frame
+        for i in range(0, says, TICK)
+        for frame in decode_client_many(frames[i : i + TICK]) or ()
+    ]
+    for seq, say in enumerate(decoded, 1):
         assert isinstance(say, Say)
         assert say.ref is not None
         text = validate_text(say.text, 2000)
@@ -166,7 +197,7 @@ def ref_bytes(count: int = 100_000, per_second: int = 2_500) -> float:
 def table(says: int, tick: int) -> str:
     import uvloop
 
-    decode = decode_us()
+    decode, decode_many = decode_us(), decode_many_us(tick)
     loop_us, writer_us = uvloop.run(registry_and_store(says, tick))
     floor = least_python_us(says)
     commit = store_commit_us(says, tick)
@@ -178,7 +209,9 @@ def table(says: int, tick: int) -> str:
             "",
             "| step | per `say` |",
             "|---|---:|",
-            f"| strict decode (`decode_client`) | {decode:.2f} µs |",
+            f"| strict decode, one frame (`decode_client`) | {decode:.2f} µs |",
+            f"| strict decode, a tick's frames together (`decode_client_many`) "
+            f"| {decode_many:.2f} µs |",
             f"| registry and SQLite store, loop thread (decode included) | {loop_us:.2f} µs |",
             f"| SQLite store, its writer and checkpoint threads | {writer_us:.2f} µs |",
             f"| **in all, before sockets** | **{total:.2f} µs ({1e6 / total:,.0f}/s)** |",

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -441,27 +441,34 @@ class HeldStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.holding = False
-        self.held: list[Callable[[], None]] = []
+        # Each held commit: how many messages it stored, and its callback.
+        self.held: list[tuple[int, Callable[[], None]]] = []
         self.arrived = asyncio.Event()
 
-    def append(
-        self, message: m.Message, on_stored: Callable[[], None], ref: RefRecord | None = None
+    def append_many(
+        self,
+        messages: Sequence[m.Message],
+        refs: Sequence[RefRecord | None],
+        on_stored: Callable[[], None],
     ) -> None:
         if not self.holding:
-            super().append(message, on_stored, ref)
+            super().append_many(messages, refs, on_stored)
             return
-        super().append(message, lambda: self.held.append(on_stored), ref)
+        count = len(messages)
+        super().append_many(messages, refs, lambda: self.held.append((count, on_stored)))
         self.arrived.set()
 
     async def wait_held(self, count: int) -> None:
+        """Until ``count`` messages are held."""
         async with asyncio.timeout(WAIT):
-            while len(self.held) < count:
+            while sum(n for n, _ in self.held) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
 
-    def release(self, count: int) -> None:
-        done, self.held = self.held[:count], self.held[count:]
-        for on_stored in done:
+    def release(self) -> None:
+        """Let every commit held so far land."""
+        done, self.held = self.held, []
+        for _, on_stored in done:
             on_stored()
 
 
@@ -515,15 +522,19 @@ async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(
         await talker.say("a", f"{said:04d} " + "x" * 1000)
     store.holding = True
     big = [asyncio.create_task(talker.say("a", "y" * 1000)) for _ in range(limit // 2000)]
+    await store.wait_held(len(big))
+    big_ones = store.held
+    store.held = []
     late = asyncio.create_task(talker.say("a", "the late one"))
-    await store.wait_held(len(big) + 1)
+    await store.wait_held(1)
     # Their fan-out at once, this tick, whatever the last one took (no pacing wait).
     server.registry._fan_out_ready = float("-inf")
-    store.release(len(big))  # the fan-out of these is due...
+    for _, on_stored in big_ones:  # the fan-out of these is due...
+        on_stored()
     await asyncio.sleep(0)  # ...and done: the reader's write of them is due next
     assert server.registry.rooms["a"].stored_seq == said + len(big)
     assert server.registry.member("sloth") is not None
-    store.release(1)  # a commit lands before that write
+    store.release()  # a commit lands before that write
     sent = said + len(big) + 1
     assert (await late).seq == sent
     seen = await events_until(watcher, sent)

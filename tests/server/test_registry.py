@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -73,10 +73,13 @@ class DeferredStore(MemoryStore):
         super().__init__()
         self.waiting: list[Callable[[], None]] = []
 
-    def append(
-        self, message: m.Message, on_stored: Callable[[], None], ref: RefRecord | None = None
+    def append_many(
+        self,
+        messages: Sequence[m.Message],
+        refs: Sequence[RefRecord | None],
+        on_stored: Callable[[], None],
     ) -> None:
-        super().append(message, lambda: self.waiting.append(on_stored), ref)
+        super().append_many(messages, refs, lambda: self.waiting.append(on_stored))
 
     def append_dm(
         self, dm: m.DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None

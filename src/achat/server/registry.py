@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -190,7 +190,9 @@ class Registry:
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}
-        self._stored_acks: list[tuple[Member, str | None, bytes, Message]] = []
+        self._stored_acks: list[
+            tuple[Member, list[Message], list[str | None], list[str | None]]
+        ] = []
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -352,30 +354,73 @@ class Registry:
         log.info("part room=%s nick=%s", room.name, esc(member.nick))
 
     def _say(self, member: Member, frame: Say) -> None:
-        now = self.clock()
-        key = self._recent_key(member, frame.ref, now)
-        # A resend is answered before any check: its room may have been left since.
-        if key is not None and self._answered_again(member, key, frame.ref or ""):
-            return
-        room = self._joined_room(member, frame.room)
-        text = validate_text(frame.text, self.max_text)
-        room.last_seq += 1
-        message = Message(room=room.name, seq=room.last_seq, ts=now, sender=member.nick, text=text)
-        ack = ack_of(frame.ref or "", message)
-        record = self._remember(member, key, frame.ref, now)
-        self.store.append(
-            message, lambda: self._message_stored(room, message, member, key, ack), record
-        )
+        self.say_many(member, (frame,), _raise)
 
-    def _message_stored(
-        self, room: Room, message: Message, member: Member, key: str | None, ack: bytes
+    def say_many(
+        self, member: Member, frames: Sequence[Say], refuse: Callable[[ProtocolError], None]
+    ) -> None:
+        """Carry out a run of ``say`` frames from ``member``, as :meth:`handle` would
+        one at a time, with one append to the store and one callback for all of them.
+
+        A frame refused (not in the room, a bad text) is handed to ``refuse``, its
+        ``ref`` set, when it is met; the frames after it go on. A session hands over
+        the ``say`` frames of one read this way (the tokens of its flood limit taken).
+        """
+        now = self.clock()
+        if any(frame.ref for frame in frames):
+            self._refs.expire(now)
+        nick = member.nick
+        messages: list[Message] = []
+        records: list[RefRecord | None] = []
+        refs: list[str | None] = []
+        keys: list[str | None] = []
+        for frame in frames:
+            ref = frame.ref
+            key = None
+            if ref:
+                key = ref_key(member.key, ref)
+                # A resend is answered before any check: its room may have been left since.
+                if self._answered_again(member, key, ref):
+                    continue
+            try:
+                room = self._joined_room(member, frame.room)
+                text = validate_text(frame.text, self.max_text)
+            except ProtocolError as exc:
+                exc.ref = ref
+                refuse(exc)
+                continue
+            room.last_seq += 1
+            messages.append(
+                Message(room=room.name, seq=room.last_seq, ts=now, sender=nick, text=text)
+            )
+            records.append(self._remember(member, key, ref, now))
+            refs.append(ref)
+            keys.append(key)
+        if messages:
+            self.store.append_many(
+                messages, records, lambda: self._messages_stored(member, messages, refs, keys)
+            )
+
+    def _messages_stored(
+        self,
+        member: Member,
+        messages: list[Message],
+        refs: list[str | None],
+        keys: list[str | None],
     ) -> None:
         # Delivered only once stored: a crash can never show members a seq that the
         # store then hands out again. The store calls back in seq order, a whole commit
         # at a time; the batch is fanned out once it is complete (see fan_out).
         first = not self._stored_acks
-        self._stored.setdefault(room, []).append(message)
-        self._stored_acks.append((member, key, ack, message))
+        stored, rooms = self._stored, self.rooms
+        for message in messages:
+            room = rooms[message.room]
+            waiting = stored.get(room)
+            if waiting is None:
+                stored[room] = [message]
+            else:
+                waiting.append(message)
+        self._stored_acks.append((member, messages, refs, keys))
         if self._defer is None:
             self.fan_out()
         elif first:
@@ -408,8 +453,8 @@ class Registry:
         for room, messages in stored.items():
             room.stored_seq = messages[-1].seq
             self._broadcast(room, b"".join([encode(message) for message in messages]))
-        for member, key, ack, message in acks:
-            self._acknowledge(member, key, ack, message)
+        for member, messages, refs, keys in acks:
+            self._acknowledge_many(member, messages, refs, keys)
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
@@ -623,6 +668,25 @@ class Registry:
         self._refs.add(key, deadline)
         return RefRecord(member.key, ref, deadline)
 
+    def _acknowledge_many(
+        self,
+        member: Member,
+        messages: list[Message],
+        refs: list[str | None],
+        keys: list[str | None],
+    ) -> None:
+        """Send the acks of a run of stored messages in one piece, then to any resends
+        waiting for them."""
+        acks = [ack_of(ref or "", message) for message, ref in zip(messages, refs, strict=True)]
+        member.peer.send(acks[0] if len(acks) == 1 else b"".join(acks))
+        refs_kept = self._refs
+        for key, message, ack in zip(keys, messages, acks, strict=True):
+            if key is not None:
+                # One ack for each resend waiting for it, the sayer's own on this
+                # connection too.
+                for waiter in refs_kept.acked(key, receipt_of(message), message.ts + REF_TTL_MS):
+                    waiter.peer.send(ack)
+
     def _acknowledge(
         self, member: Member, key: str | None, data: bytes, record: Message | DmEvent
     ) -> None:
@@ -631,3 +695,7 @@ class Registry:
             # One ack for each resend waiting for it, the sayer's own on this connection too.
             for waiter in self._refs.acked(key, receipt_of(record), record.ts + REF_TTL_MS):
                 waiter.peer.send(data)
+
+
+def _raise(exc: ProtocolError) -> None:
+    raise exc

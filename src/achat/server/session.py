@@ -43,7 +43,17 @@ from dataclasses import dataclass, field
 
 from ..errors import FrameError, ProtocolError
 from ..protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
-from ..protocol.messages import Bye, ClientFrame, Error, Hello, Ping, decode_client, encode
+from ..protocol.messages import (
+    Bye,
+    ClientFrame,
+    Error,
+    Hello,
+    Ping,
+    Say,
+    decode_client,
+    decode_client_many,
+    encode,
+)
 from .alarms import Alarms
 from .limits import FloodPolicy, TokenBucket
 from .log import esc
@@ -453,6 +463,11 @@ class Session(asyncio.Protocol):
             self._frame_started = now
             # A frame in progress may bring the deadline forward.
             self._arm_if_sooner()
+        if len(bodies) > 1 and self._member is not None:
+            frames = decode_client_many(bodies)
+            if frames is not None:
+                self._handle_many(frames)
+                return
         for body in bodies:
             if not self._dispatch(body) or self._closing:
                 return
@@ -545,10 +560,42 @@ class Session(asyncio.Protocol):
             return True
         if self._member is None:
             return self._hello(frame)
+        return self._handle(frame)
+
+    def _handle_many(self, frames: list[ClientFrame]) -> None:
+        """Handle the frames of one read, decoded together: the ``say`` frames among them
+        go to the registry a run at a time (one store append, one ack write for each run),
+        in order with the rest."""
+        member = self._member
+        assert member is not None  # frames are decoded together only once registered
+        bucket, registry = self._bucket, self._registry
+        now = self._loop.time()
+        says: list[Say] = []
+        for frame in frames:
+            if frame.__class__ is Say and bucket.take(now):
+                says.append(frame)
+                continue
+            if says:
+                registry.say_many(member, says, self._refuse)
+                says = []
+                if self._closing:
+                    return
+            # A say here is one the flood limit refused.
+            going_on = self._flooded(frame.ref) if frame.__class__ is Say else self._handle(frame)
+            if not going_on or self._closing:
+                return
+        if says:
+            registry.say_many(member, says, self._refuse)
+
+    def _handle(self, frame: ClientFrame) -> bool:
+        """Handle one decoded frame of a registered member; False when the connection must
+        end."""
+        member = self._member
+        assert member is not None
         if not isinstance(frame, Bye) and not self._bucket.take(self._loop.time()):
             return self._flooded(getattr(frame, "ref", None))
         try:
-            self._registry.handle(self._member, frame)
+            self._registry.handle(member, frame)
         except ProtocolError as exc:
             if exc.ref is None:
                 exc.ref = getattr(frame, "ref", None)
@@ -557,7 +604,7 @@ class Session(asyncio.Protocol):
         if isinstance(frame, Bye):
             if frame.reason:
                 self._quit_reason = frame.reason
-            log.info("bye nick=%s", esc(self._member.nick))
+            log.info("bye nick=%s", esc(member.nick))
             self.close()
             return False
         return True
