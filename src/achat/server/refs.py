@@ -69,10 +69,11 @@ class RecentRefs(Generic[W]):
         if granularity < 1:
             raise ValueError("granularity must be at least 1")
         self._granularity = granularity
-        self._acks: dict[str, bytes] = {}
-        # Said but not stored yet: its deadline as given (which use of the key this is),
-        # and the resenders waiting for its ack, if any.
-        self._pending: dict[str, tuple[int, list[W] | None]] = {}
+        # One dict for both states, so that a new ref costs one lookup and one insert,
+        # and its ack one lookup and one store: the ack (bytes) once acked; until then
+        # its deadline as given (which use of the key this is) and the resenders waiting
+        # for its ack, if any.
+        self._refs: dict[str, bytes | tuple[int, list[W] | None]] = {}
         self._keys: deque[str] = deque()
         # Runs of keys (oldest first) that share a deadline: the deadline, how many keys.
         self._deadlines: deque[int] = deque()
@@ -87,22 +88,35 @@ class RecentRefs(Generic[W]):
         while deadlines and deadlines[0] <= now:
             deadlines.popleft()
             for _ in range(counts.popleft()):
-                key = keys.popleft()
-                self._acks.pop(key, None)
-                self._pending.pop(key, None)
+                self._refs.pop(keys.popleft(), None)
 
     def ack(self, key: str) -> bytes | None:
         """The ack of ``key``, if it was acked and has not expired."""
-        return self._acks.get(key)
+        entry = self._refs.get(key)
+        return entry if isinstance(entry, bytes) else None
 
     def wait(self, key: str, waiter: W) -> bool:
-        """Queue ``waiter`` for the ack of an unacked ``key``; False when ``key`` is unknown."""
-        entry = self._pending.get(key)
+        """Queue ``waiter`` for the ack of an unacked ``key``; False when ``key`` is unknown
+        or acked."""
+        entry = self._refs.get(key)
+        if entry is None or isinstance(entry, bytes):
+            return False
+        return self._wait(key, entry, waiter)
+
+    def resent(self, key: str, waiter: W) -> bytes | bool:
+        """What a resend of ``key`` gets: the ack if ``key`` was acked; True if it is not
+        yet (``waiter`` is queued for the ack); False if ``key`` is unknown: no resend."""
+        entry = self._refs.get(key)
         if entry is None:
             return False
+        if isinstance(entry, bytes):
+            return entry
+        return self._wait(key, entry, waiter)
+
+    def _wait(self, key: str, entry: tuple[int, list[W] | None], waiter: W) -> bool:
         deadline, waiting = entry
         if waiting is None:
-            self._pending[key] = (deadline, [waiter])
+            self._refs[key] = (deadline, [waiter])
         else:
             waiting.append(waiter)
         return True
@@ -110,10 +124,7 @@ class RecentRefs(Generic[W]):
     def add(self, key: str, deadline: int, ack: bytes | None = None) -> None:
         """Remember ``key`` until ``deadline`` (rounded up to the granularity): acked if
         ``ack`` is given, else pending."""
-        if ack is None:
-            self._pending[key] = (deadline, None)
-        else:
-            self._acks[key] = ack
+        self._refs[key] = (deadline, None) if ack is None else ack
         self._keys.append(key)
         step = self._granularity
         deadline = -(-deadline // step) * step
@@ -131,9 +142,11 @@ class RecentRefs(Generic[W]):
         of the key, which expired while it was being stored, is not taken for the ack
         of a later one.
         """
-        entry = self._pending.get(key)
-        if entry is None or (deadline is not None and entry[0] != deadline):
+        entry = self._refs.get(key)
+        if entry is None or isinstance(entry, bytes):
             return []  # expired while it was being stored: nothing to remember it for
-        del self._pending[key]
-        self._acks[key] = ack
-        return entry[1] or []
+        given, waiting = entry
+        if deadline is not None and given != deadline:
+            return []  # a later use of the key, the earlier one expired meanwhile
+        self._refs[key] = ack
+        return waiting or []

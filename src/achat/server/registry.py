@@ -646,12 +646,12 @@ class Registry:
     def _answered_again(self, member: Member, key: str, ref: str) -> bool:
         """True when ``key`` (of ``ref``) is one of the nick's recent refs; its original ack
         is sent."""
-        kept = self._refs.ack(key)
-        if kept is not None:
-            member.peer.send(ack_from(ref, kept))
-            return True
-        # Still on its way to the store: the resender gets the ack when it comes.
-        return self._refs.wait(key, member)
+        # Still on its way to the store (True): the resender gets the ack when it comes.
+        kept = self._refs.resent(key, member)
+        if isinstance(kept, bool):
+            return kept
+        member.peer.send(ack_from(ref, kept))
+        return True
 
     def _remember(
         self, member: Member, key: str | None, ref: str | None, now: int
