@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -15,11 +16,38 @@ import pytest
 
 from achat.protocol.messages import DmEvent, Message
 from achat.store.base import RefRecord, ack_of
-from achat.store.sqlite import _LOAD_REFS, _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from achat.store.sqlite import (
+    _AFTER,
+    _BEFORE,
+    _DECODER,
+    _LOAD_REFS,
+    _MIGRATIONS,
+    _OLD_CHUNKS,
+    SCHEMA_VERSION,
+    SQLiteStore,
+)
 
 
 def msg(room: str, seq: int, ts: int = 1000, text: str = "hi") -> Message:
     return Message(room=room, seq=seq, ts=ts, sender="ana", text=text)
+
+
+def stored_messages(db_path: Path) -> int:
+    """How many room messages the database file holds, read by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(db_path)) as other:
+        return sum(
+            len(_DECODER.decode(body)) for (body,) in other.execute("SELECT body FROM chunks")
+        )
+
+
+def build_schema(db: sqlite3.Connection, version: int) -> None:
+    """Give the raw connection ``db`` the schema of ``version``, as an older achat made it."""
+    for migration in _MIGRATIONS[:version]:
+        if isinstance(migration, str):
+            db.executescript(migration)
+        else:
+            migration(db)
+    db.execute(f"PRAGMA user_version={version}")
 
 
 @pytest.fixture
@@ -60,9 +88,7 @@ def test_on_stored_runs_after_commit(store: SQLiteStore, db_path: Path) -> None:
     done = threading.Event()
 
     def stored() -> None:
-        other = sqlite3.connect(db_path)
-        seen.append(other.execute("SELECT count(*) FROM messages").fetchone()[0])
-        other.close()
+        seen.append(stored_messages(db_path))
         done.set()
 
     store.append(msg("r", 1), stored)
@@ -122,8 +148,7 @@ async def test_append_many_commits_together_and_calls_back_once(
     done = asyncio.Event()
 
     def stored() -> None:
-        with sqlite3.connect(db_path) as other:
-            counts.append(other.execute("SELECT count(*) FROM messages").fetchone()[0])
+        counts.append(stored_messages(db_path))
         done.set()
 
     store.append_many(messages, refs, stored)
@@ -304,16 +329,32 @@ def test_retention_by_age(db_path: Path) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("table", ["messages", "dms"])
+@pytest.mark.parametrize(
+    ("query", "args", "table", "index"),
+    [
+        (_OLD_CHUNKS, (1, 2), "chunks", "chunks_min_ts"),
+        (_LOAD_REFS, (1, 2), "chunks", "chunks_max_ts"),
+        ("DELETE FROM dms WHERE ts < 5", (), "dms", "dms_ts"),
+        (_LOAD_REFS, (1, 2), "dms", "dms_ts"),
+    ],
+)
 def test_what_runs_on_a_timer_or_at_startup_finds_rows_by_time(
-    store: SQLiteStore, table: str
+    store: SQLiteStore, query: str, args: tuple[int, ...], table: str, index: str
 ) -> None:
-    """Retention by age and load_refs search by ts through an index, not the whole table."""
-    for query, args in ((f"DELETE FROM {table} WHERE ts < 5", ()), (_LOAD_REFS, (1, 2))):
-        plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", args).fetchall()
-        steps = [str(row[3]) for row in plan if f" {table} " in f" {row[3]} "]
-        assert steps, plan
-        assert all(f"INDEX {table}_ts " in step for step in steps), plan
+    """Retention by age and load_refs search by time through an index, not the whole table."""
+    plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", args).fetchall()
+    steps = [str(row[3]) for row in plan if f" {table} " in f" {row[3]} "]
+    assert steps, plan
+    assert all(f"INDEX {index} " in step for step in steps), plan
+
+
+@pytest.mark.parametrize("query", [_AFTER, _BEFORE])
+def test_history_finds_a_rooms_chunks_through_its_index(store: SQLiteStore, query: str) -> None:
+    """A history page reads the chunks of its room near its starting point, by index."""
+    plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", ("r", 5)).fetchall()
+    steps = [str(row[3]) for row in plan if " chunks " in f" {row[3]} "]
+    assert steps, plan
+    assert all("INDEX chunks_room_seq (room=? AND last_seq" in step for step in steps), plan
 
 
 class _LogWatch(logging.Handler):
@@ -468,9 +509,7 @@ def test_a_version_2_database_keeps_the_acks_it_stored(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     raw = sqlite3.connect(db_path, isolation_level=None)
     raw.execute("PRAGMA journal_mode=WAL")
-    raw.executescript(_MIGRATIONS[0])
-    raw.executescript(_MIGRATIONS[1])
-    raw.execute("PRAGMA user_version=2")
+    build_schema(raw, 2)
     raw.execute("INSERT INTO messages VALUES ('r', 1, 1000, 'ana', 'a', 'ana', 'm1', 9000, x'01')")
     raw.execute("INSERT INTO messages VALUES ('r', 2, 1001, 'ana', 'b', 'ana', 'm2', 9000, x'02')")
     raw.execute("INSERT INTO dms VALUES (5, 1002, 'ana', 'bob', 'c', 'ana', 'd1', 9000, x'03')")
@@ -540,10 +579,9 @@ def test_a_version_1_database_is_migrated_and_keeps_its_refs(db_path: Path) -> N
     """Schema 1 kept refs in their own table only; after migrating, both kinds load."""
     db_path.parent.mkdir(parents=True)
     raw = sqlite3.connect(db_path, isolation_level=None)
-    raw.executescript(_MIGRATIONS[0])
+    build_schema(raw, 1)
     raw.execute("INSERT INTO messages VALUES ('r', 1, 1000, 'ana', 'old')")
     raw.execute("INSERT INTO refs VALUES ('ana', 'old-ref', 5000, x'01')")
-    raw.execute("PRAGMA user_version=1")
     raw.close()
     s = SQLiteStore(db_path)
     try:
@@ -589,7 +627,8 @@ def test_an_ack_left_out_is_derived_from_its_row(db_path: Path) -> None:
         s.append(msg("r", 2), lambda: None, RefRecord("ana", "kept", 9_100))
         s.append_dm(dm, lambda: None, RefRecord("ana", "dm", 9_200))
         s.flush()
-        assert s._reader.execute("SELECT count(*) FROM messages WHERE ack IS NULL").fetchone()[0]
+        (body,) = s._reader.execute("SELECT body FROM chunks").fetchone()
+        assert [(e.ref, e.ack) for e in _DECODER.decode(body)] == [("pruned", None), ("kept", None)]
         s.prune_now()
     finally:
         s.close()
@@ -611,8 +650,7 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
     db_path.parent.mkdir(parents=True)
     other = sqlite3.connect(db_path, isolation_level=None)
     other.execute("PRAGMA journal_mode=WAL")  # as every achat database is
-    other.executescript(_MIGRATIONS[0])
-    other.execute("PRAGMA user_version=1")
+    build_schema(other, 1)
     other.execute("BEGIN IMMEDIATE")  # the other process is migrating right now
     opened: list[SQLiteStore | BaseException] = []
 
@@ -627,7 +665,9 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
     thread.start()
     # The store has read version 1 and now waits for the lock the other process holds.
     assert waiting.wait(10)
-    for statement in _MIGRATIONS[1].split(";"):
+    second = _MIGRATIONS[1]
+    assert isinstance(second, str)
+    for statement in second.split(";"):
         if statement.strip():
             other.execute(statement)
     other.execute("PRAGMA user_version=2")
