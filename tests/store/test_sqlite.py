@@ -30,6 +30,7 @@ from achat.store.sqlite import (
     REF_HORIZON_MS,
     SCHEMA_VERSION,
     SQLiteStore,
+    _Write,
 )
 
 
@@ -157,6 +158,10 @@ async def test_append_many_commits_together_and_calls_back_once(
         done.set()
 
     store.append_many(messages, refs, stored)
+    # Already part of history, before the writer has it...
+    assert [m.seq for m in store.history("r", before=None, after=0, limit=10).messages] == [1, 2]
+    messages.append(msg("r", 3))  # ...and what the caller does with its lists after is its own
+    refs.append(None)
     async with asyncio.timeout(5):
         await done.wait()
     assert counts == [3]
@@ -172,6 +177,32 @@ async def test_append_many_commits_together_and_calls_back_once(
     store.append_many([], [], empty.set)
     async with asyncio.timeout(5):
         await empty.wait()
+    assert store._unstored == {}
+    with pytest.raises(ValueError, match="a ref"):
+        store.append_many([msg("r", 3)], [], lambda: None)
+
+
+def test_a_commit_forgets_its_messages_whatever_order_they_were_handed_over_in(
+    store: SQLiteStore,
+) -> None:
+    """Once committed, messages leave the unstored ones kept for history, also when two
+    threads handed theirs over in another order than they were queued in."""
+    first, second, third = msg("r", 1), msg("r", 2), msg("r", 3)
+    db = store._connect()
+    try:
+        with store._lock:  # as two threads' hand-overs may leave it: 1 and 2, then 3
+            store._unstored["r"] = [first, second, third]
+        store._commit(db, [_Write(third, None, None, None)])  # queued first
+        assert store._unstored == {"r": [first, second]}
+        store._commit(db, [_Write(None, None, None, None, run=([first, second], [None, None]))])
+        assert store._unstored == {}
+    finally:
+        db.close()
+    assert [m.seq for m in store.history("r", before=None, after=None, limit=5).messages] == [
+        1,
+        2,
+        3,
+    ]
 
 
 async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:

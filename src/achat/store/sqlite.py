@@ -205,6 +205,17 @@ class _Write(msgspec.Struct):
     topic: tuple[str, str] | None = None
     # Called on the writer thread itself (flush() waits on it, possibly from the loop thread).
     in_thread: bool = False
+    #: An append_many's messages and their refs: one write for them all, not one each.
+    run: tuple[Sequence[Message], Sequence[RefRecord | None]] | None = None
+
+
+def _messages_of(writes: Iterable[_Write]) -> Iterator[Message]:
+    """The messages ``writes`` store, in order."""
+    for w in writes:
+        if w.message is not None:
+            yield w.message
+        elif w.run is not None:
+            yield from w.run[0]
 
 
 class SQLiteStore:
@@ -332,14 +343,6 @@ class SQLiteStore:
             cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._submit)
         self._tick.append(write)
 
-    def _put_many(self, writes: list[_Write]) -> None:
-        if not self._on_loop():
-            self._hand_over(writes)
-            return
-        if not self._tick:
-            cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._submit)
-        self._tick += writes
-
     def _submit(self) -> None:
         if self._tick:
             self._hand_over(self._tick)
@@ -349,9 +352,8 @@ class SQLiteStore:
         # Messages on their way to the disk stay readable (history merges them in); one
         # lock per hand-over, not per message, since the writer takes it once per commit.
         with self._lock:
-            for w in writes:
-                if w.message is not None:
-                    self._unstored.setdefault(w.message.room, []).append(w.message)
+            for m in _messages_of(writes):
+                self._unstored.setdefault(m.room, []).append(m)
         self._queue.put(writes)
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -406,11 +408,10 @@ class SQLiteStore:
         refs: Sequence[RefRecord | None],
         on_stored: Callable[[], None],
     ) -> None:
-        writes = [_Write(m, None, r, None) for m, r in zip(messages, refs, strict=True)]
-        if not writes:
-            writes.append(_Write(None, None, None, None))
-        writes[-1].on_stored = on_stored  # the last of them is committed with the rest
-        self._put_many(writes)
+        if len(messages) != len(refs):
+            raise ValueError("append_many takes a ref (or None) for each message")
+        # Copied: the caller may reuse its lists once this returns.
+        self._put(_Write(None, None, None, on_stored, run=(list(messages), list(refs))))
 
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
@@ -429,7 +430,7 @@ class SQLiteStore:
             unstored = list(self._unstored.get(room, ()))
         if self._tick and self._on_loop():
             # This tick's messages, not handed to the writer yet.
-            unstored += [w.message for w in self._tick if w.message and w.message.room == room]
+            unstored += [m for m in _messages_of(self._tick) if m.room == room]
         if after is not None:
             found = self._read_after(room, after, limit + 1)
             merged = _merge(found, [m for m in unstored if m.seq > after])
@@ -595,19 +596,19 @@ class SQLiteStore:
         dm_rows: list[tuple[object, ...]] = []
         topics: list[tuple[str, str]] = []
         for w in batch:
-            m = w.message
-            if m is not None:
-                r = w.ref
-                entry: _EntryTuple = (
-                    (m.seq, m.ts, m.sender, m.text)
-                    if r is None
-                    else (m.seq, m.ts, m.sender, m.text, r.nick_key, r.ref, r.expires, r.ack)
-                )
-                entries = by_room.get(m.room)
-                if entries is None:
-                    by_room[m.room] = [entry]
-                else:
-                    entries.append(entry)
+            if w.message is not None or w.run is not None:
+                run = w.run if w.run is not None else ((w.message,), (w.ref,))
+                for m, r in zip(*run, strict=True):
+                    entry: _EntryTuple = (
+                        (m.seq, m.ts, m.sender, m.text)
+                        if r is None
+                        else (m.seq, m.ts, m.sender, m.text, r.nick_key, r.ref, r.expires, r.ack)
+                    )
+                    entries = by_room.get(m.room)
+                    if entries is None:
+                        by_room[m.room] = [entry]
+                    else:
+                        entries.append(entry)
             elif w.dm is not None:
                 dm_rows.append(_dm_row(w.dm, w.ref))
             elif w.topic is not None:
@@ -654,16 +655,7 @@ class SQLiteStore:
             return False
         self.batches += 1
         self.rows += len(batch)
-        with self._lock:
-            for m in (w.message for w in batch if w.message is not None):
-                pending = self._unstored.get(m.room)
-                if pending and pending[0] is m:
-                    pending.pop(0)
-                elif pending:
-                    with contextlib.suppress(ValueError):
-                        pending.remove(m)
-                if not pending:
-                    self._unstored.pop(m.room, None)
+        self._forget_unstored(batch, by_room)
         callbacks = [w.on_stored for w in batch if w.on_stored is not None and not w.in_thread]
         for w in batch:
             if w.in_thread and w.on_stored is not None:
@@ -671,6 +663,30 @@ class SQLiteStore:
         if callbacks:
             self._deliver(callbacks)
         return True
+
+    def _forget_unstored(self, batch: list[_Write], by_room: dict[str, list[_EntryTuple]]) -> None:
+        """Take the messages of a committed ``batch`` out of ``_unstored``."""
+        with self._lock:
+            for room, entries in by_room.items():
+                pending = self._unstored.get(room)
+                if pending is None:
+                    continue
+                # They were handed over in the order they are stored, so they are the
+                # first of their room's: cut them off at once (removing them one by one
+                # from the front of a long list took time quadratic in its length).
+                head = pending[: len(entries)]
+                if len(head) == len(entries) and all(
+                    p.seq == e[0] for p, e in zip(head, entries, strict=True)
+                ):
+                    del pending[: len(entries)]
+                else:
+                    # Handed over by two threads at once: queued in another order.
+                    for m in _messages_of(batch):
+                        if m.room == room:
+                            with contextlib.suppress(ValueError):
+                                pending.remove(m)
+                if not pending:
+                    del self._unstored[room]
 
     def _deliver(self, callbacks: list[Callable[[], None]]) -> None:
         def run() -> None:
