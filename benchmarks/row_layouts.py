@@ -8,12 +8,15 @@ store's writer thread does) into a WAL database with ``synchronous=NORMAL``
 server runs them on another thread, on the same core), for each of these
 layouts:
 
-- the store's own: one row per message, keyed by (room, seq), its ref on it,
+- schema 4's: one row per message, keyed by (room, seq), its ref on it,
   and an index by time for retention;
 - the same without the index by time;
 - the barest row: room, seq, ts, sender, text, keyed by (room, seq), no index;
 - one row per commit: the tick's messages as one encoded blob, keyed by
-  (room, first seq) (what a log-structured store would do).
+  (room, first seq) (what a log-structured store would do);
+- the store's own (schema 5): that, as the store builds it: a chunk per room
+  per commit, its messages and their refs in one msgpack body, with the
+  store's three indexes (by room and seq, by least and by greatest time).
 
     python benchmarks/row_layouts.py [--messages 60000] [--tick 200]
 """
@@ -28,6 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+
+from achat.protocol.messages import Message
+from achat.store.base import RefRecord
+from achat.store.sqlite import _CHUNKS_SCHEMA, _INSERT_CHUNK, _chunk_rows, _EntryTuple
 
 ROOM = "bench"
 NOW = 1_764_090_000_000
@@ -64,13 +71,36 @@ def blob_rows(seqs: range) -> list[tuple[object, ...]]:
     return [(ROOM, seqs[0], seqs[-1], NOW + seqs[-1], msgspec.json.encode(body))]
 
 
-def per_message_us(schema: str, rows: Rows, columns: int, messages: int, tick: int) -> float:
+def chunk_layout(messages: int) -> Rows:
+    """The store's chunks, built as the writer thread builds them from what it is handed
+    (the messages and refs themselves are made beforehand: the loop makes them)."""
+    writes = [
+        (
+            Message(room=ROOM, seq=s, ts=NOW + s, sender="bob", text=TEXT),
+            RefRecord(f"bob\0{s}", str(s), NOW + 600_000),
+        )
+        for s in range(1, messages + 1)
+    ]
+
+    def rows(seqs: range) -> list[tuple[object, ...]]:
+        entries: list[_EntryTuple] = [
+            (m.seq, m.ts, m.sender, m.text, r.nick_key, r.ref, r.expires, r.ack)
+            for m, r in writes[seqs[0] - 1 : seqs[-1]]
+        ]
+        return list(_chunk_rows(ROOM, entries))
+
+    return rows
+
+
+def per_message_us(
+    schema: str, rows: Rows, columns: int, messages: int, tick: int, insert: str | None = None
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         db = sqlite3.connect(Path(tmp) / "layout.db", isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(schema)
-        insert = f"INSERT OR IGNORE INTO m VALUES ({','.join('?' * columns)})"
+        insert = insert or f"INSERT OR IGNORE INTO m VALUES ({','.join('?' * columns)})"
         start = time.perf_counter()
         for first in range(1, messages + 1, tick):
             batch = rows(range(first, min(first + tick, messages + 1)))
@@ -83,16 +113,24 @@ def per_message_us(schema: str, rows: Rows, columns: int, messages: int, tick: i
 
 
 def table(messages: int, tick: int) -> str:
-    layouts = [
+    layouts: list[tuple[str, str, Rows, int, str | None]] = [
         (
-            "the store's: a row per message, its ref on it, an index by time",
+            "schema 4's: a row per message, its ref on it, an index by time",
             STORE + BY_TIME,
             store_rows,
             9,
+            None,
         ),
-        ("the same without the index by time", STORE, store_rows, 9),
-        ("the barest row per message, no index", BARE, bare_rows, 5),
-        (f"one row per commit: {tick} messages in one blob", BLOBS, blob_rows, 5),
+        ("the same without the index by time", STORE, store_rows, 9, None),
+        ("the barest row per message, no index", BARE, bare_rows, 5, None),
+        (f"one row per commit: {tick} messages in one blob", BLOBS, blob_rows, 5, None),
+        (
+            "the store's (schema 5): a chunk per room per commit, refs in it, three indexes",
+            _CHUNKS_SCHEMA,
+            chunk_layout(messages),
+            7,
+            _INSERT_CHUNK,
+        ),
     ]
     lines = [
         f"{messages:,} messages, {tick} per commit, WAL with synchronous=NORMAL and its "
@@ -101,8 +139,9 @@ def table(messages: int, tick: int) -> str:
         "| layout | per message |",
         "|---|---:|",
     ]
-    for name, schema, rows, columns in layouts:
-        lines.append(f"| {name} | {per_message_us(schema, rows, columns, messages, tick):.2f} µs |")
+    for name, schema, rows, columns, insert in layouts:
+        cost = per_message_us(schema, rows, columns, messages, tick, insert)
+        lines.append(f"| {name} | {cost:.2f} µs |")
     return "\n".join(lines)
 
 

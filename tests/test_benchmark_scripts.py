@@ -61,8 +61,10 @@ def test_arrival_times_a_busy_room_at_its_observers_sockets(tmp_path: Path) -> N
 
 
 def test_row_layouts_times_each_layout() -> None:
-    """Each of the four layouts is timed, the blob one with the tick's messages in a row."""
+    """Each of the five layouts is timed, the blob one with the tick's messages in a row,
+    and the store's own last."""
     text = load("row_layouts").table(messages=450, tick=100)
     rows = [line for line in text.splitlines() if line.endswith(" µs |")]
-    assert len(rows) == 4
-    assert "100 messages in one blob" in rows[-1]
+    assert len(rows) == 5
+    assert "100 messages in one blob" in rows[-2]
+    assert "the store's (schema 5)" in rows[-1]

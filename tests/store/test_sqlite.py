@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -11,15 +12,48 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from achat.protocol.messages import DmEvent, Message
-from achat.store.base import RefRecord, ack_of
-from achat.store.sqlite import _LOAD_REFS, _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from achat.store import sqlite as sqlite_store
+from achat.store.base import HistoryPage, RefRecord, Store, ack_of
+from achat.store.memory import MemoryStore
+from achat.store.sqlite import (
+    _AFTER,
+    _BEFORE,
+    _DECODER,
+    _LOAD_REFS,
+    _MIGRATIONS,
+    _OLD_CHUNKS,
+    CHUNK_MAX,
+    REF_HORIZON_MS,
+    SCHEMA_VERSION,
+    SQLiteStore,
+    _Write,
+)
 
 
 def msg(room: str, seq: int, ts: int = 1000, text: str = "hi") -> Message:
     return Message(room=room, seq=seq, ts=ts, sender="ana", text=text)
+
+
+def stored_messages(db_path: Path) -> int:
+    """How many room messages the database file holds, read by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(db_path)) as other:
+        return sum(
+            len(_DECODER.decode(body)) for (body,) in other.execute("SELECT body FROM chunks")
+        )
+
+
+def build_schema(db: sqlite3.Connection, version: int) -> None:
+    """Give the raw connection ``db`` the schema of ``version``, as an older achat made it."""
+    for migration in _MIGRATIONS[:version]:
+        if isinstance(migration, str):
+            db.executescript(migration)
+        else:
+            migration(db)
+    db.execute(f"PRAGMA user_version={version}")
 
 
 @pytest.fixture
@@ -60,9 +94,7 @@ def test_on_stored_runs_after_commit(store: SQLiteStore, db_path: Path) -> None:
     done = threading.Event()
 
     def stored() -> None:
-        other = sqlite3.connect(db_path)
-        seen.append(other.execute("SELECT count(*) FROM messages").fetchone()[0])
-        other.close()
+        seen.append(stored_messages(db_path))
         done.set()
 
     store.append(msg("r", 1), stored)
@@ -122,11 +154,14 @@ async def test_append_many_commits_together_and_calls_back_once(
     done = asyncio.Event()
 
     def stored() -> None:
-        with sqlite3.connect(db_path) as other:
-            counts.append(other.execute("SELECT count(*) FROM messages").fetchone()[0])
+        counts.append(stored_messages(db_path))
         done.set()
 
     store.append_many(messages, refs, stored)
+    # Already part of history, before the writer has it...
+    assert [m.seq for m in store.history("r", before=None, after=0, limit=10).messages] == [1, 2]
+    messages.append(msg("r", 3))  # ...and what the caller does with its lists after is its own
+    refs.append(None)
     async with asyncio.timeout(5):
         await done.wait()
     assert counts == [3]
@@ -142,6 +177,32 @@ async def test_append_many_commits_together_and_calls_back_once(
     store.append_many([], [], empty.set)
     async with asyncio.timeout(5):
         await empty.wait()
+    assert store._unstored == {}
+    with pytest.raises(ValueError, match="a ref"):
+        store.append_many([msg("r", 3)], [], lambda: None)
+
+
+def test_a_commit_forgets_its_messages_whatever_order_they_were_handed_over_in(
+    store: SQLiteStore,
+) -> None:
+    """Once committed, messages leave the unstored ones kept for history, also when two
+    threads handed theirs over in another order than they were queued in."""
+    first, second, third = msg("r", 1), msg("r", 2), msg("r", 3)
+    db = store._connect()
+    try:
+        with store._lock:  # as two threads' hand-overs may leave it: 1 and 2, then 3
+            store._unstored["r"] = [first, second, third]
+        store._commit(db, [_Write(third, None, None, None)])  # queued first
+        assert store._unstored == {"r": [first, second]}
+        store._commit(db, [_Write(None, None, None, None, run=([first, second], [None, None]))])
+        assert store._unstored == {}
+    finally:
+        db.close()
+    assert [m.seq for m in store.history("r", before=None, after=None, limit=5).messages] == [
+        1,
+        2,
+        3,
+    ]
 
 
 async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:
@@ -304,16 +365,32 @@ def test_retention_by_age(db_path: Path) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("table", ["messages", "dms"])
+@pytest.mark.parametrize(
+    ("query", "args", "table", "index"),
+    [
+        (_OLD_CHUNKS, (1, 2), "chunks", "chunks_min_ts"),
+        (_LOAD_REFS, (1, 2), "chunks", "chunks_max_ts"),
+        ("DELETE FROM dms WHERE ts < 5", (), "dms", "dms_ts"),
+        (_LOAD_REFS, (1, 2), "dms", "dms_ts"),
+    ],
+)
 def test_what_runs_on_a_timer_or_at_startup_finds_rows_by_time(
-    store: SQLiteStore, table: str
+    store: SQLiteStore, query: str, args: tuple[int, ...], table: str, index: str
 ) -> None:
-    """Retention by age and load_refs search by ts through an index, not the whole table."""
-    for query, args in ((f"DELETE FROM {table} WHERE ts < 5", ()), (_LOAD_REFS, (1, 2))):
-        plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", args).fetchall()
-        steps = [str(row[3]) for row in plan if f" {table} " in f" {row[3]} "]
-        assert steps, plan
-        assert all(f"INDEX {table}_ts " in step for step in steps), plan
+    """Retention by age and load_refs search by time through an index, not the whole table."""
+    plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", args).fetchall()
+    steps = [str(row[3]) for row in plan if f" {table} " in f" {row[3]} "]
+    assert steps, plan
+    assert all(f"INDEX {index} " in step for step in steps), plan
+
+
+@pytest.mark.parametrize("query", [_AFTER, _BEFORE])
+def test_history_finds_a_rooms_chunks_through_its_index(store: SQLiteStore, query: str) -> None:
+    """A history page reads the chunks of its room near its starting point, by index."""
+    plan = store._reader.execute(f"EXPLAIN QUERY PLAN {query}", ("r", 5)).fetchall()
+    steps = [str(row[3]) for row in plan if " chunks " in f" {row[3]} "]
+    assert steps, plan
+    assert all("INDEX chunks_room_seq (room=? AND last_seq" in step for step in steps), plan
 
 
 class _LogWatch(logging.Handler):
@@ -468,9 +545,7 @@ def test_a_version_2_database_keeps_the_acks_it_stored(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     raw = sqlite3.connect(db_path, isolation_level=None)
     raw.execute("PRAGMA journal_mode=WAL")
-    raw.executescript(_MIGRATIONS[0])
-    raw.executescript(_MIGRATIONS[1])
-    raw.execute("PRAGMA user_version=2")
+    build_schema(raw, 2)
     raw.execute("INSERT INTO messages VALUES ('r', 1, 1000, 'ana', 'a', 'ana', 'm1', 9000, x'01')")
     raw.execute("INSERT INTO messages VALUES ('r', 2, 1001, 'ana', 'b', 'ana', 'm2', 9000, x'02')")
     raw.execute("INSERT INTO dms VALUES (5, 1002, 'ana', 'bob', 'c', 'ana', 'd1', 9000, x'03')")
@@ -540,10 +615,9 @@ def test_a_version_1_database_is_migrated_and_keeps_its_refs(db_path: Path) -> N
     """Schema 1 kept refs in their own table only; after migrating, both kinds load."""
     db_path.parent.mkdir(parents=True)
     raw = sqlite3.connect(db_path, isolation_level=None)
-    raw.executescript(_MIGRATIONS[0])
+    build_schema(raw, 1)
     raw.execute("INSERT INTO messages VALUES ('r', 1, 1000, 'ana', 'old')")
     raw.execute("INSERT INTO refs VALUES ('ana', 'old-ref', 5000, x'01')")
-    raw.execute("PRAGMA user_version=1")
     raw.close()
     s = SQLiteStore(db_path)
     try:
@@ -589,7 +663,8 @@ def test_an_ack_left_out_is_derived_from_its_row(db_path: Path) -> None:
         s.append(msg("r", 2), lambda: None, RefRecord("ana", "kept", 9_100))
         s.append_dm(dm, lambda: None, RefRecord("ana", "dm", 9_200))
         s.flush()
-        assert s._reader.execute("SELECT count(*) FROM messages WHERE ack IS NULL").fetchone()[0]
+        (body,) = s._reader.execute("SELECT body FROM chunks").fetchone()
+        assert [(e.ref, e.ack) for e in _DECODER.decode(body)] == [("pruned", None), ("kept", None)]
         s.prune_now()
     finally:
         s.close()
@@ -611,8 +686,7 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
     db_path.parent.mkdir(parents=True)
     other = sqlite3.connect(db_path, isolation_level=None)
     other.execute("PRAGMA journal_mode=WAL")  # as every achat database is
-    other.executescript(_MIGRATIONS[0])
-    other.execute("PRAGMA user_version=1")
+    build_schema(other, 1)
     other.execute("BEGIN IMMEDIATE")  # the other process is migrating right now
     opened: list[SQLiteStore | BaseException] = []
 
@@ -627,7 +701,9 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
     thread.start()
     # The store has read version 1 and now waits for the lock the other process holds.
     assert waiting.wait(10)
-    for statement in _MIGRATIONS[1].split(";"):
+    second = _MIGRATIONS[1]
+    assert isinstance(second, str)
+    for statement in second.split(";"):
         if statement.strip():
             other.execute(statement)
     other.execute("PRAGMA user_version=2")
@@ -641,3 +717,301 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_repeated(
         assert store._reader.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         store.close()
+
+
+# -- the log of chunks ---------------------------------------------------------------
+
+
+def chunk_bounds(store: SQLiteStore, room: str) -> list[tuple[int, int]]:
+    """The seq range of each of ``room``'s chunks, in seq order."""
+    rows = store._reader.execute(
+        "SELECT first_seq, last_seq FROM chunks WHERE room = ? ORDER BY last_seq", (room,)
+    )
+    return [(first, last) for first, last in rows]
+
+
+def pages(store: Store, room: str, top: int) -> list[tuple[str, int | None, int, HistoryPage]]:
+    """Every page a client could ask for around seqs 1..``top``, with how it asked."""
+    out: list[tuple[str, int | None, int, HistoryPage]] = []
+    for limit in (1, 2, 3, 5, 7, 12, 40):
+        out.append(
+            ("latest", None, limit, store.history(room, before=None, after=None, limit=limit))
+        )
+        for point in range(0, top + 2):
+            out.append(
+                ("after", point, limit, store.history(room, before=None, after=point, limit=limit))
+            )
+            out.append(
+                ("before", point, limit, store.history(room, before=point, after=None, limit=limit))
+            )
+    return out
+
+
+def test_history_pages_across_chunk_boundaries_are_those_of_the_memory_store(
+    store: SQLiteStore,
+) -> None:
+    """Pages that start, end or lie inside chunks, in both directions, have the messages,
+    `more` and `gap` of the memory store given the same messages."""
+    memory = MemoryStore()
+    for first, last in ((1, 5), (6, 6), (7, 13), (14, 15)):  # a commit each: a chunk each
+        for seq in range(first, last + 1):
+            message = msg("r", seq, ts=1000 + seq, text=f"m{seq}")
+            store.append(message, lambda: None)
+            memory.append(message, lambda: None)
+        store.flush()
+    assert chunk_bounds(store, "r") == [(1, 5), (6, 6), (7, 13), (14, 15)]
+    assert pages(store, "r", 15) == pages(memory, "r", 15)
+    # A few by hand, so that the memory store is not the only judge.
+    page = store.history("r", before=None, after=3, limit=5)
+    assert ([m.seq for m in page.messages], page.more) == ([4, 5, 6, 7, 8], True)
+    page = store.history("r", before=12, after=None, limit=8)
+    assert ([m.seq for m in page.messages], page.more) == ([4, 5, 6, 7, 8, 9, 10, 11], True)
+    page = store.history("r", before=9, after=None, limit=10)
+    assert ([m.seq for m in page.messages], page.more) == ([1, 2, 3, 4, 5, 6, 7, 8], False)
+    assert [m.text for m in store.history("r", before=None, after=12, limit=9).messages] == [
+        "m13",
+        "m14",
+        "m15",
+    ]
+
+
+def test_a_big_commit_is_split_into_capped_chunks(store: SQLiteStore) -> None:
+    """A commit holding more than CHUNK_MAX messages of a room stores several chunks,
+    none bigger than CHUNK_MAX, and history reads across them."""
+    total = 2 * CHUNK_MAX + 88
+    messages = [msg("r", seq, ts=seq) for seq in range(1, total + 1)]
+    messages.insert(100, msg("s", 1))  # another room's in the same commit
+    store.append_many(messages, [None] * len(messages), lambda: None)
+    store.flush()  # one hand-over, so one commit
+    assert chunk_bounds(store, "r") == [
+        (1, CHUNK_MAX),
+        (CHUNK_MAX + 1, 2 * CHUNK_MAX),
+        (2 * CHUNK_MAX + 1, total),
+    ]
+    assert chunk_bounds(store, "s") == [(1, 1)]
+    middle = store.history("r", before=None, after=CHUNK_MAX - 2, limit=5)
+    assert [m.seq for m in middle.messages] == list(range(CHUNK_MAX - 1, CHUNK_MAX + 4))
+    back = store.history("r", before=2 * CHUNK_MAX + 3, after=None, limit=CHUNK_MAX + 10)
+    assert [m.seq for m in back.messages] == list(range(CHUNK_MAX - 7, 2 * CHUNK_MAX + 3))
+    assert back.more
+    assert {r.name: r.last_seq for r in store.load_rooms()} == {"r": total, "s": 1}
+
+
+def test_retention_by_age_cuts_through_a_chunk_exactly(db_path: Path) -> None:
+    """history_days deletes exactly the messages older than the cut-off, also from inside
+    a chunk whose times are out of order, and their refs in force load after reopening."""
+    day = 86_400_000
+    now = 100 * day
+    old, new = now - 3 * day, now - 1_000
+    s = SQLiteStore(db_path, history_days=2, clock=lambda: now)
+    times = {1: old, 2: old, 3: old, 4: new, 5: old, 6: new, 7: new, 8: old, 9: new}
+    refs = {
+        2: RefRecord("ana", "gone-expired", now - 1),
+        3: RefRecord("ana", "gone-in-force", now + 500),
+        5: RefRecord("ana", "gone-own-ack", now + 600, b"own"),
+        6: RefRecord("ana", "kept", now + 700),
+    }
+    try:
+        for seq in (1, 2, 3):  # a chunk wholly older than the cut-off
+            s.append(msg("r", seq, ts=times[seq]), lambda: None, refs.get(seq))
+        s.flush()
+        for seq in range(4, 10):  # one it falls into, out of time order
+            s.append(msg("r", seq, ts=times[seq]), lambda: None, refs.get(seq))
+        s.flush()
+        s.append(msg("s", 1, ts=old), lambda: None)  # a room left with nothing
+        s.flush()
+        s.prune_now()
+        page = s.history("r", before=None, after=0, limit=10)
+        assert [m.seq for m in page.messages] == [4, 6, 7, 9]
+        assert page.gap
+        assert chunk_bounds(s, "r") == [(4, 9)]
+        assert chunk_bounds(s, "s") == []
+        assert {r.name: r.last_seq for r in s.load_rooms()} == {"r": 9, "s": 1}
+    finally:
+        s.close()
+    again = SQLiteStore(db_path)
+    try:
+        assert [(r.ref, r.ack) for r in again.load_refs(now)] == [
+            ("gone-in-force", ack_of("gone-in-force", msg("r", 3, ts=old))),
+            ("gone-own-ack", b"own"),
+            ("kept", ack_of("kept", msg("r", 6, ts=new))),
+        ]
+        assert [m.seq for m in again.history("r", before=None, after=None, limit=2).messages] == [
+            7,
+            9,
+        ]
+    finally:
+        again.close()
+
+
+def test_retention_by_count_cuts_through_a_chunk_exactly(db_path: Path) -> None:
+    """history_max keeps exactly the last messages of each room, cutting the chunk the
+    limit falls into, and the refs in force of those deleted load after reopening."""
+    s = SQLiteStore(db_path, history_max=7, clock=lambda: 3_000)
+    refs = {
+        3: RefRecord("ana", "whole-chunk", 9_000),
+        7: RefRecord("ana", "cut-chunk", 9_100),
+        8: RefRecord("ana", "expired", 2_000),
+        12: RefRecord("ana", "kept", 9_200),
+    }
+    try:
+        for first, last in ((1, 5), (6, 10), (11, 15)):
+            for seq in range(first, last + 1):
+                s.append(msg("r", seq), lambda: None, refs.get(seq))
+            s.flush()
+        s.append(msg("small", 1), lambda: None)  # under the limit: untouched
+        s.flush()
+        s.prune_now()
+        page = s.history("r", before=None, after=None, limit=20)
+        assert [m.seq for m in page.messages] == list(range(9, 16))
+        assert page.gap
+        assert not s.history("r", before=None, after=8, limit=20).gap
+        assert chunk_bounds(s, "r") == [(9, 10), (11, 15)]
+        assert chunk_bounds(s, "small") == [(1, 1)]
+        s.prune_now()  # nothing more to do
+        assert chunk_bounds(s, "r") == [(9, 10), (11, 15)]
+    finally:
+        s.close()
+    again = SQLiteStore(db_path)
+    try:
+        assert [(r.ref, r.ack) for r in again.load_refs(3_000)] == [
+            ("whole-chunk", ack_of("whole-chunk", msg("r", 3))),
+            ("cut-chunk", ack_of("cut-chunk", msg("r", 7))),
+            ("kept", ack_of("kept", msg("r", 12))),
+        ]
+    finally:
+        again.close()
+
+
+def test_load_refs_picks_refs_out_of_chunks(db_path: Path) -> None:
+    """load_refs gives the refs of recent chunks still in force, acks filled in, oldest
+    first across chunks; those of messages older than the horizon are not read."""
+    now = 10 * REF_HORIZON_MS
+    s = SQLiteStore(db_path)
+    try:
+        s.append(
+            msg("r", 1, ts=now - REF_HORIZON_MS), lambda: None, RefRecord("a", "too-old", now + 9)
+        )
+        s.append(msg("r", 2, ts=now - 5), lambda: None, RefRecord("a", "late", now + 800))
+        s.append(msg("r", 3, ts=now - 5), lambda: None)
+        s.append(msg("r", 4, ts=now - 5), lambda: None, RefRecord("a", "expired", now))
+        s.flush()
+        s.append(msg("r", 5, ts=now - 1), lambda: None, RefRecord("a", "early", now + 100, b"x"))
+        s.append(msg("s", 1, ts=now - 1), lambda: None, RefRecord("b", "other", now + 300))
+        s.flush()
+        assert len(chunk_bounds(s, "r")) == 2
+        assert [(r.nick_key, r.ref, r.expires, r.ack) for r in s.load_refs(now)] == [
+            ("a", "early", now + 100, b"x"),
+            ("b", "other", now + 300, ack_of("other", msg("s", 1, ts=now - 1))),
+            ("a", "late", now + 800, ack_of("late", msg("r", 2, ts=now - 5))),
+        ]
+    finally:
+        s.close()
+
+
+def version_4_database(db_path: Path) -> tuple[list[Message], list[RefRecord]]:
+    """A database as schema 4 left it, and the messages and refs it holds."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    raw.execute("PRAGMA journal_mode=WAL")
+    build_schema(raw, 4)
+    messages = [msg("big", seq, ts=1000 + seq, text=f"b{seq}") for seq in range(1, CHUNK_MAX + 40)]
+    messages += [msg("r", seq, ts=5000 + seq, text=f"r{seq}") for seq in (3, 4, 7)]
+    refs: list[RefRecord] = []
+    for m in messages:
+        ref: RefRecord | None = None
+        if m.seq % 5 == 0:
+            ref = RefRecord("ana", f"{m.room}-{m.seq}", 90_000 + m.seq)  # ack left out
+        elif m.room == "r":
+            ref = RefRecord("bob", f"{m.room}-{m.seq}", 80_000 + m.seq, b"kept %d" % m.seq)
+        if m.seq == 11:
+            ref = RefRecord("ana", "expired", 1_500)
+        raw.execute(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                m.room,
+                m.seq,
+                m.ts,
+                m.sender,
+                m.text,
+                *(msgspec.structs.astuple(ref) if ref else [None] * 4),
+            ),
+        )
+        if ref is not None and ref.expires > 2_000:
+            refs.append(
+                RefRecord(ref.nick_key, ref.ref, ref.expires, ref.ack or ack_of(ref.ref, m))
+            )
+    raw.execute("INSERT INTO refs VALUES ('ana', 'moved', 85000, x'01')")
+    refs.append(RefRecord("ana", "moved", 85_000, b"\x01"))
+    raw.execute("INSERT INTO dms VALUES (3, 6000, 'ana', 'bob', 'hi', 'ana', 'dm', 95000, NULL)")
+    dm = DmEvent(sender="ana", to="bob", id=3, ts=6000, text="hi")
+    refs.append(RefRecord("ana", "dm", 95_000, ack_of("dm", dm)))
+    raw.execute(f"INSERT INTO rooms VALUES ('big', 'the topic', {CHUNK_MAX + 39})")
+    raw.execute("INSERT INTO rooms VALUES ('r', '', 9)")  # its last two messages were lost
+    raw.close()
+    refs.sort(key=lambda r: r.expires)
+    return messages, refs
+
+
+def test_a_version_4_database_is_migrated_to_chunks_and_reads_the_same(db_path: Path) -> None:
+    """Schema 4's message rows become capped chunks with their refs: history, rooms and
+    refs read as they were written, and the messages table is gone."""
+    messages, refs = version_4_database(db_path)
+    memory = MemoryStore()
+    for m in messages:
+        memory.append(m, lambda: None)
+    s = SQLiteStore(db_path, clock=lambda: 2_000)
+    try:
+        assert s._reader.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        tables = {n for (n,) in s._reader.execute("SELECT name FROM sqlite_master")}
+        assert "messages" not in tables
+        assert "messages_ts" not in tables
+        assert chunk_bounds(s, "big") == [(1, CHUNK_MAX), (CHUNK_MAX + 1, CHUNK_MAX + 39)]
+        assert chunk_bounds(s, "r") == [(3, 7)]
+        assert [(r.name, r.topic, r.last_seq) for r in s.load_rooms()] == [
+            ("big", "the topic", CHUNK_MAX + 39),
+            ("r", "", 9),
+        ]
+        assert s.load_refs(2_000) == refs
+        assert pages(s, "r", 9) == pages(memory, "r", 9)
+        assert (
+            s.history("big", before=None, after=0, limit=500).messages == messages[: CHUNK_MAX + 39]
+        )
+        assert s.last_dm_id() == 3
+    finally:
+        s.close()
+
+
+def test_a_migration_to_chunks_that_fails_leaves_version_4_as_it_was(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python step of a migration runs in its transaction: when it fails, the
+    database is still at schema 4 with its messages, and the next start migrates it."""
+    messages, _ = version_4_database(db_path)
+    calls = [0]
+    chunk_row = sqlite_store._chunk_row
+
+    def failing(room: str, entries: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("disk on fire")
+        return chunk_row(room, entries)
+
+    monkeypatch.setattr(sqlite_store, "_chunk_row", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        SQLiteStore(db_path)
+    monkeypatch.undo()
+    with contextlib.closing(sqlite3.connect(db_path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert raw.execute("SELECT count(*) FROM messages").fetchone()[0] == len(messages)
+        assert (
+            raw.execute("SELECT count(*) FROM sqlite_master WHERE name = 'chunks'").fetchone()[0]
+            == 0
+        )
+    s = SQLiteStore(db_path)
+    try:
+        assert (
+            s.history("big", before=None, after=0, limit=500).messages == messages[: CHUNK_MAX + 39]
+        )
+    finally:
+        s.close()
