@@ -9,12 +9,15 @@ cannot make it allocate more than ``max_frame`` plus one read chunk.
 
 from __future__ import annotations
 
+import struct
+
 from ..errors import FrameError
 
 __all__ = ["DEFAULT_MAX_FRAME", "HEADER_SIZE", "FrameDecoder", "encode_frame"]
 
 DEFAULT_MAX_FRAME = 65_536
 HEADER_SIZE = 4
+_HEADER = struct.Struct(">I")
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -58,16 +61,24 @@ class FrameDecoder:
         if self._broken:
             raise FrameError("bad_frame", "stream already failed")
         buf = self._buffer
-        buf += data
+        need = self._need
+        if buf:
+            buf += data
+            if need is not None and len(buf) < need:
+                return []  # still inside a body: nothing to look at yet
+            data = bytes(buf)
+            buf.clear()
+        # ``data`` is bytes: a frame's body is one slice of it, and what is left of it
+        # goes back to the buffer once, instead of the buffer shifting after every read.
         frames: list[bytes] = []
         pos = 0
-        end = len(buf)
-        need = self._need
+        end = len(data)
+        unpack = _HEADER.unpack_from
         while True:
             if need is None:
                 if end - pos < HEADER_SIZE:
                     break
-                need = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+                (need,) = unpack(data, pos)
                 pos += HEADER_SIZE
                 if need == 0:
                     self._fail()
@@ -79,12 +90,14 @@ class FrameDecoder:
                         f"frame of {need} bytes is over the limit of {self.max_frame}",
                         frames,
                     )
-            if end - pos < need:
+            stop = pos + need
+            if stop > end:
                 break
-            frames.append(bytes(buf[pos : pos + need]))
-            pos += need
+            frames.append(data[pos:stop])
+            pos = stop
             need = None
-        del buf[:pos]
+        if pos < end:
+            buf += memoryview(data)[pos:]
         self._need = need
         return frames
 
