@@ -190,9 +190,7 @@ class Registry:
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}
-        self._stored_acks: list[
-            tuple[Member, list[Message], list[str | None], list[str | None]]
-        ] = []
+        self._stored_acks: list[tuple[Member, list[Message], list[bytes], list[str | None]]] = []
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -372,7 +370,7 @@ class Registry:
         nick = member.nick
         messages: list[Message] = []
         records: list[RefRecord | None] = []
-        refs: list[str | None] = []
+        acks: list[bytes] = []
         keys: list[str | None] = []
         for frame in frames:
             ref = frame.ref
@@ -390,22 +388,22 @@ class Registry:
                 refuse(exc)
                 continue
             room.last_seq += 1
-            messages.append(
-                Message(room=room.name, seq=room.last_seq, ts=now, sender=nick, text=text)
-            )
+            message = Message(room=room.name, seq=room.last_seq, ts=now, sender=nick, text=text)
+            messages.append(message)
+            # Made now, not in the fan-out, which is paced by the time it takes.
+            acks.append(ack_of(ref or "", message))
             records.append(self._remember(member, key, ref, now))
-            refs.append(ref)
             keys.append(key)
         if messages:
             self.store.append_many(
-                messages, records, lambda: self._messages_stored(member, messages, refs, keys)
+                messages, records, lambda: self._messages_stored(member, messages, acks, keys)
             )
 
     def _messages_stored(
         self,
         member: Member,
         messages: list[Message],
-        refs: list[str | None],
+        acks: list[bytes],
         keys: list[str | None],
     ) -> None:
         # Delivered only once stored: a crash can never show members a seq that the
@@ -420,7 +418,7 @@ class Registry:
                 stored[room] = [message]
             else:
                 waiting.append(message)
-        self._stored_acks.append((member, messages, refs, keys))
+        self._stored_acks.append((member, messages, acks, keys))
         if self._defer is None:
             self.fan_out()
         elif first:
@@ -453,8 +451,8 @@ class Registry:
         for room, messages in stored.items():
             room.stored_seq = messages[-1].seq
             self._broadcast(room, b"".join([encode(message) for message in messages]))
-        for member, messages, refs, keys in acks:
-            self._acknowledge_many(member, messages, refs, keys)
+        for member, messages, run_acks, keys in acks:
+            self._acknowledge_many(member, messages, run_acks, keys)
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
@@ -672,12 +670,11 @@ class Registry:
         self,
         member: Member,
         messages: list[Message],
-        refs: list[str | None],
+        acks: list[bytes],
         keys: list[str | None],
     ) -> None:
         """Send the acks of a run of stored messages in one piece, then to any resends
         waiting for them."""
-        acks = [ack_of(ref or "", message) for message, ref in zip(messages, refs, strict=True)]
         member.peer.send(acks[0] if len(acks) == 1 else b"".join(acks))
         refs_kept = self._refs
         for key, message, ack in zip(keys, messages, acks, strict=True):
