@@ -80,6 +80,9 @@ class Result:
 #: New connections a second, all workers together: a join storm, paced so that the
 #: server's listen queue (4,096 on achat-server) never overflows.
 CONNECT_RATE = 10_000.0
+#: Bytes a server sends back per ``say`` of ingest (its ack and its message, ~250), with
+#: room to spare: times the pipeline, the send queue the ingest server is given.
+INGEST_REPLY_BYTES = 512
 
 
 # -- the server under test ------------------------------------------------------------
@@ -177,9 +180,15 @@ def run(args: argparse.Namespace) -> Result:
     server: _Server | None = None
     result = Result(args.scenario, _params(args), args.duration)
     if args.port is None:
-        extra = ["--rate", "0"] if args.scenario == "ingest" else []
+        extra = []
         if args.scenario == "ingest":
-            result.notes.append("server started with --rate 0 (flood limit off) for ingest")
+            # A pipeline's acks and messages come back together: room for all of them.
+            sendq = max(1 << 20, args.pipeline * INGEST_REPLY_BYTES)
+            extra = ["--rate", "0", "--sendq-limit", str(sendq)]
+            result.notes.append(
+                f"server started with --rate 0 (flood limit off) and --sendq-limit {sendq} "
+                f"(room for the replies to {args.pipeline:,} says in flight) for ingest"
+            )
         server = _Server(extra, cpus[0] if len(cpus) > 1 else None)
         host, port = "127.0.0.1", server.port
     else:
@@ -609,7 +618,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pipeline",
         type=int,
-        default=1024,
+        default=8192,
         help="ingest: says in flight (deep enough that the server, not the round trip, limits)",
     )
     p.add_argument("--duration", "-d", type=float, default=10.0, help="measured seconds")

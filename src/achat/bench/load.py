@@ -528,15 +528,20 @@ class _BenchClient(asyncio.Protocol):
 
     def _write_say(self, now_ns: int | None = None) -> None:
         assert self.transport is not None
+        self.transport.write(self._next_say(now_ns))
+
+    def _next_say(self, now_ns: int | None = None) -> bytes:
+        """The next ``say`` frame, counted as sent."""
         self.ref += 1
         if now_ns is None:
             now_ns = time.time_ns()
-        self.transport.write(_say(self.room, self.ref, now_ns))
+        frame = _say(self.room, self.ref, now_ns)
         self.unanswered += 1
         self.due += 1
         self.last_sent = time.monotonic()
         if self.window.start_ns <= now_ns < self.window.end_ns:
             self.report.sent += 1
+        return frame
 
     def keep_alive(self, now: float) -> None:
         """Ping if nothing was sent for the plan's keep-alive (``now``: the monotonic clock)."""
@@ -562,12 +567,18 @@ class _BenchClient(asyncio.Protocol):
         self.timer = self.loop.call_at(at, self._tick, at)
 
     def _fill(self) -> None:
+        # One write for all the says the pipeline has room for, as a client that pipelines
+        # sends them: one system call here, and reads of many frames at the server.
         window = self.window
+        frames: list[bytes] = []
         while self.unanswered < self.plan.pipeline and time.monotonic() < window.end:
             now_ns = time.time_ns()
             if now_ns >= window.end_ns:  # as in _tick
-                return
-            self._write_say(now_ns)
+                break
+            frames.append(self._next_say(now_ns))
+        if frames:
+            assert self.transport is not None
+            self.transport.write(b"".join(frames))
 
     def _start_sending(self) -> None:
         if self.plan.pipeline:
