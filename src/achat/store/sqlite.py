@@ -1,8 +1,9 @@
 """The durable default store: SQLite in WAL mode, written by one thread with group commit.
 
 Theory of operation: the event loop never waits for the disk. :meth:`append`
-collects the record with the rest of the current loop tick's writes and
-returns at once; at the end of the tick they are handed to the writer
+(or :meth:`append_many`, for a run of messages: the registry's way) collects
+the records with the rest of the current loop tick's writes and returns at
+once; at the end of the tick they are handed to the writer
 thread in one piece (one wake-up, one GIL round trip). The single writer
 thread takes *everything* handed over since its last commit, writes it in
 one transaction, commits, and then hands the whole batch's ``on_stored``
