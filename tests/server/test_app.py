@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
+import msgspec
 import pytest
 
 from achat.client.connection import Client, Disconnected, Event
@@ -21,6 +23,7 @@ from achat.errors import ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
 from achat.server.app import Server
+from achat.server.limits import FloodPolicy
 from achat.server.session import Session
 from achat.store.base import RefRecord, Store
 from achat.store.memory import MemoryStore
@@ -944,3 +947,86 @@ async def test_a_connection_is_forgotten_even_if_leaving_the_registry_fails(
     async with asyncio.timeout(WAIT):
         await server.wait_for(lambda: server.connections == 0)
     assert server._addresses.connections("127.0.0.1") == 0
+
+
+# -- a read of many frames --------------------------------------------------------------
+
+_END = "the end"
+
+
+def _random_frame(rng: random.Random) -> dict[str, Any]:
+    """Mostly says, some refused (a room ana is not in, a bad text), some resent, among
+    every other kind of frame, a few ending the connection."""
+    kind = rng.choices(
+        ["say", "ping", "who", "join", "part", "dm", "nick", "hello", "history", "bye", "x"],
+        [80, 4, 3, 3, 2, 4, 2, 1, 2, 1, 2],
+    )[0]
+    obj: dict[str, Any] = {"type": kind}
+    if kind == "say":
+        obj["room"] = rng.choice(["a"] * 8 + ["c", "B!"])
+        obj["text"] = rng.choice(["hi"] * 6 + ["yo", " ", "\x01", "{x}", "x" * 5000])
+    elif kind in ("who", "join", "part", "history"):
+        obj["room"] = rng.choice(["a", "c"])
+    elif kind == "dm":
+        obj |= {"to": rng.choice(["bob", "nobody"]), "text": "psst"}
+    elif kind == "nick":
+        obj["nick"] = rng.choice(["ana", "Ana", "ana2"])
+    elif kind == "hello":
+        obj |= {"nick": "x", "version": 1}
+    ref = rng.choice([None, "r1", "r2", "r3", ""])
+    if ref is not None and kind not in ("hello", "bye", "x"):
+        obj["ref"] = ref
+    return obj
+
+
+async def _answers(bodies: list[bytes], *, one_read: bool, flood: FloodPolicy) -> list[Any]:
+    """What ana and bob (in #a) get when ana's session reads ``bodies`` at once or one by
+    one (times left out), up to the answer to the ping each sends last."""
+    server = Server(make_config(flood=flood), MemoryStore())
+    await server.start()
+    try:
+        ana, bob = await Raw.open(server.port), await Raw.open(server.port)
+        for raw, nick in ((bob, "bob"), (ana, "ana")):
+            await raw.hello(nick)
+            raw.send({"type": "join", "room": "a"})
+            await raw.until(m.Names)
+        await bob.until(m.Joined)
+        [session] = [s for s in server._sessions if s.nick == "ana"]
+        frames = [encode_frame(body) for body in bodies]
+        for data in [b"".join(frames)] if one_read else frames:
+            session.data_received(data)
+        seen = []
+        for raw in (ana, bob):
+            raw.send({"type": "ping", "ref": _END})
+            got: list[Any] = []
+            with contextlib.suppress(EOFError, ConnectionError):  # ana may have been closed
+                # Its pong, or its refusal under the flood limit.
+                while not (got and isinstance(got[-1], m.Pong | m.Error) and got[-1].ref == _END):
+                    got.append(await raw.next())
+            seen.append([_timeless(frame) for frame in got])
+        return seen
+    finally:
+        await server.close()
+
+
+def _timeless(frame: Any) -> Any:
+    plain = msgspec.to_builtins(frame)
+    plain.pop("ts", None)
+    for message in plain.get("messages", ()):
+        message.pop("ts", None)
+    return plain
+
+
+@pytest.mark.parametrize("seed", range(100))
+async def test_a_read_of_many_frames_is_answered_as_one_read_a_frame(seed: int) -> None:
+    """A session hands a read's says to the registry as runs: what every member gets is
+    still what it gets when each frame comes in a read of its own, with or without a
+    flood limit, whatever the other frames, refusals and resends among them."""
+    rng = random.Random(seed)
+    bodies = [json.dumps(_random_frame(rng)).encode() for _ in range(rng.randint(2, 25))]
+    flood = rng.choice(
+        [FloodPolicy(rate=0), FloodPolicy(rate=0.001, burst=6, strikes=4, strike_window=100)]
+    )
+    assert await _answers(bodies, one_read=True, flood=flood) == await _answers(
+        bodies, one_read=False, flood=flood
+    )

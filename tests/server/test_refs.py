@@ -18,16 +18,19 @@ def test_a_pending_ref_collects_waiters_until_it_is_acked() -> None:
     key = ref_key("ana", "r1")
     refs.add(key, deadline=100)
     assert refs.ack(key) is None
-    assert refs.wait(key, "first resend")
-    assert refs.wait(key, "second resend")
+    assert refs.resent(key, "first resend") is True
+    assert refs.resent(key, "second resend") is True
     assert refs.acked(key, b"ACK") == ["first resend", "second resend"]
     assert refs.ack(key) == b"ACK"
+    assert refs.resent(key, "a resend after the ack") == b"ACK"
     assert refs.acked(key, b"ACK") == []
 
 
 def test_unknown_refs_are_not_waited_for() -> None:
     refs: RecentRefs[str] = RecentRefs()
-    assert not refs.wait(ref_key("ana", "nope"), "x")
+    assert refs.resent(ref_key("ana", "nope"), "x") is False
+    refs.add(ref_key("ana", "yes"), deadline=10)
+    assert refs.acked(ref_key("ana", "yes"), b"A") == []  # nobody was waiting
 
 
 def test_refs_expire_in_order_at_their_deadline() -> None:
@@ -38,9 +41,9 @@ def test_refs_expire_in_order_at_their_deadline() -> None:
     assert refs.ack(ref_key("ana", "a")) == b"A"
     refs.expire(10)
     assert refs.ack(ref_key("ana", "a")) is None
-    assert refs.wait(ref_key("ana", "b"), "w")
+    assert refs.resent(ref_key("ana", "b"), "w") is True
     refs.expire(20)
-    assert not refs.wait(ref_key("ana", "b"), "w")
+    assert refs.resent(ref_key("ana", "b"), "w") is False
     assert len(refs) == 0
 
 
@@ -132,7 +135,7 @@ def test_the_ack_of_an_expired_use_of_a_key_is_not_taken_for_a_later_one() -> No
     refs.add(key, deadline=10)  # the first use, on its way to a slow store
     refs.expire(10)
     refs.add(key, deadline=30)  # the same ref, a new message
-    assert refs.wait(key, "resender")
+    assert refs.resent(key, "resender") is True
     assert refs.acked(key, b"FIRST", deadline=10) == []
     assert refs.ack(key) is None
     assert refs.acked(key, b"SECOND", deadline=30) == ["resender"]

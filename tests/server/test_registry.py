@@ -992,6 +992,59 @@ def test_resend_while_still_being_stored_gets_the_ack_once_stored(clock: Clock) 
     assert seqs(bob.take()) == [1]
 
 
+def _answers_to(frames: list[m.Say], *, as_a_run: bool) -> list[tuple[str, str | None]]:
+    """What ana gets for ``frames`` (said in #a, where she is alone): each answer's type
+    and ref, in order, with the errors said as they came."""
+    store = DeferredStore()
+    reg = Registry(store, clock=Clock())
+    ana, peer = add(reg, "ana", "a")
+    if as_a_run:
+        reg.say_many(
+            ana,
+            frames,
+            lambda exc: peer.send(
+                m.encode(m.Error(code=exc.code, message=exc.message, fatal=False, ref=exc.ref))
+            ),
+        )
+    else:
+        for frame in frames:
+            try:
+                reg.handle(ana, frame)
+            except ProtocolError as exc:
+                peer.send(
+                    m.encode(m.Error(code=exc.code, message=exc.message, fatal=False, ref=exc.ref))
+                )
+    store.complete()
+    return [
+        (type(frame).__name__, getattr(frame, "ref", None))
+        for frame in peer.take()
+        if not isinstance(frame, m.Message)
+    ]
+
+
+def test_a_run_of_says_is_answered_as_one_say_at_a_time() -> None:
+    """say_many (a read's says) answers as handle does, frame by frame: the errors as
+    the frames come, then each ack followed by those of the resends waiting for it."""
+    frames = [
+        m.Say(room="a", text="one", ref="r1"),
+        m.Say(room="b", text="not in #b", ref="e1"),
+        m.Say(room="a", text="one", ref="r1"),  # a resend, before r1 is stored
+        m.Say(room="a", text="\x01", ref="e2"),
+        m.Say(room="a", text="two", ref="r2"),
+        m.Say(room="a", text="no ref"),
+    ]
+    one_at_a_time = _answers_to(frames, as_a_run=False)
+    assert one_at_a_time == [
+        ("Error", "e1"),
+        ("Error", "e2"),
+        ("Ack", "r1"),
+        ("Ack", "r1"),
+        ("Ack", "r2"),
+        ("Ack", ""),
+    ]
+    assert _answers_to(frames, as_a_run=True) == one_at_a_time
+
+
 # -- fitting max_frame ---------------------------------------------------------------
 
 

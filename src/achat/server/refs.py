@@ -95,14 +95,6 @@ class RecentRefs(Generic[W]):
         entry = self._refs.get(key)
         return entry if isinstance(entry, bytes) else None
 
-    def wait(self, key: str, waiter: W) -> bool:
-        """Queue ``waiter`` for the ack of an unacked ``key``; False when ``key`` is unknown
-        or acked."""
-        entry = self._refs.get(key)
-        if entry is None or isinstance(entry, bytes):
-            return False
-        return self._wait(key, entry, waiter)
-
     def resent(self, key: str, waiter: W) -> bytes | bool:
         """What a resend of ``key`` gets: the ack if ``key`` was acked; True if it is not
         yet (``waiter`` is queued for the ack); False if ``key`` is unknown: no resend."""
@@ -111,9 +103,6 @@ class RecentRefs(Generic[W]):
             return False
         if isinstance(entry, bytes):
             return entry
-        return self._wait(key, entry, waiter)
-
-    def _wait(self, key: str, entry: tuple[int, list[W] | None], waiter: W) -> bool:
         deadline, waiting = entry
         if waiting is None:
             self._refs[key] = (deadline, [waiter])

@@ -673,16 +673,20 @@ class Registry:
         acks: list[bytes],
         keys: list[str | None],
     ) -> None:
-        """Send the acks of a run of stored messages in one piece, then to any resends
-        waiting for them."""
-        member.peer.send(acks[0] if len(acks) == 1 else b"".join(acks))
-        refs_kept = self._refs
+        """Send the acks of a run of stored messages in one piece, each followed by its
+        copies for the resends waiting for it (on this connection, in the same piece)."""
+        out: list[bytes] = []
+        refs = self._refs
         for key, message, ack in zip(keys, messages, acks, strict=True):
-            if key is not None:
-                # One ack for each resend waiting for it, the sayer's own on this
-                # connection too.
-                for waiter in refs_kept.acked(key, receipt_of(message), message.ts + REF_TTL_MS):
+            out.append(ack)
+            if key is None:
+                continue
+            for waiter in refs.acked(key, receipt_of(message), message.ts + REF_TTL_MS):
+                if waiter is member:
+                    out.append(ack)
+                else:
                     waiter.peer.send(ack)
+        member.peer.send(out[0] if len(out) == 1 else b"".join(out))
 
     def _acknowledge(
         self, member: Member, key: str | None, data: bytes, record: Message | DmEvent
