@@ -256,3 +256,31 @@ def test_clients_keep_a_short_idle_timeout_server_with_their_pings(tmp_path: Pat
 def test_keepalive_must_be_positive() -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(["idle", "--keepalive", "0"])
+
+
+def test_ingest_against_a_running_server_fits_its_send_queue(tmp_path: Path) -> None:
+    """Against a server it did not start (whose send queue is the default 1 MiB), ingest
+    keeps no more says in flight than their replies fit in, and says what a deeper
+    pipeline would need: it is not cut off with sendq_exceeded."""
+    server = ServerProcess(tmp_path / "server", None, "--rate", "0")
+    server.start()
+    out = tmp_path / "ingest.json"
+    try:
+        run = subprocess.run(
+            [
+                *(script("achat-bench"), "ingest", "-d", "1", "--warmup", "0.3"),
+                *("--port", str(server.port), "--json", str(out)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert (result["errors"], result["closed"]) == (0, 0)
+    assert result["acked_per_s"] > 0
+    assert result["params"]["pipeline"] == 2048
+    assert any("--sendq-limit must be at least" in note for note in result["notes"])

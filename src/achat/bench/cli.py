@@ -83,6 +83,11 @@ CONNECT_RATE = 10_000.0
 #: Bytes a server sends back per ``say`` of ingest (its ack and its message, ~250), with
 #: room to spare: times the pipeline, the send queue the ingest server is given.
 INGEST_REPLY_BYTES = 512
+#: Says in flight for ingest against a server started here, deep enough that the server,
+#: not the round trip, is what limits.
+INGEST_PIPELINE = 8192
+#: achat-server's --sendq-limit by default.
+DEFAULT_SENDQ = 1 << 20
 
 
 # -- the server under test ------------------------------------------------------------
@@ -178,12 +183,23 @@ def run(args: argparse.Namespace) -> Result:
     """Run one scenario as described by parsed command-line ``args``."""
     cpus = _cpus()
     server: _Server | None = None
+    if args.scenario == "ingest" and args.pipeline is None:
+        # A server started here gets a send queue with room for the replies; one already
+        # running has its own, by default room for those of 2,048 says.
+        running = DEFAULT_SENDQ // INGEST_REPLY_BYTES
+        args.pipeline = INGEST_PIPELINE if args.port is None else running
     result = Result(args.scenario, _params(args), args.duration)
+    if args.scenario == "ingest" and args.port is not None:
+        result.notes.append(
+            f"ingest against a running server: its --sendq-limit must be at least "
+            f"{args.pipeline * INGEST_REPLY_BYTES} for {args.pipeline:,} says in flight, "
+            "and its flood limit off (--rate 0)"
+        )
     if args.port is None:
         extra = []
         if args.scenario == "ingest":
             # A pipeline's acks and messages come back together: room for all of them.
-            sendq = max(1 << 20, args.pipeline * INGEST_REPLY_BYTES)
+            sendq = max(DEFAULT_SENDQ, args.pipeline * INGEST_REPLY_BYTES)
             extra = ["--rate", "0", "--sendq-limit", str(sendq)]
             result.notes.append(
                 f"server started with --rate 0 (flood limit off) and --sendq-limit {sendq} "
@@ -618,8 +634,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pipeline",
         type=int,
-        default=8192,
-        help="ingest: says in flight (deep enough that the server, not the round trip, limits)",
+        default=None,
+        help=f"ingest: says in flight (default {INGEST_PIPELINE:,} with a server started "
+        "here, deep enough that the server, not the round trip, limits; against --port, "
+        f"what the default send queue has room for, {DEFAULT_SENDQ // INGEST_REPLY_BYTES:,})",
     )
     p.add_argument("--duration", "-d", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0)
