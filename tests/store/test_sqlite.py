@@ -1015,3 +1015,30 @@ def test_a_migration_to_chunks_that_fails_leaves_version_4_as_it_was(
         )
     finally:
         s.close()
+
+
+def test_a_batch_handed_over_out_of_seq_order_is_stored_in_seq_order(tmp_path: Path) -> None:
+    """Two threads' hand-overs that reach the writer in one batch, the later seq first
+    (as _forget_unstored allows for), still make a chunk in seq order: every page reads
+    as the memory store's, and nothing is left unstored."""
+    store = SQLiteStore(tmp_path / "a.db")
+    first, second, third = msg("r", 1), msg("r", 2), msg("r", 3)
+    db = store._connect()
+    try:
+        with store._lock:
+            store._unstored["r"] = [third, first, second]
+        run = _Write(None, None, None, None, run=([first, second], [None, None]))
+        assert store._commit(db, [_Write(third, None, None, None), run])
+    finally:
+        db.close()
+    memory = MemoryStore()
+    for message in (first, second, third):
+        memory.append(message, lambda: None)
+    try:
+        assert store._unstored == {}
+        for before, after in ((None, 0), (None, 1), (None, None), (3, None), (2, None)):
+            got = store.history("r", before=before, after=after, limit=10)
+            want = memory.history("r", before=before, after=after, limit=10)
+            assert [m.seq for m in got.messages] == [m.seq for m in want.messages]
+    finally:
+        store.close()

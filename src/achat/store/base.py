@@ -114,6 +114,10 @@ class Store(Protocol):
         """Store several messages (each room's in ``seq`` order), ``refs[i]`` with
         ``messages[i]``, as :meth:`append` would one by one, in the order given.
 
+        A room's messages come to the store in ``seq`` order, from one thread (the
+        registry numbers them on the loop as it appends them): a store may rely on
+        it, as the SQLite store does for the order of its chunks.
+
         ``on_stored`` is called once, on the event loop, when all of them are kept:
         one call for a read's worth of ``say`` frames instead of one per message.
         """

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -614,6 +615,10 @@ class SQLiteStore:
                 dm_rows.append(_dm_row(w.dm, w.ref))
             elif w.topic is not None:
                 topics.append(w.topic)
+        # A chunk's messages must be in seq order: they are, as the registry appends them
+        # (one pass over them), unless two threads handed over at once.
+        for entries in by_room.values():
+            entries.sort(key=_entry_seq)
         # Every statement hands the GIL back and forth with the event loop: run only
         # the ones this batch needs.
         try:
@@ -852,6 +857,9 @@ def _entry_tuple(e: _Entry) -> _EntryTuple:
     if e.ref is None:
         return (e.seq, e.ts, e.sender, e.text)
     return msgspec.structs.astuple(e)
+
+
+_entry_seq = operator.itemgetter(0)
 
 
 def _seq(e: _Entry) -> int:
