@@ -57,11 +57,16 @@ class FrameDecoder:
         Raises :class:`FrameError` (``bad_frame`` for a zero length,
         ``frame_too_large`` above ``max_frame``) as soon as a bad header is seen;
         the frames completed before it are on the exception's ``frames``.
+
+        The bodies are ``bytes`` of their own (slices of ``data``, which is made
+        ``bytes`` first if it is a ``bytearray`` or a view of someone's buffer).
         """
         if self._broken:
             raise FrameError("bad_frame", "stream already failed")
         buf = self._buffer
         need = self._need
+        if data.__class__ is not bytes:
+            data = bytes(data)
         if buf:
             buf += data
             if need is not None and len(buf) < need:

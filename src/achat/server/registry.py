@@ -2,12 +2,15 @@
 
 Theory of operation: the registry is synchronous and never awaits. Sessions
 call :meth:`Registry.register` with a ``hello``, then :meth:`Registry.handle`
-with each later frame, then :meth:`Registry.unregister` when the connection
-ends. Every event is encoded into a frame *once* and handed to the
-:class:`Peer` of each recipient with :meth:`Peer.send`, which only queues
-bytes; the session writes everything queued for it in one write per loop
-tick. A refusal is raised as :class:`~achat.errors.ProtocolError` and the
-session turns it into an ``error`` frame.
+with each later frame (or :meth:`Registry.say_many` with a run of ``say``
+frames from one read, which answers as ``handle`` would one at a time, with
+one store append and one ack write for all of them), then
+:meth:`Registry.unregister` when the connection ends. Every event is
+encoded into a frame *once* and handed to the :class:`Peer` of each
+recipient with :meth:`Peer.send`, which only queues bytes; the session
+writes everything queued for it in one write per loop tick. A refusal is
+raised as :class:`~achat.errors.ProtocolError` and the session turns it
+into an ``error`` frame.
 
 Messages get their room ``seq`` here, at the moment they are accepted, so the
 order every member sees is the order of ``seq``. The store is told to keep
@@ -363,6 +366,8 @@ class Registry:
         A frame refused (not in the room, a bad text) is handed to ``refuse``, its
         ``ref`` set, when it is met; the frames after it go on. A session hands over
         the ``say`` frames of one read this way (the tokens of its flood limit taken).
+        The messages of a run share one ``ts``: the clock is read once for the read
+        that brought them.
         """
         now = self.clock()
         if any(frame.ref for frame in frames):

@@ -262,7 +262,6 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._closed = False
         self.batches = 0
-        self.rows = 0
         self._checkpoint_due = threading.Event()
         self._stopping = threading.Event()
         self._checkpointer = threading.Thread(
@@ -660,7 +659,6 @@ class SQLiteStore:
                 )
             return False
         self.batches += 1
-        self.rows += len(batch)
         self._forget_unstored(batch, by_room)
         callbacks = [w.on_stored for w in batch if w.on_stored is not None and not w.in_thread]
         for w in batch:
