@@ -133,6 +133,17 @@ class Member:
     rooms: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Run:
+    """The messages of a run of ``say`` frames from one member, their acks and the keys
+    of their refs (None without one), on their way to the store and then the fan-out."""
+
+    member: Member
+    messages: list[Message]
+    acks: list[bytes]
+    keys: list[str | None]
+
+
 @dataclass(eq=False)
 class Room:
     """A room: its members by nick key, its topic and the latest ``seq`` given out."""
@@ -193,7 +204,7 @@ class Registry:
             self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}
-        self._stored_acks: list[tuple[Member, list[Message], list[bytes], list[str | None]]] = []
+        self._stored_acks: list[_Run] = []
         self._handlers: dict[type, Callable[[Member, ClientFrame], None]] = {
             Join: self._join,  # type: ignore[dict-item]
             Part: self._part,  # type: ignore[dict-item]
@@ -400,30 +411,23 @@ class Registry:
             records.append(self._remember(member, key, ref, now))
             keys.append(key)
         if messages:
-            self.store.append_many(
-                messages, records, lambda: self._messages_stored(member, messages, acks, keys)
-            )
+            run = _Run(member, messages, acks, keys)
+            self.store.append_many(messages, records, lambda: self._messages_stored(run))
 
-    def _messages_stored(
-        self,
-        member: Member,
-        messages: list[Message],
-        acks: list[bytes],
-        keys: list[str | None],
-    ) -> None:
+    def _messages_stored(self, run: _Run) -> None:
         # Delivered only once stored: a crash can never show members a seq that the
         # store then hands out again. The store calls back in seq order, a whole commit
         # at a time; the batch is fanned out once it is complete (see fan_out).
         first = not self._stored_acks
         stored, rooms = self._stored, self.rooms
-        for message in messages:
+        for message in run.messages:
             room = rooms[message.room]
             waiting = stored.get(room)
             if waiting is None:
                 stored[room] = [message]
             else:
                 waiting.append(message)
-        self._stored_acks.append((member, messages, acks, keys))
+        self._stored_acks.append(run)
         if self._defer is None:
             self.fan_out()
         elif first:
@@ -456,8 +460,8 @@ class Registry:
         for room, messages in stored.items():
             room.stored_seq = messages[-1].seq
             self._broadcast(room, b"".join([encode(message) for message in messages]))
-        for member, messages, run_acks, keys in acks:
-            self._acknowledge_many(member, messages, run_acks, keys)
+        for run in acks:
+            self._acknowledge_many(run)
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
@@ -671,18 +675,12 @@ class Registry:
         self._refs.add(key, deadline)
         return RefRecord(member.key, ref, deadline)
 
-    def _acknowledge_many(
-        self,
-        member: Member,
-        messages: list[Message],
-        acks: list[bytes],
-        keys: list[str | None],
-    ) -> None:
+    def _acknowledge_many(self, run: _Run) -> None:
         """Send the acks of a run of stored messages in one piece, each followed by its
         copies for the resends waiting for it (on this connection, in the same piece)."""
         out: list[bytes] = []
-        refs = self._refs
-        for key, message, ack in zip(keys, messages, acks, strict=True):
+        refs, member = self._refs, run.member
+        for key, message, ack in zip(run.keys, run.messages, run.acks, strict=True):
             out.append(ack)
             if key is None:
                 continue
