@@ -3,7 +3,9 @@
 Feeds arbitrary bytes, split at fuzzer-chosen points, to the frame decoder,
 then every body to both frame decoders and the naming rules. Anything but a
 clean result or a ProtocolError is a bug, and the fuzzer reports it with the
-input that caused it.
+input that caused it. The bodies, and the stream cut at its commas, also go
+to ``decode_client_many`` at once, which must give what decoding each body
+alone gives, or leave them to that (None).
 
     make fuzz                      # 60 s
     python fuzz/fuzz_protocol.py -max_total_time=600 fuzz/corpus
@@ -35,6 +37,9 @@ def one_input(data: bytes) -> None:
             pos += step
     except ProtocolError:
         pass
+    for run in (bodies, [part for part in stream.split(b",") if part]):
+        if run:
+            _same_as_one_by_one(run)
     for body in bodies + [stream]:
         for decode in (messages.decode_client, messages.decode_server):
             try:
@@ -52,6 +57,16 @@ def one_input(data: bytes) -> None:
         except ProtocolError:
             pass
         names.nick_skeleton(text[:64])
+
+
+def _same_as_one_by_one(bodies: list[bytes]) -> None:
+    frames = messages.decode_client_many(bodies)
+    if frames is None:
+        return
+    # Every body must decode alone, to the frame the one pass gave for it.
+    alone = [messages.decode_client(body) for body in bodies]
+    if frames != alone:
+        raise AssertionError(f"one pass {frames!r} != one by one {alone!r} for {bodies!r}")
 
 
 def main() -> None:
