@@ -30,6 +30,7 @@ from achat.store.sqlite import (
     REF_HORIZON_MS,
     SCHEMA_VERSION,
     SQLiteStore,
+    _enable_wal,
     _Write,
 )
 
@@ -1042,3 +1043,36 @@ def test_a_batch_handed_over_out_of_seq_order_is_stored_in_seq_order(tmp_path: P
             assert [m.seq for m in got.messages] == [m.seq for m in want.messages]
     finally:
         store.close()
+
+
+class _SwitchRefused:
+    """A connection whose switch to WAL mode fails ``times`` times with ``code``."""
+
+    def __init__(self, times: int, code: int = sqlite3.SQLITE_BUSY) -> None:
+        self.times, self.code, self.tries = times, code, 0
+
+    def execute(self, sql: str) -> None:
+        assert sql == "PRAGMA journal_mode=WAL"
+        self.tries += 1
+        if self.tries <= self.times:
+            exc = sqlite3.OperationalError("database is locked")
+            exc.sqlite_errorcode = self.code
+            raise exc
+
+
+def test_the_switch_to_wal_is_tried_again_while_busy() -> None:
+    """SQLite may refuse the switch to WAL at once while another process opens the same
+    new file (busy, without waiting): it is tried again until the busy timeout, and any
+    other error, or busy past the timeout, is raised."""
+    again = _SwitchRefused(times=3)
+    _enable_wal(again, timeout=5.0)  # type: ignore[arg-type]
+    assert again.tries == 4
+    recovery = _SwitchRefused(times=1, code=261)  # SQLITE_BUSY_RECOVERY
+    _enable_wal(recovery, timeout=5.0)  # type: ignore[arg-type]
+    assert recovery.tries == 2
+    with pytest.raises(sqlite3.OperationalError):
+        _enable_wal(_SwitchRefused(times=1, code=sqlite3.SQLITE_IOERR), timeout=5.0)  # type: ignore[arg-type]
+    stuck = _SwitchRefused(times=10**9)
+    with pytest.raises(sqlite3.OperationalError):
+        _enable_wal(stuck, timeout=0.05)  # type: ignore[arg-type]
+    assert stuck.tries > 1

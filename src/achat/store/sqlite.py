@@ -54,6 +54,7 @@ import operator
 import queue
 import sqlite3
 import threading
+import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -277,7 +278,7 @@ class SQLiteStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # First, so that the statements below wait for a lock instead of failing.
         db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
-        db.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(db, self.busy_timeout_ms / 1000)
         db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
         return db
 
@@ -744,8 +745,6 @@ class SQLiteStore:
     def _now(self) -> int:
         if self._clock is not None:
             return self._clock()
-        import time
-
         return time.time_ns() // 1_000_000
 
 
@@ -947,6 +946,27 @@ def _expire_dms(db: sqlite3.Connection, cutoff: int, now: int) -> None:
     ).fetchall()
     db.executemany(_MOVE_REFS, [msgspec.structs.astuple(_loaded_ref(*row)) for row in rows])
     db.execute("DELETE FROM dms WHERE ts < ?", (cutoff,))
+
+
+def _enable_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Put ``db`` in WAL mode, trying again for up to ``timeout`` seconds while busy.
+
+    SQLite can refuse the switch at once (SQLITE_BUSY, without waiting for its busy
+    handler) while another process opens the same new file: 1 open in 240 failed with
+    eight processes opening one new database at once.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
 
 
 def _rollback(db: sqlite3.Connection) -> None:
