@@ -1076,3 +1076,23 @@ def test_the_switch_to_wal_is_tried_again_while_busy() -> None:
     with pytest.raises(sqlite3.OperationalError):
         _enable_wal(stuck, timeout=0.05)  # type: ignore[arg-type]
     assert stuck.tries > 1
+
+
+def test_a_chunk_rewritten_by_retention_is_not_read_from_the_last_page(tmp_path: Path) -> None:
+    """History keeps the last chunk it decoded for the next page; a chunk that retention
+    has rewritten meanwhile (the same row, fewer messages) is read again, not remembered."""
+    store = SQLiteStore(tmp_path / "a.db")
+    try:
+        store.append_many([msg("r", seq) for seq in range(1, 101)], [None] * 100, lambda: None)
+        store.flush()
+        first = store.history("r", before=None, after=0, limit=10)
+        assert [m.seq for m in first.messages] == list(range(1, 11))
+        store.history_max = 50
+        store.prune_now()
+        again = store.history("r", before=None, after=0, limit=10)
+        assert [m.seq for m in again.messages] == list(range(51, 61))
+        assert again.gap
+        older = store.history("r", before=60, after=None, limit=20)
+        assert [m.seq for m in older.messages] == list(range(51, 60))
+    finally:
+        store.close()

@@ -260,6 +260,8 @@ class SQLiteStore:
         # Writes of the current loop tick, handed to the writer thread together.
         self._tick: list[_Write] = []
         self._unstored: dict[str, list[Message]] = {}
+        # History reads' last decoded chunk: its id, its body, its entries (see _decoded).
+        self._last_chunk: tuple[int, bytes, list[_Entry]] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self.batches = 0
@@ -451,8 +453,8 @@ class SQLiteStore:
         # Closed as soon as the page is full: a statement left open holds its snapshot,
         # which keeps checkpoints from going past it.
         with contextlib.closing(self._reader.execute(_AFTER, (room, after))) as rows:
-            for (body,) in rows:
-                entries = _DECODER.decode(body)
+            for chunk_id, body in rows:
+                entries = self._decoded(chunk_id, body)
                 start = bisect_right(entries, after, key=_seq)
                 found += _messages(room, entries[start : start + count - len(found)])
                 if len(found) >= count:
@@ -464,14 +466,28 @@ class SQLiteStore:
         pieces: list[list[Message]] = []
         need = count
         with contextlib.closing(self._reader.execute(_BEFORE, (room, bound))) as rows:
-            for (body,) in rows:
-                entries = _DECODER.decode(body)
+            for chunk_id, body in rows:
+                entries = self._decoded(chunk_id, body)
                 end = bisect_left(entries, bound, key=_seq)
                 pieces.append(_messages(room, entries[max(0, end - need) : end]))
                 need -= len(pieces[-1])
                 if need <= 0:
                     break
         return [m for piece in reversed(pieces) for m in piece]
+
+    def _decoded(self, chunk_id: int, body: bytes) -> list[_Entry]:
+        """The entries of a chunk, decoded once for the pages that read it one after
+        another (a resume reads pages of 16 from chunks of up to 256).
+
+        The last chunk decoded is kept with its body: one that retention has rewritten
+        since (same row, other body) is decoded again.
+        """
+        last = self._last_chunk
+        if last is not None and last[0] == chunk_id and last[1] == body:
+            return last[2]
+        entries = _DECODER.decode(body)
+        self._last_chunk = (chunk_id, body, entries)
+        return entries
 
     def _gap(
         self,
@@ -780,12 +796,12 @@ _INSERT_CHUNK = (
 )
 
 #: The chunks of ?1 that hold messages after ?2, oldest first.
-_AFTER = "SELECT body FROM chunks WHERE room = ?1 AND last_seq > ?2 ORDER BY last_seq"
+_AFTER = "SELECT id, body FROM chunks WHERE room = ?1 AND last_seq > ?2 ORDER BY last_seq"
 
 #: The chunks of ?1 that hold messages before ?2, newest first: those that end before
 #: it and the one it falls into (the first to end at or after it), by the index.
 _BEFORE = (
-    "SELECT body FROM chunks WHERE room = ?1 AND first_seq < ?2 AND last_seq <= "
+    "SELECT id, body FROM chunks WHERE room = ?1 AND first_seq < ?2 AND last_seq <= "
     "coalesce((SELECT min(last_seq) FROM chunks WHERE room = ?1 AND last_seq >= ?2), ?2) "
     "ORDER BY last_seq DESC"
 )
