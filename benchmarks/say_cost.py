@@ -151,14 +151,22 @@ def store_commit_us(says: int, tick: int) -> float:
     """Wall µs per ``say`` of the SQLite store's own commit, ``tick`` messages at a time."""
     text = TEXT.decode()
     batches = [
-        [
+        [  # a tick's run, as the registry appends it
             _Write(
-                message=Message(room=ROOM, seq=seq, ts=NOW, sender="bob", text=text),
-                dm=None,
-                ref=RefRecord("bob", str(seq), NOW + REF_TTL_MS),
-                on_stored=None,
+                (
+                    [
+                        Message(room=ROOM, seq=seq, ts=NOW, sender="bob", text=text)
+                        for seq in range(first, min(first + tick, says + 1))
+                    ],
+                    [
+                        RefRecord("bob", str(seq), NOW + REF_TTL_MS)
+                        for seq in range(first, min(first + tick, says + 1))
+                    ],
+                ),
+                None,
+                None,
+                None,
             )
-            for seq in range(first, min(first + tick, says + 1))
         ]
         for first in range(1, says + 1, tick)
     ]

@@ -193,9 +193,9 @@ def test_a_commit_forgets_its_messages_whatever_order_they_were_handed_over_in(
     try:
         with store._lock:  # as two threads' hand-overs may leave it: 1 and 2, then 3
             store._unstored["r"] = [first, second, third]
-        store._commit(db, [_Write(third, None, None, None)])  # queued first
+        store._commit(db, [_Write(([third], [None]), None, None, None)])  # queued first
         assert store._unstored == {"r": [first, second]}
-        store._commit(db, [_Write(None, None, None, None, run=([first, second], [None, None]))])
+        store._commit(db, [_Write(([first, second], [None, None]), None, None, None)])
         assert store._unstored == {}
     finally:
         db.close()
@@ -1028,8 +1028,8 @@ def test_a_batch_handed_over_out_of_seq_order_is_stored_in_seq_order(tmp_path: P
     try:
         with store._lock:
             store._unstored["r"] = [third, first, second]
-        run = _Write(None, None, None, None, run=([first, second], [None, None]))
-        assert store._commit(db, [_Write(third, None, None, None), run])
+        run = _Write(([first, second], [None, None]), None, None, None)
+        assert store._commit(db, [_Write(([third], [None]), None, None, None), run])
     finally:
         db.close()
     memory = MemoryStore()

@@ -55,9 +55,7 @@ class MemoryStore:
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        self._remember(ref, message)
-        self._keep(message)
-        on_stored()
+        self.append_many((message,), (ref,), on_stored)
 
     def append_many(
         self,
@@ -67,14 +65,11 @@ class MemoryStore:
     ) -> None:
         for message, ref in zip(messages, refs, strict=True):
             self._remember(ref, message)
-            self._keep(message)
+            log = self._messages.setdefault(message.room, [])
+            log.append(message)
+            if self._max is not None and len(log) > self._max:
+                del log[: len(log) - self._max]
         on_stored()
-
-    def _keep(self, message: Message) -> None:
-        log = self._messages.setdefault(message.room, [])
-        log.append(message)
-        if self._max is not None and len(log) > self._max:
-            del log[: len(log) - self._max]
 
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None

@@ -199,25 +199,22 @@ _REF_COLUMNS = "ref_key, ref, ref_expires, ack"
 
 
 class _Write(msgspec.Struct):
-    """One thing for the writer thread to store (a struct: one is made per message)."""
+    """One thing for the writer thread to store: a run of messages, a DM or a topic."""
 
-    message: Message | None
+    #: Messages (an append_many's, or an append's one) and their refs: one write for all.
+    run: tuple[Sequence[Message], Sequence[RefRecord | None]] | None
     dm: DmEvent | None
-    ref: RefRecord | None
+    ref: RefRecord | None  # the DM's
     on_stored: Callable[[], None] | None
     topic: tuple[str, str] | None = None
     # Called on the writer thread itself (flush() waits on it, possibly from the loop thread).
     in_thread: bool = False
-    #: An append_many's messages and their refs: one write for them all, not one each.
-    run: tuple[Sequence[Message], Sequence[RefRecord | None]] | None = None
 
 
 def _messages_of(writes: Iterable[_Write]) -> Iterator[Message]:
     """The messages ``writes`` store, in order."""
     for w in writes:
-        if w.message is not None:
-            yield w.message
-        elif w.run is not None:
+        if w.run is not None:
             yield from w.run[0]
 
 
@@ -404,7 +401,7 @@ class SQLiteStore:
     def append(
         self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
     ) -> None:
-        self._put(_Write(message, None, ref, on_stored))
+        self.append_many((message,), (ref,), on_stored)
 
     def append_many(
         self,
@@ -415,7 +412,7 @@ class SQLiteStore:
         if len(messages) != len(refs):
             raise ValueError("append_many takes a ref (or None) for each message")
         # Copied: the caller may reuse its lists once this returns.
-        self._put(_Write(None, None, None, on_stored, run=(list(messages), list(refs))))
+        self._put(_Write((list(messages), list(refs)), None, None, on_stored))
 
     def append_dm(
         self, dm: DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
@@ -614,9 +611,8 @@ class SQLiteStore:
         dm_rows: list[tuple[object, ...]] = []
         topics: list[tuple[str, str]] = []
         for w in batch:
-            if w.message is not None or w.run is not None:
-                run = w.run if w.run is not None else ((w.message,), (w.ref,))
-                for m, r in zip(*run, strict=True):
+            if w.run is not None:
+                for m, r in zip(*w.run, strict=True):
                     entry: _EntryTuple = (
                         (m.seq, m.ts, m.sender, m.text)
                         if r is None
