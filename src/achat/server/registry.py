@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -461,7 +461,7 @@ class Registry:
             room.stored_seq = messages[-1].seq
             self._broadcast(room, b"".join([encode(message) for message in messages]))
         for run in acks:
-            self._acknowledge_many(run)
+            self._acknowledge(run.member, zip(run.keys, run.messages, run.acks, strict=True))
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
@@ -483,7 +483,7 @@ class Registry:
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
-            self._acknowledge(member, key, ack, dm)
+            self._acknowledge(member, ((key, dm, ack),))
 
         self.store.append_dm(dm, stored, record)
 
@@ -675,30 +675,24 @@ class Registry:
         self._refs.add(key, deadline)
         return RefRecord(member.key, ref, deadline)
 
-    def _acknowledge_many(self, run: _Run) -> None:
-        """Send the acks of a run of stored messages in one piece, each followed by its
-        copies for the resends waiting for it (on this connection, in the same piece)."""
+    def _acknowledge(
+        self, member: Member, acked: Iterable[tuple[str | None, Message | DmEvent, bytes]]
+    ) -> None:
+        """Send ``member`` the acks of its stored records (each with the key of its ref,
+        None without one) in one piece, each followed by its copies for the resends
+        waiting for it (on this connection, in the same piece; on another, sent there)."""
         out: list[bytes] = []
-        refs, member = self._refs, run.member
-        for key, message, ack in zip(run.keys, run.messages, run.acks, strict=True):
+        refs = self._refs
+        for key, record, ack in acked:
             out.append(ack)
             if key is None:
                 continue
-            for waiter in refs.acked(key, receipt_of(message), message.ts + REF_TTL_MS):
+            for waiter in refs.acked(key, receipt_of(record), record.ts + REF_TTL_MS):
                 if waiter is member:
                     out.append(ack)
                 else:
                     waiter.peer.send(ack)
         member.peer.send(out[0] if len(out) == 1 else b"".join(out))
-
-    def _acknowledge(
-        self, member: Member, key: str | None, data: bytes, record: Message | DmEvent
-    ) -> None:
-        member.peer.send(data)
-        if key is not None:
-            # One ack for each resend waiting for it, the sayer's own on this connection too.
-            for waiter in self._refs.acked(key, receipt_of(record), record.ts + REF_TTL_MS):
-                waiter.peer.send(data)
 
 
 def _raise(exc: ProtocolError) -> None:
