@@ -381,8 +381,6 @@ class Registry:
         that brought them.
         """
         now = self.clock()
-        if any(frame.ref for frame in frames):
-            self._refs.expire(now)
         nick = member.nick
         messages: list[Message] = []
         records: list[RefRecord | None] = []
@@ -390,12 +388,10 @@ class Registry:
         keys: list[str | None] = []
         for frame in frames:
             ref = frame.ref
-            key = None
-            if ref:
-                key = ref_key(member.key, ref)
-                # A resend is answered before any check: its room may have been left since.
-                if self._answered_again(member, key, ref):
-                    continue
+            key = self._recent_key(member, ref, now)
+            # A resend is answered before any check: its room may have been left since.
+            if key is not None and self._answered_again(member, key, ref or ""):
+                continue
             try:
                 room = self._joined_room(member, frame.room)
                 text = validate_text(frame.text, self.max_text)
