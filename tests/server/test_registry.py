@@ -992,6 +992,26 @@ def test_resend_while_still_being_stored_gets_the_ack_once_stored(clock: Clock) 
     assert seqs(bob.take()) == [1]
 
 
+def test_a_resend_waiting_for_an_ack_gets_it_even_if_the_ref_expired_meanwhile(
+    clock: Clock,
+) -> None:
+    """A resend queued for an ack that a stuck store held past the ref's ten minutes is
+    still answered when the store comes back: it came while the ref was known."""
+    store = DeferredStore()
+    reg = Registry(store, clock=clock)
+    old_m, _ = add(reg, "ana", "a")
+    bob_m, bob = add(reg, "bob", "a")
+    reg.handle(old_m, m.Say(room="a", text="x", ref="r"))
+    reg.unregister(old_m)
+    new_m, new = add(reg, "ana", "a")
+    reg.handle(new_m, m.Say(room="a", text="x", ref="r"))  # waits for the first's ack
+    clock.advance(TEN_MINUTES + 2000)
+    reg.handle(bob_m, m.Say(room="a", text="y", ref="b"))  # expires r on its way
+    store.complete()
+    assert [(a.ref, a.seq) for a in new.of(m.Ack)] == [("r", 1)]
+    assert seqs(bob.frames) == [1, 2]
+
+
 def _answers_to(frames: list[m.Say], *, as_a_run: bool) -> list[tuple[str, str | None]]:
     """What ana gets for ``frames`` (said in #a, where she is alone): each answer's type
     and ref, in order, with the errors said as they came."""

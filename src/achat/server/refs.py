@@ -5,30 +5,34 @@ resend: it is answered with the original ``ack`` (or, if that is not known
 yet, with the ack when it comes) and never stored twice.
 
 Theory of operation: a busy server remembers millions of refs at once
-(every message of the last ten minutes), so an entry is kept as plain
+(every message of the last ten minutes), so an acked entry is kept as plain
 strings and bytes, which Python's cyclic garbage collector never has to
 look at: the key is ``nick_key + "\\0" + ref`` (a nick can hold no control
 character, so the first NUL splits it unambiguously), the value is the
 ``ack`` as its owner keeps it. The server keeps a *receipt*
 (:func:`receipt_of`): the ack's time and number packed in 16 bytes, and its
 room, from which :func:`ack_from` makes the ack again for a resend; the
-encoded ack would take 55 bytes more. Entries expire in the order they were
-made, so a deque of keys and one of deadlines are all the bookkeeping expiry
-needs. Deadlines are rounded up to a ``granularity`` (the server's is a
-second), so that the refs of one second share a deadline and a count
-instead of having one each (40 bytes a ref); a ref is then kept up to that
-much longer.
+encoded ack would take 55 bytes more. Until its ack, a ref's value is the
+:class:`Pending` batch it was added with: one object for a run of ``say``
+frames, which also holds the resends waiting, so adding a ref allocates
+nothing. Entries expire in the order they were made, so a deque of keys and
+one of marks (where the keys of each deadline begin) are all the
+bookkeeping expiry needs. Deadlines are rounded up to a ``granularity``
+(the server's is a second), so that the refs of one second share a mark
+instead of having a deadline each (40 bytes a ref); a ref is then kept up
+to that much longer.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from ..protocol.messages import Ack, DmEvent, Message, encode
 
-__all__ = ["RecentRefs", "ack_from", "receipt_of", "ref_key"]
+__all__ = ["Pending", "RecentRefs", "ack_from", "receipt_of", "ref_key"]
 
 _NUMBERS = struct.Struct("<qq")
 
@@ -62,80 +66,109 @@ def ack_from(ref: str, kept: bytes) -> bytes:
     return encode(Ack(ref=ref, ts=ts, id=number))
 
 
+class Pending(Generic[W]):
+    """Refs added together and acked together (a run of ``say`` frames, a ``dm``) while
+    what they name is being stored, and the resends waiting for their acks.
+
+    A pending ref's entry is its batch: one object for the whole run, not one each.
+    """
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        #: The resenders waiting for each key's ack, by key (None while nobody waits).
+        self.waiting: dict[str, list[W]] | None = None
+
+
 class RecentRefs(Generic[W]):
-    """Recent refs: acked ones with their ack, unacked ones with whoever waits for it."""
+    """Recent refs: acked ones with their receipt, pending ones with their batch."""
 
     def __init__(self, granularity: int = 1) -> None:
         if granularity < 1:
             raise ValueError("granularity must be at least 1")
         self._granularity = granularity
         # One dict for both states, so that a new ref costs one lookup and one insert,
-        # and its ack one lookup and one store: the ack (bytes) once acked; until then
-        # its deadline as given (which use of the key this is) and the resenders waiting
-        # for its ack, if any.
-        self._refs: dict[str, bytes | tuple[int, list[W] | None]] = {}
+        # and its ack one lookup and one store: the receipt (bytes) once acked, until
+        # then the batch it was added with (which use of the key this is).
+        self._refs: dict[str, bytes | Pending[W]] = {}
+        # Every key in the order added, the first of them the _first'th ever added.
         self._keys: deque[str] = deque()
-        # Runs of keys (oldest first) that share a deadline: the deadline, how many keys.
-        self._deadlines: deque[int] = deque()
-        self._counts: deque[int] = deque()
+        self._first = 0
+        # Where each run of keys sharing a (rounded) deadline starts, oldest first: the
+        # deadline and the index (counted as _first is) of the run's first key.
+        self._marks: deque[tuple[int, int]] = deque()
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def expire(self, now: int) -> None:
         """Forget every ref whose (rounded) deadline is not after ``now``."""
-        keys, deadlines, counts = self._keys, self._deadlines, self._counts
-        while deadlines and deadlines[0] <= now:
-            deadlines.popleft()
-            for _ in range(counts.popleft()):
-                self._refs.pop(keys.popleft(), None)
+        marks, keys, refs = self._marks, self._keys, self._refs
+        while marks and marks[0][0] <= now:
+            marks.popleft()
+            end = marks[0][1] if marks else self._first + len(keys)
+            for _ in range(end - self._first):
+                refs.pop(keys.popleft(), None)
+            self._first = end
 
     def ack(self, key: str) -> bytes | None:
-        """The ack of ``key``, if it was acked and has not expired."""
+        """The receipt (or ack) of ``key``, if it was acked and has not expired."""
         entry = self._refs.get(key)
         return entry if isinstance(entry, bytes) else None
 
     def resent(self, key: str, waiter: W) -> bytes | bool:
-        """What a resend of ``key`` gets: the ack if ``key`` was acked; True if it is not
-        yet (``waiter`` is queued for the ack); False if ``key`` is unknown: no resend."""
+        """What a resend of ``key`` gets: its receipt if ``key`` was acked; True if it is
+        not yet (``waiter`` is queued for the ack); False if ``key`` is unknown: no resend."""
         entry = self._refs.get(key)
         if entry is None:
             return False
         if isinstance(entry, bytes):
             return entry
-        deadline, waiting = entry
+        waiting = entry.waiting
         if waiting is None:
-            self._refs[key] = (deadline, [waiter])
+            entry.waiting = {key: [waiter]}
+        elif key in waiting:
+            waiting[key].append(waiter)
         else:
-            waiting.append(waiter)
+            waiting[key] = [waiter]
         return True
 
-    def add(self, key: str, deadline: int, ack: bytes | None = None) -> None:
-        """Remember ``key`` until ``deadline`` (rounded up to the granularity): acked if
-        ``ack`` is given, else pending."""
-        self._refs[key] = (deadline, None) if ack is None else ack
+    def pending(self, deadline: int) -> Pending[W]:
+        """A new batch for refs to :meth:`add`, each kept until ``deadline`` (rounded up
+        to the granularity), pending until :meth:`acked`."""
+        self._mark(deadline)
+        return Pending()
+
+    def add(self, key: str, batch: Pending[W]) -> None:
+        """Remember ``key`` as pending in ``batch`` (the newest one made)."""
+        self._refs[key] = batch
         self._keys.append(key)
+
+    def keep(self, key: str, deadline: int, ack: bytes) -> None:
+        """Remember ``key`` as acked with ``ack`` (a receipt or a whole ack frame) until
+        ``deadline`` (rounded up to the granularity)."""
+        self._mark(deadline)
+        self._refs[key] = ack
+        self._keys.append(key)
+
+    def acked(self, batch: Pending[W], acked: Iterable[tuple[str, bytes]]) -> dict[str, list[W]]:
+        """Record the receipts of ``batch``'s keys, as (key, receipt) pairs; returns the
+        resenders that were waiting for them, by key.
+
+        A key no longer pending in ``batch`` keeps what it has: one that expired while it
+        was being stored is not remembered again, and the entry of a later use of it (it
+        expired, then came again) is not taken for this one's.
+        """
+        refs = self._refs
+        for key, receipt in acked:
+            if refs.get(key) is batch:
+                refs[key] = receipt
+        return batch.waiting or {}
+
+    def _mark(self, deadline: int) -> None:
+        """Start a run of keys at ``deadline`` rounded up, unless the newest run has it."""
         step = self._granularity
         deadline = -(-deadline // step) * step
-        deadlines = self._deadlines
-        if deadlines and deadlines[-1] == deadline:
-            self._counts[-1] += 1
-        else:
-            deadlines.append(deadline)
-            self._counts.append(1)
-
-    def acked(self, key: str, ack: bytes, deadline: int | None = None) -> list[W]:
-        """Record the ``ack`` of ``key``; returns the resenders that were waiting for it.
-
-        With ``deadline`` (the one ``key`` was added with), an ack for an earlier use
-        of the key, which expired while it was being stored, is not taken for the ack
-        of a later one.
-        """
-        entry = self._refs.get(key)
-        if entry is None or isinstance(entry, bytes):
-            return []  # expired while it was being stored: nothing to remember it for
-        given, waiting = entry
-        if deadline is not None and given != deadline:
-            return []  # a later use of the key, the earlier one expired meanwhile
-        self._refs[key] = ack
-        return waiting or []
+        marks = self._marks
+        if not marks or marks[-1][0] != deadline:
+            marks.append((deadline, self._first + len(self._keys)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -74,7 +74,7 @@ from ..protocol.names import (
 from ..store.base import REF_TTL_MS, RefRecord, Store, ack_of
 from .limits import FloodPolicy
 from .log import esc
-from .refs import RecentRefs, ack_from, receipt_of, ref_key
+from .refs import Pending, RecentRefs, ack_from, receipt_of, ref_key
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
 
@@ -136,12 +136,14 @@ class Member:
 @dataclass(slots=True)
 class _Run:
     """The messages of a run of ``say`` frames from one member, their acks and the keys
-    of their refs (None without one), on their way to the store and then the fan-out."""
+    of their refs (None without one) with the batch they are pending in (None if no
+    message has a ref), on their way to the store and then the fan-out."""
 
     member: Member
     messages: list[Message]
     acks: list[bytes]
     keys: list[str | None]
+    pending: Pending[Member] | None
 
 
 @dataclass(eq=False)
@@ -201,7 +203,7 @@ class Registry:
         for r in store.load_refs(clock()):
             if r.ack is None:
                 raise ValueError("the store returned a ref without its ack")
-            self._refs.add(ref_key(r.nick_key, r.ref), r.expires, r.ack)
+            self._refs.keep(ref_key(r.nick_key, r.ref), r.expires, r.ack)
         # Stored messages not fanned out yet (per room, in seq order), and their acks.
         self._stored: dict[Room, list[Message]] = {}
         self._stored_acks: list[_Run] = []
@@ -386,9 +388,11 @@ class Registry:
         records: list[RefRecord | None] = []
         acks: list[bytes] = []
         keys: list[str | None] = []
+        pending: Pending[Member] | None = None
+        self._refs.expire(now)
         for frame in frames:
             ref = frame.ref
-            key = self._recent_key(member, ref, now)
+            key = ref_key(member.key, ref) if ref else None
             # A resend is answered before any check: its room may have been left since.
             if key is not None and self._answered_again(member, key, ref or ""):
                 continue
@@ -404,10 +408,15 @@ class Registry:
             messages.append(message)
             # Made now, not in the fan-out, which is paced by the time it takes.
             acks.append(ack_of(ref or "", message))
-            records.append(self._remember(member, key, ref, now))
             keys.append(key)
+            if key is None or not ref:
+                records.append(None)
+                continue
+            if pending is None:
+                pending = self._refs.pending(now + REF_TTL_MS)
+            records.append(self._remember(member, key, ref, pending, now))
         if messages:
-            run = _Run(member, messages, acks, keys)
+            run = _Run(member, messages, acks, keys, pending)
             self.store.append_many(messages, records, lambda: self._messages_stored(run))
 
     def _messages_stored(self, run: _Run) -> None:
@@ -457,29 +466,36 @@ class Registry:
             room.stored_seq = messages[-1].seq
             self._broadcast(room, b"".join([encode(message) for message in messages]))
         for run in acks:
-            self._acknowledge(run.member, zip(run.keys, run.messages, run.acks, strict=True))
+            self._acknowledge(run.member, run.pending, run.keys, run.messages, run.acks)
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
     def _dm(self, member: Member, frame: Dm) -> None:
         # A resend is answered before any check: its recipient may have gone since.
         now = self.clock()
-        key = self._recent_key(member, frame.ref, now)
-        if key is not None and self._answered_again(member, key, frame.ref or ""):
-            return
+        ref = frame.ref
+        key = None
+        if ref:
+            self._refs.expire(now)
+            key = ref_key(member.key, ref)
+            if self._answered_again(member, key, ref):
+                return
         target = self._by_key.get(nick_key(frame.to))
         if target is None:
             raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
         text = validate_text(frame.text, self.max_text)
         self._last_dm += 1
         dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=now, text=text)
-        ack = ack_of(frame.ref or "", dm)
-        record = self._remember(member, key, frame.ref, now)
+        ack = ack_of(ref or "", dm)
+        pending, record = None, None
+        if key is not None and ref:
+            pending = self._refs.pending(now + REF_TTL_MS)
+            record = self._remember(member, key, ref, pending, now)
 
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
-            self._acknowledge(member, ((key, dm, ack),))
+            self._acknowledge(member, pending, [key], [dm], [ack])
 
         self.store.append_dm(dm, stored, record)
 
@@ -639,13 +655,6 @@ class Registry:
         for m in room.members.values():
             m.peer.send(data)
 
-    def _recent_key(self, member: Member, ref: str | None, now: int) -> str | None:
-        """The key ``ref`` is remembered under (None without a ref); expired refs go first."""
-        if not ref:
-            return None
-        self._refs.expire(now)
-        return ref_key(member.key, ref)
-
     def _answered_again(self, member: Member, key: str, ref: str) -> bool:
         """True when ``key`` (of ``ref``) is one of the nick's recent refs; its original ack
         is sent."""
@@ -657,38 +666,48 @@ class Registry:
         return True
 
     def _remember(
-        self, member: Member, key: str | None, ref: str | None, now: int
-    ) -> RefRecord | None:
-        """Remember a new ``say``/``dm`` under its ref for REF_TTL_MS; the store's record of it.
+        self, member: Member, key: str, ref: str, pending: Pending[Member], now: int
+    ) -> RefRecord:
+        """Remember a new ``say``/``dm`` under its ref, pending in ``pending`` (made with
+        ``now + REF_TTL_MS``), for REF_TTL_MS; the store's record of it.
 
         The record leaves out the ack: the store derives it from what it stores (``ack_of``).
         """
-        if key is None or not ref:
-            return None
-        # The deadline is the record's ts + REF_TTL_MS, by which its ack finds this use
-        # of the ref again (_acknowledge), and not a later use of it.
-        deadline = now + REF_TTL_MS
-        self._refs.add(key, deadline)
-        return RefRecord(member.key, ref, deadline)
+        self._refs.add(key, pending)
+        return RefRecord(member.key, ref, now + REF_TTL_MS)
 
     def _acknowledge(
-        self, member: Member, acked: Iterable[tuple[str | None, Message | DmEvent, bytes]]
+        self,
+        member: Member,
+        pending: Pending[Member] | None,
+        keys: Sequence[str | None],
+        records: Sequence[Message | DmEvent],
+        acks: Sequence[bytes],
     ) -> None:
         """Send ``member`` the acks of its stored records (each with the key of its ref,
-        None without one) in one piece, each followed by its copies for the resends
-        waiting for it (on this connection, in the same piece; on another, sent there)."""
+        None without one, pending in ``pending``) in one piece, each followed by its copies
+        for the resends waiting for it (on this connection, in the same piece; on another,
+        sent there)."""
+        waiting = None
+        if pending is not None:
+            receipts = [
+                (key, receipt_of(record))
+                for key, record in zip(keys, records, strict=True)
+                if key is not None
+            ]
+            waiting = self._refs.acked(pending, receipts)
+        if not waiting:
+            member.peer.send(acks[0] if len(acks) == 1 else b"".join(acks))
+            return
         out: list[bytes] = []
-        refs = self._refs
-        for key, record, ack in acked:
+        for key, ack in zip(keys, acks, strict=True):
             out.append(ack)
-            if key is None:
-                continue
-            for waiter in refs.acked(key, receipt_of(record), record.ts + REF_TTL_MS):
+            for waiter in waiting.pop(key, ()) if key is not None else ():
                 if waiter is member:
                     out.append(ack)
                 else:
                     waiter.peer.send(ack)
-        member.peer.send(out[0] if len(out) == 1 else b"".join(out))
+        member.peer.send(b"".join(out))
 
 
 def _raise(exc: ProtocolError) -> None:
