@@ -34,7 +34,8 @@ from ..protocol.messages import Ack, DmEvent, Message, encode
 
 __all__ = ["Pending", "RecentRefs", "ack_from", "receipt_of", "ref_key"]
 
-_NUMBERS = struct.Struct("<qq")
+#: A receipt's head: its kind (``m`` or ``d``), the time and the seq or DM id.
+_RECEIPT = struct.Struct("<cqq")
 
 W = TypeVar("W")
 
@@ -51,8 +52,8 @@ def receipt_of(record: Message | DmEvent) -> bytes:
     and the DM's id. Never starts with a NUL, as an encoded frame does.
     """
     if isinstance(record, Message):
-        return b"m" + _NUMBERS.pack(record.ts, record.seq) + record.room.encode()
-    return b"d" + _NUMBERS.pack(record.ts, record.id)
+        return _RECEIPT.pack(b"m", record.ts, record.seq) + record.room.encode()
+    return _RECEIPT.pack(b"d", record.ts, record.id)
 
 
 def ack_from(ref: str, kept: bytes) -> bytes:
@@ -60,9 +61,9 @@ def ack_from(ref: str, kept: bytes) -> bytes:
     kind = kept[:1]
     if kind not in (b"m", b"d"):
         return kept  # a whole frame (as a store hands back the refs it kept)
-    ts, number = _NUMBERS.unpack_from(kept, 1)
+    _, ts, number = _RECEIPT.unpack_from(kept)
     if kind == b"m":
-        return encode(Ack(ref=ref, ts=ts, room=kept[1 + _NUMBERS.size :].decode(), seq=number))
+        return encode(Ack(ref=ref, ts=ts, room=kept[_RECEIPT.size :].decode(), seq=number))
     return encode(Ack(ref=ref, ts=ts, id=number))
 
 
@@ -73,9 +74,11 @@ class Pending(Generic[W]):
     A pending ref's entry is its batch: one object for the whole run, not one each.
     """
 
-    __slots__ = ("waiting",)
+    __slots__ = ("start", "waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
+        #: Where its keys begin among all those ever added (see RecentRefs._first).
+        self.start = start
         #: The resenders waiting for each key's ack, by key (None while nobody waits).
         self.waiting: dict[str, list[W]] | None = None
 
@@ -137,7 +140,7 @@ class RecentRefs(Generic[W]):
         """A new batch for refs to :meth:`add`, each kept until ``deadline`` (rounded up
         to the granularity), pending until :meth:`acked`."""
         self._mark(deadline)
-        return Pending()
+        return Pending(self._first + len(self._keys))
 
     def add(self, key: str, batch: Pending[W]) -> None:
         """Remember ``key`` as pending in ``batch`` (the newest one made)."""
@@ -160,9 +163,14 @@ class RecentRefs(Generic[W]):
         expired, then came again) is not taken for this one's.
         """
         refs = self._refs
-        for key, receipt in acked:
-            if refs.get(key) is batch:
-                refs[key] = receipt
+        if batch.start >= self._first:
+            # None of its keys has expired, so each is still pending in it: a key is
+            # added again only once it has expired.
+            refs.update(acked)
+        else:
+            for key, receipt in acked:
+                if refs.get(key) is batch:
+                    refs[key] = receipt
         return batch.waiting or {}
 
     def _mark(self, deadline: int) -> None:
