@@ -80,6 +80,29 @@ def test_server_frames_round_trip(frame: msgspec.Struct) -> None:
     assert m.decode_server(body) == frame
 
 
+@given(
+    st.lists(
+        st.builds(
+            m.Message,
+            room=st.from_regex(r"[a-z0-9_-]{1,32}", fullmatch=True),
+            seq=st.integers(min_value=1, max_value=2**53),
+            ts=st.integers(min_value=0, max_value=2**53),
+            sender=st.text(min_size=1, max_size=20),
+            text=st.text(max_size=300),
+        ),
+        max_size=20,
+    )
+)
+def test_frames_encoded_together_are_the_frames_encoded_one_by_one(
+    messages: list[m.Message],
+) -> None:
+    """encode_many gives each frame's bytes, length prefix and all, one after another."""
+    data = m.encode_many(messages)
+    assert data == b"".join(map(m.encode, messages))
+    bodies = FrameDecoder(max_frame=1 << 20).receive_data(data)
+    assert [m.decode_server(body) for body in bodies] == messages
+
+
 def test_from_is_the_wire_name_of_sender() -> None:
     """Message and dm carry the sender under the JSON key 'from'."""
     body = m.encode_body(m.Message(room="a", seq=1, ts=2, sender="ana", text="x"))

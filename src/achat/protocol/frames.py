@@ -13,11 +13,12 @@ import struct
 
 from ..errors import FrameError
 
-__all__ = ["DEFAULT_MAX_FRAME", "HEADER_SIZE", "FrameDecoder", "encode_frame"]
+__all__ = ["DEFAULT_MAX_FRAME", "HEADER", "HEADER_SIZE", "FrameDecoder", "encode_frame"]
 
 DEFAULT_MAX_FRAME = 65_536
 HEADER_SIZE = 4
-_HEADER = struct.Struct(">I")
+#: A header as ``struct`` packs it: the body's length, 4 bytes, big-endian.
+HEADER = struct.Struct(">I")
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -78,7 +79,7 @@ class FrameDecoder:
         frames: list[bytes] = []
         pos = 0
         end = len(data)
-        unpack = _HEADER.unpack_from
+        unpack = HEADER.unpack_from
         while True:
             if need is None:
                 if end - pos < HEADER_SIZE:

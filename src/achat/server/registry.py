@@ -61,6 +61,7 @@ from ..protocol.messages import (
     Welcome,
     Who,
     encode,
+    encode_many,
 )
 from ..protocol.names import (
     nick_key,
@@ -464,7 +465,7 @@ class Registry:
         self._stored, self._stored_acks = {}, []
         for room, messages in stored.items():
             room.stored_seq = messages[-1].seq
-            self._broadcast(room, b"".join([encode(message) for message in messages]))
+            self._broadcast(room, encode_many(messages))
         for run in acks:
             self._acknowledge(run.member, run.pending, run.keys, run.messages, run.acks)
         ended = self._timer()
