@@ -133,21 +133,18 @@ def least_python_us(says: int) -> float:
         for frame in decode_client_many(frames[i : i + TICK]) or ()
     ]
     for first in range(0, says, TICK):
-        pending = refs.pending(NOW + 600_000)  # one batch for a tick's refs
-        acked: list[tuple[str, bytes]] = []
+        refs.deadline(NOW + 600_000)  # a tick's refs share one
         for seq, say in enumerate(decoded[first : first + TICK], first + 1):
             assert isinstance(say, Say)
             assert say.ref is not None
             text = validate_text(say.text, 2000)
             key = ref_key("bob", say.ref)
             message = Message(room=ROOM, seq=seq, ts=NOW, sender="bob", text=text)
-            ack = ack_of(say.ref, message)
-            refs.add(key, pending)
+            if refs.claim(key, receipt_of(message)) is not None:
+                raise RuntimeError("a ref used twice")
             rows.append((seq, NOW, "bob", text, key, say.ref, NOW + 600_000, None))
             out.append(encode(message))
-            out.append(ack)
-            acked.append((key, receipt_of(message)))
-        refs.acked(pending, acked)
+            out.append(ack_of(say.ref, message))
     return (time.perf_counter() - start) / says * 1e6
 
 

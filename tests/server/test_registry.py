@@ -1012,6 +1012,48 @@ def test_a_resend_waiting_for_an_ack_gets_it_even_if_the_ref_expired_meanwhile(
     assert seqs(bob.frames) == [1, 2]
 
 
+def test_a_resend_after_the_commit_but_before_the_fan_out_waits_for_the_fan_out(
+    clock: Clock,
+) -> None:
+    """Stored is not yet acked: a resend between the store's callback and the fan-out
+    gets the ack with the fan-out, after the message, and not before it."""
+    reg, store, later = deferred_registry(clock)
+    ana_m, ana = add(reg, "ana", "a")
+    quiet(ana)
+    reg.handle(ana_m, m.Say(room="a", text="x", ref="r"))
+    store.complete()
+    reg.handle(ana_m, m.Say(room="a", text="x", ref="r"))
+    assert ana.take() == []
+    later.pop()()
+    assert [(type(f), getattr(f, "seq", None)) for f in ana.take()] == [
+        (m.Message, 1),
+        (m.Ack, 1),
+        (m.Ack, 1),
+    ]
+
+
+def test_a_dm_resent_from_a_new_connection_before_it_is_stored_is_acked_once_stored(
+    clock: Clock,
+) -> None:
+    store = DeferredStore()
+    reg = Registry(store, clock=clock)
+    old_m, _ = add(reg, "ana")
+    _, bob = add(reg, "bob")
+    reg.handle(old_m, m.Dm(to="bob", text="x", ref="d"))
+    reg.unregister(old_m)
+    new_m, new = add(reg, "ana")
+    quiet(bob)
+    reg.handle(new_m, m.Dm(to="bob", text="x", ref="d"))
+    assert new.take() == []
+    store.complete()
+    [ack] = new.of(m.Ack)
+    assert (ack.ref, ack.id) == ("d", 1)
+    assert kinds(bob.take()) == [m.DmEvent]  # delivered once
+    quiet(new)
+    reg.handle(new_m, m.Dm(to="bob", text="x", ref="d"))  # and now answered at once
+    assert new.take() == [ack]
+
+
 def _answers_to(frames: list[m.Say], *, as_a_run: bool) -> list[tuple[str, str | None]]:
     """What ana gets for ``frames`` (said in #a, where she is alone): each answer's type
     and ref, in order, with the errors said as they came."""

@@ -5,34 +5,40 @@ resend: it is answered with the original ``ack`` (or, if that is not known
 yet, with the ack when it comes) and never stored twice.
 
 Theory of operation: a busy server remembers millions of refs at once
-(every message of the last ten minutes), so an acked entry is kept as plain
+(every message of the last ten minutes), so an entry is kept as plain
 strings and bytes, which Python's cyclic garbage collector never has to
 look at: the key is ``nick_key + "\\0" + ref`` (a nick can hold no control
 character, so the first NUL splits it unambiguously), the value is the
 ``ack`` as its owner keeps it. The server keeps a *receipt*
-(:func:`receipt_of`): the ack's time and number packed in 16 bytes, and its
+(:func:`receipt_of`): the ack's time and number packed in 17 bytes, and its
 room, from which :func:`ack_from` makes the ack again for a resend; the
-encoded ack would take 55 bytes more. Until its ack, a ref's value is the
-:class:`Pending` batch it was added with: one object for a run of ``say``
-frames, which also holds the resends waiting, so adding a ref allocates
-nothing. Entries expire in the order they were made, so a deque of keys and
-one of marks (where the keys of each deadline begin) are all the
-bookkeeping expiry needs. Deadlines are rounded up to a ``granularity``
-(the server's is a second), so that the refs of one second share a mark
-instead of having a deadline each (40 bytes a ref); a ref is then kept up
-to that much longer.
+encoded ack would take 55 bytes more.
+
+A ref is remembered with its receipt as soon as its record has a number,
+before it is stored: one lookup of the table (:meth:`RecentRefs.claim`)
+both finds a resend and remembers a new ref, and the ack changes nothing
+in it. Whether a remembered ref's record is stored yet is for its owner to
+tell from the number (the registry knows the last ``seq`` of each room it
+fanned out, and the last DM it acked); a resend of one that is not waits,
+by the receipt, for its ack.
+
+Entries expire in the order they were made, so a deque of keys and one of
+marks (where the keys of each deadline begin) are all the bookkeeping
+expiry needs. Deadlines are rounded up to a ``granularity`` (the server's
+is a second), so that the refs of one second share a mark instead of
+having a deadline each (40 bytes a ref); a ref is then kept up to that
+much longer.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from ..protocol.messages import Ack, DmEvent, Message, encode
 
-__all__ = ["Pending", "RecentRefs", "ack_from", "receipt_of", "ref_key"]
+__all__ = ["RecentRefs", "ack_from", "receipt_number", "receipt_of", "ref_key"]
 
 #: A receipt's head: its kind (``m`` or ``d``), the time and the seq or DM id.
 _RECEIPT = struct.Struct("<cqq")
@@ -56,6 +62,16 @@ def receipt_of(record: Message | DmEvent) -> bytes:
     return _RECEIPT.pack(b"d", record.ts, record.id)
 
 
+def receipt_number(kept: bytes) -> tuple[str | None, int] | None:
+    """The record a receipt names: its room and ``seq``, or None and the DM's id; None
+    for a whole ack (as a store hands back the refs it kept)."""
+    kind = kept[:1]
+    if kind not in (b"m", b"d"):
+        return None
+    _, _, number = _RECEIPT.unpack_from(kept)
+    return (kept[_RECEIPT.size :].decode() if kind == b"m" else None), number
+
+
 def ack_from(ref: str, kept: bytes) -> bytes:
     """The encoded ``ack`` of ``ref`` from its receipt, or ``kept`` if that is the ack itself."""
     kind = kept[:1]
@@ -67,39 +83,26 @@ def ack_from(ref: str, kept: bytes) -> bytes:
     return encode(Ack(ref=ref, ts=ts, id=number))
 
 
-class Pending(Generic[W]):
-    """Refs added together and acked together (a run of ``say`` frames, a ``dm``) while
-    what they name is being stored, and the resends waiting for their acks.
-
-    A pending ref's entry is its batch: one object for the whole run, not one each.
-    """
-
-    __slots__ = ("start", "waiting")
-
-    def __init__(self, start: int) -> None:
-        #: Where its keys begin among all those ever added (see RecentRefs._first).
-        self.start = start
-        #: The resenders waiting for each key's ack, by key (None while nobody waits).
-        self.waiting: dict[str, list[W]] | None = None
-
-
 class RecentRefs(Generic[W]):
-    """Recent refs: acked ones with their receipt, pending ones with their batch."""
+    """Recent refs, each with its receipt (or its whole ack), and the resends waiting
+    for the acks of records not stored yet."""
 
     def __init__(self, granularity: int = 1) -> None:
         if granularity < 1:
             raise ValueError("granularity must be at least 1")
         self._granularity = granularity
-        # One dict for both states, so that a new ref costs one lookup and one insert,
-        # and its ack one lookup and one store: the receipt (bytes) once acked, until
-        # then the batch it was added with (which use of the key this is).
-        self._refs: dict[str, bytes | Pending[W]] = {}
-        # Every key in the order added, the first of them the _first'th ever added.
+        # A ref's receipt from the moment it is claimed, before its record is stored:
+        # whether it is stored yet is its owner's to tell (from the record's number).
+        self._refs: dict[str, bytes] = {}
+        # Every key in the order claimed, the first of them the _first'th ever claimed.
         self._keys: deque[str] = deque()
         self._first = 0
         # Where each run of keys sharing a (rounded) deadline starts, oldest first: the
         # deadline and the index (counted as _first is) of the run's first key.
         self._marks: deque[tuple[int, int]] = deque()
+        #: The resenders waiting for the ack of a record not stored yet, by its receipt
+        #: (which names one record: a room's seq, a DM's id).
+        self.waiting: dict[bytes, list[W]] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -114,69 +117,35 @@ class RecentRefs(Generic[W]):
                 refs.pop(keys.popleft(), None)
             self._first = end
 
-    def ack(self, key: str) -> bytes | None:
-        """The receipt (or ack) of ``key``, if it was acked and has not expired."""
-        entry = self._refs.get(key)
-        return entry if isinstance(entry, bytes) else None
+    def get(self, key: str) -> bytes | None:
+        """What ``key`` was remembered with (a receipt or an ack), if it has not expired."""
+        return self._refs.get(key)
 
-    def resent(self, key: str, waiter: W) -> bytes | bool:
-        """What a resend of ``key`` gets: its receipt if ``key`` was acked; True if it is
-        not yet (``waiter`` is queued for the ack); False if ``key`` is unknown: no resend."""
-        entry = self._refs.get(key)
-        if entry is None:
-            return False
-        if isinstance(entry, bytes):
-            return entry
-        waiting = entry.waiting
-        if waiting is None:
-            entry.waiting = {key: [waiter]}
-        elif key in waiting:
-            waiting[key].append(waiter)
-        else:
-            waiting[key] = [waiter]
-        return True
-
-    def pending(self, deadline: int) -> Pending[W]:
-        """A new batch for refs to :meth:`add`, each kept until ``deadline`` (rounded up
-        to the granularity), pending until :meth:`acked`."""
-        self._mark(deadline)
-        return Pending(self._first + len(self._keys))
-
-    def add(self, key: str, batch: Pending[W]) -> None:
-        """Remember ``key`` as pending in ``batch`` (the newest one made)."""
-        self._refs[key] = batch
-        self._keys.append(key)
-
-    def keep(self, key: str, deadline: int, ack: bytes) -> None:
-        """Remember ``key`` as acked with ``ack`` (a receipt or a whole ack frame) until
-        ``deadline`` (rounded up to the granularity)."""
-        self._mark(deadline)
-        self._refs[key] = ack
-        self._keys.append(key)
-
-    def acked(self, batch: Pending[W], acked: Iterable[tuple[str, bytes]]) -> dict[str, list[W]]:
-        """Record the receipts of ``batch``'s keys, as (key, receipt) pairs; returns the
-        resenders that were waiting for them, by key.
-
-        A key no longer pending in ``batch`` keeps what it has: one that expired while it
-        was being stored is not remembered again, and the entry of a later use of it (it
-        expired, then came again) is not taken for this one's.
-        """
-        refs = self._refs
-        if batch.start >= self._first:
-            # None of its keys has expired, so each is still pending in it: a key is
-            # added again only once it has expired.
-            refs.update(acked)
-        else:
-            for key, receipt in acked:
-                if refs.get(key) is batch:
-                    refs[key] = receipt
-        return batch.waiting or {}
-
-    def _mark(self, deadline: int) -> None:
-        """Start a run of keys at ``deadline`` rounded up, unless the newest run has it."""
+    def deadline(self, deadline: int) -> None:
+        """Have the keys claimed from now on kept until ``deadline``, rounded up to the
+        granularity (a run's keys share one)."""
         step = self._granularity
         deadline = -(-deadline // step) * step
         marks = self._marks
         if not marks or marks[-1][0] != deadline:
             marks.append((deadline, self._first + len(self._keys)))
+
+    def claim(self, key: str, receipt: bytes) -> bytes | None:
+        """Remember ``key`` with ``receipt`` (a new object) unless ``key`` is known: None
+        if it was new, else what it has (``key`` is then a resend's)."""
+        kept = self._refs.setdefault(key, receipt)  # one lookup, new or not
+        if kept is receipt:
+            self._keys.append(key)
+            return None
+        return kept
+
+    def keep(self, key: str, deadline: int, ack: bytes) -> None:
+        """Remember ``key`` with ``ack`` (a receipt or a whole ack frame) until
+        ``deadline`` (rounded up to the granularity)."""
+        self.deadline(deadline)
+        if self.claim(key, ack) is not None:
+            self._refs[key] = ack  # the later of two uses
+
+    def wait(self, receipt: bytes, waiter: W) -> None:
+        """Have ``waiter`` wait for the ack of the record ``receipt`` names."""
+        self.waiting.setdefault(receipt, []).append(waiter)

@@ -75,7 +75,7 @@ from ..protocol.names import (
 from ..store.base import REF_TTL_MS, RefRecord, Store, ack_of
 from .limits import FloodPolicy
 from .log import esc
-from .refs import Pending, RecentRefs, ack_from, receipt_of, ref_key
+from .refs import RecentRefs, ack_from, receipt_number, receipt_of, ref_key
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
 
@@ -136,15 +136,14 @@ class Member:
 
 @dataclass(slots=True)
 class _Run:
-    """The messages of a run of ``say`` frames from one member, their acks and the keys
-    of their refs (None without one) with the batch they are pending in (None if no
-    message has a ref), on their way to the store and then the fan-out."""
+    """The messages of a run of ``say`` frames from one member, their acks and the
+    receipts their refs are remembered with (None without a ref), on their way to the
+    store and then the fan-out."""
 
     member: Member
     messages: list[Message]
     acks: list[bytes]
-    keys: list[str | None]
-    pending: Pending[Member] | None
+    receipts: list[bytes | None]
 
 
 @dataclass(eq=False)
@@ -199,6 +198,7 @@ class Registry:
             r.name: Room(r.name, r.topic, r.last_seq, r.last_seq) for r in store.load_rooms()
         }
         self._last_dm = store.last_dm_id()
+        self._acked_dm = self._last_dm  # the last DM acked: every stored one, so far
         # Refs said in one second expire together (kept up to a second more than 10 min).
         self._refs: RecentRefs[Member] = RecentRefs(granularity=1000)
         for r in store.load_refs(clock()):
@@ -388,36 +388,36 @@ class Registry:
         messages: list[Message] = []
         records: list[RefRecord | None] = []
         acks: list[bytes] = []
-        keys: list[str | None] = []
-        pending: Pending[Member] | None = None
+        receipts: list[bytes | None] = []
+        deadline = now + REF_TTL_MS
         self._refs.expire(now)
+        self._refs.deadline(deadline)
         for frame in frames:
             ref = frame.ref
-            key = ref_key(member.key, ref) if ref else None
-            # A resend is answered before any check: its room may have been left since.
-            if key is not None and self._answered_again(member, key, ref or ""):
-                continue
             try:
                 room = self._joined_room(member, frame.room)
                 text = validate_text(frame.text, self.max_text)
             except ProtocolError as exc:
+                # A resend is answered all the same: its room may have been left since.
+                if ref and self._answered_again(member, ref):
+                    continue
                 exc.ref = ref
                 refuse(exc)
                 continue
+            message = Message(room=room.name, seq=room.last_seq + 1, ts=now, sender=nick, text=text)
+            receipt = None
+            if ref:
+                receipt = self._claimed(member, ref, message)
+                if receipt is None:
+                    continue  # a resend, answered
             room.last_seq += 1
-            message = Message(room=room.name, seq=room.last_seq, ts=now, sender=nick, text=text)
             messages.append(message)
             # Made now, not in the fan-out, which is paced by the time it takes.
             acks.append(ack_of(ref or "", message))
-            keys.append(key)
-            if key is None or not ref:
-                records.append(None)
-                continue
-            if pending is None:
-                pending = self._refs.pending(now + REF_TTL_MS)
-            records.append(self._remember(member, key, ref, pending, now))
+            receipts.append(receipt)
+            records.append(RefRecord(member.key, ref, deadline) if ref else None)
         if messages:
-            run = _Run(member, messages, acks, keys, pending)
+            run = _Run(member, messages, acks, receipts)
             self.store.append_many(messages, records, lambda: self._messages_stored(run))
 
     def _messages_stored(self, run: _Run) -> None:
@@ -467,36 +467,41 @@ class Registry:
             room.stored_seq = messages[-1].seq
             self._broadcast(room, encode_many(messages))
         for run in acks:
-            self._acknowledge(run.member, run.pending, run.keys, run.messages, run.acks)
+            self._acknowledge(run.member, run.acks, run.receipts)
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
     def _dm(self, member: Member, frame: Dm) -> None:
-        # A resend is answered before any check: its recipient may have gone since.
         now = self.clock()
         ref = frame.ref
-        key = None
         if ref:
             self._refs.expire(now)
-            key = ref_key(member.key, ref)
-            if self._answered_again(member, key, ref):
-                return
         target = self._by_key.get(nick_key(frame.to))
-        if target is None:
-            raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
-        text = validate_text(frame.text, self.max_text)
-        self._last_dm += 1
-        dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm, ts=now, text=text)
+        try:
+            if target is None:
+                raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
+            text = validate_text(frame.text, self.max_text)
+        except ProtocolError:
+            # A resend is answered all the same: its recipient may have gone since.
+            if ref and self._answered_again(member, ref):
+                return
+            raise
+        dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm + 1, ts=now, text=text)
+        receipt, record = None, None
+        if ref:
+            self._refs.deadline(now + REF_TTL_MS)
+            receipt = self._claimed(member, ref, dm)
+            if receipt is None:
+                return  # a resend, answered
+            record = RefRecord(member.key, ref, now + REF_TTL_MS)
+        self._last_dm = dm.id
         ack = ack_of(ref or "", dm)
-        pending, record = None, None
-        if key is not None and ref:
-            pending = self._refs.pending(now + REF_TTL_MS)
-            record = self._remember(member, key, ref, pending, now)
 
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
-            self._acknowledge(member, pending, [key], [dm], [ack])
+            self._acked_dm = dm.id
+            self._acknowledge(member, [ack], [receipt])
 
         self.store.append_dm(dm, stored, record)
 
@@ -656,54 +661,63 @@ class Registry:
         for m in room.members.values():
             m.peer.send(data)
 
-    def _answered_again(self, member: Member, key: str, ref: str) -> bool:
-        """True when ``key`` (of ``ref``) is one of the nick's recent refs; its original ack
-        is sent."""
-        # Still on its way to the store (True): the resender gets the ack when it comes.
-        kept = self._refs.resent(key, member)
-        if isinstance(kept, bool):
-            return kept
-        member.peer.send(ack_from(ref, kept))
+    def _answered_again(self, member: Member, ref: str) -> bool:
+        """True when ``ref`` is one of the nick's recent refs: a resend, answered."""
+        kept = self._refs.get(ref_key(member.key, ref))
+        if kept is None:
+            return False
+        self._answer_resend(member, ref, kept)
         return True
 
-    def _remember(
-        self, member: Member, key: str, ref: str, pending: Pending[Member], now: int
-    ) -> RefRecord:
-        """Remember a new ``say``/``dm`` under its ref, pending in ``pending`` (made with
-        ``now + REF_TTL_MS``), for REF_TTL_MS; the store's record of it.
+    def _claimed(self, member: Member, ref: str, record: Message | DmEvent) -> bytes | None:
+        """Remember ``ref`` as the nick's for ``record`` (numbered, not stored yet), which
+        the run's deadline is set for: its receipt; None if ``ref`` is a resend's
+        (answered: ``record`` is not to be stored)."""
+        receipt = receipt_of(record)
+        kept = self._refs.claim(ref_key(member.key, ref), receipt)
+        if kept is None:
+            return receipt
+        self._answer_resend(member, ref, kept)
+        return None
 
-        The record leaves out the ack: the store derives it from what it stores (``ack_of``).
-        """
-        self._refs.add(key, pending)
-        return RefRecord(member.key, ref, now + REF_TTL_MS)
+    def _answer_resend(self, member: Member, ref: str, kept: bytes) -> None:
+        """Answer a resend of ``ref``, remembered with ``kept``: with the original ack, at
+        once if its record was acked, else when it is."""
+        if self._acked(kept):
+            member.peer.send(ack_from(ref, kept))
+        else:
+            self._refs.wait(kept, member)
+
+    def _acked(self, kept: bytes) -> bool:
+        """Whether the record a ref was remembered with (``kept``) was acked: every room
+        message up to a room's ``stored_seq`` was, and every DM up to the last one acked
+        (the store calls back in order)."""
+        named = receipt_number(kept)
+        if named is None:
+            return True  # a whole ack, as a store hands back the refs it kept
+        room_name, number = named
+        if room_name is None:
+            return number <= self._acked_dm
+        room = self.rooms.get(room_name)  # rooms are never dropped; the check is for safety
+        return room is None or number <= room.stored_seq
 
     def _acknowledge(
-        self,
-        member: Member,
-        pending: Pending[Member] | None,
-        keys: Sequence[str | None],
-        records: Sequence[Message | DmEvent],
-        acks: Sequence[bytes],
+        self, member: Member, acks: Sequence[bytes], receipts: Sequence[bytes | None]
     ) -> None:
-        """Send ``member`` the acks of its stored records (each with the key of its ref,
-        None without one, pending in ``pending``) in one piece, each followed by its copies
-        for the resends waiting for it (on this connection, in the same piece; on another,
+        """Send ``member`` the acks of its stored records (each with the receipt its ref is
+        remembered with, None without one) in one piece, each followed by its copies for
+        the resends waiting for it (on this connection, in the same piece; on another,
         sent there)."""
-        waiting = None
-        if pending is not None:
-            receipts = [
-                (key, receipt_of(record))
-                for key, record in zip(keys, records, strict=True)
-                if key is not None
-            ]
-            waiting = self._refs.acked(pending, receipts)
+        waiting = self._refs.waiting
         if not waiting:
             member.peer.send(acks[0] if len(acks) == 1 else b"".join(acks))
             return
         out: list[bytes] = []
-        for key, ack in zip(keys, acks, strict=True):
+        for ack, receipt in zip(acks, receipts, strict=True):
             out.append(ack)
-            for waiter in waiting.pop(key, ()) if key is not None else ():
+            if receipt is None:
+                continue
+            for waiter in waiting.pop(receipt, ()):
                 if waiter is member:
                     out.append(ack)
                 else:
