@@ -1237,6 +1237,40 @@ def deferred_registry(clock: Clock) -> tuple[Registry, DeferredStore, list[Calla
     return Registry(store, clock=clock, defer=lambda f, _: later.append(f)), store, later
 
 
+def test_a_run_across_rooms_reaches_each_room_in_its_order(clock: Clock) -> None:
+    """A run's messages to two rooms, interleaved: each room's members get that room's,
+    in seq order, in one blob, before the sender's acks (in the order said)."""
+    reg, store, later = deferred_registry(clock)
+    ana, ana_peer = add(reg, "ana", "a", "b")
+    _, in_a = add(reg, "bob", "a")
+    _, in_b = add(reg, "cy", "b")
+    quiet(ana_peer)
+    says = [m.Say(room=r, text=f"{r}{i}", ref=f"{i}") for i, r in enumerate("abab")]
+    reg.say_many(ana, says, _raise_it)
+    store.complete()
+    later.pop()()
+    assert [(f.room, f.seq, f.text) for f in in_a.take()] == [("a", 1, "a0"), ("a", 2, "a2")]
+    assert len(in_b.raw) == 1
+    assert [(f.room, f.seq, f.text) for f in in_b.take()] == [("b", 1, "b1"), ("b", 2, "b3")]
+    frames = ana_peer.take()
+    assert [(type(f), f.room, f.seq) for f in frames[:4]] == [
+        (m.Message, "a", 1),
+        (m.Message, "a", 2),
+        (m.Message, "b", 1),
+        (m.Message, "b", 2),
+    ]
+    assert [(a.ref, a.room, a.seq) for a in frames[4:]] == [
+        ("0", "a", 1),
+        ("1", "b", 1),
+        ("2", "a", 2),
+        ("3", "b", 2),
+    ]
+
+
+def _raise_it(exc: ProtocolError) -> None:
+    raise exc
+
+
 def test_a_commit_reaches_each_member_as_one_blob_in_seq_order(clock: Clock) -> None:
     reg, store, later = deferred_registry(clock)
     ana, ana_peer = add(reg, "ana", "a")
