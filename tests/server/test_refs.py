@@ -24,6 +24,24 @@ def test_a_claim_remembers_a_new_ref_and_finds_a_known_one() -> None:
     assert len(refs) == 1
 
 
+def test_a_released_ref_is_new_again_until_its_first_deadline() -> None:
+    refs: RecentRefs[str] = RecentRefs()
+    key = ref_key("ana", "r")
+    first = b"m-first"
+    refs.deadline(10)
+    refs.claim(key, first)
+    refs.release(key, b"m-other")  # not what it was claimed with: no change
+    assert refs.get(key) == first
+    refs.release(key, first)
+    assert refs.get(key) is None
+    refs.deadline(20)
+    assert refs.claim(key, b"m-second") is None  # new again
+    assert refs.claim(key, b"m-third") == b"m-second"
+    assert len(refs) == 1  # in the expiry order once, at its first place
+    refs.expire(10)
+    assert refs.get(key) is None
+
+
 def test_resends_wait_by_the_receipt_of_what_they_wait_for() -> None:
     refs: RecentRefs[str] = RecentRefs()
     refs.wait(b"m-1", "first resend")

@@ -1054,6 +1054,66 @@ def test_a_dm_resent_from_a_new_connection_before_it_is_stored_is_acked_once_sto
     assert new.take() == [ack]
 
 
+class FailingOnce(MemoryStore):
+    """A store whose next append raises (as a bug in it would), then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    def _fail_once(self) -> None:
+        if self.fail:
+            self.fail = False
+            raise OSError("the store broke")
+
+    def append_many(
+        self,
+        messages: Sequence[m.Message],
+        refs: Sequence[RefRecord | None],
+        on_stored: Callable[[], None],
+    ) -> None:
+        self._fail_once()
+        super().append_many(messages, refs, on_stored)
+
+    def append_dm(
+        self, dm: m.DmEvent, on_stored: Callable[[], None], ref: RefRecord | None = None
+    ) -> None:
+        self._fail_once()
+        super().append_dm(dm, on_stored, ref)
+
+
+def test_a_say_the_store_refused_takes_back_its_seq_and_its_ref(clock: Clock) -> None:
+    """A say whose append raised was never stored: the next message gets its seq (no
+    gap), and its resend is stored then, not taken for acked."""
+    store = FailingOnce()
+    reg = Registry(store, clock=clock)
+    ana_m, ana = add(reg, "ana", "a")
+    bob_m, _ = add(reg, "bob", "a")
+    store.fail = True
+    with pytest.raises(OSError, match="the store broke"):
+        reg.handle(ana_m, m.Say(room="a", text="lost", ref="x"))
+    reg.handle(bob_m, m.Say(room="a", text="later"))
+    quiet(ana)
+    reg.handle(ana_m, m.Say(room="a", text="lost", ref="x"))  # the client's resend
+    assert [(a.ref, a.seq) for a in ana.of(m.Ack)] == [("x", 2)]
+    page = store.history("a", before=None, after=0, limit=10)
+    assert [(s.seq, s.text) for s in page.messages] == [(1, "later"), (2, "lost")]
+
+
+def test_a_dm_the_store_refused_takes_back_its_id_and_its_ref(clock: Clock) -> None:
+    store = FailingOnce()
+    reg = Registry(store, clock=clock)
+    ana_m, ana = add(reg, "ana")
+    _, bob = add(reg, "bob")
+    store.fail = True
+    with pytest.raises(OSError, match="the store broke"):
+        reg.handle(ana_m, m.Dm(to="bob", text="lost", ref="x"))
+    reg.handle(ana_m, m.Dm(to="bob", text="lost", ref="x"))  # the client's resend
+    [ack] = ana.of(m.Ack)
+    assert (ack.ref, ack.id) == ("x", 1)
+    assert [(d.id, d.text) for d in bob.of(m.DmEvent)] == [(1, "lost")]
+
+
 def _answers_to(frames: list[m.Say], *, as_a_run: bool) -> list[tuple[str, str | None]]:
     """What ana gets for ``frames`` (said in #a, where she is alone): each answer's type
     and ref, in order, with the errors said as they came."""

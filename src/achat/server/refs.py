@@ -45,6 +45,9 @@ _RECEIPT = struct.Struct("<cqq")
 
 W = TypeVar("W")
 
+#: What a released ref has until it expires: nothing (a use of it is new again).
+_RELEASED = b""
+
 
 def ref_key(nick_key: str, ref: str) -> str:
     """The one string that names ``ref`` as used by the nick whose key is ``nick_key``."""
@@ -119,7 +122,7 @@ class RecentRefs(Generic[W]):
 
     def get(self, key: str) -> bytes | None:
         """What ``key`` was remembered with (a receipt or an ack), if it has not expired."""
-        return self._refs.get(key)
+        return self._refs.get(key) or None
 
     def deadline(self, deadline: int) -> None:
         """Have the keys claimed from now on kept until ``deadline``, rounded up to the
@@ -137,14 +140,26 @@ class RecentRefs(Generic[W]):
         if kept is receipt:
             self._keys.append(key)
             return None
+        if not kept:  # released: new again, in its place (so at its first deadline)
+            self._refs[key] = receipt
+            return None
         return kept
+
+    def release(self, key: str, receipt: bytes) -> None:
+        """Undo the claim of ``key`` with ``receipt``, whose record never reached the
+        store: a use of ``key`` is new again. It keeps its place in the expiry order
+        (every key is once in it), so it is forgotten at its first deadline."""
+        if self._refs.get(key) is receipt:
+            self._refs[key] = _RELEASED
 
     def keep(self, key: str, deadline: int, ack: bytes) -> None:
         """Remember ``key`` with ``ack`` (a receipt or a whole ack frame) until
         ``deadline`` (rounded up to the granularity)."""
         self.deadline(deadline)
         if self.claim(key, ack) is not None:
-            self._refs[key] = ack  # the later of two uses
+            # Two uses of one key in force: only a clock stepped back around a restart
+            # does that. The later (load_refs gives it last) at the earlier's deadline.
+            self._refs[key] = ack
 
     def wait(self, receipt: bytes, waiter: W) -> None:
         """Have ``waiter`` wait for the ack of the record ``receipt`` names."""

@@ -396,33 +396,63 @@ class Registry:
         deadline = now + REF_TTL_MS
         self._refs.expire(now)
         self._refs.deadline(deadline)
-        for frame in frames:
-            ref = frame.ref
-            try:
-                room = self._joined_room(member, frame.room)
-                text = validate_text(frame.text, self.max_text)
-            except ProtocolError as exc:
-                # A resend is answered all the same: its room may have been left since.
-                if ref and self._answered_again(member, ref):
+        try:
+            for frame in frames:
+                ref = frame.ref
+                try:
+                    room = self._joined_room(member, frame.room)
+                    text = validate_text(frame.text, self.max_text)
+                except ProtocolError as exc:
+                    # A resend is answered all the same: its room may have been left since.
+                    if ref and self._answered_again(member, ref):
+                        continue
+                    exc.ref = ref
+                    refuse(exc)
                     continue
-                exc.ref = ref
-                refuse(exc)
-                continue
-            message = Message(room=room.name, seq=room.last_seq + 1, ts=now, sender=nick, text=text)
-            receipt = None
-            if ref:
-                receipt = self._claimed(member, ref, message)
-                if receipt is None:
-                    continue  # a resend, answered
-            room.last_seq += 1
-            messages.append(message)
-            # Made now, not in the fan-out, which is paced by the time it takes.
-            acks.append(ack_of(ref or "", message))
-            receipts.append(receipt)
-            records.append(RefRecord(member.key, ref, deadline) if ref else None)
-        if messages:
-            run = _Run(member, messages, acks, receipts)
-            self.store.append_many(messages, records, lambda: self._messages_stored(run))
+                message = Message(
+                    room=room.name, seq=room.last_seq + 1, ts=now, sender=nick, text=text
+                )
+                receipt = None
+                if ref:
+                    receipt = self._claimed(member, ref, message)
+                    if receipt is None:
+                        continue  # a resend, answered
+                room.last_seq += 1
+                messages.append(message)
+                receipts.append(receipt)
+                # Made now, not in the fan-out, which is paced by the time it takes.
+                acks.append(ack_of(ref or "", message))
+                records.append(RefRecord(member.key, ref, deadline) if ref else None)
+            if messages:
+                run = _Run(member, messages, acks, receipts)
+                self.store.append_many(messages, records, lambda: self._messages_stored(run))
+        except BaseException:
+            # Whatever was numbered or claimed never reaches the store: a ref claimed for
+            # it would be taken for acked once its room's stored_seq passed its seq.
+            self._undo(member, frames, messages, receipts)
+            raise
+
+    def _undo(
+        self,
+        member: Member,
+        frames: Sequence[Say | Dm],
+        records: Sequence[Message | DmEvent],
+        receipts: Sequence[bytes | None],
+    ) -> None:
+        """Take back the numbers and the refs given to ``records`` (from ``frames``),
+        which will not be stored."""
+        for record in reversed(records):
+            if isinstance(record, Message):
+                self.rooms[record.room].last_seq = record.seq - 1
+            else:
+                self._last_dm = record.id - 1
+        ours = {id(receipt) for receipt in receipts if receipt is not None}
+        for frame in frames:
+            if frame.ref:
+                key = ref_key(member.key, frame.ref)
+                kept = self._refs.get(key)
+                if kept is not None and id(kept) in ours:
+                    self._refs.release(key, kept)
 
     def _messages_stored(self, run: _Run) -> None:
         # Delivered only once stored: a crash can never show members a seq that the
@@ -516,7 +546,11 @@ class Registry:
             self._acked_dm = dm.id
             self._acknowledge(member, [ack], [receipt])
 
-        self.store.append_dm(dm, stored, record)
+        try:
+            self.store.append_dm(dm, stored, record)
+        except BaseException:
+            self._undo(member, [frame], [dm], [receipt])
+            raise
 
     def _nick(self, member: Member, frame: Nick) -> None:
         new = validate_nick(frame.nick)
@@ -711,8 +745,8 @@ class Registry:
         room_name, number = named
         if room_name is None:
             return number <= self._acked_dm
-        room = self.rooms.get(room_name)  # rooms are never dropped; the check is for safety
-        return room is None or number <= room.stored_seq
+        room = self.rooms.get(room_name)  # rooms are never dropped
+        return room is not None and number <= room.stored_seq
 
     def _acknowledge(
         self, member: Member, acks: Sequence[bytes], receipts: Sequence[bytes | None]
