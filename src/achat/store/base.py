@@ -76,7 +76,14 @@ class HistoryPage:
 
 
 class Store(Protocol):
-    """What the registry needs from a message store. No method may block for long."""
+    """What the registry needs from a message store. No method may block for long.
+
+    Writes are kept, and their ``on_stored`` called, in the order they were given:
+    a write that cannot be kept yet holds back every later one until it is (the
+    SQLite store retries it with them), never skipped. The registry relies on it:
+    a ref's record counts as acked once a later one of its room (or a later DM)
+    was, and an append that raises is taken as not given at all.
+    """
 
     #: Names this store's numbering of messages: the same for as long as its rooms' seqs
     #: go on from where they were, a new one when they start again from 1 (a memory
