@@ -35,6 +35,7 @@ from ..errors import ProtocolError
 from ..protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
 from ..protocol.messages import (
     PROTOCOL_VERSION,
+    Ack,
     Bye,
     ClientFrame,
     Dm,
@@ -74,7 +75,7 @@ from ..protocol.names import (
     validate_text,
     validate_topic,
 )
-from ..store.base import REF_TTL_MS, RefRecord, Store, ack_of
+from ..store.base import REF_TTL_MS, RefRecord, Store, ack_frame
 from .limits import FloodPolicy
 from .log import esc
 from .refs import RecentRefs, ack_from, receipt_number, receipt_of, ref_key
@@ -138,13 +139,14 @@ class Member:
 
 @dataclass(slots=True)
 class _Run:
-    """The messages of a run of ``say`` frames from one member, their acks and the
-    receipts their refs are remembered with (None without a ref), on their way to the
-    store and then the fan-out."""
+    """The messages of a run of ``say`` frames from one member, their acks (and those
+    encoded one after another) and the receipts their refs are remembered with (None
+    without a ref), on their way to the store and then the fan-out."""
 
     member: Member
     messages: list[Message]
-    acks: list[bytes]
+    acks: list[Ack]
+    encoded: bytes
     receipts: list[bytes | None]
 
 
@@ -391,7 +393,7 @@ class Registry:
         nick = member.nick
         messages: list[Message] = []
         records: list[RefRecord | None] = []
-        acks: list[bytes] = []
+        acks: list[Ack] = []
         receipts: list[bytes | None] = []
         deadline = now + REF_TTL_MS
         self._refs.expire(now)
@@ -420,11 +422,11 @@ class Registry:
                 room.last_seq += 1
                 messages.append(message)
                 receipts.append(receipt)
-                # Made now, not in the fan-out, which is paced by the time it takes.
-                acks.append(ack_of(ref or "", message))
+                acks.append(Ack(ref=ref or "", ts=now, room=message.room, seq=message.seq))
                 records.append(RefRecord(member.key, ref, deadline) if ref else None)
             if messages:
-                run = _Run(member, messages, acks, receipts)
+                # Encoded now, not in the fan-out, which is paced by the time it takes.
+                run = _Run(member, messages, acks, encode_many(acks), receipts)
                 self.store.append_many(messages, records, lambda: self._messages_stored(run))
         except BaseException:
             # Whatever was numbered or claimed never reaches the store: a ref claimed for
@@ -510,7 +512,7 @@ class Registry:
             room.stored_seq = seqs[room]
             self._broadcast(room, blobs[0] if len(blobs) == 1 else b"".join(blobs))
         for run in acks:
-            self._acknowledge(run.member, run.acks, run.receipts)
+            self._acknowledge(run.member, run.acks, run.encoded, run.receipts)
         ended = self._timer()
         self._fan_out_ready = ended + (ended - started) * (1 / FAN_OUT_SHARE - 1)
 
@@ -538,13 +540,14 @@ class Registry:
                 return  # a resend, answered
             record = RefRecord(member.key, ref, now + REF_TTL_MS)
         self._last_dm = dm.id
-        ack = ack_of(ref or "", dm)
+        ack = ack_frame(ref or "", dm)
+        encoded = encode(ack)
 
         def stored() -> None:
             self.fan_out()  # room messages stored before this DM go first
             target.peer.send(encode(dm))
             self._acked_dm = dm.id
-            self._acknowledge(member, [ack], [receipt])
+            self._acknowledge(member, [ack], encoded, [receipt])
 
         try:
             self.store.append_dm(dm, stored, record)
@@ -749,26 +752,29 @@ class Registry:
         return room is not None and number <= room.stored_seq
 
     def _acknowledge(
-        self, member: Member, acks: Sequence[bytes], receipts: Sequence[bytes | None]
+        self,
+        member: Member,
+        acks: Sequence[Ack],
+        encoded: bytes,
+        receipts: Sequence[bytes | None],
     ) -> None:
-        """Send ``member`` the acks of its stored records (each with the receipt its ref is
-        remembered with, None without one) in one piece, each followed by its copies for
-        the resends waiting for it (on this connection, in the same piece; on another,
-        sent there)."""
+        """Send ``member`` the acks of its stored records (``encoded``: those one after
+        another) in one piece, each followed by its copies for the resends waiting for it
+        (by the receipt its ref is remembered with, None without one): on this
+        connection, in the same piece; on another, sent there."""
         waiting = self._refs.waiting
-        if not waiting:
-            member.peer.send(acks[0] if len(acks) == 1 else b"".join(acks))
+        if not waiting or all(receipt not in waiting for receipt in receipts):
+            member.peer.send(encoded)
             return
         out: list[bytes] = []
         for ack, receipt in zip(acks, receipts, strict=True):
-            out.append(ack)
-            if receipt is None:
-                continue
-            for waiter in waiting.pop(receipt, ()):
+            data = encode(ack)
+            out.append(data)
+            for waiter in waiting.pop(receipt, ()) if receipt is not None else ():
                 if waiter is member:
-                    out.append(ack)
+                    out.append(data)
                 else:
-                    waiter.peer.send(ack)
+                    waiter.peer.send(data)
         member.peer.send(b"".join(out))
 
 

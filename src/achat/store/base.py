@@ -17,7 +17,15 @@ import msgspec
 
 from ..protocol.messages import Ack, DmEvent, Message, encode
 
-__all__ = ["REF_TTL_MS", "HistoryPage", "RefRecord", "RoomRecord", "Store", "ack_of"]
+__all__ = [
+    "REF_TTL_MS",
+    "HistoryPage",
+    "RefRecord",
+    "RoomRecord",
+    "Store",
+    "ack_frame",
+    "ack_of",
+]
 
 #: How long a ``ref`` is remembered after its message (ms): a resend within this time
 #: gets the first ``ack`` again. A store may forget refs of messages older than this.
@@ -54,11 +62,16 @@ class RefRecord(msgspec.Struct, frozen=True, gc=False):
     ack: bytes | None = None
 
 
-def ack_of(ref: str, record: Message | DmEvent) -> bytes:
-    """The ``ack`` (encoded frame) of a ``say`` or ``dm`` with ``ref``, stored as ``record``."""
+def ack_frame(ref: str, record: Message | DmEvent) -> Ack:
+    """The ``ack`` of a ``say`` or ``dm`` with ``ref``, stored as ``record``."""
     if isinstance(record, Message):
-        return encode(Ack(ref=ref, ts=record.ts, room=record.room, seq=record.seq))
-    return encode(Ack(ref=ref, ts=record.ts, id=record.id))
+        return Ack(ref=ref, ts=record.ts, room=record.room, seq=record.seq)
+    return Ack(ref=ref, ts=record.ts, id=record.id)
+
+
+def ack_of(ref: str, record: Message | DmEvent) -> bytes:
+    """The ``ack`` of a ``say`` or ``dm`` with ``ref``, stored as ``record``, encoded."""
+    return encode(ack_frame(ref, record))
 
 
 @dataclass(frozen=True, slots=True)
