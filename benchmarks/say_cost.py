@@ -11,8 +11,9 @@ against it, in one process on one core (pin it: ``taskset -c 0``):
   is stored and acked: the loop thread's CPU and the writer thread's;
 - the least Python a ``say`` needs in this design, run in one loop with
   nothing around it: decode (a tick's frames together), check the text,
-  build the message and its ack, encode both, remember the ref, build the
-  message's entry in its chunk (SQLite not included);
+  build the message and its ack, remember the ref with its receipt, build
+  the message's entry in its chunk, encode the tick's messages and acks
+  (SQLite not included);
 - the store's commit alone, on one thread with nothing else running: a
   tick's messages stored as the writer thread does (a chunk per room, the
   messages and their refs in one body), without the hand-over, callbacks or
@@ -36,19 +37,20 @@ from pathlib import Path
 from achat.bench.cli import replace_section
 from achat.errors import ProtocolError
 from achat.protocol.messages import (
+    Ack,
     Hello,
     Join,
     Message,
     Say,
     decode_client,
     decode_client_many,
-    encode,
+    encode_many,
 )
 from achat.protocol.names import validate_text
 from achat.server.app import defer_on_loop
 from achat.server.refs import RecentRefs, receipt_of, ref_key
 from achat.server.registry import Registry
-from achat.store.base import REF_TTL_MS, RefRecord, ack_of
+from achat.store.base import REF_TTL_MS, RefRecord
 from achat.store.sqlite import _DECODER, SQLiteStore, _Write
 
 ROOM = "bench"
@@ -134,17 +136,20 @@ def least_python_us(says: int) -> float:
     ]
     for first in range(0, says, TICK):
         refs.deadline(NOW + 600_000)  # a tick's refs share one
+        messages: list[Message] = []
+        acks: list[Ack] = []
         for seq, say in enumerate(decoded[first : first + TICK], first + 1):
             assert isinstance(say, Say)
             assert say.ref is not None
             text = validate_text(say.text, 2000)
-            key = ref_key("bob", say.ref)
             message = Message(room=ROOM, seq=seq, ts=NOW, sender="bob", text=text)
-            if refs.claim(key, receipt_of(message)) is not None:
+            if refs.claim(ref_key("bob", say.ref), receipt_of(message)) is not None:
                 raise RuntimeError("a ref used twice")
-            rows.append((seq, NOW, "bob", text, key, say.ref, NOW + 600_000, None))
-            out.append(encode(message))
-            out.append(ack_of(say.ref, message))
+            messages.append(message)
+            acks.append(Ack(ref=say.ref, ts=NOW, room=ROOM, seq=seq))
+            rows.append((seq, NOW, "bob", text, "bob", say.ref, NOW + 600_000, None))
+        out.append(encode_many(messages))  # a tick's messages and acks encoded together
+        out.append(encode_many(acks))
     return (time.perf_counter() - start) / says * 1e6
 
 
