@@ -974,17 +974,26 @@ def test_resent_dm_after_the_recipient_left_gets_the_original_ack(reg: Registry)
     assert ana.take() == [ack]
 
 
-def test_resend_while_still_being_stored_gets_the_ack_once_stored(clock: Clock) -> None:
-    """A ref resent from a new connection before the first copy is stored is acked there."""
+def _resent_from_a_new_connection(
+    clock: Clock,
+) -> tuple[Registry, DeferredStore, FakePeer, Member, FakePeer]:
+    """ana says ref r in #a (with bob), drops before it is stored, comes back and resends
+    it: the registry, its store, the new connection's peer, and bob's member and peer."""
     store = DeferredStore()
     reg = Registry(store, clock=clock)
     old_m, _ = add(reg, "ana", "a")
-    _, bob = add(reg, "bob", "a")
+    bob_m, bob = add(reg, "bob", "a")
     reg.handle(old_m, m.Say(room="a", text="x", ref="r"))
     reg.unregister(old_m)
     new_m, new = add(reg, "ana", "a")
     quiet(bob)
     reg.handle(new_m, m.Say(room="a", text="x", ref="r"))
+    return reg, store, new, bob_m, bob
+
+
+def test_resend_while_still_being_stored_gets_the_ack_once_stored(clock: Clock) -> None:
+    """A ref resent from a new connection before the first copy is stored is acked there."""
+    _, store, new, _, bob = _resent_from_a_new_connection(clock)
     assert new.take() == []
     store.complete()
     [ack] = new.of(m.Ack)
@@ -997,14 +1006,7 @@ def test_a_resend_waiting_for_an_ack_gets_it_even_if_the_ref_expired_meanwhile(
 ) -> None:
     """A resend queued for an ack that a stuck store held past the ref's ten minutes is
     still answered when the store comes back: it came while the ref was known."""
-    store = DeferredStore()
-    reg = Registry(store, clock=clock)
-    old_m, _ = add(reg, "ana", "a")
-    bob_m, bob = add(reg, "bob", "a")
-    reg.handle(old_m, m.Say(room="a", text="x", ref="r"))
-    reg.unregister(old_m)
-    new_m, new = add(reg, "ana", "a")
-    reg.handle(new_m, m.Say(room="a", text="x", ref="r"))  # waits for the first's ack
+    reg, store, new, bob_m, bob = _resent_from_a_new_connection(clock)  # the resend waits
     clock.advance(TEN_MINUTES + 2000)
     reg.handle(bob_m, m.Say(room="a", text="y", ref="b"))  # expires r on its way
     store.complete()
