@@ -121,9 +121,10 @@ class Store(Protocol):
     ) -> None:
         """Store a message (its ``seq`` set by the registry) and its ``ref``, atomically.
 
-        ``on_stored`` is called on the event loop once both are kept.
+        ``on_stored`` is called on the event loop once both are kept. A store that
+        subclasses this protocol has it as an :meth:`append_many` of one.
         """
-        ...
+        self.append_many((message,), (ref,), on_stored)
 
     def append_many(
         self,

@@ -8,14 +8,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from ..protocol.messages import DmEvent, Message
-from .base import HistoryPage, RefRecord, RoomRecord, ack_of
+from .base import HistoryPage, RefRecord, RoomRecord, Store, ack_of
 
 __all__ = ["MAX_REFS", "MemoryStore"]
 
 MAX_REFS = 100_000
 
 
-class MemoryStore:
+class MemoryStore(Store):
     """Keeps every room's messages in a list ordered by ``seq``.
 
     ``max_per_room`` bounds memory: the oldest messages of a room are dropped
@@ -51,11 +51,6 @@ class MemoryStore:
 
     def load_refs(self, now: int) -> list[RefRecord]:
         return sorted((r for r in self._refs.values() if r.expires > now), key=lambda r: r.expires)
-
-    def append(
-        self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
-    ) -> None:
-        self.append_many((message,), (ref,), on_stored)
 
     def append_many(
         self,

@@ -63,7 +63,7 @@ from typing import cast
 import msgspec
 
 from ..protocol.messages import DmEvent, Message
-from .base import REF_TTL_MS, HistoryPage, RefRecord, RoomRecord, ack_of
+from .base import REF_TTL_MS, HistoryPage, RefRecord, RoomRecord, Store, ack_of
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -218,7 +218,7 @@ def _messages_of(writes: Iterable[_Write]) -> Iterator[Message]:
             yield from w.run[0]
 
 
-class SQLiteStore:
+class SQLiteStore(Store):
     """Rooms, messages, DMs and recent refs in one SQLite database file."""
 
     #: How long a statement waits for another connection's lock before it fails.
@@ -397,11 +397,6 @@ class SQLiteStore:
             ]
         refs.sort(key=lambda r: r.expires)
         return refs
-
-    def append(
-        self, message: Message, on_stored: Callable[[], None], ref: RefRecord | None = None
-    ) -> None:
-        self.append_many((message,), (ref,), on_stored)
 
     def append_many(
         self,
