@@ -534,11 +534,12 @@ class Registry:
         dm = DmEvent(sender=member.nick, to=target.nick, id=self._last_dm + 1, ts=now, text=text)
         receipt, record = None, None
         if ref:
-            self._refs.deadline(now + REF_TTL_MS)
+            deadline = now + REF_TTL_MS
+            self._refs.deadline(deadline)
             receipt = self._claimed(member, ref, dm)
             if receipt is None:
                 return  # a resend, answered
-            record = RefRecord(member.key, ref, now + REF_TTL_MS)
+            record = RefRecord(member.key, ref, deadline)
         self._last_dm = dm.id
         ack = ack_frame(ref or "", dm)
         encoded = encode(ack)
