@@ -422,7 +422,7 @@ class Registry:
                 room.last_seq += 1
                 messages.append(message)
                 receipts.append(receipt)
-                acks.append(Ack(ref=ref or "", ts=now, room=message.room, seq=message.seq))
+                acks.append(ack_frame(ref or "", message))
                 records.append(RefRecord(member.key, ref, deadline) if ref else None)
             if messages:
                 # Encoded now, not in the fan-out, which is paced by the time it takes.
