@@ -189,10 +189,10 @@ class FlushRounds:
 
     def joined(self, frames: list[bytes]) -> bytes:
         """``b"".join(frames)``, the join before if the frames are the same again."""
-        if frames == self._joined_from:  # nearly always the same objects: no byte compared
+        if frames == self._joined_from:  # nearly always the same objects, told by identity
             return self._joined
-        self._joined_from = frames.copy()
-        self._joined = data = b"".join(frames)
+        data = b"".join(frames)  # first: a join that raises leaves the last one as it was
+        self._joined_from, self._joined = frames.copy(), data
         return data
 
     def mark(self, session: Session) -> None:
@@ -228,7 +228,7 @@ class FlushRounds:
             self._scheduled = False
             if dirty:
                 self._schedule()
-            else:  # the pass is over: no join is kept alive while the server is quiet
+            else:  # the pass is over: no join is kept until the next one
                 self._joined_from, self._joined = [], b""
 
 
