@@ -51,6 +51,7 @@ bench: install
 	taskset -c 0 $(BIN)/python benchmarks/say_cost.py --update docs/performance.md
 	sleep 5  # let the kernel finish tearing down the load's sockets
 	$(BIN)/python benchmarks/client.py --update docs/performance.md
+	$(BIN)/python benchmarks/sweep.py --update docs/performance.md --svg docs/busy-room-sweep.svg
 
 # Mixed hostile load against one server (loopback only, bounded); figures into the docs.
 soak: install

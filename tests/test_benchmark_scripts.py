@@ -9,9 +9,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+from xml.etree import ElementTree
 
+import pytest
+
+from achat.bench.cli import Result
 from tests.helpers.procs import ServerProcess
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -68,3 +74,104 @@ def test_row_layouts_times_each_layout() -> None:
     assert len(rows) == 5
     assert "100 messages in one blob" in rows[-2]
     assert "the store's (schema 5)" in rows[-1]
+
+
+def _sweep_point(members: int, ratio: float = 1.0, p50: float | None = 2.0) -> Any:
+    sweep = load("sweep")
+    return sweep.Point(
+        members=members,
+        offered=members * members,
+        delivered=members * members * ratio,
+        ratio=ratio,
+        p50=p50,
+        p99=None if p50 is None else p50 * 3,
+        p999=None if p50 is None else p50 * 4,
+        server_cpu=90.0,
+        load_cpu=80.0,
+        generator_limit=False,
+    )
+
+
+def test_sweep_runs_achat_bench_at_each_size_and_reads_its_figures() -> None:
+    sweep = load("sweep")
+    points = sweep.measure((5, 3), seconds=1.0, warmup=0.3, settle=0.0, rate=5.0)
+    assert [p.members for p in points] == [3, 5]  # smallest first
+    for p in points:
+        assert p.ratio == 1.0
+        assert p.offered == p.delivered > 0
+        assert p.offered % p.members == 0  # messages said times the room's members
+        assert p.p50 is not None
+        assert p.p99 is not None
+        assert 0 < p.p50 <= p.p99
+        assert p.cut_off == 0
+        assert p.errors == ""
+        assert p.server_cpu is not None
+    text = sweep.table(points, 1.0)
+    assert [line.split(" | ")[0] for line in text.splitlines() if line[:3] in ("| 3", "| 5")] == [
+        "| 3",
+        "| 5",
+    ]
+
+
+def test_sweep_point_reads_the_notes_of_a_run_cut_short() -> None:
+    sweep = load("sweep")
+    result = asdict(
+        Result(
+            scenario="busy-room",
+            params={"clients": 4000, "rate": 1.0},
+            seconds=5.0,
+            offered_per_s=12e6,
+            delivered_per_s=2e6,
+            delivered_ratio=0.17,
+            latency_ms={"p50": 440.0, "p99": 1400.0, "p99.9": 1500.0},
+            closed=3200,
+            server_cpu_pct=98.0,
+            load_cpu_pct=42.0,
+            notes=[
+                "errors from the server: sendq_exceeded ×3,200",
+                "the generator may be the limit here: it offered 79% of ...",
+            ],
+        )
+    )
+    point = sweep.Point.from_result(result)
+    assert point.members == 4000
+    assert point.cut_off == 3200
+    assert point.errors == "sendq_exceeded ×3,200"
+    assert point.generator_limit
+    row = next(line for line in sweep.table([point], 5.0).splitlines() if "4,000" in line)
+    assert "4,000 ¹" in row
+    assert "17.00 %" in row
+    assert "3,200 (sendq_exceeded ×3,200)" in row
+    # Nothing delivered: no latency, which the chart then leaves out.
+    result["latency_ms"] = {"p50": 0.0, "p99": 0.0, "p99.9": 0.0}
+    assert sweep.Point.from_result(result).p99 is None
+
+
+def test_sweep_chart_draws_every_size_hollow_where_it_fell_short() -> None:
+    sweep = load("sweep")
+    points = [_sweep_point(300), _sweep_point(2500, p50=30.0), _sweep_point(4000, ratio=0.2)]
+    svg = ElementTree.fromstring(sweep.chart(points))  # well-formed, one document
+    ns = "{http://www.w3.org/2000/svg}"
+    circles = svg.findall(f"{ns}circle")
+    # Three latency series and the delivered line, one marker each per size.
+    assert len(circles) == 4 * 3
+    hollow = [c for c in circles if c.get("fill") == "white"]
+    assert len(hollow) == 4  # the size that fell short, in every series
+    assert {float(c.get("cx", 0)) for c in hollow} == {max(float(c.get("cx", 0)) for c in circles)}
+    texts = [t.text or "" for t in svg.iter(f"{ns}text")]
+    assert "20 % delivered" in texts
+    assert "target 5 ms" in texts
+    assert "target 250 ms" in texts
+    # Higher latency is drawn higher up (a smaller y), on the log scale.
+    p99 = [c for c in circles if c.get("stroke") == "#d62728"]
+    ys = [float(c.get("cy", 0)) for c in sorted(p99, key=lambda c: float(c.get("cx", 0)))]
+    assert ys[0] > ys[1]
+
+
+def test_sweep_chart_leaves_out_a_size_with_no_latency() -> None:
+    sweep = load("sweep")
+    svg = ElementTree.fromstring(sweep.chart([_sweep_point(300), _sweep_point(5000, 0.0, None)]))
+    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == 3 * 1 + 2  # latency: the first size only; delivered: both
+    with pytest.raises(ValueError, match="nothing to draw"):
+        sweep.chart([])
