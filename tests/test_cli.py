@@ -29,6 +29,7 @@ def test_server_defaults() -> None:
     assert config.data_dir == Path("/home/ana/.local/share/achat")
     assert config.limits.flood.rate == 5
     assert config.limits.sendq_limit == 1 << 20
+    assert config.limits.write_lag == 0.5
     assert config.max_per_ip == 64
 
 
@@ -39,11 +40,14 @@ def test_environment_and_flags() -> None:
         "ACHAT_NAME": "school",
         "XDG_DATA_HOME": "/data",
         "ACHAT_RATE": "0",
+        "ACHAT_WRITE_LAG": "2",
     }
     config = cli.parse_server_args(["--name", "lab", "--history-max", "50"], env=env)
     assert (config.port, config.name, config.history_max) == (9000, "lab", 50)
     assert config.data_dir == Path("/data/achat")
     assert config.limits.flood.rate == 0
+    assert config.limits.write_lag == 2
+    assert cli.parse_server_args(["--write-lag", "0.25"], env=env).limits.write_lag == 0.25
 
 
 @pytest.mark.parametrize(
@@ -62,6 +66,9 @@ def test_environment_and_flags() -> None:
         ["--rate", "inf"],
         ["--burst", "0.5"],
         ["--burst", "inf"],  # announced in welcome, where JSON has no infinity
+        ["--write-lag", "0"],  # every pass would refuse says
+        ["--write-lag", "nan"],
+        ["--write-lag", "61"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv: list[str]) -> None:

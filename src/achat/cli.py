@@ -233,6 +233,14 @@ def parse_server_args(
         "(ACHAT_SENDQ_LIMIT, default 1048576)",
     )
     parser.add_argument(
+        "--write-lag",
+        type=float,
+        default=float(_env(env, "WRITE_LAG", "0.5") or 0.5),
+        help="seconds the server's writing may fall behind (a room too big for its core) "
+        "before it refuses messages with rate_limited until it catches up "
+        "(ACHAT_WRITE_LAG, default 0.5)",
+    )
+    parser.add_argument(
         "--rate",
         type=float,
         default=float(_env(env, "RATE", "5") or 5),
@@ -312,6 +320,8 @@ def parse_server_args(
             f"--sendq-limit must be at least twice --max-frame plus {2 * BACKLOG_PIECE} "
             "(a backlog's pieces must fit in it)"
         )
+    if not 0 < args.write_lag <= 60:  # NaN fails too
+        parser.error("--write-lag must be over 0 and at most 60 seconds")
     if not (0 <= args.rate < math.inf and 1 <= args.burst < math.inf):  # NaN fails too
         parser.error("--rate must be a number of 0 or more and --burst at least 1")
     if args.max_per_ip < 1 or args.max_new_per_ip < 1:
@@ -333,6 +343,7 @@ def parse_server_args(
             frame_timeout=args.frame_timeout,
             idle_timeout=args.idle_timeout,
             flood=FloodPolicy(rate=args.rate, burst=args.burst),
+            write_lag=args.write_lag,
         ),
         max_per_ip=args.max_per_ip,
         max_new_per_ip=args.max_new_per_ip,

@@ -475,6 +475,70 @@ class HeldStore(MemoryStore):
             on_stored()
 
 
+async def test_a_busy_server_refuses_says_and_serves_everything_else(
+    start: Callable[..., Awaitable[Server]],
+) -> None:
+    """While its writing is too far behind (FlushRounds.busy) a server refuses says with a
+    non-fatal rate_limited: nothing is stored or delivered, the refusals cost no flood
+    tokens and count as no strikes, and every other frame is served, in order, whether
+    frames come many in a read or one at a time."""
+    # Tokens for the joins and two pings, and no refill: a say refused for flooding would
+    # say so ("frames a second"), and three of those would end the connection.
+    flood = FloodPolicy(rate=0.001, burst=4, strikes=3, strike_window=60)
+    server = await start(flood=flood)
+    assert server.rounds is not None
+    talker, listener = await Raw.open(server.port), await Raw.open(server.port)
+    await talker.hello("talker")
+    await listener.hello("listener")
+    for raw in (talker, listener):
+        raw.send({"type": "join", "room": "r", "ref": "j"})
+        await raw.until(m.Names)
+    assert (await talker.until(m.Joined)).nick == "listener"
+    server.rounds.busy = True
+    frames = [{"type": "say", "room": "r", "text": f"no {i}", "ref": f"s{i}"} for i in range(8)]
+    frames.insert(3, {"type": "ping", "ref": "p1"})
+    talker.writer.write(b"".join(encode_frame(json.dumps(f).encode()) for f in frames))
+    for frame in frames:
+        reply = await talker.next()
+        if frame["type"] == "ping":
+            assert reply == m.Pong(ref="p1")
+        else:
+            assert (reply.code, reply.fatal, reply.ref) == ("rate_limited", False, frame["ref"])
+            assert "busy" in reply.message
+    server.rounds.busy = True  # the error frames were written: a pass, which ended it
+    talker.send({"type": "say", "room": "r", "text": "alone", "ref": "s8"})
+    reply = await talker.next()
+    assert (reply.code, reply.ref) == ("rate_limited", "s8")
+    assert server.rounds.refused == 9
+    assert not server.rounds.busy
+    talker.send({"type": "say", "room": "r", "text": "now", "ref": "a"})
+    ack = await talker.until(m.Ack)
+    assert (ack.ref, ack.seq) == ("a", 1)  # none of the refused was stored
+    message = await listener.until(m.Message)
+    assert (message.seq, message.text) == (1, "now")
+    talker.send({"type": "ping", "ref": "p2"})  # the last token: no strike was counted
+    assert await talker.until(m.Pong) == m.Pong(ref="p2")
+    assert server.stats()["busy_refused"] == 9
+
+
+async def test_the_client_says_again_what_a_busy_server_refused(
+    server: Server, clients: list[Client]
+) -> None:
+    alice = await connect(server, clients, "alice")
+    bob = await connect(server, clients, "bob")
+    await alice.join("r")
+    await bob.join("r")
+    assert server.rounds is not None
+    server.rounds.busy = True
+    async with asyncio.timeout(WAIT):
+        ack = await alice.say("r", "hello")
+    assert server.rounds.refused == 1
+    assert ack.seq == 1
+    (message,) = await messages(bob, 1)
+    assert (message.seq, message.text) == (1, "hello")
+    assert await nothing_pending(bob, m.Message)  # delivered once
+
+
 async def test_slow_reader_is_cut_off_alone(
     clients: list[Client], start: Callable[..., Awaitable[Server]]
 ) -> None:

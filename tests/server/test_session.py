@@ -6,6 +6,7 @@ The session itself is driven for real in test_app.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -268,6 +269,103 @@ def test_a_join_that_fails_leaves_the_last_one_as_it_was() -> None:
     with pytest.raises(TypeError):
         flush.joined(bad)  # not b"ab", the join before it
     assert flush.joined([b"a", b"b"]) == b"ab"
+
+
+def busy_rounds(count: int) -> tuple[FlushRounds, FakeLoop, list[Any], list[float]]:
+    """Rounds that are busy 5 ms behind and idle again under 2 ms; writes take 1 ms."""
+    loop, clock, log = FakeLoop(), [0.0], list[str]()
+    flush = FlushRounds(
+        cast(Any, loop),
+        WriteBudget(0.5, 1.0),
+        clock=lambda: clock[0],
+        busy_after=0.005,
+        idle_under=0.002,
+    )
+    sessions = [FakeSession(f"s{i}", clock, log, 0.001) for i in range(count)]
+    return flush, loop, sessions, clock
+
+
+def test_behind_is_how_long_the_connection_written_next_has_waited() -> None:
+    flush, loop, sessions, clock = busy_rounds(24)
+    assert flush.behind(0.0) == 0.0  # nothing waits
+    for s in sessions[:16]:
+        flush.mark(cast(Session, s))  # at 0
+    clock[0] = 0.003
+    assert flush.behind(0.003) == pytest.approx(0.003)
+    loop.soon.pop()()  # 8 written (1 ms each): s8 is next, queued at 0
+    assert clock[0] == pytest.approx(0.011)
+    assert flush.behind(0.011) == pytest.approx(0.011)
+    for s in sessions[16:]:
+        flush.mark(cast(Session, s))  # at 11 ms, behind the others
+    loop.soon.pop()()  # s8..s15 written: the next was queued by 11 ms
+    assert flush.behind(clock[0]) == pytest.approx(clock[0] - 0.011)
+    loop.soon.pop()()  # the pass is over
+    assert not loop.soon
+    assert flush.behind(clock[0]) == 0.0
+
+
+def test_writing_too_far_behind_is_busy_until_it_catches_up() -> None:
+    flush, loop, sessions, clock = busy_rounds(32)
+    for s in sessions[:24]:
+        flush.mark(cast(Session, s))
+    loop.soon.pop()()  # at 0: nothing waited yet; 8 written by 8 ms
+    assert not flush.busy
+    loop.soon.pop()()  # at 8 ms the next had waited 8 ms: busy
+    assert flush.busy
+    assert flush.spells == 1
+    clock[0] += 0.003  # the loop did something else for 3 ms
+    # The last of the first 24 has a fan-out queue the rest (at 27 ms).
+    sessions[23].then = lambda: [flush.mark(cast(Session, s)) for s in sessions[24:]]
+    loop.soon.pop()()  # at 19 ms s16 had waited 19 ms: still busy; s16..s23 written
+    assert flush.busy
+    clock[0] += 0.0015
+    loop.soon.pop()()  # at 28.5 ms s24 has waited 1.5 ms: caught up, with s24.. to write
+    assert not flush.busy
+    assert flush.spells == 1
+
+
+def test_a_busy_spell_ends_with_the_pass_and_stays_over_while_under_the_mark() -> None:
+    flush, loop, sessions, clock = busy_rounds(24)
+    for s in sessions[:16]:
+        flush.mark(cast(Session, s))
+    loop.soon.pop()()
+    loop.soon.pop()()  # at 8 ms: busy, then s8..s15 written
+    assert flush.spells == 1
+    assert not loop.soon  # the pass is over, and the spell with it
+    assert not flush.busy
+    for s in sessions[16:]:
+        flush.mark(cast(Session, s))
+    clock[0] += 0.004  # waited 4 ms: between the two marks, not busy again
+    loop.soon.pop()()
+    assert not flush.busy
+    assert flush.spells == 1
+
+
+def test_busy_spells_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    flush, loop, sessions, clock = busy_rounds(16)
+
+    def spell() -> None:
+        for s in sessions:
+            flush.mark(cast(Session, s))
+        while loop.soon:
+            loop.soon.pop()()
+
+    with caplog.at_level(logging.WARNING, logger="achat.server"):
+        spell()
+        spell()
+        clock[0] += 60.0
+        spell()
+    assert flush.spells == 3
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "refusing says" in warnings[0]
+    assert "(1 time(s) since the last report)" in warnings[0]
+    assert "(2 time(s) since the last report)" in warnings[1]
+
+
+def test_the_busy_mark_must_be_above_the_idle_one() -> None:
+    with pytest.raises(ValueError, match="idle_under"):
+        FlushRounds(cast(Any, FakeLoop()), busy_after=0.1, idle_under=0.1)
 
 
 class Transport:

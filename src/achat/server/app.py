@@ -83,6 +83,8 @@ class Server:
             exempt_loopback=config.exempt_loopback,
         )
         self._sessions: set[Session] = set()
+        #: What writes every connection (made by :meth:`start`).
+        self.rounds: FlushRounds | None = None
         self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._closed = asyncio.Event()
@@ -107,7 +109,8 @@ class Server:
         return len(self._sessions)
 
     def stats(self) -> dict[str, int]:
-        """Counters for operators (logged on SIGUSR1): connections, members, rooms, tasks, fds."""
+        """Counters for operators (logged on SIGUSR1): connections, members, rooms, tasks, fds,
+        and the times the server was too busy writing to take says."""
         fds = rss_kb = -1
         with contextlib.suppress(OSError, ValueError, IndexError):
             fds = len(os.listdir("/proc/self/fd"))
@@ -120,6 +123,9 @@ class Server:
             "tasks": len(asyncio.all_tasks()),
             "rss_kb": rss_kb,
             "fds": fds,
+            # Times writing fell so far behind that says were refused, and how many.
+            "busy_spells": self.rounds.spells if self.rounds is not None else 0,
+            "busy_refused": self.rounds.refused if self.rounds is not None else 0,
         }
 
     async def wait_connections(self, count: int) -> None:
@@ -141,7 +147,7 @@ class Server:
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given, else on the configured host and port."""
         loop = asyncio.get_running_loop()
-        rounds = FlushRounds(loop)
+        self.rounds = rounds = FlushRounds(loop, busy_after=self.config.limits.write_lag)
         alarms: Alarms[Session] = Alarms(loop)
         registry, limits = self.registry, self.config.limits
 

@@ -14,7 +14,12 @@ number of events. When the bytes the
 transport could not send yet plus the outbox pass ``sendq_limit``, the
 outbox is dropped and the peer gets a fatal ``sendq_exceeded`` and nothing
 more, so that what it did get is a gapless prefix that ``join ... since``
-resumes from; nobody else ever waits for a slow reader. The backlog such a
+resumes from; nobody else ever waits for a slow reader. A server that is
+itself the slow one (more to write than its core can: a room too big for
+it) does not let every member's queue grow until it passes that limit: while
+its writing is more than ``write_lag`` behind, it refuses ``say`` frames with
+a non-fatal ``rate_limited`` (:class:`FlushRounds`), which slows the talkers
+down instead of cutting the listeners off. The backlog such a
 join asks for can be any length: it is queued as pages
 (:meth:`Session.send_pages`), read from the store only as the peer reads
 what it was sent (the transport's ``resume_writing``), and what is queued
@@ -67,6 +72,8 @@ log = logging.getLogger("achat.server")
 #: under a quarter of it, resume_writing); also the most of a backlog's pages handed to
 #: a connection before it has read them (Session.send_pages).
 WRITE_HIGH = 64 * 1024
+#: The least time between two warnings that writing is too far behind (FlushRounds).
+BUSY_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,9 @@ class SessionLimits:
     idle_timeout: float = 120.0
     close_timeout: float = 5.0
     flood: FloodPolicy = field(default_factory=FloodPolicy)
+    #: How far behind the server's writing may fall (what has waited longest to be
+    #: written, in seconds) before it refuses says until it catches up (FlushRounds).
+    write_lag: float = 0.5
 
 
 class WriteBudget:
@@ -168,6 +178,24 @@ class FlushRounds:
     all of them. In a saturated 2,500-member room (``achat-bench busy-room
     -n 2500``) five writes in six reuse the join before them, 27 KiB on
     average, and a join of that size takes 4.5–5 µs of the loop's core.
+
+    Writing that cannot keep up (a room whose deliveries a second are more
+    than one core can write) falls further behind with every pass, and each
+    member's queue would grow until it passed the send limit: every member
+    would be cut off with ``sendq_exceeded`` for the server's own slowness.
+    So the rounds watch how long the connection written next has waited
+    (:meth:`behind`). Past ``busy_after`` they are :attr:`busy` until writing
+    is back under ``idle_under``, or done, and meanwhile sessions refuse
+    ``say`` frames with a non-fatal ``rate_limited``: refusing is cheap, and
+    it is only the sender that is told. achat's client then halves its pace
+    and sends the message again (its ``ref`` makes that safe), so the room
+    slows to what the server can carry, its members get every message that
+    was taken, late by at most about ``busy_after`` and a pass, and nobody
+    is cut off. A queue cannot grow past that either: what the talkers have
+    not said yet waits in their clients, not in the server. (Not reading the
+    talkers instead, which TCP would push back to them, was tried: once read
+    again they brought everything they had said meanwhile at once, and the
+    queues grew past the limit all the same.)
     """
 
     def __init__(
@@ -176,13 +204,32 @@ class FlushRounds:
         budget: WriteBudget | None = None,
         clock: typing.Callable[[], float] = time.monotonic,
         slice_seconds: float = 0.0002,
+        busy_after: float = 0.5,
+        idle_under: float | None = None,
     ) -> None:
+        idle_under = busy_after / 5 if idle_under is None else idle_under
+        if not 0 <= idle_under < busy_after:
+            raise ValueError("idle_under must be under busy_after")
         self._loop = loop
         self._budget = budget or WriteBudget()
         self._clock = clock
         self._slice = slice_seconds
         self._dirty: deque[Session] = deque()
         self._scheduled = False
+        # How far behind writing is: connections queued so far, and when runs of them
+        # began to be queued (the time, the count before), oldest first (see behind).
+        self._queued = 0
+        self._stamps: deque[tuple[float, int]] = deque()
+        self._stamp_due = True
+        self._busy_after = busy_after
+        self._idle_under = idle_under
+        #: True while writing is too far behind: ``say`` frames are refused meanwhile.
+        self.busy = False
+        #: Times writing fell too far behind, and the says refused meanwhile (Session).
+        self.spells = 0
+        self.refused = 0
+        self._logged_spells = 0
+        self._logged_at: float | None = None
         # The frames joined last and their join (see joined).
         self._joined_from: list[bytes] = []
         self._joined = b""
@@ -197,7 +244,13 @@ class FlushRounds:
 
     def mark(self, session: Session) -> None:
         """Have ``session`` written after those already queued."""
+        if self._stamp_due:
+            # The first connection queued since a slice: a fan-out queues the members of
+            # a room in a row, and the time is read once for all of them.
+            self._stamp_due = False
+            self._stamps.append((self._clock(), self._queued))
         self._dirty.append(session)
+        self._queued += 1
         if not self._scheduled:
             self._schedule()
 
@@ -209,11 +262,23 @@ class FlushRounds:
         else:
             self._loop.call_soon(self._write_slice)
 
+    def behind(self, now: float) -> float:
+        """How long the connection to be written next has waited (seconds; 0 when none
+        waits). It was queued in the run its stamp began, a little later at most."""
+        written = self._queued - len(self._dirty)
+        if written == self._queued:
+            return 0.0
+        stamps = self._stamps
+        while len(stamps) > 1 and stamps[1][1] <= written:
+            stamps.popleft()  # the next connection is in a later run
+        return now - stamps[0][0]
+
     def _write_slice(self) -> None:
         # Still "scheduled" while running: a connection queued by a write (a peer that
         # failed and closed, telling the others) waits for this slice to be charged.
         clock, dirty = self._clock, self._dirty
         started = clock()
+        self._watch(started)
         stop = started + self._slice
         written = 0
         try:
@@ -226,10 +291,31 @@ class FlushRounds:
             # Even after a bug in one connection's write, the others are still written.
             self._budget.spent(started, clock())
             self._scheduled = False
+            self._stamp_due = True
             if dirty:
                 self._schedule()
             else:  # the pass is over: no join is kept until the next one
                 self._joined_from, self._joined = [], b""
+                self._stamps.clear()
+                self.busy = False
+
+    def _watch(self, now: float) -> None:
+        """Begin or end a busy spell by how far behind writing is."""
+        if self.busy:
+            self.busy = self.behind(now) >= self._idle_under
+            return
+        behind = self.behind(now)
+        if behind > self._busy_after:
+            self.busy = True
+            self.spells += 1
+            if self._logged_at is None or now - self._logged_at >= BUSY_LOG_INTERVAL:
+                log.warning(
+                    "writing %.2f s behind: refusing says until it catches up "
+                    "(%d time(s) since the last report)",
+                    behind,
+                    self.spells - self._logged_spells,
+                )
+                self._logged_at, self._logged_spells = now, self.spells
 
 
 def deadline(
@@ -589,6 +675,11 @@ class Session(asyncio.Protocol):
         member = self._member
         assert member is not None  # frames are decoded together only once registered
         bucket, registry = self._bucket, self._registry
+        if self._rounds.busy:
+            for frame in frames:  # one at a time: each say is refused
+                if not self._handle(frame) or self._closing:
+                    return
+            return
         now = self._loop.time()
         says: list[Say] = []
         for frame in frames:
@@ -612,6 +703,9 @@ class Session(asyncio.Protocol):
         end."""
         member = self._member
         assert member is not None
+        if frame.__class__ is Say and self._rounds.busy:
+            self._busy(frame.ref)
+            return True
         if not isinstance(frame, Bye) and not self._bucket.take(self._loop.time()):
             return self._flooded(getattr(frame, "ref", None))
         try:
@@ -648,6 +742,23 @@ class Session(asyncio.Protocol):
             )
         )
         return True
+
+    def _busy(self, ref: str | None) -> None:
+        """Refuse a ``say`` while the server's writing is too far behind (FlushRounds): the
+        sender's doing no more than anyone's, so it neither costs a token nor counts as
+        flooding."""
+        self._rounds.refused += 1
+        self.send(
+            encode(
+                Error(
+                    code="rate_limited",
+                    message="slow down: the server is busy delivering what was said before; "
+                    "this message was dropped",
+                    fatal=False,
+                    ref=ref,
+                )
+            )
+        )
 
     def _hello(self, frame: ClientFrame) -> bool:
         if not isinstance(frame, Hello):
