@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +15,7 @@ from achat.client import connection
 from achat.client.connection import (
     MAX_PACE_BURST,
     MAX_PACE_RATE,
+    MAX_RETRY_AFTER,
     SEND_BURST,
     SEND_RATE,
     SLOWEST_RATE,
@@ -25,6 +27,7 @@ from achat.client.connection import (
     LocalNotice,
     Reconnected,
     SendBudget,
+    _retry_after,
     pace_under,
 )
 from achat.errors import ConnectionClosed, ServerError
@@ -273,6 +276,36 @@ def test_a_send_budget_of_rate_0_is_no_limit_until_a_refusal() -> None:
         SendBudget(burst=0, rate=1, now=0.0)
     with pytest.raises(ValueError, match="rate"):
         SendBudget(burst=1, rate=-1, now=0.0)
+
+
+def test_a_deferred_send_budget_sends_nothing_until_then_at_the_same_pace() -> None:
+    """A busy server's retry_after holds the next frame back, and changes no pace."""
+    budget = SendBudget(burst=3, rate=2.0, now=0.0)
+    budget.defer(0.5)
+    budget.defer(0.2)  # an earlier time does not shorten the wait
+    assert not budget.take(0.4)
+    assert budget.wait(0.4) == pytest.approx(0.1)
+    assert [budget.take(0.5) for _ in range(4)] == [True, True, True, False]
+    assert (budget.burst, budget.rate) == (3, 2.0)
+    unpaced = SendBudget(burst=1, rate=0, now=0.0)
+    unpaced.defer(1.0)
+    assert not unpaced.take(0.9)
+    assert unpaced.wait(0.9) == pytest.approx(0.1)
+    assert unpaced.take(1.0)
+    unpaced.defer(9.0)
+    unpaced.restart(burst=1, rate=0, now=2.0)  # a new connection: no wait carried over
+    assert unpaced.take(2.0)
+
+
+@pytest.mark.parametrize(
+    ("asked", "waited"),
+    [(None, None), (0.5, 0.5), (0.0, 0.0), (1e9, MAX_RETRY_AFTER), (-1.0, None), (math.inf, None)],
+)
+def test_a_busy_servers_retry_after_is_taken_within_reason(
+    asked: float | None, waited: float | None
+) -> None:
+    error = m.Error(code="rate_limited", message="busy", fatal=False, ref="r", retry_after=asked)
+    assert _retry_after(error) == waited
 
 
 def test_a_send_budget_restarts_at_a_new_pace_with_a_whole_burst() -> None:

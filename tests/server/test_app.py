@@ -479,13 +479,10 @@ async def test_a_busy_server_refuses_says_and_serves_everything_else(
     start: Callable[..., Awaitable[Server]],
 ) -> None:
     """While its writing is too far behind (FlushRounds.busy) a server refuses says with a
-    non-fatal rate_limited: nothing is stored or delivered, the refusals cost no flood
-    tokens and count as no strikes, and every other frame is served, in order, whether
-    frames come many in a read or one at a time."""
-    # Tokens for the joins and two pings, and no refill: a say refused for flooding would
-    # say so ("frames a second"), and three of those would end the connection.
-    flood = FloodPolicy(rate=0.001, burst=4, strikes=3, strike_window=60)
-    server = await start(flood=flood)
+    non-fatal rate_limited that says when to send them again: nothing is stored or
+    delivered, and every other frame is served, in order, whether frames come many in a
+    read or one at a time."""
+    server = await start(write_lag=0.25)
     assert server.rounds is not None
     talker, listener = await Raw.open(server.port), await Raw.open(server.port)
     await talker.hello("talker")
@@ -497,43 +494,83 @@ async def test_a_busy_server_refuses_says_and_serves_everything_else(
     server.rounds.busy = True
     frames = [{"type": "say", "room": "r", "text": f"no {i}", "ref": f"s{i}"} for i in range(8)]
     frames.insert(3, {"type": "ping", "ref": "p1"})
+    frames.insert(5, {"type": "say", "room": "r", "text": "no ref"})
     talker.writer.write(b"".join(encode_frame(json.dumps(f).encode()) for f in frames))
     for frame in frames:
         reply = await talker.next()
         if frame["type"] == "ping":
             assert reply == m.Pong(ref="p1")
         else:
-            assert (reply.code, reply.fatal, reply.ref) == ("rate_limited", False, frame["ref"])
+            assert (reply.code, reply.fatal, reply.ref) == ("rate_limited", False, frame.get("ref"))
             assert "busy" in reply.message
+            assert reply.retry_after == 0.25  # the server's --write-lag
     server.rounds.busy = True  # the error frames were written: a pass, which ended it
     talker.send({"type": "say", "room": "r", "text": "alone", "ref": "s8"})
     reply = await talker.next()
     assert (reply.code, reply.ref) == ("rate_limited", "s8")
-    assert server.rounds.refused == 9
+    assert server.rounds.refused == 10
     assert not server.rounds.busy
     talker.send({"type": "say", "room": "r", "text": "now", "ref": "a"})
     ack = await talker.until(m.Ack)
     assert (ack.ref, ack.seq) == ("a", 1)  # none of the refused was stored
     message = await listener.until(m.Message)
     assert (message.seq, message.text) == (1, "now")
-    talker.send({"type": "ping", "ref": "p2"})  # the last token: no strike was counted
-    assert await talker.until(m.Pong) == m.Pong(ref="p2")
-    assert server.stats()["busy_refused"] == 9
+    assert server.stats()["busy_refused"] == 10
+
+
+async def test_a_busy_server_still_holds_a_flooder_to_the_flood_limit(
+    start: Callable[..., Awaitable[Server]],
+) -> None:
+    """A say refused because the server is busy costs a token like any frame: a client
+    that sends on regardless is refused for flooding, and then dropped, as ever."""
+    server = await start(flood=FloodPolicy(rate=0.001, burst=3, strikes=2, strike_window=60))
+    assert server.rounds is not None
+    raw = await Raw.open(server.port)
+    await raw.hello("flooder")
+    raw.send({"type": "join", "room": "r", "ref": "j"})
+    await raw.until(m.Names)
+    server.rounds.busy = True
+    says = [{"type": "say", "room": "r", "text": "x", "ref": f"s{i}"} for i in range(4)]
+    raw.writer.write(b"".join(encode_frame(json.dumps(f).encode()) for f in says))
+    busy = [await raw.next(), await raw.next()]  # the last two tokens
+    assert [(e.code, e.ref, e.retry_after is not None) for e in busy] == [
+        ("rate_limited", "s0", True),
+        ("rate_limited", "s1", True),
+    ]
+    flooded = await raw.next()
+    assert (flooded.code, flooded.fatal, flooded.retry_after) == ("rate_limited", False, None)
+    assert "frames a second" in flooded.message
+    dropped = await raw.next()
+    assert (dropped.code, dropped.fatal) == ("rate_limited", True)
+    assert await raw.closed()
 
 
 async def test_the_client_says_again_what_a_busy_server_refused(
-    server: Server, clients: list[Client]
+    clients: list[Client], start: Callable[..., Awaitable[Server]]
 ) -> None:
-    alice = await connect(server, clients, "alice")
-    bob = await connect(server, clients, "bob")
+    """achat's client sends a say a busy server refused again once the refusal's
+    retry_after has passed, at the pace it had: it was not sending too fast."""
+    server = await start(write_lag=0.05, flood=FloodPolicy(rate=5, burst=10))
+    assert server.rounds is not None
+    assert server.rounds.busy_after == 0.05  # --write-lag
+    alice = Client("127.0.0.1", server.port, "alice")  # paced by the server's limit
+    await alice.connect()
+    clients.append(alice)
+    bob = Client("127.0.0.1", server.port, "bob")
+    await bob.connect()
+    clients.append(bob)
     await alice.join("r")
     await bob.join("r")
-    assert server.rounds is not None
+    pace = (alice.budget.burst, alice.budget.rate)
+    loop = asyncio.get_running_loop()
     server.rounds.busy = True
+    began = loop.time()
     async with asyncio.timeout(WAIT):
         ack = await alice.say("r", "hello")
+    assert loop.time() - began >= 0.05  # sent again no sooner than it was asked to
     assert server.rounds.refused == 1
     assert ack.seq == 1
+    assert (alice.budget.burst, alice.budget.rate) == pace
     (message,) = await messages(bob, 1)
     assert (message.seq, message.text) == (1, "hello")
     assert await nothing_pending(bob, m.Message)  # delivered once

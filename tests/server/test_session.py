@@ -271,8 +271,15 @@ def test_a_join_that_fails_leaves_the_last_one_as_it_was() -> None:
     assert flush.joined([b"a", b"b"]) == b"ab"
 
 
-def busy_rounds(count: int) -> tuple[FlushRounds, FakeLoop, list[Any], list[float]]:
-    """Rounds that are busy 5 ms behind and idle again under 2 ms; writes take 1 ms."""
+def queue(flush: FlushRounds, sessions: list[Any]) -> None:
+    for s in sessions:
+        flush.mark(cast(Session, s))
+
+
+def busy_rounds(
+    count: int, cost: float = 0.001
+) -> tuple[FlushRounds, FakeLoop, list[Any], list[float]]:
+    """Rounds that are busy 5 ms behind and idle again under 2 ms; writes take ``cost``."""
     loop, clock, log = FakeLoop(), [0.0], list[str]()
     flush = FlushRounds(
         cast(Any, loop),
@@ -281,7 +288,7 @@ def busy_rounds(count: int) -> tuple[FlushRounds, FakeLoop, list[Any], list[floa
         busy_after=0.005,
         idle_under=0.002,
     )
-    sessions = [FakeSession(f"s{i}", clock, log, 0.001) for i in range(count)]
+    sessions = [FakeSession(f"s{i}", clock, log, cost) for i in range(count)]
     return flush, loop, sessions, clock
 
 
@@ -315,7 +322,7 @@ def test_writing_too_far_behind_is_busy_until_it_catches_up() -> None:
     assert flush.spells == 1
     clock[0] += 0.003  # the loop did something else for 3 ms
     # The last of the first 24 has a fan-out queue the rest (at 27 ms).
-    sessions[23].then = lambda: [flush.mark(cast(Session, s)) for s in sessions[24:]]
+    sessions[23].then = lambda: queue(flush, sessions[24:])
     loop.soon.pop()()  # at 19 ms s16 had waited 19 ms: still busy; s16..s23 written
     assert flush.busy
     clock[0] += 0.0015
@@ -337,6 +344,40 @@ def test_a_busy_spell_ends_with_the_pass_and_stays_over_while_under_the_mark() -
         flush.mark(cast(Session, s))
     clock[0] += 0.004  # waited 4 ms: between the two marks, not busy again
     loop.soon.pop()()
+    assert not flush.busy
+    assert flush.spells == 1
+
+
+def test_a_busy_spell_goes_on_while_the_wait_is_between_the_marks() -> None:
+    """Busy past 5 ms, idle again only under 2 ms: a wait of 3 ms changes neither."""
+    flush, loop, sessions, clock = busy_rounds(32)
+    for s in sessions[:16]:
+        flush.mark(cast(Session, s))
+    # The last of the first 16 has a fan-out queue 16 more (at 16 ms).
+    sessions[15].then = lambda: queue(flush, sessions[16:])
+    loop.soon.pop()()  # at 0; s0..s7 by 8 ms
+    loop.soon.pop()()  # at 8 ms: busy; s8..s15 by 16 ms
+    assert flush.busy
+    clock[0] += 0.003
+    loop.soon.pop()()  # at 19 ms s16 has waited 3 ms: still busy
+    assert flush.busy
+    assert flush.spells == 1
+
+
+def test_a_connection_with_too_much_queued_makes_the_rest_of_the_pass_busy() -> None:
+    """swamped() (a session found a quarter of the send limit queued for one connection)
+    is busy at once, and stays so until everyone queued by then is written, however
+    short the wait."""
+    flush, loop, sessions, _ = busy_rounds(24, cost=0.0001)  # waits stay under 2 ms
+    for s in sessions[:16]:
+        flush.mark(cast(Session, s))
+    sessions[0].then = lambda: flush.swamped("too much for one")
+    sessions[7].then = lambda: queue(flush, sessions[16:])  # queued after it
+    loop.soon.pop()()  # s0 swamped; s0..s7 written by 0.8 ms
+    assert flush.busy
+    loop.soon.pop()()  # s8 has waited 0.8 ms, but s8..s15 were queued by then
+    assert flush.busy
+    loop.soon.pop()()  # they are written: s16.. are not waited for
     assert not flush.busy
     assert flush.spells == 1
 
@@ -393,6 +434,28 @@ class Transport:
 class Owner:
     def opened(self, session: Session) -> None:
         return None
+
+
+async def test_a_quarter_of_the_send_limit_queued_for_one_connection_is_written_and_busy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the server queued for a reader that takes everything it is sent is the server's
+    backlog: written, not cut off, and a sign that the server is swamped."""
+    loop = asyncio.get_running_loop()
+    flush = FlushRounds(loop)
+    alarms: Alarms[Session] = Alarms(loop)
+    limits = SessionLimits(sendq_limit=200_000)
+    session = Session(cast(Any, Owner()), cast(Any, None), limits, flush, alarms)
+    transport = Transport()
+    session.connection_made(cast(Any, transport))
+    for _ in range(51):
+        session.send(b"x" * 1000)  # 51,000 bytes: over a quarter of the limit
+    with caplog.at_level(logging.WARNING, logger="achat.server"):
+        await asyncio.sleep(0)  # the pass
+    assert transport.written == [b"x" * 51_000]
+    assert flush.spells == 1
+    assert "51,000 bytes queued for one connection" in caplog.text
+    alarms.cancel(session)
 
 
 async def test_sessions_queued_the_same_frames_are_written_one_join() -> None:

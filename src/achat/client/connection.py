@@ -37,7 +37,9 @@ kept frame waits for its answer (at most ``ANSWER_WAIT``). Frames beyond
 the budget wait, in order; a resume is one such queue. Should a server
 still refuse a kept frame with ``rate_limited``, the client halves its pace and sends that
 frame again before anything else; since it was the only one in flight,
-nothing overtook it, whatever the round trip. The caller sees its eventual
+nothing overtook it, whatever the round trip. A busy server's refusal says
+when to send again (``retry_after``): the client sends the frame then, at
+the pace it had, for it was not sending too fast. The caller sees its eventual
 answer, not the refusal. ``close()`` lets what waits go out, and the
 messages be acked, for up to ``CLOSE_PACING_WAIT``; a request that times
 out before it was ever written is not sent at all.
@@ -137,6 +139,9 @@ MAX_PACE_RATE = 1e6
 SLOWEST_RATE = 0.1
 #: While pacing, a kept frame waits this long at most for the answer to the one before it.
 ANSWER_WAIT = 5.0
+#: The longest a busy server's ``retry_after`` holds the client back (a hostile or broken
+#: server could ask for hours).
+MAX_RETRY_AFTER = 10.0
 #: Longest ``close()`` waits for queued frames to go out and messages to be acked.
 CLOSE_PACING_WAIT = 5.0
 
@@ -188,10 +193,11 @@ class SendBudget:
     ``SEND_RATE``) and the burst and empties the bucket, at most once per new
     interval between frames: a refusal usually comes with those of the frames
     written right after it, and they are one episode, while the next frame
-    goes out one interval after the slow-down.
+    goes out one interval after the slow-down. After a busy server's refusal,
+    ``defer`` holds everything back until the time it gave, at the same pace.
     """
 
-    __slots__ = ("_slowed", "_tokens", "_updated", "burst", "rate")
+    __slots__ = ("_not_before", "_slowed", "_tokens", "_updated", "burst", "rate")
 
     def __init__(self, burst: int, rate: float, now: float) -> None:
         if burst < 1 or not 0 <= rate < math.inf:
@@ -201,6 +207,7 @@ class SendBudget:
         self._tokens = float(burst)
         self._updated = now
         self._slowed = -math.inf
+        self._not_before = -math.inf
 
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self._updated)
@@ -209,6 +216,8 @@ class SendBudget:
 
     def take(self, now: float) -> bool:
         """Spend one token; False (and nothing spent) when there is none yet."""
+        if now < self._not_before:
+            return False
         if not self.rate:
             return True
         self._refill(now)
@@ -219,10 +228,16 @@ class SendBudget:
 
     def wait(self, now: float) -> float:
         """Seconds until ``take`` succeeds (0 when it would now)."""
+        deferred = max(0.0, self._not_before - now)
         if not self.rate:
-            return 0.0
+            return deferred
         self._refill(now)
-        return max(0.0, (1.0 - self._tokens) / self.rate)
+        return max(deferred, (1.0 - self._tokens) / self.rate)
+
+    def defer(self, until: float) -> None:
+        """Send nothing before ``until`` (a busy server said when to send again), at the
+        same pace after it."""
+        self._not_before = max(self._not_before, until)
 
     def fill(self, now: float) -> None:
         """A whole burst again: a new connection starts with the server's bucket full."""
@@ -236,6 +251,7 @@ class SendBudget:
         self.burst = burst
         self.rate = rate
         self._slowed = -math.inf
+        self._not_before = -math.inf
         self.fill(now)
 
     def spend(self, now: float) -> None:
@@ -256,6 +272,15 @@ class SendBudget:
         self._tokens = 0.0
         self._updated = now
         return True
+
+
+def _retry_after(error: Error) -> float | None:
+    """The wait a busy server's refusal asks for, within reason (None: it asks none, or
+    one that makes no sense)."""
+    wait = error.retry_after
+    if wait is None or not 0 <= wait < math.inf:
+        return None
+    return min(wait, MAX_RETRY_AFTER)
 
 
 def pace_under(welcome: Welcome) -> tuple[int, float] | None:
@@ -684,8 +709,10 @@ class Client:
         if lost:
             self._events.put_nowait(LocalNotice(f"{lost} command(s) not sent: {why}"))
 
-    def _send_again(self, ref: str) -> None:
-        """A stricter server refused the kept frame ``ref``: slow down and queue it again.
+    def _send_again(self, ref: str, retry_after: float | None = None) -> None:
+        """A stricter server refused the kept frame ``ref``: slow down and queue it again;
+        or, after a busy server's refusal (``retry_after``), send it again that much
+        later at the same pace.
 
         It goes ahead of the frames that were never written, among any other
         refused ones in the order they were first sent. (While pacing, it was the
@@ -696,7 +723,9 @@ class Client:
             self._sent.discard(ref)  # refused, and no earlier connection has a copy
         order = {kept: at for at, kept in enumerate(self._outbox)}
         mine = order[ref]
-        if self._slow_down():
+        if retry_after is not None:
+            self.budget.defer(self.clock() + retry_after)
+        elif self._slow_down():
             self._events.put_nowait(
                 LocalNotice(
                     "the server refused a frame for sending too fast: sending it again, "
@@ -1230,10 +1259,12 @@ class Client:
             self._settle(frame.ref)
         elif isinstance(frame, Error):
             if frame.code == "rate_limited" and not frame.fatal:
+                retry = _retry_after(frame)
                 if frame.ref is not None and frame.ref in self._outbox and self._online:
-                    self._send_again(frame.ref)
+                    self._send_again(frame.ref, retry)
                     return False  # answered later, when it goes through
-                self._slow_down()
+                if retry is None:
+                    self._slow_down()
             if frame.ref and frame.code != "history_gap":
                 if not frame.fatal:
                     self._refused(frame.ref)

@@ -283,6 +283,9 @@ class Error(_Frame, tag="error", frozen=True, kw_only=True):
     message: str
     fatal: bool
     ref: str | None = None
+    #: Added: seconds after which the refused frame may be sent again as it was (a busy
+    #: server's ``rate_limited``, which is no sign of sending too fast).
+    retry_after: float | None = None
 
 
 class Pong(_Frame, tag="pong", frozen=True, kw_only=True):

@@ -184,15 +184,17 @@ class FlushRounds:
     member's queue would grow until it passed the send limit: every member
     would be cut off with ``sendq_exceeded`` for the server's own slowness.
     So the rounds watch how long the connection written next has waited
-    (:meth:`behind`). Past ``busy_after`` they are :attr:`busy` until writing
-    is back under ``idle_under``, or done, and meanwhile sessions refuse
-    ``say`` frames with a non-fatal ``rate_limited``: refusing is cheap, and
-    it is only the sender that is told. achat's client then halves its pace
-    and sends the message again (its ``ref`` makes that safe), so the room
+    (:meth:`behind`). Past ``busy_after`` (or when a session finds a quarter
+    of the send limit queued for one connection: :meth:`swamped`) they are
+    :attr:`busy` until the connection written next has waited less than
+    ``idle_under``, or nothing waits, and meanwhile sessions refuse ``say``
+    frames with a non-fatal ``rate_limited`` that carries ``retry_after``:
+    refusing is cheap, and only the sender is told. achat's client sends the
+    message again that much later (its ``ref`` makes that safe), so the room
     slows to what the server can carry, its members get every message that
-    was taken, late by at most about ``busy_after`` and a pass, and nobody
-    is cut off. A queue cannot grow past that either: what the talkers have
-    not said yet waits in their clients, not in the server. (Not reading the
+    was taken, late by about ``busy_after`` and a pass at most, and nobody is
+    cut off. A queue cannot grow much past that either: what the talkers
+    have not said yet waits in their clients, not in the server. (Not reading the
     talkers instead, which TCP would push back to them, was tried: once read
     again they brought everything they had said meanwhile at once, and the
     queues grew past the limit all the same.)
@@ -221,10 +223,14 @@ class FlushRounds:
         self._queued = 0
         self._stamps: deque[tuple[float, int]] = deque()
         self._stamp_due = True
-        self._busy_after = busy_after
+        #: How far behind writing may fall before a busy spell (``--write-lag``).
+        self.busy_after = busy_after
         self._idle_under = idle_under
         #: True while writing is too far behind: ``say`` frames are refused meanwhile.
         self.busy = False
+        # A spell lasts at least until the connections queued before this count are
+        # written (see swamped).
+        self._busy_until = 0
         #: Times writing fell too far behind, and the says refused meanwhile (Session).
         self.spells = 0
         self.refused = 0
@@ -278,10 +284,10 @@ class FlushRounds:
         # failed and closed, telling the others) waits for this slice to be charged.
         clock, dirty = self._clock, self._dirty
         started = clock()
-        self._watch(started)
         stop = started + self._slice
         written = 0
         try:
+            self._watch(started)
             while dirty:
                 dirty.popleft()._flush()
                 written += 1
@@ -301,21 +307,33 @@ class FlushRounds:
 
     def _watch(self, now: float) -> None:
         """Begin or end a busy spell by how far behind writing is."""
-        if self.busy:
-            self.busy = self.behind(now) >= self._idle_under
-            return
         behind = self.behind(now)
-        if behind > self._busy_after:
-            self.busy = True
-            self.spells += 1
-            if self._logged_at is None or now - self._logged_at >= BUSY_LOG_INTERVAL:
-                log.warning(
-                    "writing %.2f s behind: refusing says until it catches up "
-                    "(%d time(s) since the last report)",
-                    behind,
-                    self.spells - self._logged_spells,
-                )
-                self._logged_at, self._logged_spells = now, self.spells
+        if self.busy:
+            written = self._queued - len(self._dirty)
+            self.busy = behind >= self._idle_under or written < self._busy_until
+        elif behind > self.busy_after:
+            self._begin(f"writing {behind:.2f} s behind")
+
+    def swamped(self, why: str) -> None:
+        """Be busy until every connection queued so far has been written (a session found
+        too much queued for one: the server's backlog, whatever the wait says); ``why``
+        is for the log."""
+        self._busy_until = self._queued
+        self._begin(why)
+
+    def _begin(self, why: str) -> None:
+        if self.busy:
+            return
+        self.busy = True
+        self.spells += 1
+        now = self._clock()
+        if self._logged_at is None or now - self._logged_at >= BUSY_LOG_INTERVAL:
+            log.warning(
+                "%s: refusing says until it catches up (%d time(s) since the last report)",
+                why,
+                self.spells - self._logged_spells,
+            )
+            self._logged_at, self._logged_spells = now, self.spells
 
 
 def deadline(
@@ -569,7 +587,7 @@ class Session(asyncio.Protocol):
             self._frame_started = now
             # A frame in progress may bring the deadline forward.
             self._arm_if_sooner()
-        if len(bodies) > 1 and self._member is not None:
+        if len(bodies) > 1 and self._member is not None and not self._rounds.busy:
             frames = decode_client_many(bodies)
             if frames is not None:
                 self._handle_many(frames)
@@ -675,11 +693,6 @@ class Session(asyncio.Protocol):
         member = self._member
         assert member is not None  # frames are decoded together only once registered
         bucket, registry = self._bucket, self._registry
-        if self._rounds.busy:
-            for frame in frames:  # one at a time: each say is refused
-                if not self._handle(frame) or self._closing:
-                    return
-            return
         now = self._loop.time()
         says: list[Say] = []
         for frame in frames:
@@ -703,11 +716,11 @@ class Session(asyncio.Protocol):
         end."""
         member = self._member
         assert member is not None
+        if not isinstance(frame, Bye) and not self._bucket.take(self._loop.time()):
+            return self._flooded(getattr(frame, "ref", None))
         if frame.__class__ is Say and self._rounds.busy:
             self._busy(frame.ref)
             return True
-        if not isinstance(frame, Bye) and not self._bucket.take(self._loop.time()):
-            return self._flooded(getattr(frame, "ref", None))
         try:
             self._registry.handle(member, frame)
         except ProtocolError as exc:
@@ -744,18 +757,19 @@ class Session(asyncio.Protocol):
         return True
 
     def _busy(self, ref: str | None) -> None:
-        """Refuse a ``say`` while the server's writing is too far behind (FlushRounds): the
-        sender's doing no more than anyone's, so it neither costs a token nor counts as
-        flooding."""
+        """Refuse a ``say`` while the server's writing is too far behind (FlushRounds). It
+        costs the sender its token, as any frame does, but counts as no strike: it is no
+        sign of flooding. ``retry_after`` says so, and when to send it again."""
         self._rounds.refused += 1
         self.send(
             encode(
                 Error(
                     code="rate_limited",
-                    message="slow down: the server is busy delivering what was said before; "
-                    "this message was dropped",
+                    message="the server is busy delivering what was said before; "
+                    "this message was dropped: send it again in a moment",
                     fatal=False,
                     ref=ref,
+                    retry_after=self._limits.write_lag,
                 )
             )
         )
@@ -805,8 +819,14 @@ class Session(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
+        limit = self._limits.sendq_limit
+        if len(data) > limit >> 2:
+            # What the server queued since it last wrote here, not what the peer left
+            # unread: the server is the slow one (big messages fill a member's queue
+            # before the write lag shows it). Say so before any queue gets to the limit.
+            self._rounds.swamped(f"{len(data):,} bytes queued for one connection")
         unsent = transport.get_write_buffer_size()
-        if unsent + len(data) > self._limits.sendq_limit:
+        if unsent + len(data) > limit:
             self._overflow(unsent, len(data))
             return
         transport.write(data)
