@@ -293,6 +293,7 @@ def busy_rounds(
 
 
 def test_behind_is_how_long_the_connection_written_next_has_waited() -> None:
+    """Measured from when the run it was queued in began: a fan-out's members share it."""
     flush, loop, sessions, clock = busy_rounds(24)
     assert flush.behind(0.0) == 0.0  # nothing waits
     for s in sessions[:16]:
@@ -312,6 +313,7 @@ def test_behind_is_how_long_the_connection_written_next_has_waited() -> None:
 
 
 def test_writing_too_far_behind_is_busy_until_it_catches_up() -> None:
+    """Busy once the connection written next has waited over 5 ms, idle under 2 ms."""
     flush, loop, sessions, clock = busy_rounds(32)
     for s in sessions[:24]:
         flush.mark(cast(Session, s))
@@ -332,6 +334,7 @@ def test_writing_too_far_behind_is_busy_until_it_catches_up() -> None:
 
 
 def test_a_busy_spell_ends_with_the_pass_and_stays_over_while_under_the_mark() -> None:
+    """Nothing left to write ends a spell; a wait under 5 ms does not begin another."""
     flush, loop, sessions, clock = busy_rounds(24)
     for s in sessions[:16]:
         flush.mark(cast(Session, s))
@@ -383,6 +386,7 @@ def test_a_connection_with_too_much_queued_makes_the_rest_of_the_pass_busy() -> 
 
 
 def test_busy_spells_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that keeps falling behind says so once a minute, with how often."""
     flush, loop, sessions, clock = busy_rounds(16)
 
     def spell() -> None:
@@ -404,7 +408,23 @@ def test_busy_spells_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureF
     assert "(2 time(s) since the last report)" in warnings[1]
 
 
+def test_behind_counts_a_connection_whose_write_failed_as_written() -> None:
+    """A bug in one write takes that connection off the queue like any write."""
+    flush, loop, sessions, clock = busy_rounds(3)
+    sessions[0].fail = True
+    for s in sessions:
+        flush.mark(cast(Session, s))
+    clock[0] = 0.004
+    with pytest.raises(RuntimeError):
+        loop.soon.pop()()
+    assert flush.behind(clock[0]) == pytest.approx(clock[0])  # s1, queued at 0, is next
+    loop.soon.pop()()
+    assert flush.behind(clock[0]) == 0.0
+    assert not flush.busy
+
+
 def test_the_busy_mark_must_be_above_the_idle_one() -> None:
+    """An idle mark at or over the busy one would leave no room between them."""
     with pytest.raises(ValueError, match="idle_under"):
         FlushRounds(cast(Any, FakeLoop()), busy_after=0.1, idle_under=0.1)
 
