@@ -40,7 +40,7 @@ from xml.sax.saxutils import escape
 from achat.bench.cli import SETTLE_SECONDS, replace_section
 
 #: Room sizes of ``make bench``: both targets, and on past where this host gives out.
-SIZES = (300, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000)
+SIZES = (300, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000)
 #: What issue 4 gives for the C IRC daemons on this kind of machine (deliveries/s).
 IRC_DAEMONS = (1.8e6, 2.2e6)
 #: The targets: members, p99 in ms, and where their label goes (below or above).
@@ -156,16 +156,15 @@ def table(points: list[Point], seconds: float) -> str:
         f"`achat-bench busy-room -n N -r 1`, {seconds:g} s each (`python benchmarks/sweep.py`):",
         "",
         "| members | offered/s | delivered/s | delivered | p50 | p99 | p99.9 | server CPU "
-        "| load CPU | cut off |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| load CPU | cut off | errors from the server |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in points:
         mark = " ¹" if p.generator_limit else ""
         lines.append(
             f"| {p.members:,}{mark} | {p.offered:,.0f} | {p.delivered:,.0f} | "
             f"{p.ratio * 100:.2f} % | {_ms(p.p50)} | {_ms(p.p99)} | {_ms(p.p999)} | "
-            f"{_pct(p.server_cpu)} | {_pct(p.load_cpu)} | "
-            f"{p.cut_off:,}{f' ({p.errors})' if p.errors else ''} |"
+            f"{_pct(p.server_cpu)} | {_pct(p.load_cpu)} | {p.cut_off:,} | {p.errors or '-'} |"
         )
     if any(p.generator_limit for p in points):
         lines += [
@@ -188,6 +187,10 @@ SERIES = (
     ("p99", "p99", "#d62728", ""),
     ("p99.9", "p999", "#7f7f7f", "5,4"),
 )
+
+
+#: What a tick step may be, times a power of ten (an axis's end may also be 4 times one).
+TICK_STEPS = (1, 2, 2.5, 5, 10)
 
 
 def _nice_max(value: float, steps: tuple[float, ...] = (1, 2, 2.5, 4, 5, 10)) -> float:
@@ -226,8 +229,8 @@ def chart(points: list[Point], title: str = "achat-server, one busy room") -> st
             f'<text transform="translate(18 {top + PANEL / 2}) rotate(-90)" '
             f'text-anchor="middle">{escape(label)}</text>'
         )
-        step = x_max / 8
-        for i in range(9):
+        step = _nice_max(x_max / 10, TICK_STEPS)
+        for i in range(round(x_max / step) + 1):
             members = step * i
             out.append(
                 f'<line x1="{x(members):.1f}" y1="{top + PANEL}" x2="{x(members):.1f}" '
@@ -274,8 +277,9 @@ def chart(points: list[Point], title: str = "achat-server, one busy room") -> st
         return top2 + PANEL * (1 - rate / y_max)
 
     frame(top2, "deliveries a second (millions)")
-    for i in range(6):
-        rate = y_max * i / 5
+    step = _nice_max(y_max / 5, TICK_STEPS)
+    for i in range(round(y_max / step) + 1):
+        rate = step * i
         out.append(
             f'<line x1="{LEFT}" y1="{y2(rate):.1f}" x2="{LEFT + plot_w}" y2="{y2(rate):.1f}" '
             f'stroke="#ddd"/>'

@@ -141,7 +141,7 @@ def test_sweep_point_reads_the_notes_of_a_run_cut_short() -> None:
     row = next(line for line in sweep.table([point], 5.0).splitlines() if "4,000" in line)
     assert "4,000 ¹" in row
     assert "17.00 %" in row
-    assert "3,200 (sendq_exceeded ×3,200)" in row
+    assert "| 3,200 | sendq_exceeded ×3,200 |" in row
     # Nothing delivered: no latency, which the chart then leaves out.
     result["latency_ms"] = {"p50": 0.0, "p99": 0.0, "p99.9": 0.0}
     assert sweep.Point.from_result(result).p99 is None
