@@ -251,11 +251,7 @@ def chart(points: list[Point], title: str = "achat-server, one busy room") -> st
 
     frame(top1, "latency (ms, log scale)")
     for ms in (1, 10, 100, 1000, 10000):
-        out.append(
-            f'<line x1="{LEFT}" y1="{y1(ms):.1f}" x2="{LEFT + plot_w}" y2="{y1(ms):.1f}" '
-            f'stroke="#ddd"/>'
-        )
-        out.append(f'<text x="{LEFT - 6}" y="{y1(ms) + 4:.1f}" text-anchor="end">{ms:,}</text>')
+        out.extend(_grid(y1(ms), plot_w, f"{ms:,}"))
     for members, ms, label_dy in TARGETS:
         out.append(
             f'<path d="M{x(members) - 10:.1f},{y1(ms):.1f} h20" stroke="#2ca02c" stroke-width="3"/>'
@@ -279,14 +275,7 @@ def chart(points: list[Point], title: str = "achat-server, one busy room") -> st
     frame(top2, "deliveries a second (millions)")
     step = _nice_max(y_max / 5, TICK_STEPS)
     for i in range(round(y_max / step) + 1):
-        rate = step * i
-        out.append(
-            f'<line x1="{LEFT}" y1="{y2(rate):.1f}" x2="{LEFT + plot_w}" y2="{y2(rate):.1f}" '
-            f'stroke="#ddd"/>'
-        )
-        out.append(
-            f'<text x="{LEFT - 6}" y="{y2(rate) + 4:.1f}" text-anchor="end">{rate / 1e6:g}</text>'
-        )
+        out.extend(_grid(y2(step * i), plot_w, f"{step * i / 1e6:g}"))
     low, high = IRC_DAEMONS
     out.append(
         f'<rect x="{LEFT}" y="{y2(high):.1f}" width="{plot_w}" '
@@ -319,6 +308,14 @@ def chart(points: list[Point], title: str = "achat-server, one busy room") -> st
     )
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _grid(y: float, width: float, label: str) -> list[str]:
+    """A faint line across a panel at ``y``, and its value on the left."""
+    return [
+        f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + width}" y2="{y:.1f}" stroke="#ddd"/>',
+        f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>',
+    ]
 
 
 def _line(xy: list[tuple[float, float]], colour: str, dash: str) -> str:

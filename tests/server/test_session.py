@@ -215,8 +215,7 @@ def test_a_connection_queued_by_a_write_waits_for_the_budget_too() -> None:
     flush, loop, sessions, log = rounds(cost=0.004, count=9)  # one 36 ms slice
     # The first connection's write queues another (say, it failed and its leaving is told).
     sessions[0].then = lambda: flush.mark(cast(Session, sessions[8]))
-    for s in sessions[:8]:
-        flush.mark(cast(Session, s))
+    queue(flush, sessions[:8])
     loop.soon.pop()()
     assert log == [f"s{i}" for i in range(8)]
     assert not loop.soon
@@ -315,8 +314,7 @@ def test_behind_is_how_long_the_connection_written_next_has_waited() -> None:
 def test_writing_too_far_behind_is_busy_until_it_catches_up() -> None:
     """Busy once the connection written next has waited over 5 ms, idle under 2 ms."""
     flush, loop, sessions, clock = busy_rounds(32)
-    for s in sessions[:24]:
-        flush.mark(cast(Session, s))
+    queue(flush, sessions[:24])
     loop.soon.pop()()  # at 0: nothing waited yet; 8 written by 8 ms
     assert not flush.busy
     loop.soon.pop()()  # at 8 ms the next had waited 8 ms: busy
@@ -336,15 +334,13 @@ def test_writing_too_far_behind_is_busy_until_it_catches_up() -> None:
 def test_a_busy_spell_ends_with_the_pass_and_stays_over_while_under_the_mark() -> None:
     """Nothing left to write ends a spell; a wait under 5 ms does not begin another."""
     flush, loop, sessions, clock = busy_rounds(24)
-    for s in sessions[:16]:
-        flush.mark(cast(Session, s))
+    queue(flush, sessions[:16])
     loop.soon.pop()()
     loop.soon.pop()()  # at 8 ms: busy, then s8..s15 written
     assert flush.spells == 1
     assert not loop.soon  # the pass is over, and the spell with it
     assert not flush.busy
-    for s in sessions[16:]:
-        flush.mark(cast(Session, s))
+    queue(flush, sessions[16:])
     clock[0] += 0.004  # waited 4 ms: between the two marks, not busy again
     loop.soon.pop()()
     assert not flush.busy
@@ -354,8 +350,7 @@ def test_a_busy_spell_ends_with_the_pass_and_stays_over_while_under_the_mark() -
 def test_a_busy_spell_goes_on_while_the_wait_is_between_the_marks() -> None:
     """Busy past 5 ms, idle again only under 2 ms: a wait of 3 ms changes neither."""
     flush, loop, sessions, clock = busy_rounds(32)
-    for s in sessions[:16]:
-        flush.mark(cast(Session, s))
+    queue(flush, sessions[:16])
     # The last of the first 16 has a fan-out queue 16 more (at 16 ms).
     sessions[15].then = lambda: queue(flush, sessions[16:])
     loop.soon.pop()()  # at 0; s0..s7 by 8 ms
@@ -372,8 +367,7 @@ def test_a_connection_with_too_much_queued_makes_the_rest_of_the_pass_busy() -> 
     is busy at once, and stays so until everyone queued by then is written, however
     short the wait."""
     flush, loop, sessions, _ = busy_rounds(24, cost=0.0001)  # waits stay under 2 ms
-    for s in sessions[:16]:
-        flush.mark(cast(Session, s))
+    queue(flush, sessions[:16])
     sessions[0].then = lambda: flush.swamped("too much for one")
     sessions[7].then = lambda: queue(flush, sessions[16:])  # queued after it
     loop.soon.pop()()  # s0 swamped; s0..s7 written by 0.8 ms
