@@ -268,10 +268,15 @@ class FlushRounds:
         else:
             self._loop.call_soon(self._write_slice)
 
+    @property
+    def _written(self) -> int:
+        """Connections queued so far that have been written (or dropped by a failed write)."""
+        return self._queued - len(self._dirty)
+
     def behind(self, now: float) -> float:
         """How long the connection to be written next has waited (seconds; 0 when none
         waits). It was queued in the run its stamp began, a little later at most."""
-        written = self._queued - len(self._dirty)
+        written = self._written
         if written == self._queued:
             return 0.0
         stamps = self._stamps
@@ -309,8 +314,7 @@ class FlushRounds:
         """Begin or end a busy spell by how far behind writing is."""
         behind = self.behind(now)
         if self.busy:
-            written = self._queued - len(self._dirty)
-            self.busy = behind >= self._idle_under or written < self._busy_until
+            self.busy = behind >= self._idle_under or self._written < self._busy_until
         elif behind > self.busy_after:
             self._begin(f"writing {behind:.2f} s behind")
 
