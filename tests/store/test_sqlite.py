@@ -225,6 +225,167 @@ async def test_group_commit_batches_a_tick(store: SQLiteStore) -> None:
     assert store.batches < count // 10
 
 
+async def _stored_on(store: SQLiteStore, messages: list[Message]) -> list[str]:
+    """Append ``messages`` in one tick; the threads their callback ran on, by name."""
+    seen: list[str] = []
+    done = asyncio.Event()
+
+    def stored() -> None:
+        seen.append(threading.current_thread().name)
+        done.set()
+
+    store.append_many(messages, [None] * len(messages), stored)
+    async with asyncio.timeout(5):
+        await done.wait()
+    return seen
+
+
+async def test_a_small_tick_is_committed_on_the_loop_before_its_callback(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    """While the writer has nothing of its own, a tick of up to LOOP_COMMIT_MAX messages
+    is committed by the loop itself (no thread hand-over), and called back once it can
+    be read by another connection; a bigger tick is the writer thread's."""
+    counts: list[int] = []
+    done = asyncio.Event()
+
+    def stored() -> None:
+        counts.append(stored_messages(db_path))
+        done.set()
+
+    store.append(msg("r", 1), stored)
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert counts == [1]
+    assert (store.batches, store.loop_batches) == (1, 1)
+    assert store._unstored == {}  # never handed over, so never kept as unstored
+    small = [msg("r", seq) for seq in range(2, 2 + sqlite_store.LOOP_COMMIT_MAX)]
+    assert await _stored_on(store, small) == ["MainThread"]
+    assert (store.batches, store.loop_batches) == (2, 2)
+    big = [msg("r", seq) for seq in range(100, 101 + sqlite_store.LOOP_COMMIT_MAX)]
+    assert await _stored_on(store, big) == ["MainThread"]  # called back on the loop all the same
+    assert (store.batches, store.loop_batches) == (3, 2)
+    assert stored_messages(db_path) == 1 + len(small) + len(big)
+
+
+async def test_the_loop_does_not_commit_while_the_writer_has_something(
+    store: SQLiteStore,
+) -> None:
+    """A small tick goes to the writer while something handed to it earlier is not yet
+    committed and called back: committed by the loop, it could overtake it."""
+    gate = threading.Event()
+    order: list[int] = []
+    second = asyncio.Event()
+
+    def stuck() -> None:
+        gate.wait()
+
+    def stored_second() -> None:
+        order.append(2)
+        second.set()
+
+    # The writer, stuck in a callback of its own, has hand-overs outstanding.
+    store._hand_over([_Write(None, None, None, stuck, in_thread=True)])
+    store._hand_over(
+        [_Write(([msg("r", 1)], [None]), None, None, functools.partial(order.append, 1))]
+    )
+    try:
+        store.append(msg("r", 2), stored_second)
+        await asyncio.sleep(0)  # the loop's tick is submitted
+        assert not store._tick
+        assert order == []
+    finally:
+        gate.set()  # or the store could not close
+    async with asyncio.timeout(5):
+        await second.wait()
+    assert order == [1, 2]
+    assert store.loop_batches == 0
+    assert store._outstanding == 0
+    assert await _stored_on(store, [msg("r", 3)]) == ["MainThread"]
+    assert store.loop_batches == 1  # the writer has nothing again
+
+
+async def test_a_locked_database_leaves_the_commit_to_the_writer(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop never waits for a lock: another connection's write lock sends the tick to
+    the writer thread, which stores it once the lock is gone; the loop commits the next."""
+    monkeypatch.setattr(SQLiteStore, "busy_timeout_ms", 500)  # what the loop must not wait
+    monkeypatch.setattr(SQLiteStore, "retry_seconds", 0.01)
+    s = SQLiteStore(db_path)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    watch = _LogWatch("failed")
+    logging.getLogger("achat").addHandler(watch)
+    stored = asyncio.Event()
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, a backup...
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        s.append(msg("r", 1), stored.set)
+        await asyncio.sleep(0)  # the loop's tick is submitted
+        assert loop.time() - started < 0.4  # the loop did not wait for busy_timeout
+        assert await asyncio.to_thread(watch.seen.wait, 10)  # the writer's commit failed
+        assert not stored.is_set()
+        assert s.loop_batches == 0
+        blocker.execute("COMMIT")
+        async with asyncio.timeout(5):
+            await stored.wait()
+        assert await _stored_on(s, [msg("r", 2)]) == ["MainThread"]
+        assert s.loop_batches == 1
+    finally:
+        logging.getLogger("achat").removeHandler(watch)
+        blocker.close()
+        s.close()
+
+
+async def test_a_slow_or_failed_loop_commit_hands_commits_to_the_writer(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit on the loop that takes longer than LOOP_COMMIT_SLOW (a stalling disk)
+    leaves the commits of the next LOOP_COMMIT_PAUSE seconds to the writer, as does one
+    that fails, which the writer then tries again."""
+    monkeypatch.setattr(sqlite_store, "LOOP_COMMIT_SLOW", 0.0)  # every commit is slow
+    caplog.set_level(logging.INFO, "achat.store")
+    await _stored_on(store, [msg("r", 1)])
+    assert store.loop_batches == 1
+    assert "a commit on the loop took" in caplog.text
+    await _stored_on(store, [msg("r", 2)])
+    assert (store.batches, store.loop_batches) == (2, 1)
+
+    monkeypatch.setattr(sqlite_store, "LOOP_COMMIT_SLOW", 60.0)
+    store._loop_commits_paused_until = 0.0
+    store_batch = sqlite_store._store
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    def failing(db: sqlite3.Connection, *args: Any, **kwargs: Any) -> None:
+        if failures and threading.current_thread() is threading.main_thread():
+            db.execute("BEGIN IMMEDIATE")  # and fail inside the transaction
+            raise failures.pop()
+        store_batch(db, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_store, "_store", failing)
+    await _stored_on(store, [msg("r", 3)])
+    assert "a commit on the loop failed" in caplog.text
+    await _stored_on(store, [msg("r", 4)])
+    assert (store.batches, store.loop_batches) == (4, 1)
+    assert [m.seq for m in store.history("r", before=None, after=None, limit=9).messages] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+async def test_full_durability_never_commits_on_the_loop(db_path: Path) -> None:
+    """With durability='full' a commit waits for an fsync: never on the loop."""
+    s = SQLiteStore(db_path, durability="full")
+    try:
+        assert await _stored_on(s, [msg("r", 1)]) == ["MainThread"]
+        assert (s.batches, s.loop_batches) == (1, 0)
+    finally:
+        s.close()
+
+
 def test_history_sees_unstored_messages(db_path: Path) -> None:
     """A message queued but not committed yet is already part of history (no gap)."""
     s = SQLiteStore(db_path)

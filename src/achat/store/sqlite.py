@@ -15,6 +15,16 @@ Records queued but not committed yet are kept in memory (``_unstored``) and
 merged into history reads, so a reader never sees a gap between what was
 delivered live and what the database already holds.
 
+A small tick (up to ``LOOP_COMMIT_MAX`` messages) is committed by the loop
+itself, on a connection of its own, when the writer thread has nothing of
+its own (everything handed to it is committed and called back, so nothing is
+overtaken) and ``durability="normal"``: that commit appends to the WAL
+without an fsync, in about 0.1 ms, which is less than handing it over costs
+the loop's core (the thread woken, the GIL passed back and forth, the loop
+woken for the callbacks). That connection never waits for a lock: a locked
+database, a failed commit, or one slower than ``LOOP_COMMIT_SLOW`` (a
+stalling disk) sends the tick, and for a while every tick, to the writer.
+
 ``durability="normal"`` is ``synchronous=NORMAL``: in WAL mode a commit
 survives a crash of the server process (``kill -9``); ``"full"`` is
 ``synchronous=FULL`` and also survives power loss, at the cost of an fsync
@@ -73,6 +83,16 @@ SCHEMA_VERSION = 5
 
 #: Seconds between checkpoints while commits keep coming (bounds the WAL's growth).
 CHECKPOINT_INTERVAL = 0.5
+
+#: The most messages a loop tick may hold for the loop to commit it itself (see
+#: ``SQLiteStore._submit``); a bigger tick goes to the writer thread, which commits what
+#: several ticks handed over in one transaction.
+LOOP_COMMIT_MAX = 16
+
+#: A commit on the loop slower than this (seconds) hands every commit to the writer
+#: thread for ``LOOP_COMMIT_PAUSE`` seconds: the loop must not wait for a slow disk.
+LOOP_COMMIT_SLOW = 0.005
+LOOP_COMMIT_PAUSE = 60.0
 
 #: The most messages one chunk holds: a history page decodes whole chunks, and a
 #: resume reads pages of 16, so a chunk stays small enough to decode for a few of them.
@@ -260,8 +280,16 @@ class SQLiteStore(Store):
         # History reads' last decoded chunk: its id, its body, its entries (see _decoded).
         self._last_chunk: tuple[int, bytes, list[_Entry]] | None = None
         self._lock = threading.Lock()
+        # Hand-overs to the writer thread not yet committed and called back (under _lock).
+        self._outstanding = 0
+        # The loop's own connection, for the ticks it commits itself (see _submit).
+        self._loop_db: sqlite3.Connection | None = None
+        # Until when (time.monotonic()) the loop leaves every commit to the writer.
+        self._loop_commits_paused_until = 0.0
         self._closed = False
         self.batches = 0
+        #: Of ``batches``, the ones the loop committed itself.
+        self.loop_batches = 0
         self._checkpoint_due = threading.Event()
         self._stopping = threading.Event()
         self._checkpointer = threading.Thread(
@@ -345,9 +373,61 @@ class SQLiteStore(Store):
         self._tick.append(write)
 
     def _submit(self) -> None:
-        if self._tick:
-            self._hand_over(self._tick)
-            self._tick = []
+        tick, self._tick = self._tick, []
+        if tick and not self._commit_on_loop(tick):
+            self._hand_over(tick)
+
+    def _commit_on_loop(self, tick: list[_Write]) -> bool:
+        """Commit a small ``tick`` on the loop's thread and call back at once; False
+        when it is the writer thread's to commit.
+
+        Waking the writer thread, handing it the GIL for every SQLite step and being
+        woken for its callbacks cost a delivery more than the commit itself does when
+        the loop has the server's only core (busy-room 300: item 53 of
+        docs/performance.md). So while the writer has nothing of its own (everything
+        handed to it is committed and called back, so order is kept), a tick of a few
+        messages is committed here, on a connection that never waits for a lock. Only
+        with ``durability="normal"``: a commit then appends to the WAL without an
+        fsync. A commit that fails, finds the database locked, or is slow, goes (with
+        the commits of the next ``LOOP_COMMIT_PAUSE`` seconds, if slow) to the writer.
+        """
+        if (
+            self.durability != "normal"
+            or self._outstanding
+            or sum(len(w.run[0]) for w in tick if w.run is not None) > LOOP_COMMIT_MAX
+        ):
+            return False
+        started = time.monotonic()
+        if started < self._loop_commits_paused_until:
+            return False
+        db = self._loop_db
+        if db is None:
+            db = self._loop_db = self._connect()
+            db.execute("PRAGMA busy_timeout=0")  # a locked database is the writer's to wait for
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+        try:
+            _store(db, *_rows_of(tick), immediate=True)
+        except sqlite3.Error as exc:
+            _rollback(db)
+            if not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)):
+                log.warning("a commit on the loop failed (%s); the writer thread will retry", exc)
+                self._loop_commits_paused_until = started + LOOP_COMMIT_PAUSE
+            return False
+        took = time.monotonic() - started
+        if took > LOOP_COMMIT_SLOW:
+            log.info(
+                "a commit on the loop took %.1f ms; the writer thread commits for %.0f s",
+                took * 1000,
+                LOOP_COMMIT_PAUSE,
+            )
+            self._loop_commits_paused_until = started + LOOP_COMMIT_PAUSE
+        self.batches += 1
+        self.loop_batches += 1
+        self._checkpoint_due.set()
+        for w in tick:
+            if w.on_stored is not None:
+                w.on_stored()
+        return True
 
     def _hand_over(self, writes: list[_Write]) -> None:
         # Messages on their way to the disk stay readable (history merges them in); one
@@ -355,13 +435,21 @@ class SQLiteStore(Store):
         with self._lock:
             for m in _messages_of(writes):
                 self._unstored.setdefault(m.room, []).append(m)
+            self._outstanding += 1
         self._queue.put(writes)
+
+    def _settle(self, handovers: int) -> None:
+        """``handovers`` hand-overs are committed and called back."""
+        with self._lock:
+            self._outstanding -= handovers
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is committed (for tools and tests)."""
         if self._on_loop():
             self._submit()
         done = threading.Event()
+        with self._lock:
+            self._outstanding += 1
         self._queue.put([_Write(None, None, None, done.set, in_thread=True)])
         if not done.wait(timeout):
             raise TimeoutError("the store did not commit in time")
@@ -520,6 +608,8 @@ class SQLiteStore(Store):
         self._writer.join()
         self._checkpoint_due.set()
         self._checkpointer.join()
+        if self._loop_db is not None:
+            self._loop_db.close()
         self._reader.close()
 
     # -- the writer thread -------------------------------------------------------
@@ -533,24 +623,24 @@ class SQLiteStore(Store):
                 last_prune = self._now()
                 self._prune_on_writer(db, last_prune)
             failed: list[_Write] = []
-            attempts = 0
+            failed_handovers = attempts = 0
             while True:
                 if failed:
                     # Nothing of it was stored or acked (the database locked elsewhere, the
                     # disk full): wait, then try it again, in order, with what came since.
                     # The wait doubles up to 8 retry_seconds while it keeps failing.
                     self._stopping.wait(self.retry_seconds * min(8, 2 ** (attempts - 1)))
-                    more, stop = self._take(block=False)
-                    batch = failed + more
+                    more, handovers, stop = self._take(block=False)
+                    batch, handovers = failed + more, failed_handovers + handovers
                 else:
-                    batch, stop = self._take(block=True)
-                if batch and self._commit(db, batch, quiet=attempts > 0):
+                    batch, handovers, stop = self._take(block=True)
+                if batch and self._commit(db, batch, handovers, quiet=attempts > 0):
                     if attempts:
                         log.warning("stored again after %d failed commits", attempts)
-                    failed, attempts = [], 0
+                    failed, failed_handovers, attempts = [], 0, 0
                     self._checkpoint_due.set()
                 elif batch:
-                    failed, attempts = batch, attempts + 1
+                    failed, failed_handovers, attempts = batch, handovers, attempts + 1
                 now = self._now()
                 if now - last_prune > 60_000 and (self.history_days or self.history_max):
                     self._prune_on_writer(db, now)
@@ -564,20 +654,23 @@ class SQLiteStore(Store):
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             db.close()
 
-    def _take(self, *, block: bool) -> tuple[list[_Write], bool]:
-        """Everything queued (once something is, if ``block``), and whether to stop after it."""
+    def _take(self, *, block: bool) -> tuple[list[_Write], int, bool]:
+        """Everything queued (once something is, if ``block``), how many hand-overs that
+        is, and whether to stop after it."""
         batch: list[_Write] = []
+        handovers = 0
         try:
             item = self._queue.get(block)
         except queue.Empty:
-            return batch, False
+            return batch, handovers, False
         while item is not None:
             batch.extend(item)
+            handovers += 1
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return batch, False
-        return batch, True
+                return batch, handovers, False
+        return batch, handovers, True
 
     def _checkpoint_loop(self) -> None:
         db = self._connect()
@@ -595,68 +688,22 @@ class SQLiteStore(Store):
         finally:
             db.close()
 
-    def _commit(self, db: sqlite3.Connection, batch: list[_Write], *, quiet: bool = False) -> bool:
-        """Store ``batch`` in one transaction and call back; False when nothing was stored.
+    def _commit(
+        self,
+        db: sqlite3.Connection,
+        batch: list[_Write],
+        handovers: int = 0,
+        *,
+        quiet: bool = False,
+    ) -> bool:
+        """Store ``batch`` (``handovers`` hand-overs) in one transaction and call back;
+        False when nothing was stored.
 
         A failure is logged with its traceback, or in one line when ``quiet`` (a retry).
         """
-        # Each room's messages, in the order given (seq order: the registry numbers them
-        # as it appends), as the tuples a chunk's body holds.
-        by_room: dict[str, list[_EntryTuple]] = {}
-        dm_rows: list[tuple[object, ...]] = []
-        topics: list[tuple[str, str]] = []
-        for w in batch:
-            if w.run is not None:
-                for m, r in zip(*w.run, strict=True):
-                    entry: _EntryTuple = (
-                        (m.seq, m.ts, m.sender, m.text)
-                        if r is None
-                        else (m.seq, m.ts, m.sender, m.text, r.nick_key, r.ref, r.expires, r.ack)
-                    )
-                    entries = by_room.get(m.room)
-                    if entries is None:
-                        by_room[m.room] = [entry]
-                    else:
-                        entries.append(entry)
-            elif w.dm is not None:
-                dm_rows.append(_dm_row(w.dm, w.ref))
-            elif w.topic is not None:
-                topics.append(w.topic)
-        # A chunk's messages must be in seq order: they are, as the registry appends them
-        # (one pass over them), unless two threads handed over at once.
-        for entries in by_room.values():
-            entries.sort(key=_entry_seq)
-        # Every statement hands the GIL back and forth with the event loop: run only
-        # the ones this batch needs.
+        by_room, dm_rows, topics = _rows_of(batch)
         try:
-            db.execute("BEGIN")
-            if by_room:
-                db.executemany(
-                    _INSERT_CHUNK,
-                    [
-                        row
-                        for room, entries in by_room.items()
-                        for row in _chunk_rows(room, entries)
-                    ],
-                )
-                db.executemany(
-                    "INSERT INTO rooms (name, last_seq) VALUES (?, ?) ON CONFLICT(name) "
-                    "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
-                    [(room, entries[-1][0]) for room, entries in by_room.items()],
-                )
-            if dm_rows:
-                db.executemany(
-                    "INSERT OR IGNORE INTO dms "
-                    f"(id, ts, sender, recipient, text, {_REF_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                    dm_rows,
-                )
-            if topics:
-                db.executemany(
-                    "INSERT INTO rooms (name, topic) VALUES (?, ?) ON CONFLICT(name) "
-                    "DO UPDATE SET topic = excluded.topic",
-                    topics,
-                )
-            db.execute("COMMIT")
+            _store(db, by_room, dm_rows, topics)
         except Exception as exc:
             _rollback(db)
             if quiet:
@@ -673,7 +720,9 @@ class SQLiteStore(Store):
             if w.in_thread and w.on_stored is not None:
                 w.on_stored()
         if callbacks:
-            self._deliver(callbacks)
+            self._deliver(callbacks, handovers)
+        elif handovers:
+            self._settle(handovers)
         return True
 
     def _forget_unstored(self, batch: list[_Write], by_room: dict[str, list[_EntryTuple]]) -> None:
@@ -700,10 +749,13 @@ class SQLiteStore(Store):
                 if not pending:
                     del self._unstored[room]
 
-    def _deliver(self, callbacks: list[Callable[[], None]]) -> None:
+    def _deliver(self, callbacks: list[Callable[[], None]], handovers: int) -> None:
         def run() -> None:
-            for callback in callbacks:
-                callback()
+            try:
+                for callback in callbacks:
+                    callback()
+            finally:
+                self._settle(handovers)
 
         loop = self._loop
         if loop is None:
@@ -753,6 +805,79 @@ class SQLiteStore(Store):
         if self._clock is not None:
             return self._clock()
         return time.time_ns() // 1_000_000
+
+
+def _rows_of(
+    batch: Iterable[_Write],
+) -> tuple[dict[str, list[_EntryTuple]], list[tuple[object, ...]], list[tuple[str, str]]]:
+    """What ``batch`` stores: each room's messages as a chunk body's tuples (in seq
+    order), the DMs' rows and the topics."""
+    by_room: dict[str, list[_EntryTuple]] = {}
+    dm_rows: list[tuple[object, ...]] = []
+    topics: list[tuple[str, str]] = []
+    for w in batch:
+        if w.run is not None:
+            for m, r in zip(*w.run, strict=True):
+                entry: _EntryTuple = (
+                    (m.seq, m.ts, m.sender, m.text)
+                    if r is None
+                    else (m.seq, m.ts, m.sender, m.text, r.nick_key, r.ref, r.expires, r.ack)
+                )
+                entries = by_room.get(m.room)
+                if entries is None:
+                    by_room[m.room] = [entry]
+                else:
+                    entries.append(entry)
+        elif w.dm is not None:
+            dm_rows.append(_dm_row(w.dm, w.ref))
+        elif w.topic is not None:
+            topics.append(w.topic)
+    # A chunk's messages must be in seq order: they are, as the registry appends them
+    # (one pass over them), unless two threads handed over at once.
+    for entries in by_room.values():
+        entries.sort(key=_entry_seq)
+    return by_room, dm_rows, topics
+
+
+def _store(
+    db: sqlite3.Connection,
+    by_room: dict[str, list[_EntryTuple]],
+    dm_rows: list[tuple[object, ...]],
+    topics: list[tuple[str, str]],
+    *,
+    immediate: bool = False,
+) -> None:
+    """Write and commit one transaction; raises (with the transaction open) on failure.
+
+    ``immediate`` takes the write lock first, so that a connection that must not wait
+    finds a locked database before it has done anything.
+    """
+    # Every statement hands the GIL back and forth with the event loop: run only
+    # the ones this batch needs.
+    db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if by_room:
+        db.executemany(
+            _INSERT_CHUNK,
+            [row for room, entries in by_room.items() for row in _chunk_rows(room, entries)],
+        )
+        db.executemany(
+            "INSERT INTO rooms (name, last_seq) VALUES (?, ?) ON CONFLICT(name) "
+            "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+            [(room, entries[-1][0]) for room, entries in by_room.items()],
+        )
+    if dm_rows:
+        db.executemany(
+            "INSERT OR IGNORE INTO dms "
+            f"(id, ts, sender, recipient, text, {_REF_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            dm_rows,
+        )
+    if topics:
+        db.executemany(
+            "INSERT INTO rooms (name, topic) VALUES (?, ?) ON CONFLICT(name) "
+            "DO UPDATE SET topic = excluded.topic",
+            topics,
+        )
+    db.execute("COMMIT")
 
 
 _RefColumns = tuple[str | None, str | None, int | None, bytes | None]
