@@ -69,6 +69,16 @@ def store(db_path: Path) -> Iterator[SQLiteStore]:
     s.close()
 
 
+@pytest.fixture
+def still_store(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SQLiteStore]:
+    """A store whose checkpointer thread does nothing, so that which commits the loop
+    makes itself does not depend on when a checkpoint ran (see _checkpoint)."""
+    monkeypatch.setattr(SQLiteStore, "_checkpoint_loop", lambda self: None)
+    s = SQLiteStore(db_path)
+    yield s
+    s.close()
+
+
 def test_messages_survive_reopening(db_path: Path) -> None:
     """Appended messages, rooms and topics are there after the store is closed and reopened."""
     s = SQLiteStore(db_path)
@@ -241,8 +251,9 @@ async def _stored_on(store: SQLiteStore, messages: list[Message]) -> list[str]:
 
 
 async def test_a_small_tick_is_committed_on_the_loop_before_its_callback(
-    store: SQLiteStore, db_path: Path
+    still_store: SQLiteStore, db_path: Path
 ) -> None:
+    store = still_store
     """While the writer has nothing of its own, a tick of up to LOOP_COMMIT_MAX messages
     is committed by the loop itself (no thread hand-over), and called back once it can
     be read by another connection; a bigger tick is the writer thread's."""
@@ -257,22 +268,23 @@ async def test_a_small_tick_is_committed_on_the_loop_before_its_callback(
     async with asyncio.timeout(5):
         await done.wait()
     assert counts == [1]
-    assert (store.batches, store.loop_batches) == (1, 1)
+    assert (store.batches, store.loop_batches) == (0, 1)
     assert store._unstored == {}  # never handed over, so never kept as unstored
     small = [msg("r", seq) for seq in range(2, 2 + sqlite_store.LOOP_COMMIT_MAX)]
     assert await _stored_on(store, small) == ["MainThread"]
-    assert (store.batches, store.loop_batches) == (2, 2)
+    assert (store.batches, store.loop_batches) == (0, 2)
     big = [msg("r", seq) for seq in range(100, 101 + sqlite_store.LOOP_COMMIT_MAX)]
     assert await _stored_on(store, big) == ["MainThread"]  # called back on the loop all the same
-    assert (store.batches, store.loop_batches) == (3, 2)
+    assert (store.batches, store.loop_batches) == (1, 2)
     assert stored_messages(db_path) == 1 + len(small) + len(big)
 
 
 async def test_the_loop_does_not_commit_while_the_writer_has_something(
-    store: SQLiteStore,
+    still_store: SQLiteStore,
 ) -> None:
     """A small tick goes to the writer while something handed to it earlier is not yet
     committed and called back: committed by the loop, it could overtake it."""
+    store = still_store
     gate = threading.Event()
     order: list[int] = []
     second = asyncio.Event()
@@ -310,6 +322,7 @@ async def test_a_locked_database_leaves_the_commit_to_the_writer(
 ) -> None:
     """The loop never waits for a lock: another connection's write lock sends the tick to
     the writer thread, which stores it once the lock is gone; the loop commits the next."""
+    monkeypatch.setattr(SQLiteStore, "_checkpoint_loop", lambda self: None)
     monkeypatch.setattr(SQLiteStore, "busy_timeout_ms", 500)  # what the loop must not wait
     monkeypatch.setattr(SQLiteStore, "retry_seconds", 0.01)
     s = SQLiteStore(db_path)
@@ -339,18 +352,19 @@ async def test_a_locked_database_leaves_the_commit_to_the_writer(
 
 
 async def test_a_slow_or_failed_loop_commit_hands_commits_to_the_writer(
-    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    still_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A commit on the loop that takes longer than LOOP_COMMIT_SLOW (a stalling disk)
     leaves the commits of the next LOOP_COMMIT_PAUSE seconds to the writer, as does one
     that fails, which the writer then tries again."""
+    store = still_store
     monkeypatch.setattr(sqlite_store, "LOOP_COMMIT_SLOW", 0.0)  # every commit is slow
     caplog.set_level(logging.INFO, "achat.store")
     await _stored_on(store, [msg("r", 1)])
     assert store.loop_batches == 1
     assert "a commit on the loop took" in caplog.text
     await _stored_on(store, [msg("r", 2)])
-    assert (store.batches, store.loop_batches) == (2, 1)
+    assert (store.batches, store.loop_batches) == (1, 1)
 
     monkeypatch.setattr(sqlite_store, "LOOP_COMMIT_SLOW", 60.0)
     store._loop_commits_paused_until = 0.0
@@ -367,13 +381,141 @@ async def test_a_slow_or_failed_loop_commit_hands_commits_to_the_writer(
     await _stored_on(store, [msg("r", 3)])
     assert "a commit on the loop failed" in caplog.text
     await _stored_on(store, [msg("r", 4)])
-    assert (store.batches, store.loop_batches) == (4, 1)
+    assert (store.batches, store.loop_batches) == (3, 1)
     assert [m.seq for m in store.history("r", before=None, after=None, limit=9).messages] == [
         1,
         2,
         3,
         4,
     ]
+
+
+async def test_the_loop_does_not_commit_while_the_writers_callbacks_wait(
+    still_store: SQLiteStore,
+) -> None:
+    """Committed by the writer is not enough: until its callbacks have run on the loop,
+    a tick the loop committed itself would be called back first."""
+    store = still_store
+    order: list[str] = []
+    done = asyncio.Event()
+    big = [msg("r", seq) for seq in range(1, 2 + sqlite_store.LOOP_COMMIT_MAX)]
+    store.append_many(big, [None] * len(big), functools.partial(order.append, "big"))
+    store.flush()  # on the loop: the writer has committed it, its callback waits for the loop
+    assert store.batches == 1
+    assert order == []
+
+    def small() -> None:
+        order.append("small")
+        done.set()
+
+    store.append(msg("r", len(big) + 1), small)
+    store._submit()  # the tick's end, before the loop has run the writer's callback
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert order == ["big", "small"]
+    assert store.loop_batches == 0
+
+
+async def test_a_commit_that_empties_the_wal_leaves_the_next_write_to_the_writer(
+    still_store: SQLiteStore, db_path: Path
+) -> None:
+    """The first write after a checkpoint that copied the whole WAL starts the WAL over
+    and syncs its header: the writer thread makes it, and the loop the ones after."""
+    store = still_store
+    await _stored_on(store, [msg("r", 1)])
+    assert (store.batches, store.loop_batches) == (0, 1)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        store._checkpoint(db)
+        assert store._wal_may_restart
+        await _stored_on(store, [msg("r", 2)])
+        assert (store.batches, store.loop_batches) == (1, 1)
+        assert not store._wal_may_restart
+        await _stored_on(store, [msg("r", 3)])
+        assert (store.batches, store.loop_batches) == (1, 2)
+        reader = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM chunks").fetchone()  # a snapshot before 4
+            await _stored_on(store, [msg("r", 4)])
+            store._checkpoint(db)  # cannot copy 4: the reader's snapshot is older
+        finally:
+            reader.close()
+        assert not store._wal_may_restart
+        await _stored_on(store, [msg("r", 5)])
+        assert (store.batches, store.loop_batches) == (1, 4)
+
+
+async def test_a_callback_that_raises_leaves_the_others_to_run(
+    still_store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one callback of a commit is logged; the commit's other callbacks (acks and
+    deliveries of stored messages) still run, on either thread's commits."""
+    store = still_store
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    for size in (1, sqlite_store.LOOP_COMMIT_MAX + 1):  # on the loop, then the writer
+        done = asyncio.Event()
+        base = 1000 * size
+        store.append_many([msg("r", base)], [None], broken)
+        more = [msg("r", base + i) for i in range(1, size + 1)]
+        store.append_many(more, [None] * size, done.set)
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert caplog.text.count("a callback of a commit failed") == 2
+    assert (store.batches, store.loop_batches) == (1, 1)
+
+
+async def test_any_error_in_a_loop_commit_lets_go_of_the_write_lock(
+    still_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only SQLite's errors: whatever stops a commit on the loop mid-transaction, the
+    loop's connection lets go of the lock, and the writer stores the tick."""
+    store = still_store
+    store_batch = sqlite_store._store
+    failures = [OverflowError("a bug")]
+
+    def failing(db: sqlite3.Connection, *args: Any, **kwargs: Any) -> None:
+        if failures and threading.current_thread() is threading.main_thread():
+            db.execute("BEGIN IMMEDIATE")
+            raise failures.pop()
+        store_batch(db, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_store, "_store", failing)
+    assert await _stored_on(store, [msg("r", 1)]) == ["MainThread"]
+    assert (store.batches, store.loop_batches) == (1, 0)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # nobody holds the lock
+        other.execute("ROLLBACK")
+    store._loop_commits_paused_until = 0.0
+    await _stored_on(store, [msg("r", 2)])
+    assert store.loop_batches == 1  # on a new connection of the loop's
+
+
+async def test_closing_on_the_loop_hands_the_tick_to_the_writer(db_path: Path) -> None:
+    """close() and flush() commit what the tick holds through the writer thread: no
+    callback runs from inside them."""
+    s = SQLiteStore(db_path)
+    called: list[int] = []
+    s.append(msg("r", 1), functools.partial(called.append, 1))
+    s.flush()
+    assert called == []
+    assert (s.batches, s.loop_batches) == (1, 0)
+    s.append(msg("r", 2), functools.partial(called.append, 2))
+    s.close()
+    assert called == []
+    assert s.batches == 2
+    await asyncio.sleep(0)  # the callbacks, queued on the loop
+    assert called == [1, 2]
+    again = SQLiteStore(db_path)
+    try:
+        assert [m.seq for m in again.history("r", before=None, after=None, limit=5).messages] == [
+            1,
+            2,
+        ]
+    finally:
+        again.close()
 
 
 async def test_full_durability_never_commits_on_the_loop(db_path: Path) -> None:

@@ -24,6 +24,9 @@ the loop's core (the thread woken, the GIL passed back and forth, the loop
 woken for the callbacks). That connection never waits for a lock: a locked
 database, a failed commit, or one slower than ``LOOP_COMMIT_SLOW`` (a
 stalling disk) sends the tick, and for a while every tick, to the writer.
+Nor does the loop make the first write after a checkpoint that emptied the
+WAL: that write starts the WAL over and syncs its header. ``close`` and
+``flush`` hand the tick to the writer, so no callback runs from inside them.
 
 ``durability="normal"`` is ``synchronous=NORMAL``: in WAL mode a commit
 survives a crash of the server process (``kill -9``); ``"full"`` is
@@ -282,13 +285,19 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         # Hand-overs to the writer thread not yet committed and called back (under _lock).
         self._outstanding = 0
-        # The loop's own connection, for the ticks it commits itself (see _submit).
+        # The loop's own connection, for the ticks it commits itself (see
+        # _commit_on_loop); None once a failure closed it (a new one is opened then).
         self._loop_db: sqlite3.Connection | None = None
+        if durability == "normal":
+            self._loop_db = self._connect_loop()
         # Until when (time.monotonic()) the loop leaves every commit to the writer.
         self._loop_commits_paused_until = 0.0
+        # True from a checkpoint's start until the writer's next commit if that checkpoint
+        # emptied the WAL: the next write then starts the WAL over, and syncs its header.
+        self._wal_may_restart = False
         self._closed = False
+        #: Transactions committed by the writer thread, and by the loop itself.
         self.batches = 0
-        #: Of ``batches``, the ones the loop committed itself.
         self.loop_batches = 0
         self._checkpoint_due = threading.Event()
         self._stopping = threading.Event()
@@ -300,6 +309,12 @@ class SQLiteStore(Store):
         self._writer.start()
 
     # -- setup ------------------------------------------------------------------
+
+    def _connect_loop(self) -> sqlite3.Connection:
+        db = self._connect()
+        db.execute("PRAGMA busy_timeout=0")  # a locked database is the writer's to wait for
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+        return db
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -386,15 +401,18 @@ class SQLiteStore(Store):
         the loop has the server's only core (busy-room 300: item 53 of
         docs/performance.md). So while the writer has nothing of its own (everything
         handed to it is committed and called back, so order is kept), a tick of a few
-        messages is committed here, on a connection that never waits for a lock. Only
+        writes is committed here, on a connection that never waits for a lock. Only
         with ``durability="normal"``: a commit then appends to the WAL without an
-        fsync. A commit that fails, finds the database locked, or is slow, goes (with
-        the commits of the next ``LOOP_COMMIT_PAUSE`` seconds, if slow) to the writer.
+        fsync. Not the first commit after a checkpoint emptied the WAL either, which
+        starts the WAL over and syncs its header. A commit that finds the database
+        locked goes to the writer; one that fails or is slow, with the commits of the
+        next ``LOOP_COMMIT_PAUSE`` seconds.
         """
         if (
-            self.durability != "normal"
-            or self._outstanding
-            or sum(len(w.run[0]) for w in tick if w.run is not None) > LOOP_COMMIT_MAX
+            self._outstanding
+            or self._wal_may_restart
+            or self._closed
+            or sum(len(w.run[0]) if w.run is not None else 1 for w in tick) > LOOP_COMMIT_MAX
         ):
             return False
         started = time.monotonic()
@@ -402,16 +420,25 @@ class SQLiteStore(Store):
             return False
         db = self._loop_db
         if db is None:
-            db = self._loop_db = self._connect()
-            db.execute("PRAGMA busy_timeout=0")  # a locked database is the writer's to wait for
-            db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+            if self.durability != "normal":
+                return False
+            db = self._loop_db = self._connect_loop()
         try:
             _store(db, *_rows_of(tick), immediate=True)
-        except sqlite3.Error as exc:
-            _rollback(db)
-            if not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)):
-                log.warning("a commit on the loop failed (%s); the writer thread will retry", exc)
-                self._loop_commits_paused_until = started + LOOP_COMMIT_PAUSE
+        except BaseException as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _LOCKED:
+                _rollback(db)
+                return False
+            # Whatever it was, the write lock must not stay with this connection, or the
+            # writer would find the database locked for good: closing it rolls back.
+            self._loop_db = None
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self._loop_commits_paused_until = started + LOOP_COMMIT_PAUSE
+            if not isinstance(exc, Exception):
+                self._hand_over(tick)
+                raise
+            log.warning("a commit on the loop failed (%s); the writer thread will retry", exc)
             return False
         took = time.monotonic() - started
         if took > LOOP_COMMIT_SLOW:
@@ -421,12 +448,9 @@ class SQLiteStore(Store):
                 LOOP_COMMIT_PAUSE,
             )
             self._loop_commits_paused_until = started + LOOP_COMMIT_PAUSE
-        self.batches += 1
         self.loop_batches += 1
         self._checkpoint_due.set()
-        for w in tick:
-            if w.on_stored is not None:
-                w.on_stored()
+        _call_back([w.on_stored for w in tick if w.on_stored is not None])
         return True
 
     def _hand_over(self, writes: list[_Write]) -> None:
@@ -438,6 +462,13 @@ class SQLiteStore(Store):
             self._outstanding += 1
         self._queue.put(writes)
 
+    def _hand_over_tick(self) -> None:
+        """Hand this tick's writes to the writer thread, whatever their size: their
+        callbacks come back through the loop, not from inside the caller."""
+        tick, self._tick = self._tick, []
+        if tick:
+            self._hand_over(tick)
+
     def _settle(self, handovers: int) -> None:
         """``handovers`` hand-overs are committed and called back."""
         with self._lock:
@@ -446,7 +477,7 @@ class SQLiteStore(Store):
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is committed (for tools and tests)."""
         if self._on_loop():
-            self._submit()
+            self._hand_over_tick()
         done = threading.Event()
         with self._lock:
             self._outstanding += 1
@@ -600,7 +631,7 @@ class SQLiteStore(Store):
             return
         self._closed = True
         if self._on_loop():
-            self._submit()
+            self._hand_over_tick()
         # A writer waiting to retry a failed commit tries it now (and last); the
         # checkpointer stops, since the writer truncates the WAL as it stops.
         self._stopping.set()
@@ -680,13 +711,24 @@ class SQLiteStore(Store):
                 if self._stopping.is_set():
                     return  # the writer truncates the WAL as it stops
                 self._checkpoint_due.clear()
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error:
-                    log.exception("checkpoint failed; the next one will retry")
+                self._checkpoint(db)
                 self._stopping.wait(CHECKPOINT_INTERVAL)
         finally:
             db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        """Copy what the WAL holds into the database file, as far as readers allow."""
+        # Set first: a checkpoint that empties the WAL has the next write start it over
+        # and sync its header, which is for the writer thread to do, not the loop.
+        self._wal_may_restart = True
+        emptied = False
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            emptied = not busy and frames == copied
+        except sqlite3.Error:
+            log.exception("checkpoint failed; the next one will retry")
+        if not emptied:
+            self._wal_may_restart = False
 
     def _commit(
         self,
@@ -714,6 +756,7 @@ class SQLiteStore(Store):
                 )
             return False
         self.batches += 1
+        self._wal_may_restart = False  # if it was, this commit started the WAL over
         self._forget_unstored(batch, by_room)
         callbacks = [w.on_stored for w in batch if w.on_stored is not None and not w.in_thread]
         for w in batch:
@@ -752,8 +795,7 @@ class SQLiteStore(Store):
     def _deliver(self, callbacks: list[Callable[[], None]], handovers: int) -> None:
         def run() -> None:
             try:
-                for callback in callbacks:
-                    callback()
+                _call_back(callbacks)
             finally:
                 self._settle(handovers)
 
@@ -805,6 +847,20 @@ class SQLiteStore(Store):
         if self._clock is not None:
             return self._clock()
         return time.time_ns() // 1_000_000
+
+
+#: SQLite's primary result codes for a database another connection has locked.
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _call_back(callbacks: Iterable[Callable[[], None]]) -> None:
+    """Call each of ``callbacks``; one that raises (a bug) is logged, and the others
+    still run: each acks and delivers messages that are stored."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("a callback of a commit failed")
 
 
 def _rows_of(
