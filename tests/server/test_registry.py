@@ -1436,39 +1436,6 @@ def test_a_commit_waits_nine_times_as_long_as_the_last_fan_out_took(
     assert asked[2][1] == 0.0
 
 
-def test_a_fan_out_that_is_due_can_be_had_before_its_turn(clock: Clock) -> None:
-    """fan_out_due fans out what is stored at once, unless the pacing holds it back
-    (then it waits for its deferred fan-out); with nothing stored it does nothing."""
-    timer = [100.0]
-    store = DeferredStore()
-    asked: list[tuple[Callable[[], None], float]] = []
-    reg = Registry(
-        store, clock=clock, defer=lambda f, delay: asked.append((f, delay)), timer=lambda: timer[0]
-    )
-    peers = [SlowPeer(timer, 0.001) for _ in range(2)]
-    people = [reg.register(peer, hello(f"p{i}")) for i, peer in enumerate(peers)]
-    for member in people:
-        reg.handle(member, m.Join(room="a"))
-    reg.fan_out_due()  # nothing stored: nothing to do
-    assert asked == []
-    reg.handle(people[0], m.Say(room="a", text="one"))
-    store.complete()
-    assert [delay for _f, delay in asked] == [0.0]
-    reg.fan_out_due()  # before its deferred fan-out runs
-    assert [f.text for f in peers[1].of(m.Message)] == ["one"]
-    asked[0][0]()  # the deferred one finds nothing left
-    assert [f.text for f in peers[1].of(m.Message)] == ["one"]
-    reg.handle(people[0], m.Say(room="a", text="two"))
-    store.complete()  # the fan-out took 3 ms (3 sends): the next is due 27 ms after it
-    assert asked[1][1] == pytest.approx(0.010)  # its deferred fan-out: 10 ms at most
-    timer[0] += 0.020
-    reg.fan_out_due()
-    assert [f.text for f in peers[1].of(m.Message)] == ["one"]
-    timer[0] += 0.007
-    reg.fan_out_due()  # its time has come
-    assert [f.text for f in peers[1].of(m.Message)] == ["one", "two"]
-
-
 def test_a_member_leaving_gets_what_was_stored_before(clock: Clock) -> None:
     reg, store, _later = deferred_registry(clock)
     ana, ana_peer = add(reg, "ana", "a")

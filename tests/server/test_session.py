@@ -181,35 +181,6 @@ def test_a_connection_queued_again_after_its_write_goes_to_the_back() -> None:
     assert log[24:] == [f"s{i}" for i in range(24, 40)] + ["s0"]
 
 
-def test_what_must_not_wait_behind_a_slice_runs_before_it() -> None:
-    """``before_slice`` runs before each slice writes anything, and a connection it
-    queues (a fan-out of what was read since the last slice) is written in the same
-    pass: at its end, when it was written earlier in it."""
-    loop, clock, log = FakeLoop(), [0.0], list[str]()
-    sessions = [FakeSession(f"s{i}", clock, log, 0.00001) for i in range(40)]
-    queued: list[list[int]] = [[], [1]]  # the fan-out the second slice finds waiting
-
-    def before() -> None:
-        log.append("before")
-        for i in queued.pop(0) if queued else ():
-            flush.mark(cast(Session, sessions[i]))
-
-    flush = FlushRounds(
-        cast(Any, loop),
-        WriteBudget(0.5, 0.010),
-        clock=lambda: clock[0],
-        slice_seconds=0.0002,
-        before_slice=before,
-    )
-    for s in sessions:
-        flush.mark(cast(Session, s))
-    loop.soon.pop()()
-    assert log == ["before"] + [f"s{i}" for i in range(24)]
-    loop.soon.pop()()  # s1, written in the first slice, goes to the back
-    assert log[25:] == ["before"] + [f"s{i}" for i in range(24, 40)] + ["s1"]
-    assert not loop.soon
-
-
 def test_a_saturated_writer_waits_for_its_budget() -> None:
     flush, loop, sessions, log = rounds(cost=0.002, count=20)  # 2 ms per write
     for s in sessions:

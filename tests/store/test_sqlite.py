@@ -518,24 +518,6 @@ async def test_closing_on_the_loop_hands_the_tick_to_the_writer(db_path: Path) -
         again.close()
 
 
-async def test_submit_stores_the_tick_before_its_end(
-    still_store: SQLiteStore, db_path: Path
-) -> None:
-    """submit() (the server's, before a slice of writing) does at once what the tick's
-    end would: the loop commits a small tick, and the end finds nothing left to do."""
-    store = still_store
-    called: list[int] = []
-    store.append(msg("r", 1), functools.partial(called.append, 1))
-    store.submit()
-    assert called == [1]
-    assert stored_messages(db_path) == 1
-    assert not store._tick
-    await asyncio.sleep(0)  # the tick's end
-    assert store.loop_batches == 1
-    store.submit()  # nothing appended since: nothing to do
-    assert (store.batches, store.loop_batches) == (0, 1)
-
-
 async def test_full_durability_never_commits_on_the_loop(db_path: Path) -> None:
     """With durability='full' a commit waits for an fsync: never on the loop."""
     s = SQLiteStore(db_path, durability="full")

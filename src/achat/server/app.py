@@ -147,9 +147,7 @@ class Server:
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start listening, on ``sock`` if given, else on the configured host and port."""
         loop = asyncio.get_running_loop()
-        self.rounds = rounds = FlushRounds(
-            loop, busy_after=self.config.limits.write_lag, before_slice=self._before_writing
-        )
+        self.rounds = rounds = FlushRounds(loop, busy_after=self.config.limits.write_lag)
         alarms: Alarms[Session] = Alarms(loop)
         registry, limits = self.registry, self.config.limits
 
@@ -170,12 +168,6 @@ class Server:
             )
         addrs = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("listening on %s name=%s", addrs, self.config.name)
-
-    def _before_writing(self) -> None:
-        """Store what was read since the last slice of writing, and fan out what is
-        stored, before the next slice (see FlushRounds._write_slice)."""
-        self.store.submit()
-        self.registry.fan_out_due()
 
     async def serve_until_closed(self) -> None:
         """Wait until :meth:`close` has finished."""

@@ -479,14 +479,6 @@ class Registry:
             wait = min(self._fan_out_ready - self._timer(), FAN_OUT_MAX_WAIT)
             self._defer(self.fan_out, wait if wait >= FAN_OUT_MIN_WAIT else 0.0)
 
-    def fan_out_due(self) -> None:
-        """:meth:`fan_out` now if stored messages wait and the pacing does not hold them
-        back: the server calls this before each slice of its writing, so that they
-        need not wait for the slice (their fan-out, set off with ``defer`` when they
-        were stored, then finds nothing left to do)."""
-        if self._stored_acks and self._fan_out_ready - self._timer() < FAN_OUT_MIN_WAIT:
-            self.fan_out()
-
     def fan_out(self) -> None:
         """Deliver every stored message not delivered yet, then their acks.
 

@@ -208,7 +208,6 @@ class FlushRounds:
         slice_seconds: float = 0.0002,
         busy_after: float = 0.5,
         idle_under: float | None = None,
-        before_slice: typing.Callable[[], None] | None = None,
     ) -> None:
         idle_under = busy_after / 5 if idle_under is None else idle_under
         if not 0 <= idle_under < busy_after:
@@ -217,8 +216,6 @@ class FlushRounds:
         self._budget = budget or WriteBudget()
         self._clock = clock
         self._slice = slice_seconds
-        # Work that must not wait behind a slice (see _write_slice).
-        self._before_slice = before_slice
         self._dirty: deque[Session] = deque()
         self._scheduled = False
         # How far behind writing is: connections queued so far, and when runs of them
@@ -288,12 +285,6 @@ class FlushRounds:
         return now - stamps[0][0]
 
     def _write_slice(self) -> None:
-        if self._before_slice is not None:
-            # The loop runs what it was given in order: frames read since the last slice
-            # queued their commit behind this one, and a commit its fan-out behind the
-            # next. Done first, a message read during a pass reaches the members not
-            # written yet in this pass, and the others at the end of it, not a pass later.
-            self._before_slice()
         # Still "scheduled" while running: a connection queued by a write (a peer that
         # failed and closed, telling the others) waits for this slice to be charged.
         clock, dirty = self._clock, self._dirty

@@ -160,13 +160,6 @@ class Store(Protocol):
         """Up to ``limit`` messages of ``room``: after ``after``, before ``before``, or latest."""
         ...
 
-    def submit(self) -> None:
-        """Start keeping what was appended so far now, not at the end of the loop's
-        tick: the server calls this before each slice of its writing, so that a
-        message read meanwhile need not wait for the slice to be stored (and fanned
-        out). A store that keeps its writes as they come has nothing to do."""
-        return None
-
     def close(self) -> None:
         """Flush and release resources; idempotent."""
         ...

@@ -387,10 +387,6 @@ class SQLiteStore(Store):
             cast(asyncio.AbstractEventLoop, self._loop).call_soon(self._submit)
         self._tick.append(write)
 
-    def submit(self) -> None:
-        if self._tick and self._on_loop():
-            self._submit()  # the call_soon at the tick's end then finds nothing to do
-
     def _submit(self) -> None:
         tick, self._tick = self._tick, []
         if tick and not self._commit_on_loop(tick):
