@@ -253,10 +253,10 @@ async def _stored_on(store: SQLiteStore, messages: list[Message]) -> list[str]:
 async def test_a_small_tick_is_committed_on_the_loop_before_its_callback(
     still_store: SQLiteStore, db_path: Path
 ) -> None:
-    store = still_store
     """While the writer has nothing of its own, a tick of up to LOOP_COMMIT_MAX messages
     is committed by the loop itself (no thread hand-over), and called back once it can
     be read by another connection; a bigger tick is the writer thread's."""
+    store = still_store
     counts: list[int] = []
     done = asyncio.Event()
 

@@ -479,9 +479,7 @@ class SQLiteStore(Store):
         if self._on_loop():
             self._hand_over_tick()
         done = threading.Event()
-        with self._lock:
-            self._outstanding += 1
-        self._queue.put([_Write(None, None, None, done.set, in_thread=True)])
+        self._hand_over([_Write(None, None, None, done.set, in_thread=True)])
         if not done.wait(timeout):
             raise TimeoutError("the store did not commit in time")
 
