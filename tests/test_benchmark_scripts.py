@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -175,3 +177,42 @@ def test_sweep_chart_leaves_out_a_size_with_no_latency() -> None:
     assert len(circles) == 3 * 1 + 2  # latency: the first size only; delivered: both
     with pytest.raises(ValueError, match="nothing to draw"):
         sweep.chart([])
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None,
+    reason="floor.py pins its server to the first CPU and the load to the others",
+)
+def test_floor_serves_a_busy_room_that_achat_bench_checks() -> None:
+    """The floor speaks enough of the protocol for achat-bench: every message said is
+    delivered to every member, in seq order (its checking client would count a gap)."""
+    floor = load("floor")
+    run = floor.run_one("floor", clients=4, seconds=1.0, warmup=0.3)
+    assert run.ratio == 1.0
+    assert 0 < run.p50 <= run.p99 <= run.p999
+
+
+def test_floor_table_compares_each_server_with_the_first() -> None:
+    floor = load("floor")
+
+    def run(p99: float) -> Any:
+        return floor.Run(p50=p99 / 2, p99=p99, p999=p99 * 1.5, ratio=1.0, cpu=50.0)
+
+    rounds = [
+        {"achat": run(4.5), "floor": run(6.0)},
+        {"achat": run(5.5), "floor": run(5.0)},
+        {"achat": run(4.8), "floor": run(7.0)},
+    ]
+    text = floor.table(rounds, ["achat", "floor"], clients=300, seconds=10.0)
+    assert "--rounds 3 --clients 300 --seconds 10 --kinds achat,floor" in text
+    assert [
+        line.split(" | ")[0] for line in text.splitlines() if line[:3] in ("| 1", "| 2", "| 3")
+    ] == [
+        "| 1",
+        "| 2",
+        "| 3",
+    ]
+    assert "- achat: p99 median 4.80 ms (4.50–5.50), under 5 ms in 2 of 3 runs" in text
+    assert "- floor: p99 median 6.00 ms (5.00–7.00), under 5 ms in 1 of 3 runs" in text
+    # The differences are -1.5, +0.5 and -2.2 ms: achat is lower in two, by 1.5 at the median.
+    assert "- achat against floor: p99 lower in 2 of 3 rounds, by 1.50 ms" in text
