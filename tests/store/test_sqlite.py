@@ -10,7 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -443,6 +443,96 @@ async def test_a_commit_that_empties_the_wal_leaves_the_next_write_to_the_writer
         assert not store._wal_may_restart
         await _stored_on(store, [msg("r", 5)])
         assert (store.batches, store.loop_batches) == (1, 4)
+
+
+def _wal_bytes(db_path: Path) -> int:
+    wal = db_path.with_name(db_path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+class _CommitDuringCheckpoint:
+    """The checkpointer's connection, as under steady writing: another connection's
+    transaction, begun before the PASSIVE checkpoint, commits just after it, so the WAL
+    holds frames the checkpoint did not copy, written by a reader of the WAL."""
+
+    def __init__(self, db: sqlite3.Connection, db_path: Path) -> None:
+        self.db = db
+        self.other = sqlite3.connect(db_path, isolation_level=None)
+        self.other.execute("PRAGMA journal_size_limit=0")
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        if "PASSIVE" not in sql:
+            return self.db.execute(sql)
+        self.other.execute("BEGIN")
+        self.other.execute("SELECT count(*) FROM chunks").fetchone()
+        self.other.execute("UPDATE rooms SET topic = 'steady'")
+        result = self.db.execute(sql).fetchall()
+        self.other.execute("COMMIT")
+        cursor = self.db.execute("SELECT ?, ?, ?", result[0])  # what PASSIVE answered
+        return cursor
+
+
+def test_a_big_wal_starts_over_though_commits_land_during_checkpoints(
+    still_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PASSIVE checkpoint leaves starting the WAL over to the next write, which cannot
+    when a commit landed after the checkpoint's copy: under steady writing one always
+    does, and the WAL grew without end (531 MB in 22 s of ingest). Past
+    WAL_RESTART_BYTES, a RESTART checkpoint follows, which copies that commit too, so
+    the next write starts the WAL over, and cuts its file back to that size."""
+    limit = 64 * 1024
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_BYTES", limit)
+    store = still_store
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute(f"PRAGMA busy_timeout={sqlite_store.WAL_RESTART_WAIT_MS}")
+        for seq in range(1, 40):
+            store.append(msg("r", seq, text="y" * 4000), lambda: None)
+        store.flush()
+        assert _wal_bytes(db_path) > 2 * limit
+        steady = _CommitDuringCheckpoint(db, db_path)
+        try:
+            store._checkpoint(cast(sqlite3.Connection, steady))
+        finally:
+            steady.other.close()
+        assert store.wal_restarts == 1
+        store.append(msg("r", 40), lambda: None)  # the writer's, as _wal_may_restart says
+        store.flush()
+        assert _wal_bytes(db_path) <= limit
+        assert stored_messages(db_path) == 40
+
+
+def test_a_checkpoint_restarts_the_wal_only_past_its_limit(
+    still_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = still_store
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_BYTES", 64 * 1024)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        store._checkpoint(db)  # the schema's pages, written as the store opened
+        store.append(msg("r", 1), lambda: None)  # the WAL starts over
+        store.flush()
+        store.wal_restarts = 0
+        store._checkpoint(db)
+        assert store.wal_restarts == 0  # a few pages: PASSIVE alone
+        for seq in range(2, 40):
+            store.append(msg("r", seq, text="y" * 4000), lambda: None)
+        store.flush()
+        store._checkpoint(db)
+        assert store.wal_restarts == 1
+        assert store._wal_may_restart  # the next write starts the WAL over: the writer's
+        reader = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            for seq in range(40, 80):
+                store.append(msg("r", seq, text="y" * 4000), lambda: None)
+            store.flush()
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM chunks").fetchone()  # a reader of the WAL
+            store.append(msg("r", 80), lambda: None)
+            store.flush()
+            store._checkpoint(db)  # cannot copy 80, so does not try to start over
+        finally:
+            reader.close()
+        assert store.wal_restarts == 1
+        assert not store._wal_may_restart
 
 
 async def test_a_callback_that_raises_leaves_the_others_to_run(
