@@ -450,62 +450,75 @@ def _wal_bytes(db_path: Path) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
-class _CommitDuringCheckpoint:
-    """The checkpointer's connection, as under steady writing: another connection's
-    transaction, begun before the PASSIVE checkpoint, commits just after it, so the WAL
-    holds frames the checkpoint did not copy, written by a reader of the WAL."""
+@pytest.fixture
+def small_wal_store(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SQLiteStore]:
+    """A still store whose WAL is started over past 64 KiB and cut back to 128 KiB:
+    patched before it opens, since its connections read the limit as they open."""
+    monkeypatch.setattr(sqlite_store, "WAL_RESTART_BYTES", 64 * 1024)
+    monkeypatch.setattr(SQLiteStore, "_checkpoint_loop", lambda self: None)
+    s = SQLiteStore(db_path)
+    yield s
+    s.close()
 
-    def __init__(self, db: sqlite3.Connection, db_path: Path) -> None:
-        self.db = db
-        self.other = sqlite3.connect(db_path, isolation_level=None)
-        self.other.execute("PRAGMA journal_size_limit=0")
+
+class _CommitDuringCheckpoint:
+    """The checkpointer's connection as under steady writing: right after the PASSIVE
+    checkpoint's copy, the writer thread commits (a tick handed over from another
+    thread), so the WAL holds a commit that the checkpoint did not copy."""
+
+    def __init__(self, db: sqlite3.Connection, store: SQLiteStore, message: Message) -> None:
+        self.db, self.store, self.message = db, store, message
 
     def execute(self, sql: str) -> sqlite3.Cursor:
-        if "PASSIVE" not in sql:
-            return self.db.execute(sql)
-        self.other.execute("BEGIN")
-        self.other.execute("SELECT count(*) FROM chunks").fetchone()
-        self.other.execute("UPDATE rooms SET topic = 'steady'")
-        result = self.db.execute(sql).fetchall()
-        self.other.execute("COMMIT")
-        cursor = self.db.execute("SELECT ?, ?, ?", result[0])  # what PASSIVE answered
+        cursor = self.db.execute(sql)
+        if "PASSIVE" in sql:
+            answer = cursor.fetchone()
+
+            def commit() -> None:
+                self.store.append(self.message, lambda: None)
+                self.store.flush()
+
+            writer = threading.Thread(target=commit)
+            writer.start()
+            writer.join()
+            cursor = self.db.execute("SELECT ?, ?, ?", answer)  # what PASSIVE answered
         return cursor
 
 
-def test_a_big_wal_starts_over_though_commits_land_during_checkpoints(
-    still_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_big_wal_starts_over_though_commits_land_during_checkpoints(
+    small_wal_store: SQLiteStore, db_path: Path
 ) -> None:
     """A PASSIVE checkpoint leaves starting the WAL over to the next write, which cannot
     when a commit landed after the checkpoint's copy: under steady writing one always
     does, and the WAL grew without end (531 MB in 22 s of ingest). Past
-    WAL_RESTART_BYTES, a RESTART checkpoint follows, which copies that commit too, so
-    the next write starts the WAL over, and cuts its file back to that size."""
-    limit = 64 * 1024
-    monkeypatch.setattr(sqlite_store, "WAL_RESTART_BYTES", limit)
-    store = still_store
+    WAL_RESTART_BYTES a RESTART checkpoint follows, which copies that commit too, so
+    that the next write starts the WAL over (and cuts its file back). That write syncs
+    the WAL's header: the writer's, though the writer committed during the checkpoint."""
+    store = small_wal_store
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
         db.execute(f"PRAGMA busy_timeout={sqlite_store.WAL_RESTART_WAIT_MS}")
-        for seq in range(1, 40):
+        for seq in range(1, 80):
             store.append(msg("r", seq, text="y" * 4000), lambda: None)
         store.flush()
-        assert _wal_bytes(db_path) > 2 * limit
-        steady = _CommitDuringCheckpoint(db, db_path)
-        try:
-            store._checkpoint(cast(sqlite3.Connection, steady))
-        finally:
-            steady.other.close()
+        assert _wal_bytes(db_path) > 2 * 128 * 1024
+        steady = _CommitDuringCheckpoint(db, store, msg("r", 80))
+        store._checkpoint(cast(sqlite3.Connection, steady))
         assert store.wal_restarts == 1
-        store.append(msg("r", 40), lambda: None)  # the writer's, as _wal_may_restart says
-        store.flush()
-        assert _wal_bytes(db_path) <= limit
-        assert stored_messages(db_path) == 40
+        assert store._wal_may_restart
+        batches, loop_batches = store.batches, store.loop_batches
+        await _stored_on(store, [msg("r", 81)])
+        assert (store.batches, store.loop_batches) == (batches + 1, loop_batches)
+        assert _wal_bytes(db_path) <= 128 * 1024
+        assert not store._wal_may_restart
+        await _stored_on(store, [msg("r", 82)])
+        assert (store.batches, store.loop_batches) == (batches + 1, loop_batches + 1)
+    assert stored_messages(db_path) == 82
 
 
 def test_a_checkpoint_restarts_the_wal_only_past_its_limit(
-    still_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_wal_store: SQLiteStore, db_path: Path
 ) -> None:
-    store = still_store
-    monkeypatch.setattr(sqlite_store, "WAL_RESTART_BYTES", 64 * 1024)
+    store = small_wal_store
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
         store._checkpoint(db)  # the schema's pages, written as the store opened
         store.append(msg("r", 1), lambda: None)  # the WAL starts over
@@ -518,7 +531,7 @@ def test_a_checkpoint_restarts_the_wal_only_past_its_limit(
         store.flush()
         store._checkpoint(db)
         assert store.wal_restarts == 1
-        assert store._wal_may_restart  # the next write starts the WAL over: the writer's
+        assert store._wal_may_restart
         reader = sqlite3.connect(db_path, isolation_level=None)
         try:
             for seq in range(40, 80):
@@ -533,6 +546,29 @@ def test_a_checkpoint_restarts_the_wal_only_past_its_limit(
             reader.close()
         assert store.wal_restarts == 1
         assert not store._wal_may_restart
+
+
+def test_a_reader_that_outlasts_the_restart_leaves_it_to_the_next_write(
+    small_wal_store: SQLiteStore, db_path: Path
+) -> None:
+    """RESTART copies everything, then gives up waiting for a reader of the WAL: the
+    next write still starts the WAL over once that reader is done, so it stays the
+    writer's to make."""
+    store = small_wal_store
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute(f"PRAGMA busy_timeout={sqlite_store.WAL_RESTART_WAIT_MS}")
+        for seq in range(1, 40):
+            store.append(msg("r", seq, text="y" * 4000), lambda: None)
+        store.flush()
+        reader = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM chunks").fetchone()  # the latest snapshot
+            store._checkpoint(db)
+        finally:
+            reader.close()
+        assert store.wal_restarts == 0  # not started over: the reader outlasted the wait
+        assert store._wal_may_restart
 
 
 async def test_a_callback_that_raises_leaves_the_others_to_run(

@@ -40,11 +40,12 @@ Checkpoints (copying the WAL back into the database file, with the fsyncs
 that takes) never run on the writer thread: SQLite's automatic checkpoint is
 turned off there, and a third thread runs a ``PASSIVE`` checkpoint, which
 never blocks the writer, at most every ``CHECKPOINT_INTERVAL`` seconds while
-there are new commits. A disk stall during a checkpoint therefore delays no
-commit, so no ``ack`` and no delivery. Only once the WAL has grown past
-``WAL_RESTART_BYTES`` does a checkpoint hold the write lock, for a few
-milliseconds, so that the WAL starts over (under steady writing it never
-would): the WAL file stays near that size.
+there are new commits. A disk stall during such a checkpoint therefore
+delays no commit, so no ``ack`` and no delivery. Only once the WAL has grown
+past ``WAL_RESTART_BYTES`` does a checkpoint hold the write lock, through its
+syncs, so that the WAL starts over (under steady writing it never would):
+the WAL file stays near that size, and SQLite cuts it back to twice that
+when it starts over after a burst.
 
 Room messages are a log of chunks: a commit stores each room's messages as
 one row of the ``chunks`` table, its messages (and their refs) encoded
@@ -91,11 +92,12 @@ SCHEMA_VERSION = 5
 CHECKPOINT_INTERVAL = 0.5
 
 #: A WAL that has grown past this many bytes is started over by the next checkpoint that
-#: copies it all (see ``SQLiteStore._checkpoint``), and SQLite cuts its file back to this
-#: size when it starts over.
+#: copies it all (see ``SQLiteStore._checkpoint``); SQLite cuts its file back to twice
+#: this when it starts over.
 WAL_RESTART_BYTES = 32 * 1024 * 1024
-#: How long (ms) that checkpoint waits for the write lock, then for readers of the WAL,
-#: holding the write lock meanwhile: only a reader outside the server waits this long.
+#: About how long (ms) that checkpoint waits in all for the write lock and for the WAL's
+#: readers, holding the write lock once it has it: only a reader outside the server
+#: takes this long.
 WAL_RESTART_WAIT_MS = 50
 
 #: The most messages a loop tick may hold for the loop to commit it itself (see
@@ -303,9 +305,11 @@ class SQLiteStore(Store):
             self._loop_db = self._connect_loop()
         # Until when (time.monotonic()) the loop leaves every commit to the writer.
         self._loop_commits_paused_until = 0.0
-        # True from a checkpoint's start until the writer's next commit if that checkpoint
-        # emptied the WAL: the next write then starts the WAL over, and syncs its header.
+        # True from a checkpoint's start until the writer's next commit made while no
+        # checkpoint ran, if that checkpoint emptied the WAL: the next write then starts
+        # the WAL over, and syncs its header. Checkpoints begun and ended, to tell.
         self._wal_may_restart = False
+        self._checkpoints_begun = self._checkpoints_ended = 0
         self._closed = False
         #: Transactions committed by the writer thread, and by the loop itself.
         self.batches = 0
@@ -336,8 +340,9 @@ class SQLiteStore(Store):
         db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         _enable_wal(db, self.busy_timeout_ms / 1000)
         db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        # Whichever connection starts the WAL over cuts its file back to this size.
-        db.execute(f"PRAGMA journal_size_limit={WAL_RESTART_BYTES}")
+        # Whichever connection starts the WAL over cuts its file back to this size: twice
+        # the size that has it started over, so that it is not cut and grown every time.
+        db.execute(f"PRAGMA journal_size_limit={2 * WAL_RESTART_BYTES}")
         return db
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -741,27 +746,34 @@ class SQLiteStore(Store):
         over either: the next write does, only if nothing was written since the
         checkpoint. Under steady writing something always was, and the WAL grew
         without end (531 MB in 22 s of ``achat-bench ingest``). So once it is that
-        big, a ``RESTART`` checkpoint follows: it holds the write lock while it copies
-        what came since and waits for the WAL's readers, at most
-        ``WAL_RESTART_WAIT_MS`` for each (readers in the server are short), and then
-        the next write starts the WAL over.
+        big, a ``RESTART`` checkpoint follows: it takes the write lock, copies what
+        came since, syncs, and waits for the WAL's readers, about
+        ``WAL_RESTART_WAIT_MS`` at most for the lock and the readers together (readers
+        in the server are short); then the next write starts the WAL over. The
+        writer's commits wait meanwhile: a few milliseconds on a healthy disk.
         """
         # Set first: a checkpoint that empties the WAL has the next write start it over
-        # and sync its header, which is for the writer thread to do, not the loop.
+        # and sync its header, which is for the writer thread to do, not the loop. The
+        # writer's commits clear it only if no checkpoint ran while they did (_commit).
+        self._checkpoints_begun += 1
         self._wal_may_restart = True
-        emptied = False
+        emptied = True  # unless it surely did not: then the next write cannot start over
         try:
-            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            emptied = not busy and frames == copied
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            emptied = frames == copied
             if emptied and frames * self._page_size > WAL_RESTART_BYTES:
                 busy, frames, copied = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                emptied = not busy and frames == copied
-                if emptied:
+                # Busy: a reader outlasted the wait. All may be copied all the same, and
+                # then the next write starts the WAL over once that reader is done.
+                emptied = frames == copied
+                if emptied and not busy:
                     self.wal_restarts += 1
         except sqlite3.Error:
             log.exception("checkpoint failed; the next one will retry")
-        if not emptied:
-            self._wal_may_restart = False
+        finally:
+            if not emptied:
+                self._wal_may_restart = False
+            self._checkpoints_ended += 1
 
     def _commit(
         self,
@@ -777,6 +789,8 @@ class SQLiteStore(Store):
         A failure is logged with its traceback, or in one line when ``quiet`` (a retry).
         """
         by_room, dm_rows, topics = _rows_of(batch)
+        # Which checkpoints had begun and ended before this transaction did (_checkpoint).
+        begun, ended = self._checkpoints_begun, self._checkpoints_ended
         try:
             _store(db, by_room, dm_rows, topics)
         except Exception as exc:
@@ -789,7 +803,10 @@ class SQLiteStore(Store):
                 )
             return False
         self.batches += 1
-        self._wal_may_restart = False  # if it was, this commit started the WAL over
+        if begun == ended == self._checkpoints_begun:
+            # No checkpoint ran while this transaction did: if the last one emptied the
+            # WAL, this commit started it over, and the loop may commit again.
+            self._wal_may_restart = False
         self._forget_unstored(batch, by_room)
         callbacks = [w.on_stored for w in batch if w.on_stored is not None and not w.in_thread]
         for w in batch:
