@@ -141,7 +141,10 @@ class _Conn(asyncio.Protocol):
     def _handle(self, frame: object) -> None:
         floor = self.floor
         if isinstance(frame, Say):
-            room = floor.rooms[frame.room]
+            room = floor.rooms.get(frame.room)
+            if room is None or room.members.get(self.nick or "") is not self:
+                self.transport.close()  # achat-bench says only in the room it joined
+                return
             text = validate_text(frame.text, DEFAULT_MAX_TEXT)
             room.seq += 1
             ts = time.time_ns() // 1_000_000
