@@ -197,22 +197,8 @@ class _FloorServer(_Server):
     """The floor in its own process, pinned as achat-bench pins achat-server."""
 
     def __init__(self, pin: int) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
         self.tmp = tempfile.TemporaryDirectory()
-        cmd = ["taskset", "-c", str(pin), sys.executable, __file__, "--serve", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        time.sleep(0.3)
+        self._start(lambda port: [sys.executable, __file__, "--serve", str(port)], pin)
 
 
 # -- the alternating runs -----------------------------------------------------------------

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,27 +102,35 @@ def _cpus() -> list[int]:
 
 class _Server:
     def __init__(self, extra: list[str], pin: int | None) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        exe = str(Path(sys.executable).parent / "achat-server")
+        self._start(
+            lambda port: [
+                exe,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data-dir",
+                self.tmp.name,
+                "--log-level",
+                "warning",
+                "--max-clients",
+                "200000",
+                *extra,
+            ],
+            pin,
+        )
+
+    def _start(self, command: Callable[[int], list[str]], pin: int | None) -> None:
+        """Run ``command(port)`` on a free loopback port, pinned to CPU ``pin`` if given,
+        and return once it accepts connections (15 s at most)."""
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
-        self.tmp = tempfile.TemporaryDirectory()
-        exe = str(Path(sys.executable).parent / "achat-server")
-        cmd = [
-            exe,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            self.tmp.name,
-            "--log-level",
-            "warning",
-            "--max-clients",
-            "200000",
-            *extra,
-        ]
+        cmd = command(self.port)
         if pin is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(pin), *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
