@@ -773,7 +773,7 @@ class Session(asyncio.Protocol):
                     "this message was dropped: send it again in a moment",
                     fatal=False,
                     ref=ref,
-                    retry_after=self._limits.write_lag,
+                    retry_after=self._rounds.busy_after,
                 )
             )
         )
