@@ -10,7 +10,9 @@ import asyncio
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -216,3 +218,71 @@ def test_floor_table_compares_each_server_with_the_first() -> None:
     assert "- floor: p99 median 6.00 ms (5.00–7.00), under 5 ms in 1 of 3 runs" in text
     # The differences are -1.5, +0.5 and -2.2 ms: achat is lower in two, by 1.5 at the median.
     assert "- achat against floor: p99 lower in 2 of 3 rounds, by 1.50 ms" in text
+
+
+def _pairs_runs(pairs: Any, cpus: Sequence[tuple[float, float]], effect: float) -> list[Any]:
+    """Runs whose metric is 0.1 per per cent of CPU, the new version's ``effect`` more,
+    and a little noise that depends on neither."""
+    noise = [0.03, -0.02, 0.01, -0.04, 0.02, 0.0, -0.01, 0.03]
+    runs = []
+    for i, (base_cpu, new_cpu) in enumerate(cpus):
+        runs.append(pairs.Run("base", 0.1 * base_cpu - 0.5 + noise[i % 8], base_cpu))
+        runs.append(pairs.Run("new", 0.1 * new_cpu - 0.5 + effect - noise[(i + 3) % 8], new_cpu))
+    return runs
+
+
+def test_pairs_fit_tells_a_change_from_quicker_spells() -> None:
+    pairs = load("pairs")
+    # The new version met quicker spells in every pair but one, and does nothing itself.
+    cpus = [(55, 49), (52, 50), (48, 46), (50, 49), (53, 54), (56, 54), (51, 47), (54, 50)]
+    lucky = _pairs_runs(pairs, cpus, effect=0.0)
+    text = pairs.report(list(zip(lucky[::2], lucky[1::2], strict=True)), "p99", "main", "x")
+    assert "- new lower in 7 of 8 pairs, higher in 1;" in text  # what the medians say
+    fitted = pairs.fit(lucky)
+    assert abs(fitted.new) < 0.05  # what the fit says
+    assert fitted.new_se < 0.05
+    assert abs(fitted.per_cpu - 0.1) < 0.01
+    assert f"- with the server's CPU fitted out: new {fitted.new:+,.3f}" in text
+    # A change worth -0.3 on the same spells is found as such.
+    better = pairs.fit(_pairs_runs(pairs, cpus, effect=-0.3))
+    assert abs(better.new + 0.3) < 0.05
+    # And one that meets slower spells is not blamed for them.
+    slower = pairs.fit(_pairs_runs(pairs, [(b, n + 6) for b, n in cpus], effect=0.0))
+    assert abs(slower.new) < 0.05
+
+
+def test_pairs_fit_declines_what_it_cannot_tell() -> None:
+    pairs = load("pairs")
+    assert pairs.fit(_pairs_runs(pairs, [(50, 50)], effect=0.0)) is None  # two runs
+    # The CPU never moved: its slope and the intercept cannot be told apart.
+    flat = _pairs_runs(pairs, [(50, 50)] * 4, effect=0.1)
+    assert pairs.fit(flat) is None
+    text = pairs.report(list(zip(flat[::2], flat[1::2], strict=True)), "p99", "a", "b")
+    assert "too few runs, or no spread, to tell" in text
+
+
+def test_pairs_runs_the_code_of_each_version(tmp_path: Path) -> None:
+    """Each run imports its own copy of achat, server and load alike: a copy that
+    cannot start fails its run instead of silently measuring the installed code."""
+    pairs = load("pairs")
+    scenario = ["busy-room", "-n", "3", "-r", "2", "--duration", "0.5", "--warmup", "0.3"]
+    good = pairs.copy_out("worktree", tmp_path / "good")
+    run = pairs.run_one("new", good, scenario, "p99")
+    assert run.version == "new"
+    assert run.metric > 0
+    assert run.cpu >= 0
+    broken = pairs.copy_out("worktree", tmp_path / "broken")
+    (broken / "achat" / "__init__.py").write_text("raise SystemExit('not this copy')\n")
+    with pytest.raises(RuntimeError, match="achat-bench failed with base"):
+        pairs.run_one("base", broken, scenario, "p99")
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parent.parent / ".git").exists(), reason="not a git checkout"
+)
+def test_pairs_copies_a_git_revision_out(tmp_path: Path) -> None:
+    pairs = load("pairs")
+    src = pairs.copy_out("HEAD", tmp_path / "head")
+    assert (src / "achat" / "server" / "session.py").is_file()
+    with pytest.raises(subprocess.CalledProcessError):
+        pairs.copy_out("no-such-revision-anywhere", tmp_path / "none")
