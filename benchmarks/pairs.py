@@ -13,8 +13,8 @@ and reported two ways:
   ``metric ≈ a + b × CPU + c × [new]`` over every run, ``c`` with its standard
   error. A change that does not alter the server's work but happened to meet
   quicker spells shows in the medians, not in ``c``. (A change that does alter
-  the work moves the CPU too, and part of its effect goes to ``b``: the fit is
-  then a lower bound, and the medians are the figure to read.)
+  the work moves the CPU too, and ``c`` then leaves out the part of its effect
+  that goes through the CPU, whichever way: the medians are the figure to read.)
 
     python benchmarks/pairs.py --base main --new worktree [--pairs 8] \\
         [--metric p99] [-- busy-room -n 300 -r 1]
@@ -23,7 +23,9 @@ and reported two ways:
 checkout's ``src`` as it is (uncommitted changes included). Each is copied
 out once, and every run is ``achat-bench`` (with the server it starts) importing
 that copy. What follows ``--`` is ``achat-bench``'s scenario and its
-arguments (busy-room 300 by default).
+arguments (busy-room 300 by default): ``busy-room``, ``many-rooms`` or
+``ingest``, with a server that ``achat-bench`` starts, since the fit needs
+the server's CPU.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ METRICS = {
     "p99.9": ("latency_ms", "p99.9"),
     "acked_per_s": (None, "acked_per_s"),
     "delivered_per_s": (None, "delivered_per_s"),
+}
+#: The scenarios that measure a server achat-bench starts, and their metrics.
+SCENARIOS = {
+    "busy-room": {"p50", "p99", "p99.9", "delivered_per_s"},
+    "many-rooms": {"p50", "p99", "p99.9", "delivered_per_s"},
+    "ingest": set(METRICS),
 }
 
 
@@ -82,8 +90,11 @@ def copy_out(version: str, dest: Path) -> Path:
         archive = subprocess.run(
             ["git", "-C", str(ROOT), "archive", "--format=tar", version, "src"],
             capture_output=True,
-            check=True,
+            check=False,
         )
+        if archive.returncode != 0:
+            why = archive.stderr.decode(errors="replace").strip()
+            raise SystemExit(f"cannot copy out {version!r}: {why}")
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     src = dest / "src"
     if not (src / "achat" / "__init__.py").exists():
@@ -91,9 +102,28 @@ def copy_out(version: str, dest: Path) -> Path:
     return src
 
 
+def check_scenario(scenario: list[str], metric: str) -> str | None:
+    """Why ``scenario`` cannot be compared by ``metric`` here, or None if it can."""
+    if not scenario or scenario[0] not in SCENARIOS:
+        return f"the scenario must be one of {', '.join(SCENARIOS)}"
+    if any(arg == "--port" or arg.startswith("--port=") for arg in scenario):
+        return "the fit needs the server's CPU: let achat-bench start the server (no --port)"
+    if metric not in SCENARIOS[scenario[0]]:
+        return f"{scenario[0]} does not measure {metric}"
+    return None
+
+
+def _achat_bench() -> str:
+    beside = Path(sys.executable).parent / "achat-bench"
+    found = str(beside) if beside.exists() else shutil.which("achat-bench")
+    if found is None:
+        raise SystemExit("no achat-bench: run this with the project's .venv/bin/python")
+    return found
+
+
 def run_one(version: str, src: Path, scenario: list[str], metric: str) -> Run:
     """One ``achat-bench`` run of ``scenario`` with ``src``'s achat, server and load."""
-    bench = str(Path(sys.executable).parent / "achat-bench")
+    bench = _achat_bench()
     where, key = METRICS[metric]
     with tempfile.TemporaryDirectory(prefix="achat-pairs-") as tmp:
         out = Path(tmp) / "result.json"
@@ -109,9 +139,11 @@ def run_one(version: str, src: Path, scenario: list[str], metric: str) -> Run:
             raise RuntimeError(f"achat-bench failed with {version}:\n{done.stderr[-2000:]}")
         result = json.loads(out.read_text())
     value = (result.get(where) or {}).get(key) if where else result.get(key)
+    if not value:  # a latency with nothing delivered, a rate with nothing done
+        raise RuntimeError(f"the run with {version} measured no {metric}")
     cpu = result.get("server_cpu_pct")
-    if value is None or cpu is None:
-        raise RuntimeError(f"the run with {version} measured no {metric} or no server CPU")
+    if cpu is None:
+        raise RuntimeError(f"the run with {version} measured no server CPU")
     return Run(version, float(value), float(cpu))
 
 
@@ -121,20 +153,27 @@ def fit(runs: list[Run]) -> Fit | None:
     n = len(runs)
     if n < 4:
         return None
-    rows = [(1.0, r.cpu, 1.0 if r.version == "new" else 0.0) for r in runs]
+    # The CPU about its mean: the same c and error, and a matrix whose size does not
+    # grow with how busy the server was.
+    mean_cpu = statistics.fmean(r.cpu for r in runs)
+    rows = [(1.0, r.cpu - mean_cpu, 1.0 if r.version == "new" else 0.0) for r in runs]
     xtx = [[sum(row[i] * row[j] for row in rows) for j in range(3)] for i in range(3)]
     xty = [sum(row[i] * r.metric for row, r in zip(rows, runs, strict=True)) for i in range(3)]
-    inverse = _inverse3(xtx)
+    inverse = _inverse_gram(xtx)
     if inverse is None:
         return None
     a, b, c = (sum(inverse[i][j] * xty[j] for j in range(3)) for i in range(3))
-    residuals = [r.metric - (a + b * r.cpu + c * row[2]) for row, r in zip(rows, runs, strict=True)]
-    variance = sum(e * e for e in residuals) / (n - 3) if n > 3 else 0.0
-    return Fit(a, b, c, math.sqrt(max(variance * inverse[2][2], 0.0)))
+    residuals = [
+        r.metric - (a + b * row[1] + c * row[2]) for row, r in zip(rows, runs, strict=True)
+    ]
+    variance = sum(e * e for e in residuals) / (n - 3)
+    return Fit(a - b * mean_cpu, b, c, math.sqrt(max(variance * inverse[2][2], 0.0)))
 
 
-def _inverse3(m: list[list[float]]) -> list[list[float]] | None:
-    """The inverse of a 3×3 matrix, None if it is (nearly) singular."""
+def _inverse_gram(m: list[list[float]]) -> list[list[float]] | None:
+    """The inverse of a 3×3 Gram matrix (``XᵀX``: symmetric, never negative), None if it
+    is (nearly) singular. Such a matrix's determinant is at most the product of its
+    diagonal, and near 0 against it when a column is nearly a mix of the others."""
     (a, b, c), (d, e, f), (g, h, i) = m
     cofactors = [
         [e * i - f * h, -(d * i - f * g), d * h - e * g],
@@ -142,8 +181,10 @@ def _inverse3(m: list[list[float]]) -> list[list[float]] | None:
         [b * f - c * e, -(a * f - c * d), a * e - b * d],
     ]
     det = a * cofactors[0][0] + b * cofactors[0][1] + c * cofactors[0][2]
-    scale = max(abs(x) for row in m for x in row) ** 3
-    if scale == 0 or abs(det) < 1e-12 * scale:
+    # Singular, or as good as: measured against the diagonal (the columns' sizes), so
+    # that what counts is how far the columns are from one another, not how big.
+    scale = abs(a * e * i)
+    if scale == 0 or abs(det) < 1e-9 * scale:
         return None
     # The inverse is the transposed cofactors over the determinant.
     return [[cofactors[j][k] / det for j in range(3)] for k in range(3)]
@@ -198,6 +239,8 @@ def main() -> None:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
+    if why := check_scenario(scenario, args.metric):
+        parser.error(why)
     with tempfile.TemporaryDirectory(prefix="achat-pairs-") as tmp:
         sources = {
             "base": copy_out(args.base, Path(tmp) / "base"),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -231,6 +232,45 @@ def _pairs_runs(pairs: Any, cpus: Sequence[tuple[float, float]], effect: float) 
     return runs
 
 
+def _least_squares(runs: list[Any]) -> tuple[float, float, float, float]:
+    """The fit worked out in exact fractions, by elimination: a, b, c and c's error."""
+    rows = [(Fraction(1), Fraction(r.cpu), Fraction(r.version == "new")) for r in runs]
+    ys = [Fraction(r.metric) for r in runs]
+    m = [[sum((x[i] * x[j] for x in rows), Fraction(0)) for j in range(3)] for i in range(3)]
+    # [XᵀX | Xᵀy | I]: eliminated, the fit and the inverse's corner come out together.
+    aug: list[list[Fraction]] = [
+        m[i]
+        + [sum((x[i] * y for x, y in zip(rows, ys, strict=True)), Fraction(0))]
+        + [Fraction(i == k) for k in range(3)]
+        for i in range(3)
+    ]
+    for col in range(3):
+        pivot = next(r for r in range(col, 3) if aug[r][col] != 0)
+        aug[col], aug[pivot] = aug[pivot], aug[col]
+        aug[col] = [v / aug[col][col] for v in aug[col]]
+        for r in range(3):
+            if r != col:
+                aug[r] = [v - aug[r][col] * w for v, w in zip(aug[r], aug[col], strict=True)]
+    a, b, c = (aug[i][3] for i in range(3))
+    residuals = [y - (a + b * x[1] + c * x[2]) for x, y in zip(rows, ys, strict=True)]
+    variance = sum((e * e for e in residuals), Fraction(0)) / (len(runs) - 3)
+    return float(a), float(b), float(c), math.sqrt(variance * aug[2][6])
+
+
+def test_pairs_fit_is_least_squares() -> None:
+    pairs = load("pairs")
+    cpus = [(55, 49), (52, 50), (48, 46), (50, 49), (53, 54), (96, 91), (51, 47), (94.5, 92)]
+    runs = _pairs_runs(pairs, cpus, effect=-0.3)
+    runs[3] = pairs.Run("new", runs[3].metric + 0.4, runs[3].cpu)  # one run way off
+    fitted = pairs.fit(runs)
+    a, b, c, se = _least_squares(runs)
+    assert fitted.intercept == pytest.approx(a, rel=1e-9)
+    assert fitted.per_cpu == pytest.approx(b, rel=1e-9)
+    assert fitted.new == pytest.approx(c, rel=1e-9)
+    assert fitted.new_se == pytest.approx(se, rel=1e-9)
+    assert se > 0.05  # the run that is off shows in the error
+
+
 def test_pairs_fit_tells_a_change_from_quicker_spells() -> None:
     pairs = load("pairs")
     # The new version met quicker spells in every pair but one, and does nothing itself.
@@ -240,7 +280,6 @@ def test_pairs_fit_tells_a_change_from_quicker_spells() -> None:
     assert "- new lower in 7 of 8 pairs, higher in 1;" in text  # what the medians say
     fitted = pairs.fit(lucky)
     assert abs(fitted.new) < 0.05  # what the fit says
-    assert fitted.new_se < 0.05
     assert abs(fitted.per_cpu - 0.1) < 0.01
     assert f"- with the server's CPU fitted out: new {fitted.new:+,.3f}" in text
     # A change worth -0.3 on the same spells is found as such.
@@ -249,6 +288,10 @@ def test_pairs_fit_tells_a_change_from_quicker_spells() -> None:
     # And one that meets slower spells is not blamed for them.
     slower = pairs.fit(_pairs_runs(pairs, [(b, n + 6) for b, n in cpus], effect=0.0))
     assert abs(slower.new) < 0.05
+    # Nor does a busy server's CPU, near a full core, keep the fit from telling.
+    busy = pairs.fit(_pairs_runs(pairs, [(b + 40, n + 40) for b, n in cpus], effect=-0.3))
+    assert busy is not None
+    assert abs(busy.new + 0.3) < 0.05
 
 
 def test_pairs_fit_declines_what_it_cannot_tell() -> None:
@@ -259,6 +302,22 @@ def test_pairs_fit_declines_what_it_cannot_tell() -> None:
     assert pairs.fit(flat) is None
     text = pairs.report(list(zip(flat[::2], flat[1::2], strict=True)), "p99", "a", "b")
     assert "too few runs, or no spread, to tell" in text
+    # The CPU moved, but only with the version: the two cannot be told apart either.
+    confounded = [
+        pairs.Run(r.version, r.metric, 60.0 if r.version == "new" else 50.0) for r in flat
+    ]
+    assert pairs.fit(confounded) is None
+
+
+def test_pairs_takes_only_what_it_can_fit() -> None:
+    pairs = load("pairs")
+    assert pairs.check_scenario(["busy-room", "-n", "300"], "p99") is None
+    assert pairs.check_scenario(["ingest"], "acked_per_s") is None
+    assert "no --port" in pairs.check_scenario(["busy-room", "--port", "7000"], "p99")
+    assert "no --port" in pairs.check_scenario(["busy-room", "--port=7000"], "p99")
+    assert "one of" in pairs.check_scenario(["idle", "-n", "10000"], "p99")
+    assert "one of" in pairs.check_scenario([], "p99")
+    assert "does not measure acked_per_s" in pairs.check_scenario(["busy-room"], "acked_per_s")
 
 
 def test_pairs_runs_the_code_of_each_version(tmp_path: Path) -> None:
@@ -267,10 +326,16 @@ def test_pairs_runs_the_code_of_each_version(tmp_path: Path) -> None:
     pairs = load("pairs")
     scenario = ["busy-room", "-n", "3", "-r", "2", "--duration", "0.5", "--warmup", "0.3"]
     good = pairs.copy_out("worktree", tmp_path / "good")
+    marks = tmp_path / "imported"
+    # The copy's server package says which programs imported it.
+    with (good / "achat" / "server" / "__init__.py").open("a") as f:
+        f.write(f"\nimport sys as _s\nwith open({str(marks)!r}, 'a') as _f:\n")
+        f.write("    _f.write(_s.argv[0] + '\\n')\n")
     run = pairs.run_one("new", good, scenario, "p99")
     assert run.version == "new"
     assert run.metric > 0
     assert run.cpu >= 0
+    assert any(line.endswith("achat-server") for line in marks.read_text().splitlines())
     broken = pairs.copy_out("worktree", tmp_path / "broken")
     (broken / "achat" / "__init__.py").write_text("raise SystemExit('not this copy')\n")
     with pytest.raises(RuntimeError, match="achat-bench failed with base"):
@@ -278,11 +343,12 @@ def test_pairs_runs_the_code_of_each_version(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    not (Path(__file__).resolve().parent.parent / ".git").exists(), reason="not a git checkout"
+    not (Path(__file__).resolve().parent.parent / ".git").exists() or shutil.which("git") is None,
+    reason="not a git checkout",
 )
 def test_pairs_copies_a_git_revision_out(tmp_path: Path) -> None:
     pairs = load("pairs")
     src = pairs.copy_out("HEAD", tmp_path / "head")
     assert (src / "achat" / "server" / "session.py").is_file()
-    with pytest.raises(subprocess.CalledProcessError):
+    with pytest.raises(SystemExit, match="cannot copy out 'no-such-revision-anywhere'"):
         pairs.copy_out("no-such-revision-anywhere", tmp_path / "none")
