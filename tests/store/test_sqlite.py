@@ -416,6 +416,28 @@ async def test_the_loop_does_not_commit_while_the_writers_callbacks_wait(
     assert store.loop_batches == 0
 
 
+def _wal_bytes(db_path: Path) -> int:
+    wal = db_path.with_name(db_path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def _store_big(store: SQLiteStore, seqs: range) -> None:
+    """Messages of 4,000 bytes in room r, stored: a page of the WAL or so each."""
+    for seq in seqs:
+        store.append(msg("r", seq, text="y" * 4000), lambda: None)
+    store.flush()
+
+
+@contextlib.contextmanager
+def _snapshot(db_path: Path) -> Iterator[None]:
+    """Another connection reading the database, holding its snapshot of now until the
+    block ends: a reader of the WAL that no checkpoint may copy past."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM chunks").fetchone()
+        yield
+
+
 async def test_a_commit_that_empties_the_wal_leaves_the_next_write_to_the_writer(
     still_store: SQLiteStore, db_path: Path
 ) -> None:
@@ -432,22 +454,12 @@ async def test_a_commit_that_empties_the_wal_leaves_the_next_write_to_the_writer
         assert not store._wal_may_restart
         await _stored_on(store, [msg("r", 3)])
         assert (store.batches, store.loop_batches) == (1, 2)
-        reader = sqlite3.connect(db_path, isolation_level=None)
-        try:
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM chunks").fetchone()  # a snapshot before 4
+        with _snapshot(db_path):  # from before 4
             await _stored_on(store, [msg("r", 4)])
             store._checkpoint(db)  # cannot copy 4: the reader's snapshot is older
-        finally:
-            reader.close()
         assert not store._wal_may_restart
         await _stored_on(store, [msg("r", 5)])
         assert (store.batches, store.loop_batches) == (1, 4)
-
-
-def _wal_bytes(db_path: Path) -> int:
-    wal = db_path.with_name(db_path.name + "-wal")
-    return wal.stat().st_size if wal.exists() else 0
 
 
 @pytest.fixture
@@ -497,9 +509,7 @@ async def test_a_big_wal_starts_over_though_commits_land_during_checkpoints(
     store = small_wal_store
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
         db.execute(f"PRAGMA busy_timeout={sqlite_store.WAL_RESTART_WAIT_MS}")
-        for seq in range(1, 80):
-            store.append(msg("r", seq, text="y" * 4000), lambda: None)
-        store.flush()
+        _store_big(store, range(1, 80))
         assert _wal_bytes(db_path) > 2 * 128 * 1024
         steady = _CommitDuringCheckpoint(db, store, msg("r", 80))
         store._checkpoint(cast(sqlite3.Connection, steady))
@@ -526,24 +536,15 @@ def test_a_checkpoint_restarts_the_wal_only_past_its_limit(
         store.wal_restarts = 0
         store._checkpoint(db)
         assert store.wal_restarts == 0  # a few pages: PASSIVE alone
-        for seq in range(2, 40):
-            store.append(msg("r", seq, text="y" * 4000), lambda: None)
-        store.flush()
+        _store_big(store, range(2, 40))
         store._checkpoint(db)
         assert store.wal_restarts == 1
         assert store._wal_may_restart
-        reader = sqlite3.connect(db_path, isolation_level=None)
-        try:
-            for seq in range(40, 80):
-                store.append(msg("r", seq, text="y" * 4000), lambda: None)
-            store.flush()
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM chunks").fetchone()  # a reader of the WAL
+        _store_big(store, range(40, 80))
+        with _snapshot(db_path):
             store.append(msg("r", 80), lambda: None)
             store.flush()
             store._checkpoint(db)  # cannot copy 80, so does not try to start over
-        finally:
-            reader.close()
         assert store.wal_restarts == 1
         assert not store._wal_may_restart
 
@@ -557,16 +558,9 @@ def test_a_reader_that_outlasts_the_restart_leaves_it_to_the_next_write(
     store = small_wal_store
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
         db.execute(f"PRAGMA busy_timeout={sqlite_store.WAL_RESTART_WAIT_MS}")
-        for seq in range(1, 40):
-            store.append(msg("r", seq, text="y" * 4000), lambda: None)
-        store.flush()
-        reader = sqlite3.connect(db_path, isolation_level=None)
-        try:
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM chunks").fetchone()  # the latest snapshot
+        _store_big(store, range(1, 40))
+        with _snapshot(db_path):  # the latest
             store._checkpoint(db)
-        finally:
-            reader.close()
         assert store.wal_restarts == 0  # not started over: the reader outlasted the wait
         assert store._wal_may_restart
 
