@@ -2,8 +2,8 @@
 
 On the reference machine busy-room 300's p99 moves with the host's spells by
 more than most changes move it, and in step with how busy the same load keeps
-the server's core (item 55 of docs/performance.md: about 0.11 ms per per cent).
-So a change is measured against the code before it in pairs of runs, the
+the server's core (item 55 of docs/performance-history.md: about 0.11 ms per
+per cent). So a change is measured against the code before it in pairs of runs, the
 order turned each pair so that neither version always meets a spell first,
 and reported two ways:
 

@@ -50,8 +50,8 @@ messages the weight of a read of one. Reads near either edge of the window
 were once read stamp by stamp as they came, a step of Python per stamp for
 half a second of all the traffic at once: at busy-room 2,500 that stalled
 the worker for a second or more at the window's start and at its end, which
-the latencies measured, and often set off a collapse (docs/performance.md,
-item 32).
+the latencies measured, and often set off a collapse (item 32 of
+docs/performance-history.md).
 
 That is all a read costs while the client waits for nothing.
 Besides messages, what a client needs from the server are the answers to

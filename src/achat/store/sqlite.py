@@ -420,9 +420,9 @@ class SQLiteStore(Store):
         Waking the writer thread, handing it the GIL for every SQLite step and being
         woken for its callbacks cost a delivery more than the commit itself does when
         the loop has the server's only core (busy-room 300: item 53 of
-        docs/performance.md). So while the writer has nothing of its own (everything
-        handed to it is committed and called back, so order is kept), a tick of a few
-        writes is committed here, on a connection that never waits for a lock. Only
+        docs/performance-history.md). So while the writer has nothing of its own
+        (everything handed to it is committed and called back, so order is kept), a tick
+        of a few writes is committed here, on a connection that never waits for a lock. Only
         with ``durability="normal"``: a commit then appends to the WAL without an
         fsync. Not the first commit after a checkpoint emptied the WAL either, which
         starts the WAL over and syncs its header. A commit that finds the database
