@@ -1,6 +1,7 @@
 """Process-wide settings of the interpreter for a server that answers in milliseconds.
 
-Both were found by measuring (``achat-bench many-rooms``, see docs/performance.md):
+Both were found by measuring (``achat-bench many-rooms``; docs/performance-history.md,
+items 2 and 3):
 
 - **GIL switch interval.** A message is delivered once its store commit is
   done, and the store's writer thread takes the GIL a few times per commit

@@ -4,8 +4,8 @@ Theory of operation: a :class:`Session` is the connection's
 :class:`asyncio.Protocol`. Each chunk the transport delivers goes through
 the frame decoder, and every complete frame is handed to the registry at
 once, in the same callback: no task, no stream objects and no future per
-connection, which is what keeps an idle client cheap (see
-``docs/performance.md``). Output never goes straight to the socket:
+connection, which is what keeps an idle client cheap (item 6 of
+``docs/performance-history.md``). Output never goes straight to the socket:
 :meth:`Session.send` appends to an outbox and queues the connection in
 :class:`FlushRounds`, which writes queued connections in short slices at the
 end of loop ticks (later when writing has used up its share of a saturated
