@@ -49,6 +49,7 @@ bench: install
 	sleep 5  # let the kernel finish tearing down the sockets of idle (10,000) and ingest
 	$(BIN)/python benchmarks/arrival.py --update docs/performance.md
 	taskset -c 0 $(BIN)/python benchmarks/say_cost.py --update docs/performance.md
+	$(BIN)/python benchmarks/pauses.py --update docs/performance.md
 	sleep 5  # let the kernel finish tearing down the load's sockets
 	$(BIN)/python benchmarks/client.py --update docs/performance.md
 	$(BIN)/python benchmarks/sweep.py --update docs/performance.md --svg docs/busy-room-sweep.svg

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from achat.protocol.messages import DmEvent, Message
-from achat.server.refs import RecentRefs, ack_from, receipt_number, receipt_of, ref_key
+from achat.server.refs import (
+    SHARDS,
+    RecentRefs,
+    ack_from,
+    receipt_number,
+    receipt_of,
+    ref_key,
+)
 from achat.store.base import ack_of
 
 
@@ -67,6 +74,23 @@ def test_refs_expire_in_order_at_their_deadline() -> None:
     assert refs.get(ref_key("ana", "b")) == b"B"
     refs.expire(20)
     assert refs.get(ref_key("ana", "b")) is None
+    assert len(refs) == 0
+
+
+def test_many_refs_spread_over_every_shard_and_all_expire() -> None:
+    # No dict may grow big, or copying it when it fills up stops the loop (refs.py);
+    # one nick's refs alone, in order, are what a client pipelining says sends.
+    refs: RecentRefs[str] = RecentRefs()
+    count = 64 * SHARDS
+    refs.deadline(10)
+    for i in range(count):
+        assert refs.claim(ref_key("ana", f"c0ffee-{i}"), b"R") is None
+    sizes = [len(shard) for shard in refs._shards]
+    assert sum(sizes) == count
+    assert max(sizes) < 2 * count / SHARDS
+    assert refs.get(ref_key("ana", f"c0ffee-{count - 1}")) == b"R"
+    refs.expire(10)
+    assert not any(refs._shards)
     assert len(refs) == 0
 
 

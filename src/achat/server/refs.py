@@ -22,6 +22,15 @@ tell from the number (the registry knows the last ``seq`` of each room it
 fanned out, and the last DM it acked); a resend of one that is not waits,
 by the receipt, for its ack.
 
+The table is split by the keys' hashes into :data:`SHARDS` dicts, none of
+them big. A dict that has filled up copies everything it holds into a new
+table at once, with the loop stopped: when it doubles, and again each time
+the entries that expiry deleted have used up its room. As one dict of three
+million refs, that stopped the loop for 0.13 s as it grew and 0.3–0.4 s once
+it was full (item 59 of docs/performance-history.md), and a server under a
+steady load of says would stop so again and again; a shard holds a
+sixty-fourth of the table.
+
 Entries expire in the order they were made, so a deque of keys and one of
 marks (where the keys of each deadline begin) are all the bookkeeping
 expiry needs. Deadlines are rounded up to a ``granularity`` (the server's
@@ -47,6 +56,16 @@ W = TypeVar("W")
 
 #: What a released ref has until it expires: nothing (a use of it is new again).
 _RELEASED = b""
+
+#: How many dicts the table is split into (a power of two). At three million refs a
+#: shard's copy takes 5–15 ms; at the most the default limits let a server take in
+#: ten minutes (30 million), about ten times that. More shards would stop the loop for
+#: less, but each is touched at random by the says that land in it, and 1,024 of them
+#: cost ingest 8 % (item 59).
+SHARDS = 64
+#: A key's shard is bits 32 and up of its hash: a dict finds a key's slot by the hash's
+#: low bits, and keys that shared those would crowd into a sliver of each dict's slots.
+_MASK = SHARDS - 1
 
 
 def ref_key(nick_key: str, ref: str) -> str:
@@ -95,8 +114,9 @@ class RecentRefs(Generic[W]):
             raise ValueError("granularity must be at least 1")
         self._granularity = granularity
         # A ref's receipt from the moment it is claimed, before its record is stored:
-        # whether it is stored yet is its owner's to tell (from the record's number).
-        self._refs: dict[str, bytes] = {}
+        # whether it is stored yet is its owner's to tell (from the record's number). In
+        # the shard its key's hash picks, which finds it by the hash hash() kept in it.
+        self._shards: list[dict[str, bytes]] = [{} for _ in range(SHARDS)]
         # Every key in the order claimed, the first of them the _first'th ever claimed.
         self._keys: deque[str] = deque()
         self._first = 0
@@ -110,19 +130,23 @@ class RecentRefs(Generic[W]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def _shard(self, key: str) -> dict[str, bytes]:
+        return self._shards[(hash(key) >> 32) & _MASK]
+
     def expire(self, now: int) -> None:
         """Forget every ref whose (rounded) deadline is not after ``now``."""
-        marks, keys, refs = self._marks, self._keys, self._refs
+        marks, keys, shards = self._marks, self._keys, self._shards
         while marks and marks[0][0] <= now:
             marks.popleft()
             end = marks[0][1] if marks else self._first + len(keys)
             for _ in range(end - self._first):
-                refs.pop(keys.popleft(), None)
+                key = keys.popleft()
+                shards[(hash(key) >> 32) & _MASK].pop(key, None)  # _shard, inline
             self._first = end
 
     def get(self, key: str) -> bytes | None:
         """What ``key`` was remembered with (a receipt or an ack), if it has not expired."""
-        return self._refs.get(key) or None
+        return self._shard(key).get(key) or None
 
     def deadline(self, deadline: int) -> None:
         """Have the keys claimed from now on kept until ``deadline``, rounded up to the
@@ -136,12 +160,13 @@ class RecentRefs(Generic[W]):
     def claim(self, key: str, receipt: bytes) -> bytes | None:
         """Remember ``key`` with ``receipt`` (a new object) unless ``key`` is known: None
         if it was new, else what it has (``key`` is then a resend's)."""
-        kept = self._refs.setdefault(key, receipt)  # one lookup, new or not
+        refs = self._shards[(hash(key) >> 32) & _MASK]  # _shard, inline: every say's
+        kept = refs.setdefault(key, receipt)  # one lookup, new or not
         if kept is receipt:
             self._keys.append(key)
             return None
         if not kept:  # released: new again, in its place (so at its first deadline)
-            self._refs[key] = receipt
+            refs[key] = receipt
             return None
         return kept
 
@@ -149,8 +174,9 @@ class RecentRefs(Generic[W]):
         """Undo the claim of ``key`` with ``receipt``, whose record never reached the
         store: a use of ``key`` is new again. It keeps its place in the expiry order
         (every key is once in it), so it is forgotten at its first deadline."""
-        if self._refs.get(key) is receipt:
-            self._refs[key] = _RELEASED
+        refs = self._shard(key)
+        if refs.get(key) is receipt:
+            refs[key] = _RELEASED
 
     def keep(self, key: str, deadline: int, ack: bytes) -> None:
         """Remember ``key`` with ``ack`` (a receipt or a whole ack frame) until
@@ -159,7 +185,7 @@ class RecentRefs(Generic[W]):
         if self.claim(key, ack) is not None:
             # Two uses of one key in force: only a clock stepped back around a restart
             # does that. The later (load_refs gives it last) at the earlier's deadline.
-            self._refs[key] = ack
+            self._shard(key)[key] = ack
 
     def wait(self, receipt: bytes, waiter: W) -> None:
         """Have ``waiter`` wait for the ack of the record ``receipt`` names."""

@@ -1,0 +1,223 @@
+"""How long the server stops for its table of refs, alone and under ingest.
+
+Every ``say`` with a ref is remembered for ten minutes (``server/refs.py``),
+so a busy server holds millions of refs. A Python dict that fills up copies
+all it holds into a new table at once: as one dict, the table stopped the
+loop for half a second at three million refs, and, once full, again each
+time expiry's deletions used up its room (item 59 of
+docs/performance-history.md). This measures the longest such stop two ways:
+
+- **the table alone**, in this process: ``RecentRefs`` driven as the
+  registry drives it, a read of ``--batch`` says at a time (the expiry, the
+  deadline, then a claim for each with its key and receipt), on a clock that
+  runs at the rate that keeps ``--live`` refs in force. It first grows to
+  ``--live`` refs, then goes on for ``--churn`` times as many, each new one
+  expiring an old one. The longest read in each phase, and the mean cost of
+  a claim;
+- **under ingest**: ``achat-server`` (pinned to CPU 0, flood limit off) fed
+  by ``achat-bench ingest`` for ``--seconds`` (on the other CPUs), while a
+  bystander on its own connection sends a ``ping`` every 2 ms and waits for
+  its ``pong``. A stop of the loop is a wait of the bystander's.
+
+    python benchmarks/pauses.py [--live 3000000] [--churn 2] [--seconds 25]
+                                [--update docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from achat.bench.cli import _Server, replace_section
+from achat.protocol.messages import Message
+from achat.server.refs import SHARDS, RecentRefs, receipt_of, ref_key
+from achat.store.base import REF_TTL_MS
+
+SECTION = "pauses"
+NOW = 1_764_090_000_000
+#: The bystander's ping interval, seconds.
+PING_EVERY = 0.002
+#: The server's send queue for 8,192 says in flight (achat-bench starts its own so).
+INGEST_SENDQ = 8192 * 512
+
+
+@dataclass
+class TableRun:
+    live: int
+    claims: int
+    batch: int
+    longest_growing_ms: float
+    longest_full_ms: float
+    claim_us: float
+    held: int  # refs in force at the end
+
+
+def table_alone(live: int, churn: float, batch: int) -> TableRun:
+    """Drive a RecentRefs as the registry does and time every read's worth of says."""
+    refs: RecentRefs[object] = RecentRefs(granularity=1000)
+    claims = int(live * (1 + churn))
+    per_ms = live / REF_TTL_MS  # says a millisecond that keep ``live`` refs in force
+    growing: list[float] = []
+    full: list[float] = []
+    nick = "someone"
+    clock = time.perf_counter
+    started = clock()
+    done = 0
+    while done < claims:
+        now = NOW + int(done / per_ms)
+        message = Message(room="lobby", seq=done + 1, ts=now, sender=nick, text="")
+        t = clock()
+        refs.expire(now)
+        refs.deadline(now + REF_TTL_MS)
+        for i in range(done, done + batch):
+            refs.claim(ref_key(nick, f"c0ffee-{i}"), receipt_of(message))
+        (growing if done < live else full).append(clock() - t)
+        done += batch
+    elapsed = clock() - started
+    longest_growing, longest_full = max(growing) * 1000, max(full, default=0) * 1000
+    return TableRun(
+        live, done, batch, longest_growing, longest_full, elapsed / done * 1e6, len(refs)
+    )
+
+
+@dataclass
+class IngestRun:
+    seconds: float
+    acked_per_s: float
+    ingest_p999_ms: float
+    pings: int
+    pong_p50_ms: float
+    pong_p99_ms: float
+    pong_max_ms: float
+    rss_mib: float
+
+
+async def _bystander(port: int, until: float) -> list[float]:
+    """Ping every PING_EVERY seconds until ``until`` (monotonic); each pong's wait."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    def send(obj: dict[str, object]) -> None:
+        body = json.dumps(obj).encode()
+        writer.write(struct.pack(">I", len(body)) + body)
+
+    async def receive() -> dict[str, object]:
+        (size,) = struct.unpack(">I", await reader.readexactly(4))
+        frame: dict[str, object] = json.loads(await reader.readexactly(size))
+        return frame
+
+    send({"type": "hello", "nick": "bystander", "version": 1})
+    if (await receive()).get("type") != "welcome":
+        raise RuntimeError("the server did not welcome the bystander")
+    waits: list[float] = []
+    n = 0
+    while time.monotonic() < until:
+        n += 1
+        sent = time.monotonic()
+        send({"type": "ping", "ref": str(n)})
+        while (await receive()).get("type") != "pong":
+            pass
+        waits.append(time.monotonic() - sent)
+        await asyncio.sleep(PING_EVERY)
+    writer.close()
+    return waits
+
+
+def under_ingest(seconds: float) -> IngestRun:
+    mine = os.sched_getaffinity(0)
+    others = [cpu for cpu in sorted(mine) if cpu != 0]
+    server = _Server(["--rate", "0", "--sendq-limit", str(INGEST_SENDQ)], 0)
+    try:
+        os.sched_setaffinity(0, others)  # the bystander with the load, off the server's CPU
+        bench = str(Path(sys.executable).parent / "achat-bench")
+        with tempfile.TemporaryDirectory(prefix="achat-pauses-") as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = ["taskset", "-c", ",".join(map(str, others)), bench, "ingest"]
+            cmd += ["--port", str(server.port), "--pipeline", "8192"]
+            cmd += ["--duration", f"{seconds:g}", "--json", str(out)]
+            load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # The bystander until the load is done (its warm-up and the run's end included).
+            waits = asyncio.run(_bystander(server.port, time.monotonic() + seconds + 4))
+            _, err = load.communicate(timeout=120)
+            if load.returncode != 0 or not out.exists():
+                raise RuntimeError(f"achat-bench ingest failed:\n{err.decode()[-2000:]}")
+            result = json.loads(out.read_text())
+        rss = server.rss_kib() / 1024
+    finally:
+        os.sched_setaffinity(0, mine)
+        server.stop()
+    waits.sort()
+    return IngestRun(
+        seconds,
+        float(result["acked_per_s"]),
+        float(result["latency_ms"]["p99.9"]),
+        len(waits),
+        statistics.median(waits) * 1000,
+        waits[int(len(waits) * 0.99)] * 1000,
+        waits[-1] * 1000,
+        rss,
+    )
+
+
+def report(alone: TableRun, ingest: IngestRun | None, churn: float) -> str:
+    lines = [
+        f"`python benchmarks/pauses.py --live {alone.live} --churn {churn:g} --seconds "
+        f"{ingest.seconds if ingest else 0:g}` (the table split into {SHARDS:,} dicts):",
+        "",
+        "| measured | figure |",
+        "|---|---:|",
+        f"| the table alone: longest read of {alone.batch} says while it grew to "
+        f"{alone.live:,} refs | {alone.longest_growing_ms:.1f} ms |",
+        f"| the table alone: longest read of {alone.batch} while it stayed full "
+        f"({alone.claims - alone.live:,} more) | {alone.longest_full_ms:.1f} ms |",
+        f"| the table alone: a claim, on average | {alone.claim_us:.2f} µs |",
+    ]
+    if ingest is not None:
+        lines += [
+            f"| under ingest: `say`/s acked | {ingest.acked_per_s:,.0f} |",
+            f"| under ingest: the bystander's pong, p50 / p99 of {ingest.pings:,} | "
+            f"{ingest.pong_p50_ms:.1f} / {ingest.pong_p99_ms:.1f} ms |",
+            f"| under ingest: the bystander's longest wait for a pong | "
+            f"**{ingest.pong_max_ms:.1f} ms** |",
+            f"| under ingest: the ingest client's p99.9 | {ingest.ingest_p999_ms:.1f} ms |",
+            f"| under ingest: the server's memory at the end | {ingest.rss_mib:,.0f} MiB |",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--live", type=int, default=3_000_000, help="refs in force when full")
+    parser.add_argument(
+        "--churn", type=float, default=2.0, help="claims once full, as a multiple of --live"
+    )
+    parser.add_argument("--batch", type=int, default=100, help="says a read")
+    parser.add_argument(
+        "--seconds", type=float, default=25.0, help="of ingest with a bystander (0: none)"
+    )
+    parser.add_argument("--update", type=Path, help="replace the pauses section of this file")
+    args = parser.parse_args()
+    if args.live < args.batch or args.churn < 0 or args.batch < 1 or args.seconds < 0:
+        parser.error("--live at least --batch, --batch at least 1, --churn and --seconds >= 0")
+    if args.seconds and (len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset")):
+        sys.exit("pauses.py --seconds needs taskset and two CPUs (or --seconds 0)")
+    ingest = under_ingest(args.seconds) if args.seconds else None
+    alone = table_alone(args.live, args.churn, args.batch)
+    text = report(alone, ingest, args.churn)
+    print(text)
+    if args.update:
+        replace_section(args.update, SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
