@@ -2,25 +2,28 @@
 
 Every ``say`` with a ref is remembered for ten minutes (``server/refs.py``),
 so a busy server holds millions of refs. A Python dict that fills up copies
-all it holds into a new table at once: as one dict, the table stopped the
-loop for half a second at three million refs, and, once full, again each
-time expiry's deletions used up its room (item 59 of
-docs/performance-history.md). This measures the longest such stop two ways:
+all it holds into a new table at once, with the loop stopped: as one dict,
+the table of three million refs stopped it for 0.13 s as it grew and for
+0.3–0.65 s once full, a ref expiring for each new one (item 59 of
+docs/performance-history.md). This measures the longest stop two ways:
 
-- **the table alone**, in this process: ``RecentRefs`` driven as the
-  registry drives it, a read of ``--batch`` says at a time (the expiry, the
-  deadline, then a claim for each with its key and receipt), on a clock that
-  runs at the rate that keeps ``--live`` refs in force. It first grows to
-  ``--live`` refs, then goes on for ``--churn`` times as many, each new one
-  expiring an old one. The longest read in each phase, and the mean cost of
-  a claim;
+- **the table alone**, in this process, pinned to the first CPU:
+  ``RecentRefs`` driven as the registry drives it, a read of ``--batch``
+  says at a time (the expiry, the deadline, then for each say its key, its
+  receipt and its claim), on a clock that runs at the rate that keeps
+  ``--live`` refs in force. It first grows to ``--live`` refs, then goes on
+  for ``--churn`` times as many, each new one expiring an old one. The
+  longest read in each phase, and the time per say in each. ``--shards 1``
+  is the table as one dict, as it was before item 59;
 - **under ingest**: ``achat-server`` (pinned to CPU 0, flood limit off) fed
   by ``achat-bench ingest`` for ``--seconds`` (on the other CPUs), while a
-  bystander on its own connection sends a ``ping`` every 2 ms and waits for
-  its ``pong``. A stop of the loop is a wait of the bystander's.
+  bystander on its own connection, on the load's CPUs, sends a ``ping``
+  every 2 ms and waits for its ``pong``, from before the load starts until
+  it ends. Its longest wait is the longest the loop was away, give or take
+  the bystander's own share of its CPU.
 
-    python benchmarks/pauses.py [--live 3000000] [--churn 2] [--seconds 25]
-                                [--update docs/performance.md]
+    python benchmarks/pauses.py [--live 3000000] [--churn 2] [--batch 100]
+        [--shards 64] [--seconds 25] [--update docs/performance.md]
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ NOW = 1_764_090_000_000
 PING_EVERY = 0.002
 #: The server's send queue for 8,192 says in flight (achat-bench starts its own so).
 INGEST_SENDQ = 8192 * 512
+#: The longest an ingest run may take beyond its --seconds (start-up, warm-up, drain).
+INGEST_SLACK = 60.0
 
 
 @dataclass
@@ -57,25 +62,26 @@ class TableRun:
     live: int
     claims: int
     batch: int
+    shards: int
     longest_growing_ms: float
-    longest_full_ms: float
-    claim_us: float
+    longest_full_ms: float | None  # None with no full phase (--churn 0)
+    growing_us: float  # per say: its key, receipt and claim, and its read's expiry
+    full_us: float | None
     held: int  # refs in force at the end
 
 
-def table_alone(live: int, churn: float, batch: int) -> TableRun:
+def table_alone(live: int, churn: float, batch: int, shards: int = SHARDS) -> TableRun:
     """Drive a RecentRefs as the registry does and time every read's worth of says."""
-    refs: RecentRefs[object] = RecentRefs(granularity=1000)
-    claims = int(live * (1 + churn))
-    per_ms = live / REF_TTL_MS  # says a millisecond that keep ``live`` refs in force
+    if live % batch:
+        raise ValueError("live must be a multiple of batch")
+    refs: RecentRefs[object] = RecentRefs(granularity=1000, shards=shards)
+    claims = live + int(live * churn) // batch * batch
     growing: list[float] = []
     full: list[float] = []
     nick = "someone"
     clock = time.perf_counter
-    started = clock()
-    done = 0
-    while done < claims:
-        now = NOW + int(done / per_ms)
+    for done in range(0, claims, batch):
+        now = NOW + done * REF_TTL_MS // live  # ``live`` says every REF_TTL_MS
         message = Message(room="lobby", seq=done + 1, ts=now, sender=nick, text="")
         t = clock()
         refs.expire(now)
@@ -83,11 +89,16 @@ def table_alone(live: int, churn: float, batch: int) -> TableRun:
         for i in range(done, done + batch):
             refs.claim(ref_key(nick, f"c0ffee-{i}"), receipt_of(message))
         (growing if done < live else full).append(clock() - t)
-        done += batch
-    elapsed = clock() - started
-    longest_growing, longest_full = max(growing) * 1000, max(full, default=0) * 1000
     return TableRun(
-        live, done, batch, longest_growing, longest_full, elapsed / done * 1e6, len(refs)
+        live,
+        claims,
+        batch,
+        shards,
+        max(growing) * 1000,
+        max(full) * 1000 if full else None,
+        sum(growing) / live * 1e6,
+        sum(full) / (claims - live) * 1e6 if full else None,
+        len(refs),
     )
 
 
@@ -103,8 +114,8 @@ class IngestRun:
     rss_mib: float
 
 
-async def _bystander(port: int, until: float) -> list[float]:
-    """Ping every PING_EVERY seconds until ``until`` (monotonic); each pong's wait."""
+async def _bystander(port: int, load: subprocess.Popen[bytes]) -> list[float]:
+    """Ping every PING_EVERY seconds until ``load`` ends; each pong's wait."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     def send(obj: dict[str, object]) -> None:
@@ -121,7 +132,7 @@ async def _bystander(port: int, until: float) -> list[float]:
         raise RuntimeError("the server did not welcome the bystander")
     waits: list[float] = []
     n = 0
-    while time.monotonic() < until:
+    while load.poll() is None:
         n += 1
         sent = time.monotonic()
         send({"type": "ping", "ref": str(n)})
@@ -141,16 +152,23 @@ def under_ingest(seconds: float) -> IngestRun:
         os.sched_setaffinity(0, others)  # the bystander with the load, off the server's CPU
         bench = str(Path(sys.executable).parent / "achat-bench")
         with tempfile.TemporaryDirectory(prefix="achat-pauses-") as tmp:
-            out = Path(tmp) / "result.json"
+            out, log = Path(tmp) / "result.json", Path(tmp) / "stderr"
             cmd = ["taskset", "-c", ",".join(map(str, others)), bench, "ingest"]
             cmd += ["--port", str(server.port), "--pipeline", "8192"]
             cmd += ["--duration", f"{seconds:g}", "--json", str(out)]
-            load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            # The bystander until the load is done (its warm-up and the run's end included).
-            waits = asyncio.run(_bystander(server.port, time.monotonic() + seconds + 4))
-            _, err = load.communicate(timeout=120)
+            with log.open("wb") as err:
+                load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+                try:
+                    waits = asyncio.run(
+                        asyncio.wait_for(_bystander(server.port, load), seconds + INGEST_SLACK)
+                    )
+                    load.wait(timeout=INGEST_SLACK)
+                finally:
+                    if load.poll() is None:
+                        load.kill()
+                        load.wait()
             if load.returncode != 0 or not out.exists():
-                raise RuntimeError(f"achat-bench ingest failed:\n{err.decode()[-2000:]}")
+                raise RuntimeError(f"achat-bench ingest failed:\n{log.read_text()[-2000:]}")
             result = json.loads(out.read_text())
         rss = server.rss_kib() / 1024
     finally:
@@ -160,7 +178,7 @@ def under_ingest(seconds: float) -> IngestRun:
     return IngestRun(
         seconds,
         float(result["acked_per_s"]),
-        float(result["latency_ms"]["p99.9"]),
+        float(result["latency_ms"].get("p99.9", "nan")),
         len(waits),
         statistics.median(waits) * 1000,
         waits[int(len(waits) * 0.99)] * 1000,
@@ -169,24 +187,35 @@ def under_ingest(seconds: float) -> IngestRun:
     )
 
 
-def report(alone: TableRun, ingest: IngestRun | None, churn: float) -> str:
+def report(alone: TableRun, ingest: IngestRun | None) -> str:
+    churn = (alone.claims - alone.live) / alone.live
     lines = [
-        f"`python benchmarks/pauses.py --live {alone.live} --churn {churn:g} --seconds "
-        f"{ingest.seconds if ingest else 0:g}` (the table split into {SHARDS:,} dicts):",
+        f"`python benchmarks/pauses.py --live {alone.live} --churn {churn:g} --batch "
+        f"{alone.batch} --shards {alone.shards} --seconds {ingest.seconds if ingest else 0:g}`"
+        f" (the table split into {alone.shards:,} dicts):",
         "",
         "| measured | figure |",
         "|---|---:|",
         f"| the table alone: longest read of {alone.batch} says while it grew to "
         f"{alone.live:,} refs | {alone.longest_growing_ms:.1f} ms |",
-        f"| the table alone: longest read of {alone.batch} while it stayed full "
-        f"({alone.claims - alone.live:,} more) | {alone.longest_full_ms:.1f} ms |",
-        f"| the table alone: a claim, on average | {alone.claim_us:.2f} µs |",
     ]
+    if alone.longest_full_ms is not None:
+        lines.append(
+            f"| the table alone: longest read of {alone.batch} while it stayed full "
+            f"({alone.claims - alone.live:,} more) | {alone.longest_full_ms:.1f} ms |"
+        )
+    per_say = f"{alone.growing_us:.2f} µs"
+    if alone.full_us is not None:
+        per_say += f" / {alone.full_us:.2f} µs"
+    lines.append(
+        "| the table alone: a say's key, receipt, claim and share of the expiry, "
+        f"as it grew{' / full' if alone.full_us is not None else ''} | {per_say} |"
+    )
     if ingest is not None:
         lines += [
             f"| under ingest: `say`/s acked | {ingest.acked_per_s:,.0f} |",
-            f"| under ingest: the bystander's pong, p50 / p99 of {ingest.pings:,} | "
-            f"{ingest.pong_p50_ms:.1f} / {ingest.pong_p99_ms:.1f} ms |",
+            f"| under ingest: the bystander's pong, p50 / p99 of {ingest.pings:,} over the "
+            f"run | {ingest.pong_p50_ms:.1f} / {ingest.pong_p99_ms:.1f} ms |",
             f"| under ingest: the bystander's longest wait for a pong | "
             f"**{ingest.pong_max_ms:.1f} ms** |",
             f"| under ingest: the ingest client's p99.9 | {ingest.ingest_p999_ms:.1f} ms |",
@@ -199,21 +228,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--live", type=int, default=3_000_000, help="refs in force when full")
     parser.add_argument(
-        "--churn", type=float, default=2.0, help="claims once full, as a multiple of --live"
+        "--churn", type=float, default=2.0, help="says once full, as a multiple of --live"
     )
     parser.add_argument("--batch", type=int, default=100, help="says a read")
+    parser.add_argument("--shards", type=int, default=SHARDS, help="dicts (a power of two)")
     parser.add_argument(
         "--seconds", type=float, default=25.0, help="of ingest with a bystander (0: none)"
     )
     parser.add_argument("--update", type=Path, help="replace the pauses section of this file")
     args = parser.parse_args()
-    if args.live < args.batch or args.churn < 0 or args.batch < 1 or args.seconds < 0:
-        parser.error("--live at least --batch, --batch at least 1, --churn and --seconds >= 0")
-    if args.seconds and (len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset")):
+    if args.batch < 1 or args.live < args.batch or args.live % args.batch:
+        parser.error("--live must be a multiple of --batch, which is at least 1")
+    if args.churn < 0 or args.seconds < 0 or args.shards < 1 or args.shards & (args.shards - 1):
+        parser.error("--churn and --seconds are at least 0; --shards is a power of two")
+    mine = os.sched_getaffinity(0)
+    if args.seconds and (len(mine) < 2 or not shutil.which("taskset")):
         sys.exit("pauses.py --seconds needs taskset and two CPUs (or --seconds 0)")
     ingest = under_ingest(args.seconds) if args.seconds else None
-    alone = table_alone(args.live, args.churn, args.batch)
-    text = report(alone, ingest, args.churn)
+    os.sched_setaffinity(0, {min(mine)})
+    try:
+        alone = table_alone(args.live, args.churn, args.batch, args.shards)
+    finally:
+        os.sched_setaffinity(0, mine)
+    text = report(alone, ingest)
     print(text)
     if args.update:
         replace_section(args.update, SECTION, text)

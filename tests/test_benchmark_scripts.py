@@ -182,20 +182,22 @@ def test_sweep_chart_leaves_out_a_size_with_no_latency() -> None:
         sweep.chart([])
 
 
-@pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None,
-    reason="floor.py pins its server to the first CPU and the load to the others",
-)
 def test_pauses_drives_the_refs_table_full_at_its_live_count() -> None:
     pauses = load("pauses")
-    run = pauses.table_alone(live=3_000, churn=1.0, batch=100)
-    assert run.claims == 6_000
-    # The clock runs so that --live refs stay in force (deadlines rounded up to a second
-    # keep a second's worth more): expiry ran, and the full phase was full.
-    assert 3_000 <= run.held <= 3_000 + 3_000 // 600 + 100
-    assert run.longest_growing_ms > 0
-    assert run.longest_full_ms > 0
-    assert run.claim_us > 0
+    for shards in (1, 64):
+        run = pauses.table_alone(live=3_000, churn=1.0, batch=100, shards=shards)
+        assert run.claims == 6_000
+        assert run.shards == shards
+        # The clock runs so that --live refs stay in force (deadlines rounded up to a
+        # second keep a second's worth more): expiry ran, and the full phase was full.
+        assert 3_000 <= run.held <= 3_000 + 3_000 // 600 + 100
+        assert run.longest_full_ms is not None
+        assert run.full_us is not None
+    grown = pauses.table_alone(live=3_000, churn=0.0, batch=100)
+    assert grown.held == grown.claims == 3_000
+    assert grown.longest_full_ms is None  # no full phase: nothing to report for it
+    with pytest.raises(ValueError, match="multiple"):
+        pauses.table_alone(live=3_050, churn=0.0, batch=100)
 
 
 @pytest.mark.skipif(
@@ -209,11 +211,16 @@ def test_pauses_times_a_bystanders_pongs_under_ingest() -> None:
     assert run.acked_per_s > 0
     assert run.pings > 10
     assert 0 < run.pong_p50_ms <= run.pong_p99_ms <= run.pong_max_ms
-    text = pauses.report(pauses.table_alone(300, 0.0, 100), run, 0.0)
+    text = pauses.report(pauses.table_alone(300, 0.0, 100), run)
     assert f"**{run.pong_max_ms:.1f} ms**" in text
-    assert "| the table alone: longest read of 100 while it stayed full (0 more) | 0.0 ms |" in text
+    assert "--churn 0 --batch 100 --shards 64 --seconds 1`" in text
+    assert "stayed full" not in text  # --churn 0 has no full phase
 
 
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None,
+    reason="floor.py pins its server to the first CPU and the load to the others",
+)
 def test_floor_serves_a_busy_room_that_achat_bench_checks() -> None:
     """The floor speaks enough of the protocol for achat-bench: every message said is
     delivered to every member, in seq order (its checking client would count a gap)."""

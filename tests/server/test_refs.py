@@ -87,11 +87,32 @@ def test_many_refs_spread_over_every_shard_and_all_expire() -> None:
         assert refs.claim(ref_key("ana", f"c0ffee-{i}"), b"R") is None
     sizes = [len(shard) for shard in refs._shards]
     assert sum(sizes) == count
+    assert min(sizes) > 0
     assert max(sizes) < 2 * count / SHARDS
     assert refs.get(ref_key("ana", f"c0ffee-{count - 1}")) == b"R"
     refs.expire(10)
     assert not any(refs._shards)
     assert len(refs) == 0
+
+
+def test_a_shard_count_is_a_power_of_two() -> None:
+    assert len(RecentRefs(shards=1)._shards) == 1
+    for bad in (0, 3, 48):
+        with pytest.raises(ValueError, match="power of two"):
+            RecentRefs(shards=bad)
+
+
+def test_a_key_kept_twice_is_kept_once_with_the_later_ack_until_the_first_deadline() -> None:
+    # Only a clock stepped back around a restart gives load_refs one key twice.
+    refs: RecentRefs[str] = RecentRefs()
+    key = ref_key("ana", "r")
+    refs.keep(key, 10, b"EARLIER")
+    refs.keep(key, 20, b"LATER")
+    assert refs.get(key) == b"LATER"
+    assert sum(len(shard) for shard in refs._shards) == 1
+    refs.expire(10)
+    assert refs.get(key) is None
+    assert not any(refs._shards)
 
 
 def test_a_ref_is_new_again_once_it_expired() -> None:

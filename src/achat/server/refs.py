@@ -22,14 +22,15 @@ tell from the number (the registry knows the last ``seq`` of each room it
 fanned out, and the last DM it acked); a resend of one that is not waits,
 by the receipt, for its ack.
 
-The table is split by the keys' hashes into :data:`SHARDS` dicts, none of
-them big. A dict that has filled up copies everything it holds into a new
-table at once, with the loop stopped: when it doubles, and again each time
-the entries that expiry deleted have used up its room. As one dict of three
-million refs, that stopped the loop for 0.13 s as it grew and 0.3–0.4 s once
-it was full (item 59 of docs/performance-history.md), and a server under a
-steady load of says would stop so again and again; a shard holds a
-sixty-fourth of the table.
+The table is split by the keys' hashes into :data:`SHARDS` dicts, each a
+sixty-fourth of the whole. A dict that has filled up copies everything it
+holds into a new table at once, with the loop stopped: when it doubles, and
+again each time the entries that expiry deleted have used up its room. As
+one dict of three million refs, that stopped the loop for 0.13 s as it grew
+and 0.3–0.65 s once it was full (item 59 of docs/performance-history.md). The
+shards fill evenly, so they copy themselves within a short stretch of says
+of one another: a read of thousands of says (a client pipelining them) may
+carry several copies, a read of a few at most one.
 
 Entries expire in the order they were made, so a deque of keys and one of
 marks (where the keys of each deadline begin) are all the bookkeeping
@@ -42,6 +43,7 @@ much longer.
 from __future__ import annotations
 
 import struct
+import sys
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -57,15 +59,14 @@ W = TypeVar("W")
 #: What a released ref has until it expires: nothing (a use of it is new again).
 _RELEASED = b""
 
-#: How many dicts the table is split into (a power of two). At three million refs a
-#: shard's copy takes 5–15 ms; at the most the default limits let a server take in
-#: ten minutes (30 million), about ten times that. More shards would stop the loop for
-#: less, but each is touched at random by the says that land in it, and 1,024 of them
-#: cost ingest 8 % (item 59).
+#: How many dicts the table is split into (a power of two). With 64, the longest read
+#: of 100 says took 4–26 ms as the table grew to three million refs or stayed full,
+#: against 0.13–0.65 s as one dict (``benchmarks/pauses.py``). More would stop the loop
+#: for less at a time, but with 1,024 ingest was 7 % slower (item 59).
 SHARDS = 64
-#: A key's shard is bits 32 and up of its hash: a dict finds a key's slot by the hash's
-#: low bits, and keys that shared those would crowd into a sliver of each dict's slots.
-_MASK = SHARDS - 1
+#: A key's shard is picked by the upper half of its hash: a dict places a key by the
+#: hash's low bits, and keys that shared those would crowd into a sliver of its slots.
+_SHIFT = sys.hash_info.width // 2
 
 
 def ref_key(nick_key: str, ref: str) -> str:
@@ -109,14 +110,18 @@ class RecentRefs(Generic[W]):
     """Recent refs, each with its receipt (or its whole ack), and the resends waiting
     for the acks of records not stored yet."""
 
-    def __init__(self, granularity: int = 1) -> None:
+    def __init__(self, granularity: int = 1, shards: int = SHARDS) -> None:
         if granularity < 1:
             raise ValueError("granularity must be at least 1")
+        if shards < 1 or shards & (shards - 1):
+            raise ValueError("shards must be a power of two")
         self._granularity = granularity
         # A ref's receipt from the moment it is claimed, before its record is stored:
         # whether it is stored yet is its owner's to tell (from the record's number). In
-        # the shard its key's hash picks, which finds it by the hash hash() kept in it.
-        self._shards: list[dict[str, bytes]] = [{} for _ in range(SHARDS)]
+        # the shard its key's hash picks (a str keeps its hash once computed, so the
+        # dict does not compute it again).
+        self._shards: list[dict[str, bytes]] = [{} for _ in range(shards)]
+        self._mask = shards - 1
         # Every key in the order claimed, the first of them the _first'th ever claimed.
         self._keys: deque[str] = deque()
         self._first = 0
@@ -131,17 +136,17 @@ class RecentRefs(Generic[W]):
         return len(self._keys)
 
     def _shard(self, key: str) -> dict[str, bytes]:
-        return self._shards[(hash(key) >> 32) & _MASK]
+        return self._shards[(hash(key) >> _SHIFT) & self._mask]
 
     def expire(self, now: int) -> None:
         """Forget every ref whose (rounded) deadline is not after ``now``."""
-        marks, keys, shards = self._marks, self._keys, self._shards
+        marks, keys, shards, mask = self._marks, self._keys, self._shards, self._mask
         while marks and marks[0][0] <= now:
             marks.popleft()
             end = marks[0][1] if marks else self._first + len(keys)
             for _ in range(end - self._first):
                 key = keys.popleft()
-                shards[(hash(key) >> 32) & _MASK].pop(key, None)  # _shard, inline
+                shards[(hash(key) >> _SHIFT) & mask].pop(key, None)  # as _shard does
             self._first = end
 
     def get(self, key: str) -> bytes | None:
@@ -160,7 +165,7 @@ class RecentRefs(Generic[W]):
     def claim(self, key: str, receipt: bytes) -> bytes | None:
         """Remember ``key`` with ``receipt`` (a new object) unless ``key`` is known: None
         if it was new, else what it has (``key`` is then a resend's)."""
-        refs = self._shards[(hash(key) >> 32) & _MASK]  # _shard, inline: every say's
+        refs = self._shards[(hash(key) >> _SHIFT) & self._mask]  # _shard inline: per say
         kept = refs.setdefault(key, receipt)  # one lookup, new or not
         if kept is receipt:
             self._keys.append(key)
