@@ -3,7 +3,7 @@
 Every ``say`` with a ref is remembered for ten minutes (``server/refs.py``),
 so a busy server holds millions of refs. A Python dict that fills up copies
 all it holds into a new table at once, with the loop stopped: as one dict,
-the table of three million refs stopped it for 0.13 s as it grew and for
+the table of three million refs stopped it for 0.13–0.14 s as it grew and for
 0.3–0.65 s once full, a ref expiring for each new one (item 59 of
 docs/performance-history.md). This measures the longest stop two ways:
 
@@ -18,8 +18,8 @@ docs/performance-history.md). This measures the longest stop two ways:
 - **under ingest**: ``achat-server`` (pinned to CPU 0, flood limit off) fed
   by ``achat-bench ingest`` for ``--seconds`` (on the other CPUs), while a
   bystander on its own connection, on the load's CPUs, sends a ``ping``
-  every 2 ms and waits for its ``pong``, from before the load starts until
-  it ends. Its longest wait is the longest the loop was away, give or take
+  2 ms after each ``pong``, from just after the load is started until it
+  ends. Its longest wait is the longest the loop was away, give or take
   the bystander's own share of its CPU.
 
     python benchmarks/pauses.py [--live 3000000] [--churn 2] [--batch 100]

@@ -22,15 +22,15 @@ tell from the number (the registry knows the last ``seq`` of each room it
 fanned out, and the last DM it acked); a resend of one that is not waits,
 by the receipt, for its ack.
 
-The table is split by the keys' hashes into :data:`SHARDS` dicts, each a
-sixty-fourth of the whole. A dict that has filled up copies everything it
-holds into a new table at once, with the loop stopped: when it doubles, and
-again each time the entries that expiry deleted have used up its room. As
-one dict of three million refs, that stopped the loop for 0.13 s as it grew
-and 0.3–0.65 s once it was full (item 59 of docs/performance-history.md). The
-shards fill evenly, so they copy themselves within a short stretch of says
-of one another: a read of thousands of says (a client pipelining them) may
-carry several copies, a read of a few at most one.
+The table is split by the keys' hashes into :data:`SHARDS` (64) dicts. A
+dict that has filled up copies everything it holds into a new table at once,
+with the loop stopped: when it doubles, and again each time the entries that
+expiry deleted have used up its room. As one dict of three million refs,
+that stopped the loop for 0.13–0.14 s as it grew and 0.3–0.65 s once it was
+full (item 59 of docs/performance-history.md). The shards fill evenly, so
+they copy themselves within a short stretch of says of one another: a read
+of thousands of says (a client pipelining them) may carry several copies; a
+read of a few, rarely more than one.
 
 Entries expire in the order they were made, so a deque of keys and one of
 marks (where the keys of each deadline begin) are all the bookkeeping
@@ -60,7 +60,7 @@ W = TypeVar("W")
 _RELEASED = b""
 
 #: How many dicts the table is split into (a power of two). With 64, the longest read
-#: of 100 says took 4–26 ms as the table grew to three million refs or stayed full,
+#: of 100 says took 3.5–26 ms as the table grew to three million refs or stayed full,
 #: against 0.13–0.65 s as one dict (``benchmarks/pauses.py``). More would stop the loop
 #: for less at a time, but with 1,024 ingest was 7 % slower (item 59).
 SHARDS = 64
