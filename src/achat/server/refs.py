@@ -49,7 +49,7 @@ from typing import Generic, TypeVar
 
 from ..protocol.messages import Ack, DmEvent, Message, encode
 
-__all__ = ["RecentRefs", "ack_from", "receipt_number", "receipt_of", "ref_key"]
+__all__ = ["SHARDS", "RecentRefs", "ack_from", "receipt_number", "receipt_of", "ref_key"]
 
 #: A receipt's head: its kind (``m`` or ``d``), the time and the seq or DM id.
 _RECEIPT = struct.Struct("<cqq")
