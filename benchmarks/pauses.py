@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from achat.bench.cli import _Server, replace_section
-from achat.protocol.messages import Message
+from achat.protocol.frames import HEADER
+from achat.protocol.messages import (
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ServerFrame,
+    Welcome,
+    decode_server,
+    encode,
+)
 from achat.server.refs import SHARDS, RecentRefs, receipt_of, ref_key
 from achat.store.base import REF_TTL_MS
 
@@ -118,25 +127,20 @@ async def _bystander(port: int, load: subprocess.Popen[bytes]) -> list[float]:
     """Ping every PING_EVERY seconds until ``load`` ends; each pong's wait."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
-    def send(obj: dict[str, object]) -> None:
-        body = json.dumps(obj).encode()
-        writer.write(struct.pack(">I", len(body)) + body)
+    async def receive() -> ServerFrame:
+        (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+        return decode_server(await reader.readexactly(size))
 
-    async def receive() -> dict[str, object]:
-        (size,) = struct.unpack(">I", await reader.readexactly(4))
-        frame: dict[str, object] = json.loads(await reader.readexactly(size))
-        return frame
-
-    send({"type": "hello", "nick": "bystander", "version": 1})
-    if (await receive()).get("type") != "welcome":
+    writer.write(encode(Hello(nick="bystander", version=1)))
+    if not isinstance(await receive(), Welcome):
         raise RuntimeError("the server did not welcome the bystander")
     waits: list[float] = []
     n = 0
     while load.poll() is None:
         n += 1
         sent = time.monotonic()
-        send({"type": "ping", "ref": str(n)})
-        while (await receive()).get("type") != "pong":
+        writer.write(encode(Ping(ref=str(n))))
+        while not isinstance(await receive(), Pong):
             pass
         waits.append(time.monotonic() - sent)
         await asyncio.sleep(PING_EVERY)
