@@ -13,8 +13,10 @@ docs/performance-history.md). This measures the longest stop two ways:
   receipt and its claim), on a clock that runs at the rate that keeps
   ``--live`` refs in force. It first grows to ``--live`` refs, then goes on
   for ``--churn`` times as many, each new one expiring an old one. The
-  longest read in each phase, and the time per say in each. ``--shards 1``
-  is the table as one dict, as it was before item 59;
+  longest read in each phase, the time per say in each, and the process's
+  resident memory per ref in force once grown (what sizing a server in
+  the README quotes). ``--shards 1`` is the table as one dict, as it was
+  before item 59;
 - **under ingest**: ``achat-server`` (pinned to CPU 0, flood limit off) fed
   by ``achat-bench ingest`` for ``--seconds`` (on the other CPUs), while a
   bystander on its own connection, on the load's CPUs, sends a ``ping``
@@ -77,6 +79,13 @@ class TableRun:
     growing_us: float  # per say: its key, receipt and claim, and its read's expiry
     full_us: float | None
     held: int  # refs in force at the end
+    rss_per_ref: float  # bytes of resident memory per ref in force, once grown to ``live``
+
+
+def _rss() -> int:
+    """This process's resident memory, bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def table_alone(live: int, churn: float, batch: int, shards: int = SHARDS) -> TableRun:
@@ -89,6 +98,7 @@ def table_alone(live: int, churn: float, batch: int, shards: int = SHARDS) -> Ta
     full: list[float] = []
     nick = "someone"
     clock = time.perf_counter
+    start_rss = grown_rss = _rss()
     for done in range(0, claims, batch):
         now = NOW + done * REF_TTL_MS // live  # ``live`` says every REF_TTL_MS
         message = Message(room="lobby", seq=done + 1, ts=now, sender=nick, text="")
@@ -98,6 +108,8 @@ def table_alone(live: int, churn: float, batch: int, shards: int = SHARDS) -> Ta
         for i in range(done, done + batch):
             refs.claim(ref_key(nick, f"c0ffee-{i}"), receipt_of(message))
         (growing if done < live else full).append(clock() - t)
+        if done + batch == live:
+            grown_rss = _rss()
     return TableRun(
         live,
         claims,
@@ -108,6 +120,7 @@ def table_alone(live: int, churn: float, batch: int, shards: int = SHARDS) -> Ta
         sum(growing) / live * 1e6,
         sum(full) / (claims - live) * 1e6 if full else None,
         len(refs),
+        (grown_rss - start_rss) / live,
     )
 
 
@@ -214,6 +227,10 @@ def report(alone: TableRun, ingest: IngestRun | None) -> str:
     lines.append(
         "| the table alone: a say's key, receipt, claim and share of the expiry, "
         f"as it grew{' / full' if alone.full_us is not None else ''} | {per_say} |"
+    )
+    lines.append(
+        f"| the table alone: resident memory per ref in force, at {alone.live:,} "
+        f"| {alone.rss_per_ref:.0f} B |"
     )
     if ingest is not None:
         lines += [
