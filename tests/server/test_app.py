@@ -13,6 +13,7 @@ import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -1131,3 +1132,27 @@ async def test_a_read_of_many_frames_is_answered_as_one_read_a_frame(seed: int) 
     assert await _answers(bodies, one_read=True, flood=flood) == await _answers(
         bodies, one_read=False, flood=flood
     )
+
+
+async def test_a_server_whose_limits_let_its_refs_outgrow_the_machine_says_so_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At a million clients of five messages a second, the refs of ten minutes would take
+    over half a terabyte: the server starts all the same, and warns its operator; at the
+    default limits on this machine (24 GiB), it does not."""
+    caplog.set_level(logging.INFO, logger="achat.server")
+    for max_clients, warned in ((1_000_000, True), (10, False)):
+        caplog.clear()
+        config = replace(make_config(flood=FloodPolicy(rate=5)), max_clients=max_clients)
+        srv = Server(config, MemoryStore())
+        await srv.start()
+        try:
+            lines = [r for r in caplog.records if "refs of the last ten minutes" in r.message]
+            assert [r.levelno for r in lines] == ([logging.WARNING] if warned else [])
+            if warned:
+                assert "--max-clients 1000000 and --rate 5" in lines[0].message
+            async with Client("127.0.0.1", srv.port, "ana") as ana:  # it serves
+                assert ana.welcome is not None
+        finally:
+            async with asyncio.timeout(10):
+                await srv.close()

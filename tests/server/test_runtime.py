@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from achat.server.runtime import GC_THRESHOLDS, SWITCH_INTERVAL, tune_for_latency
+from achat.server.runtime import GC_THRESHOLDS, SWITCH_INTERVAL, memory_limit, tune_for_latency
+
+PHYSICAL = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.fixture
@@ -28,3 +32,39 @@ def test_tuning_sets_the_switch_interval_and_freezes_what_exists() -> None:
     assert gc.get_threshold() == GC_THRESHOLDS
     assert gc.get_freeze_count() > 0
     assert survivor  # alive through the freeze
+
+
+def fake(tmp_path: Path, cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A /proc/self whose cgroup file says ``cgroup``, and a cgroup tree of ``files``."""
+    proc, tree = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    return proc, tree
+
+
+def test_memory_limit_is_the_machines_without_a_cgroup_limit(tmp_path: Path) -> None:
+    assert memory_limit(tmp_path / "none", tmp_path / "none") == PHYSICAL
+    v2_unlimited = fake(tmp_path, "0::/app\n", {"app/memory.max": "max\n"})
+    assert memory_limit(*v2_unlimited) == PHYSICAL
+
+
+def test_memory_limit_is_a_lower_cgroup_v2_limit(tmp_path: Path) -> None:
+    proc, tree = fake(tmp_path, "0::/app/one\n", {"app/one/memory.max": "536870912\n"})
+    assert memory_limit(proc, tree) == 512 * 2**20
+
+
+def test_memory_limit_is_a_lower_cgroup_v1_limit(tmp_path: Path) -> None:
+    cgroup = "9:cpu,cpuacct:/\n4:memory:/box\n0::/\n"
+    proc, tree = fake(tmp_path, cgroup, {"memory/box/memory.limit_in_bytes": "1073741824"})
+    assert memory_limit(proc, tree) == 2**30
+
+
+def test_memory_limit_ignores_what_it_cannot_read(tmp_path: Path) -> None:
+    # A limit above the machine's memory, a line without a path, a limit that is no
+    # number: the machine's memory stands.
+    cgroup = "garbage\n4:memory:/big\n0::/odd\n"
+    files = {"memory/big/memory.limit_in_bytes": str(PHYSICAL * 4), "odd/memory.max": "-1"}
+    assert memory_limit(*fake(tmp_path, cgroup, files)) == PHYSICAL

@@ -27,6 +27,7 @@ from .alarms import Alarms
 from .config import ServerConfig
 from .limits import AddressLimits
 from .registry import Registry
+from .runtime import memory_limit
 from .session import FlushRounds, Session
 
 __all__ = ["Server", "wall_clock_ms"]
@@ -168,6 +169,9 @@ class Server:
             )
         addrs = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("listening on %s name=%s", addrs, self.config.name)
+        warning = self.config.memory_warning(memory_limit())
+        if warning is not None:
+            log.log(*warning)
 
     async def serve_until_closed(self) -> None:
         """Wait until :meth:`close` has finished."""

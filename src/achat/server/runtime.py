@@ -16,14 +16,21 @@ items 2 and 3):
   busy server allocates, are not tracked at all (``gc=False`` on the
   protocol's structs). Old generations are still collected, so reference
   cycles left by closed connections are still freed.
+
+It also tells how much memory the process may use (:func:`memory_limit`), for the
+warning a server logs at start when its limits let the refs of the last ten minutes
+outgrow it (``ServerConfig.memory_warning``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import sys
+from pathlib import Path
 
-__all__ = ["GC_THRESHOLDS", "SWITCH_INTERVAL", "tune_for_latency"]
+__all__ = ["GC_THRESHOLDS", "SWITCH_INTERVAL", "memory_limit", "tune_for_latency"]
 
 SWITCH_INTERVAL = 0.0002
 GC_THRESHOLDS = (10_000, 10, 10)
@@ -35,3 +42,34 @@ def tune_for_latency() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def memory_limit(
+    proc: Path = Path("/proc/self"), cgroups: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """The bytes of memory this process may use: the machine's, or the limit of its
+    cgroup (as a container sets it: ``memory.max`` of cgroup v2, ``memory.limit_in_bytes``
+    of v1) if lower; None if unknown."""
+    limits = []
+    with contextlib.suppress(ValueError, OSError):
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        lines = (proc / "cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # "ID:CONTROLLERS:PATH"; v2's is "0::PATH"
+        _, _, rest = line.partition(":")
+        controllers, _, group = rest.partition(":")
+        if not group:
+            continue
+        if not controllers:
+            where = cgroups / group.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            where = cgroups / "memory" / group.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        with contextlib.suppress(OSError):
+            text = where.read_text().strip()
+            if text.isdigit():  # v2 says "max" when there is no limit
+                limits.append(int(text))
+    return min((n for n in limits if n > 0), default=None)
