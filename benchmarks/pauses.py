@@ -14,9 +14,9 @@ docs/performance-history.md). This measures the longest stop two ways:
   ``--live`` refs in force. It first grows to ``--live`` refs, then goes on
   for ``--churn`` times as many, each new one expiring an old one. The
   longest read in each phase, the time per say in each, and the process's
-  resident memory per ref in force once grown (what sizing a server in
-  the README quotes). ``--shards 1`` is the table as one dict, as it was
-  before item 59;
+  resident memory per ref in force once grown and at the end (what "Sizing
+  a server" in the README quotes). ``--shards 1`` is the table as one
+  dict, as it was before item 59;
 - **under ingest**: ``achat-server`` (pinned to CPU 0, flood limit off) fed
   by ``achat-bench ingest`` for ``--seconds`` (on the other CPUs), while a
   bystander on its own connection, on the load's CPUs, sends a ``ping``
@@ -80,6 +80,7 @@ class TableRun:
     full_us: float | None
     held: int  # refs in force at the end
     rss_per_ref: float  # bytes of resident memory per ref in force, once grown to ``live``
+    rss_per_ref_full: float | None  # the same at the end of the full phase
 
 
 def _rss() -> int:
@@ -121,6 +122,7 @@ def table_alone(live: int, churn: float, batch: int, shards: int = SHARDS) -> Ta
         sum(full) / (claims - live) * 1e6 if full else None,
         len(refs),
         (grown_rss - start_rss) / live,
+        (_rss() - start_rss) / len(refs) if full else None,
     )
 
 
@@ -228,9 +230,12 @@ def report(alone: TableRun, ingest: IngestRun | None) -> str:
         "| the table alone: a say's key, receipt, claim and share of the expiry, "
         f"as it grew{' / full' if alone.full_us is not None else ''} | {per_say} |"
     )
+    rss = f"{alone.rss_per_ref:.0f} B"
+    if alone.rss_per_ref_full is not None:
+        rss += f" / {alone.rss_per_ref_full:.0f} B"
     lines.append(
-        f"| the table alone: resident memory per ref in force, at {alone.live:,} "
-        f"| {alone.rss_per_ref:.0f} B |"
+        f"| the table alone: resident memory per ref in force, at {alone.live:,}"
+        f"{' / at the end' if alone.rss_per_ref_full is not None else ''} | {rss} |"
     )
     if ingest is not None:
         lines += [

@@ -23,7 +23,8 @@ from achat.client.connection import Client, Disconnected, Event
 from achat.errors import ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
-from achat.server.app import Server
+from achat.server.app import Server, memory_notice
+from achat.server.config import ServerConfig
 from achat.server.limits import FloodPolicy
 from achat.server.session import Session
 from achat.store.base import RefRecord, Store
@@ -1134,23 +1135,34 @@ async def test_a_read_of_many_frames_is_answered_as_one_read_a_frame(seed: int) 
     )
 
 
-async def test_a_server_whose_limits_let_its_refs_outgrow_the_machine_says_so_at_start(
+def test_the_memory_notice_warns_when_a_full_server_would_need_over_half_the_memory() -> None:
+    defaults = ServerConfig()
+    estimate = defaults.refs_memory_estimate()
+    assert estimate is not None
+    assert memory_notice(defaults, 2 * estimate) is None  # exactly half: room enough
+    assert memory_notice(defaults, None) is None  # the memory unknown: nothing to say
+    level, line = memory_notice(defaults, 2 * estimate - 1) or (None, "")
+    assert level == logging.WARNING
+    assert line.startswith("10000 clients at --rate 5 would keep about 5.4 GiB of refs")
+    assert f"of the {(2 * estimate - 1) / 2**30:.1f} GiB this server may use" in line
+    level, line = memory_notice(make_config(), 2 * estimate - 1) or (None, "")  # --rate 0
+    assert level == logging.INFO
+    assert line.startswith("no flood limit (--rate 0)")
+
+
+async def test_a_server_says_at_start_when_its_limits_could_outgrow_its_memory(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """At a million clients of five messages a second, the refs of ten minutes would take
-    over half a terabyte: the server starts all the same, and warns its operator; at the
-    default limits on this machine (24 GiB), it does not."""
+    """It starts and serves all the same; the warning is for its operator."""
     caplog.set_level(logging.INFO, logger="achat.server")
-    for max_clients, warned in ((1_000_000, True), (10, False)):
+    config = replace(make_config(flood=FloodPolicy(rate=5)), max_clients=10_000)
+    for memory, warned in ((4 * 2**30, True), (64 * 2**30, False)):
         caplog.clear()
-        config = replace(make_config(flood=FloodPolicy(rate=5)), max_clients=max_clients)
-        srv = Server(config, MemoryStore())
+        srv = Server(config, MemoryStore(), memory=lambda memory=memory: memory)
         await srv.start()
         try:
             lines = [r for r in caplog.records if "refs of the last ten minutes" in r.message]
             assert [r.levelno for r in lines] == ([logging.WARNING] if warned else [])
-            if warned:
-                assert "--max-clients 1000000 and --rate 5" in lines[0].message
             async with Client("127.0.0.1", srv.port, "ana") as ana:  # it serves
                 assert ana.welcome is not None
         finally:

@@ -1,16 +1,12 @@
-"""What the server's configuration says about the memory its refs may take."""
+"""What the server's configuration says about the memory its refs take."""
 
 from __future__ import annotations
 
-import logging
-
-import pytest
-
-from achat.server.config import REF_BYTES, ServerConfig
-from achat.server.limits import FloodPolicy
+from achat.server.config import ServerConfig
+from achat.server.limits import FloodPolicy, TokenBucket
+from achat.server.refs import DEADLINE_STEP_MS, REF_BYTES, RecentRefs, ref_key
 from achat.server.session import SessionLimits
-
-GIB = 2**30
+from achat.store.base import REF_TTL_MS
 
 
 def config(max_clients: int = 10_000, rate: float = 5.0, burst: float = 10.0) -> ServerConfig:
@@ -18,33 +14,42 @@ def config(max_clients: int = 10_000, rate: float = 5.0, burst: float = 10.0) ->
     return ServerConfig(max_clients=max_clients, limits=SessionLimits(flood=flood))
 
 
-def test_the_refs_bound_is_every_client_at_the_flood_limit_for_ten_minutes() -> None:
-    # 601 s: a ref's deadline is rounded up to the next second; the burst comes on top.
-    assert config().refs_memory_bound() == 10_000 * (5 * 601 + 10) * REF_BYTES
-    assert config().refs_memory_bound() == ServerConfig().refs_memory_bound()  # defaults
-    assert config(max_clients=1_000, rate=2).refs_memory_bound() == 1_000 * 1_212 * REF_BYTES
+def most_refs_of_one_client(rate: float, burst: float, seconds: int) -> int:
+    """The most refs in force for a client that says whenever its flood limit lets it, on
+    a clock of milliseconds, each say's ref kept as the registry keeps it."""
+    bucket = TokenBucket(FloodPolicy(rate=rate, burst=burst), 0.0)
+    refs: RecentRefs[object] = RecentRefs(granularity=DEADLINE_STEP_MS)
+    most = said = 0
+    for now in range(0, seconds * 1000, 10):  # a try every 10 ms
+        refs.expire(now)
+        while bucket.take(now / 1000):
+            refs.deadline(now + REF_TTL_MS)
+            said += 1
+            refs.claim(ref_key("ana", f"r{said}"), b"receipt")
+        most = max(most, len(refs))
+    return most
 
 
-def test_no_flood_limit_has_no_bound() -> None:
-    assert config(rate=0).refs_memory_bound() is None
-    level, line = config(rate=0).memory_warning(64 * GIB) or (None, "")
-    assert level == logging.INFO
-    assert "--rate 0" in line
-    assert f"{REF_BYTES} B a message" in line
+def test_the_estimate_counts_the_refs_a_client_at_its_flood_limit_keeps() -> None:
+    # The registry's table, fed as fast as the token bucket allows for 15 minutes: the
+    # refs in force peak at what the estimate counts per client: a ref is kept 600 to 601
+    # s, by when in its second it was said, so the peak comes within two seconds' worth.
+    for rate, burst in ((5.0, 10.0), (2.0, 40.0)):
+        estimate = config(max_clients=1, rate=rate, burst=burst).refs_memory_estimate()
+        assert estimate is not None
+        most = most_refs_of_one_client(rate, burst, seconds=900)
+        assert estimate - 2 * rate * REF_BYTES <= most * REF_BYTES <= estimate
 
 
-def test_a_bound_over_half_the_memory_is_warned_of_with_its_figures() -> None:
-    bound = config().refs_memory_bound()
-    assert bound is not None
-    assert config().memory_warning(2 * bound) is None  # exactly half: room enough
-    assert config().memory_warning(None) is None  # the machine's memory unknown
-    level, line = config().memory_warning(2 * bound - 1) or (None, "")
-    assert level == logging.WARNING
-    assert "--max-clients 10000 and --rate 5" in line
-    assert f"up to {bound / GIB:.1f} GiB" in line
-    assert f"of the {(2 * bound - 1) / GIB:.1f} GiB this server may use" in line
+def test_the_estimate_grows_with_the_clients_and_their_rate() -> None:
+    one = config(max_clients=1).refs_memory_estimate()
+    assert one is not None
+    assert config().refs_memory_estimate() == ServerConfig().refs_memory_estimate()  # defaults
+    assert config(max_clients=10_000).refs_memory_estimate() == 10_000 * one
+    slower = config(max_clients=1, rate=2.5).refs_memory_estimate()
+    assert slower is not None
+    assert slower < one < 2 * slower + 1  # the burst is not halved
 
 
-@pytest.mark.parametrize(("max_clients", "rate"), [(1_000, 2.0), (200, 5.0), (10_000, 0.1)])
-def test_smaller_limits_fit_a_small_machine(max_clients: int, rate: float) -> None:
-    assert config(max_clients=max_clients, rate=rate).memory_warning(1 * GIB) is None
+def test_no_flood_limit_has_no_estimate() -> None:
+    assert config(rate=0).refs_memory_estimate() is None

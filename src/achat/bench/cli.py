@@ -101,8 +101,11 @@ def _cpus() -> list[int]:
 
 
 class _Server:
-    def __init__(self, extra: list[str], pin: int | None) -> None:
+    def __init__(self, extra: list[str], pin: int | None, clients: int = 0) -> None:
+        """``achat-server`` on a free loopback port, pinned to CPU ``pin`` if given,
+        with room for twice ``clients`` connections, and 10,000 at least."""
         self.tmp = tempfile.TemporaryDirectory()
+        max_clients = max(10_000, 2 * clients)
         exe = str(Path(sys.executable).parent / "achat-server")
         self._start(
             lambda port: [
@@ -116,7 +119,7 @@ class _Server:
                 "--log-level",
                 "warning",
                 "--max-clients",
-                "200000",
+                str(max_clients),
                 *extra,
             ],
             pin,
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> Result:
                 f"server started with --rate 0 (flood limit off) and --sendq-limit {sendq} "
                 f"(room for the replies to {args.pipeline:,} says in flight) for ingest"
             )
-        server = _Server(extra, cpus[0] if len(cpus) > 1 else None)
+        server = _Server(extra, cpus[0] if len(cpus) > 1 else None, args.clients)
         host, port = "127.0.0.1", server.port
     else:
         host, port = args.host, args.port

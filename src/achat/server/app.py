@@ -26,11 +26,12 @@ from ..store.base import Store
 from .alarms import Alarms
 from .config import ServerConfig
 from .limits import AddressLimits
+from .refs import REF_BYTES
 from .registry import Registry
 from .runtime import memory_limit
 from .session import FlushRounds, Session
 
-__all__ = ["Server", "wall_clock_ms"]
+__all__ = ["Server", "memory_notice", "wall_clock_ms"]
 
 log = logging.getLogger("achat.server")
 
@@ -41,6 +42,27 @@ LISTEN_BACKLOG = 4096
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch, the ``ts`` of protocol v1."""
     return time.time_ns() // 1_000_000
+
+
+def memory_notice(config: ServerConfig, memory: int | None) -> tuple[int, str] | None:
+    """What to tell the operator at start about the memory of the refs of the last ten
+    minutes (a logging level and a line), given ``memory``, the bytes this server may
+    use (None if unknown): a warning when a full server at its flood limit would need
+    over half of it, a note when there is no flood limit, else nothing."""
+    estimate = config.refs_memory_estimate()
+    if estimate is None:
+        return logging.INFO, (
+            f"no flood limit (--rate 0): the refs of the last ten minutes, about "
+            f"{REF_BYTES} B a message, take as much memory as messages come"
+        )
+    if memory is None or estimate <= memory // 2:
+        return None
+    return logging.WARNING, (
+        f"{config.max_clients} clients at --rate {config.limits.flood.rate:g} would keep "
+        f"about {estimate / 2**30:.1f} GiB of refs of the last ten minutes, over half "
+        f"of the {memory / 2**30:.1f} GiB this server may use: lower --max-clients or "
+        "--rate (the README's Sizing a server)"
+    )
 
 
 def defer_on_loop(callback: Callable[[], None], delay: float) -> None:
@@ -61,9 +83,11 @@ class Server:
         store: Store,
         *,
         clock: Callable[[], int] = wall_clock_ms,
+        memory: Callable[[], int | None] = memory_limit,
     ) -> None:
         self.config = config
         self.store = store
+        self._memory = memory  # what the server may use, bytes: for memory_notice
         # Now, not at the first hello (and before the caller freezes startup objects).
         preload_names()
         self.registry = Registry(
@@ -169,9 +193,9 @@ class Server:
             )
         addrs = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("listening on %s name=%s", addrs, self.config.name)
-        warning = self.config.memory_warning(memory_limit())
-        if warning is not None:
-            log.log(*warning)
+        notice = memory_notice(self.config, self._memory())
+        if notice is not None:
+            log.log(*notice)
 
     async def serve_until_closed(self) -> None:
         """Wait until :meth:`close` has finished."""

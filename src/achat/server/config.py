@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,16 +9,14 @@ from pathlib import Path
 
 from ..protocol import DEFAULT_PORT
 from ..store.base import REF_TTL_MS
+from .refs import DEADLINE_STEP_MS, REF_BYTES
 from .registry import DEFAULT_MAX_TEXT
 from .session import SessionLimits
 
-__all__ = ["DEFAULT_PORT", "REF_BYTES", "ServerConfig", "default_data_dir"]
+__all__ = ["DEFAULT_PORT", "ServerConfig", "default_data_dir"]
 
-#: Resident memory one remembered ref takes: ``benchmarks/pauses.py`` measured 194 B a
-#: ref with three million in force (the README's "Sizing a server").
-REF_BYTES = 194
-#: A ref is kept up to a second past its ten minutes (its deadline is rounded up).
-_REF_KEPT_S = REF_TTL_MS / 1000 + 1
+#: The longest a ref is kept, seconds: its ten minutes, its deadline rounded up.
+_REF_KEPT_S = (REF_TTL_MS + DEADLINE_STEP_MS) / 1000
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -53,34 +50,18 @@ class ServerConfig:
     history_days: float | None = None
     history_max: int | None = None
 
-    def refs_memory_bound(self) -> int | None:
-        """The most resident memory, in bytes, that the refs of the last ten minutes can
-        take: every client at once saying at the flood limit for as long as a ref is
-        kept, after its burst. None without a flood limit (``--rate 0``): no bound."""
+    def refs_memory_estimate(self) -> int | None:
+        """The resident memory, in bytes, that the refs of the last ten minutes take on
+        a full server: ``max_clients`` clients, each saying at the flood limit for as
+        long as a ref is kept, after its burst, with refs of a typical length
+        (:data:`~achat.server.refs.REF_BYTES`). None without a flood limit (``--rate
+        0``). Not a bound: a client that reconnects starts with a full burst again, and
+        a long ref takes more."""
         flood = self.limits.flood
         if flood.rate <= 0:
             return None
         per_client = flood.rate * _REF_KEPT_S + flood.burst
         return round(self.max_clients * per_client * REF_BYTES)
-
-    def memory_warning(self, memory: int | None) -> tuple[int, str] | None:
-        """What to tell an operator at start (a logging level and a line) when the refs
-        of the last ten minutes could take over half of ``memory``, the bytes this
-        server may use (None if unknown), or have no bound at all."""
-        bound = self.refs_memory_bound()
-        if bound is None:
-            return logging.INFO, (
-                f"no flood limit (--rate 0): the refs of the last ten minutes, about "
-                f"{REF_BYTES} B a message, take as much memory as messages come"
-            )
-        if memory is None or bound <= memory // 2:
-            return None
-        return logging.WARNING, (
-            f"at --max-clients {self.max_clients} and --rate {self.limits.flood.rate:g}, "
-            f"the refs of the last ten minutes could take up to {bound / 2**30:.1f} GiB, "
-            f"over half of the {memory / 2**30:.1f} GiB this server may use: lower either "
-            "(the README's Sizing a server)"
-        )
 
     @property
     def database(self) -> Path:

@@ -78,7 +78,7 @@ from ..protocol.names import (
 from ..store.base import REF_TTL_MS, RefRecord, Store, ack_frame
 from .limits import FloodPolicy
 from .log import esc
-from .refs import RecentRefs, ack_from, receipt_number, receipt_of, ref_key
+from .refs import DEADLINE_STEP_MS, RecentRefs, ack_from, receipt_number, receipt_of, ref_key
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
 
@@ -204,7 +204,7 @@ class Registry:
         self._last_dm = store.last_dm_id()
         self._acked_dm = self._last_dm  # the last DM acked: every stored one, so far
         # Refs said in one second expire together (kept up to a second more than 10 min).
-        self._refs: RecentRefs[Member] = RecentRefs(granularity=1000)
+        self._refs: RecentRefs[Member] = RecentRefs(granularity=DEADLINE_STEP_MS)
         for r in store.load_refs(clock()):
             if r.ack is None:
                 raise ValueError("the store returned a ref without its ack")

@@ -44,32 +44,47 @@ def tune_for_latency() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: A cgroup v1 "limit" at or above this is none (v1 says 2**63 rounded down to a page).
+_NO_LIMIT = 2**62
+
+
 def memory_limit(
     proc: Path = Path("/proc/self"), cgroups: Path = Path("/sys/fs/cgroup")
 ) -> int | None:
-    """The bytes of memory this process may use: the machine's, or the limit of its
-    cgroup (as a container sets it: ``memory.max`` of cgroup v2, ``memory.limit_in_bytes``
-    of v1) if lower; None if unknown."""
+    """The bytes of memory this process may use: the machine's, or the lowest limit of
+    its cgroup and the cgroups above it (as a container or a systemd slice sets them:
+    ``memory.max`` of cgroup v2, ``memory.limit_in_bytes`` of v1) if lower; None if
+    unknown. Never raises for what it finds in those files."""
     limits = []
     with contextlib.suppress(ValueError, OSError):
         limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     try:
         lines = (proc / "cgroup").read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         lines = []
     for line in lines:  # "ID:CONTROLLERS:PATH"; v2's is "0::PATH"
         _, _, rest = line.partition(":")
         controllers, _, group = rest.partition(":")
-        if not group:
+        if not group.startswith("/"):
             continue
         if not controllers:
-            where = cgroups / group.lstrip("/") / "memory.max"
+            root, name = cgroups, "memory.max"
         elif "memory" in controllers.split(","):
-            where = cgroups / "memory" / group.lstrip("/") / "memory.limit_in_bytes"
+            root, name = cgroups / "memory", "memory.limit_in_bytes"
         else:
             continue
-        with contextlib.suppress(OSError):
-            text = where.read_text().strip()
-            if text.isdigit():  # v2 says "max" when there is no limit
-                limits.append(int(text))
-    return min((n for n in limits if n > 0), default=None)
+        # The group and each one above it, up to the mount's root: in a container whose
+        # cgroup is not a namespace of its own, the root mounted is the container's group.
+        parts = [part for part in group.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            limits.extend(_limit_in(root.joinpath(*parts[:depth], name)))
+    return min((n for n in limits if 0 < n < _NO_LIMIT), default=None)
+
+
+def _limit_in(path: Path) -> list[int]:
+    """The number of bytes ``path`` holds, if it holds one (v2 says "max" for none)."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, ValueError):  # a decoding error is a ValueError
+        return []
+    return [int(text)] if text.isascii() and text.isdigit() else []
