@@ -1150,21 +1150,20 @@ def test_the_memory_notice_warns_when_a_full_server_would_need_over_half_the_mem
     assert line.startswith("no flood limit (--rate 0)")
 
 
+@pytest.mark.parametrize(("gib", "warned"), [(4, True), (64, False)])
 async def test_a_server_says_at_start_when_its_limits_could_outgrow_its_memory(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, gib: int, warned: bool
 ) -> None:
     """It starts and serves all the same; the warning is for its operator."""
     caplog.set_level(logging.INFO, logger="achat.server")
     config = replace(make_config(flood=FloodPolicy(rate=5)), max_clients=10_000)
-    for memory, warned in ((4 * 2**30, True), (64 * 2**30, False)):
-        caplog.clear()
-        srv = Server(config, MemoryStore(), memory=lambda memory=memory: memory)
-        await srv.start()
-        try:
-            lines = [r for r in caplog.records if "refs of the last ten minutes" in r.message]
-            assert [r.levelno for r in lines] == ([logging.WARNING] if warned else [])
-            async with Client("127.0.0.1", srv.port, "ana") as ana:  # it serves
-                assert ana.welcome is not None
-        finally:
-            async with asyncio.timeout(10):
-                await srv.close()
+    srv = Server(config, MemoryStore(), memory=lambda: gib * 2**30)
+    await srv.start()
+    try:
+        lines = [r for r in caplog.records if "refs of the last ten minutes" in r.message]
+        assert [r.levelno for r in lines] == ([logging.WARNING] if warned else [])
+        async with Client("127.0.0.1", srv.port, "ana") as ana:  # it serves
+            assert ana.welcome is not None
+    finally:
+        async with asyncio.timeout(10):
+            await srv.close()

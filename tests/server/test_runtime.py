@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,9 @@ def test_tuning_sets_the_switch_interval_and_freezes_what_exists() -> None:
     assert survivor  # alive through the freeze
 
 
-def fake(tmp_path: Path, cgroup: str | bytes, files: dict[str, str | bytes]) -> tuple[Path, Path]:
+def fake(
+    tmp_path: Path, cgroup: str | bytes, files: Mapping[str, str | bytes]
+) -> tuple[Path, Path]:
     """A /proc/self whose cgroup file says ``cgroup``, and a cgroup tree of ``files``."""
     proc, tree = tmp_path / "proc", tmp_path / "cgroup"
     proc.mkdir(parents=True)
