@@ -1143,7 +1143,7 @@ def test_the_memory_notice_warns_when_a_full_server_would_need_over_half_the_mem
     assert memory_notice(defaults, None) is None  # the memory unknown: nothing to say
     level, line = memory_notice(defaults, 2 * estimate - 1) or (None, "")
     assert level == logging.WARNING
-    assert line.startswith("10000 clients at --rate 5 would keep about 5.4 GiB of refs")
+    assert line.startswith("10000 clients at --rate 5 would keep about 6.7 GiB of refs")
     assert f"of the {(2 * estimate - 1) / 2**30:.1f} GiB this server may use" in line
     level, line = memory_notice(make_config(), 2 * estimate - 1) or (None, "")  # --rate 0
     assert level == logging.INFO

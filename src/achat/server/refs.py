@@ -71,11 +71,14 @@ _RELEASED = b""
 #: The server's granularity: the refs said in one second share a deadline (and are kept
 #: up to a second more than their ten minutes).
 DEADLINE_STEP_MS = 1000
-#: Resident memory a remembered ref takes, typically: ``benchmarks/pauses.py`` measured
-#: 194 B a ref with three million in force (a 22-character key, a receipt for a room of
-#: five letters). A long ref takes more: a key of a 24-character nick and a 64-character
-#: ref, about 290 B; a ref in characters beyond Latin-1, up to about 600 B.
-REF_BYTES = 194
+#: Resident memory a remembered ref takes, typically, on a server that has run for ten
+#: minutes: ``benchmarks/pauses.py`` measured 194 B a ref as the table grew to three
+#: million refs and 237 B once it had turned over twice (the dicts' deleted slots, and
+#: freed memory taken again in pieces); a 22-character key, a receipt for a room of five
+#: letters. Longer names take more: a 24-character nick, a 64-character ref and a
+#: 32-character room, 96 B more; the same with a character beyond the BMP in the ref
+#: (the key then takes four bytes a character), 384 B more.
+REF_BYTES = 237
 
 #: How many dicts the table is split into (a power of two). With 64, the longest read
 #: of 100 says took 3.5–26 ms as the table grew to three million refs or stayed full,
