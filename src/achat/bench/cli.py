@@ -103,9 +103,9 @@ def _cpus() -> list[int]:
 class _Server:
     def __init__(self, extra: list[str], pin: int | None, clients: int = 0) -> None:
         """``achat-server`` on a free loopback port, pinned to CPU ``pin`` if given,
-        with room for twice ``clients`` connections, and 10,000 at least."""
+        with room for ``clients`` connections and 1,000 more, and 10,000 at least."""
         self.tmp = tempfile.TemporaryDirectory()
-        max_clients = max(10_000, 2 * clients)
+        max_clients = max(10_000, clients + 1_000)
         exe = str(Path(sys.executable).parent / "achat-server")
         self._start(
             lambda port: [
