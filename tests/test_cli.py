@@ -31,6 +31,7 @@ def test_server_defaults() -> None:
     assert config.limits.sendq_limit == 1 << 20
     assert config.limits.write_lag == 0.5
     assert config.max_per_ip == 64
+    assert config.max_refs is None  # worked out from the memory when the server starts
 
 
 def test_environment_and_flags() -> None:
@@ -48,6 +49,8 @@ def test_environment_and_flags() -> None:
     assert config.limits.flood.rate == 0
     assert config.limits.write_lag == 2
     assert cli.parse_server_args(["--write-lag", "0.25"], env=env).limits.write_lag == 0.25
+    assert cli.parse_server_args([], env={**env, "ACHAT_MAX_REFS": "0"}).max_refs == 0
+    assert cli.parse_server_args(["--max-refs", "5000"], env=env).max_refs == 5000
 
 
 @pytest.mark.parametrize(
@@ -69,6 +72,7 @@ def test_environment_and_flags() -> None:
         ["--write-lag", "0"],  # every pass would refuse says
         ["--write-lag", "nan"],
         ["--write-lag", "61"],
+        ["--max-refs", "-1"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv: list[str]) -> None:

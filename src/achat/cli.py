@@ -292,8 +292,19 @@ def parse_server_args(
         default=_int_or_none(_env(env, "HISTORY_MAX", None)),
         help="keep at most this many messages per room (ACHAT_HISTORY_MAX, default all)",
     )
+    parser.add_argument(
+        "--max-refs",
+        type=int,
+        default=_int_or_none(_env(env, "MAX_REFS", None)),
+        help="most messages remembered at once for the ten minutes a resend is "
+        "recognised; past it says are refused with rate_limited until old ones expire "
+        "(ACHAT_MAX_REFS; default: as many as half the memory the server may use holds, "
+        "at about 237 bytes each; 0: no limit)",
+    )
     parser.add_argument("--version", action="version", version=f"achat {__version__}")
     args = parser.parse_args(argv)
+    if args.max_refs is not None and args.max_refs < 0:
+        parser.error("--max-refs must be 0 (no limit) or more")
     if args.history_days is not None and args.history_days <= 0:
         parser.error("--history-days must be positive")
     if args.history_max is not None and args.history_max < 1:
@@ -351,6 +362,7 @@ def parse_server_args(
         durability=args.durability,
         history_days=args.history_days,
         history_max=args.history_max,
+        max_refs=args.max_refs,
     )
 
 

@@ -88,6 +88,7 @@ class ProtocolError(AchatError):
         fatal: bool | None = None,
         peer_fault: bool = True,
         ref: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -95,6 +96,9 @@ class ProtocolError(AchatError):
         self.fatal = code in FATAL_CODES if fatal is None else fatal
         self.peer_fault = peer_fault
         self.ref = ref
+        #: For a refusal that is no one's fault: the seconds after which the frame may go
+        #: again as it was (``rate_limited`` of a busy server).
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code!r}, {self.message!r}, fatal={self.fatal})"

@@ -23,9 +23,10 @@ from achat.client.connection import Client, Disconnected, Event
 from achat.errors import ServerError
 from achat.protocol import messages as m
 from achat.protocol.frames import FrameDecoder, encode_frame
-from achat.server.app import Server, memory_notice
+from achat.server.app import Server, memory_notice, refs_limit
 from achat.server.config import ServerConfig
 from achat.server.limits import FloodPolicy
+from achat.server.refs import REF_BYTES
 from achat.server.session import Session
 from achat.store.base import RefRecord, Store
 from achat.store.memory import MemoryStore
@@ -1135,19 +1136,38 @@ async def test_a_read_of_many_frames_is_answered_as_one_read_a_frame(seed: int) 
     )
 
 
-def test_the_memory_notice_warns_when_a_full_server_would_need_over_half_the_memory() -> None:
+def test_the_refs_limit_is_half_the_memory_unless_set() -> None:
+    defaults = ServerConfig()
+    assert refs_limit(defaults, 8 * 2**30) == 4 * 2**30 // REF_BYTES
+    assert refs_limit(defaults, None) == 0  # the memory unknown: no limit
+    assert refs_limit(replace(defaults, max_refs=1_000), 8 * 2**30) == 1_000
+    assert refs_limit(replace(defaults, max_refs=0), 8 * 2**30) == 0
+
+
+def test_the_memory_notice_warns_when_a_full_server_would_keep_more_than_it_may() -> None:
     defaults = ServerConfig()
     estimate = defaults.refs_memory_estimate()
     assert estimate is not None
-    assert memory_notice(defaults, 2 * estimate) is None  # exactly half: room enough
-    assert memory_notice(defaults, None) is None  # the memory unknown: nothing to say
-    level, line = memory_notice(defaults, 2 * estimate - 1) or (None, "")
+    # With a limit: nothing to say while a full server stays under it.
+    room = -(-estimate // REF_BYTES)
+    assert memory_notice(defaults, None, room) is None
+    level, line = memory_notice(defaults, None, room - 1) or (None, "")
     assert level == logging.WARNING
     assert line.startswith("10000 clients at --rate 5 would keep about 6.7 GiB of refs")
+    assert f"more than the {room - 1:,} refs" in line
+    assert "refuses says with rate_limited" in line
+    # Without one (--max-refs 0): over half the memory is warned of.
+    assert memory_notice(defaults, 2 * estimate, 0) is None
+    assert memory_notice(defaults, None, 0) is None
+    level, line = memory_notice(defaults, 2 * estimate - 1, 0) or (None, "")
+    assert level == logging.WARNING
     assert f"of the {(2 * estimate - 1) / 2**30:.1f} GiB this server may use" in line
-    level, line = memory_notice(make_config(), 2 * estimate - 1) or (None, "")  # --rate 0
-    assert level == logging.INFO
-    assert line.startswith("no flood limit (--rate 0)")
+    assert "--max-refs 0 sets no limit" in line
+    # No flood limit: a note of what bounds the refs, if anything.
+    for max_refs, bound in ((0, "as many as messages come"), (1_000, "at most 1,000 refs")):
+        level, line = memory_notice(make_config(), None, max_refs) or (None, "")
+        assert level == logging.INFO
+        assert line.startswith(f"no flood limit (--rate 0): the server remembers {bound}")
 
 
 @pytest.mark.parametrize(("gib", "warned"), [(4, True), (64, False)])
@@ -1160,10 +1180,34 @@ async def test_a_server_says_at_start_when_its_limits_could_outgrow_its_memory(
     srv = Server(config, MemoryStore(), memory=lambda: gib * 2**30)
     await srv.start()
     try:
+        assert srv.max_refs == gib * 2**30 // 2 // REF_BYTES
         lines = [r for r in caplog.records if "refs of the last ten minutes" in r.message]
         assert [r.levelno for r in lines] == ([logging.WARNING] if warned else [])
         async with Client("127.0.0.1", srv.port, "ana") as ana:  # it serves
             assert ana.welcome is not None
+    finally:
+        async with asyncio.timeout(10):
+            await srv.close()
+
+
+async def test_past_max_refs_a_say_is_refused_with_when_to_send_it_again() -> None:
+    srv = Server(replace(make_config(), max_refs=2), MemoryStore())
+    await srv.start()
+    try:
+        raw = await Raw.open(srv.port)
+        await raw.hello("ana")
+        raw.send({"type": "join", "room": "a"})
+        for i in range(3):
+            raw.send({"type": "say", "room": "a", "text": f"t{i}", "ref": f"r{i}"})
+        frames: list[Any] = []
+        while sum(isinstance(f, (m.Ack, m.Error)) for f in frames) < 3:
+            frames.append(await raw.next())
+        acks = [f.ref for f in frames if isinstance(f, m.Ack)]
+        [error] = [f for f in frames if isinstance(f, m.Error)]
+        assert acks == ["r0", "r1"]
+        assert (error.code, error.fatal, error.ref) == ("rate_limited", False, "r2")
+        assert error.retry_after is not None
+        assert 599 <= error.retry_after <= 601
     finally:
         async with asyncio.timeout(10):
             await srv.close()

@@ -1457,3 +1457,48 @@ def test_a_store_that_loses_an_ack_is_refused_at_startup(clock: Clock) -> None:
 
     with pytest.raises(ValueError, match="without its ack"):
         Registry(Forgetful(), clock=clock)
+
+
+def test_past_max_refs_says_with_new_refs_are_refused_until_old_ones_expire(
+    clock: Clock,
+) -> None:
+    """The table of refs holds at most max_refs: past it a say (or dm) with a new ref is
+    refused with a non-fatal rate_limited that says when to send it again, and is not
+    stored; resends are still answered with their ack, and says without a ref go on."""
+    store = MemoryStore()
+    reg = Registry(store, clock=clock, max_refs=3)
+    ana, peer = add(reg, "ana", "a")
+    add(reg, "bob", "a")
+    refused: list[ProtocolError] = []
+    reg.say_many(
+        ana, [m.Say(room="a", text=f"t{i}", ref=f"r{i}") for i in range(5)], refused.append
+    )
+    assert [a.ref for a in peer.of(m.Ack)] == ["r0", "r1", "r2"]
+    assert [(e.code, e.fatal, e.ref) for e in refused] == [
+        ("rate_limited", False, "r3"),
+        ("rate_limited", False, "r4"),
+    ]
+    # The oldest refs are forgotten ten minutes (rounded up to a second) after they came.
+    assert all(e.retry_after is not None and 600 <= e.retry_after <= 601 for e in refused)
+    assert [msg.text for msg in peer.of(m.Message)] == ["t0", "t1", "t2"]
+    first_ack = peer.of(m.Ack)[0]
+    quiet(peer)
+    # One at a time too; a resend is answered as ever; a say without a ref is stored.
+    assert refusal(reg.handle, ana, m.Say(room="a", text="t3", ref="r3")).code == "rate_limited"
+    reg.handle(ana, m.Say(room="a", text="t0", ref="r0"))
+    reg.handle(ana, m.Say(room="a", text="no ref"))
+    assert [a for a in peer.of(m.Ack) if a.ref] == [first_ack]  # the first ack, again
+    assert [msg.text for msg in peer.of(m.Message)] == ["no ref"]
+    dm = refusal(reg.handle, ana, m.Dm(to="bob", text="psst", ref="d1"))
+    assert (dm.code, dm.fatal) == ("rate_limited", False)
+    assert dm.retry_after is not None
+    assert dm.retry_after >= 1
+    # Once the oldest have expired, new refs are taken again.
+    quiet(peer)
+    clock.advance(TEN_MINUTES + 1_000)
+    reg.say_many(ana, [m.Say(room="a", text="t3", ref="r3")], refused.append)
+    assert [a.ref for a in peer.of(m.Ack)] == ["r3"]
+    assert len(refused) == 2
+    assert [
+        msg.text for msg in store.history("a", before=None, after=None, limit=100).messages
+    ] == ["t0", "t1", "t2", "no ref", "t3"]

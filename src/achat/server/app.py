@@ -31,7 +31,7 @@ from .registry import Registry
 from .runtime import memory_limit
 from .session import FlushRounds, Session
 
-__all__ = ["Server", "memory_notice", "wall_clock_ms"]
+__all__ = ["Server", "memory_notice", "refs_limit", "wall_clock_ms"]
 
 log = logging.getLogger("achat.server")
 
@@ -44,24 +44,50 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def memory_notice(config: ServerConfig, memory: int | None) -> tuple[int, str] | None:
+def refs_limit(config: ServerConfig, memory: int | None) -> int:
+    """The most refs the server remembers at once: ``--max-refs``, or what half of
+    ``memory`` (the bytes this server may use) holds at REF_BYTES a ref; 0: no limit
+    (``--max-refs 0``, or the memory unknown)."""
+    if config.max_refs is not None:
+        return config.max_refs
+    return memory // 2 // REF_BYTES if memory else 0
+
+
+def memory_notice(
+    config: ServerConfig, memory: int | None, max_refs: int
+) -> tuple[int, str] | None:
     """What to tell the operator at start about the memory of the refs of the last ten
     minutes (a logging level and a line), given ``memory``, the bytes this server may
-    use (None if unknown): a warning when a full server at its flood limit would need
-    over half of it, a note when there is no flood limit, else nothing."""
+    use (None if unknown), and ``max_refs``, the most it remembers (0: no limit).
+
+    A warning when a full server at its flood limit would keep more refs than
+    ``max_refs`` (its says past them refused), or, with no limit, refs taking over half
+    of ``memory``; a note when there is no flood limit; else nothing."""
     estimate = config.refs_memory_estimate()
+    held = f"{max_refs:,} refs (about {max_refs * REF_BYTES / 2**30:.1f} GiB)"
     if estimate is None:
+        bound = f"at most {held}" if max_refs else "as many as messages come"
         return logging.INFO, (
-            f"no flood limit (--rate 0): the refs of the last ten minutes, about "
-            f"{REF_BYTES} B a message, take as much memory as messages come"
+            f"no flood limit (--rate 0): the server remembers {bound} of the last ten "
+            f"minutes, about {REF_BYTES} B each"
+        )
+    full = (
+        f"{config.max_clients} clients at --rate {config.limits.flood.rate:g} would keep "
+        f"about {estimate / 2**30:.1f} GiB of refs of the last ten minutes"
+    )
+    if max_refs:
+        if estimate <= max_refs * REF_BYTES:
+            return None
+        return logging.WARNING, (
+            f"{full}, more than the {held} this server remembers at most (--max-refs): "
+            "past them it refuses says with rate_limited until old ones expire"
         )
     if memory is None or estimate <= memory // 2:
         return None
     return logging.WARNING, (
-        f"{config.max_clients} clients at --rate {config.limits.flood.rate:g} would keep "
-        f"about {estimate / 2**30:.1f} GiB of refs of the last ten minutes, over half "
-        f"of the {memory / 2**30:.1f} GiB this server may use: lower --max-clients or "
-        "--rate (the README's Sizing a server)"
+        f"{full}, over half of the {memory / 2**30:.1f} GiB this server may use, and "
+        "--max-refs 0 sets no limit: lower --max-clients or --rate, or set --max-refs "
+        "(the README's Sizing a server)"
     )
 
 
@@ -87,7 +113,9 @@ class Server:
     ) -> None:
         self.config = config
         self.store = store
-        self._memory = memory  # what the server may use, bytes: for memory_notice
+        self._memory = memory()  # what the server may use, bytes (None: unknown)
+        #: The most refs the registry remembers at once (0: no limit).
+        self.max_refs = refs_limit(config, self._memory)
         # Now, not at the first hello (and before the caller freezes startup objects).
         preload_names()
         self.registry = Registry(
@@ -101,6 +129,7 @@ class Server:
             password=config.password,
             flood=config.limits.flood,
             defer=defer_on_loop,
+            max_refs=self.max_refs,
         )
         self._addresses = AddressLimits(
             max_concurrent=config.max_per_ip,
@@ -193,7 +222,7 @@ class Server:
             )
         addrs = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("listening on %s name=%s", addrs, self.config.name)
-        notice = memory_notice(self.config, self._memory())
+        notice = memory_notice(self.config, self._memory, self.max_refs)
         if notice is not None:
             log.log(*notice)
 

@@ -49,6 +49,9 @@ class ServerConfig:
     durability: str = "normal"
     history_days: float | None = None
     history_max: int | None = None
+    #: The most refs remembered at once (0: no limit; None: what half the memory the
+    #: server may use holds, at REF_BYTES each, worked out when it starts).
+    max_refs: int | None = None
 
     def refs_memory_estimate(self) -> int | None:
         """The resident memory, in bytes, that the refs of the last ten minutes take on

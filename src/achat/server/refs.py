@@ -170,6 +170,10 @@ class RecentRefs(Generic[W]):
                 shards[(hash(key) >> _SHIFT) & mask].pop(key, None)  # as _shard does
             self._first = end
 
+    def next_expiry(self) -> int | None:
+        """The deadline at which the oldest refs are forgotten (None: none is kept)."""
+        return self._marks[0][0] if self._marks else None
+
     def get(self, key: str) -> bytes | None:
         """What ``key`` was remembered with (a receipt or an ack), if it has not expired."""
         return self._shard(key).get(key) or None

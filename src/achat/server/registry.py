@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from msgspec import Struct
 
@@ -180,8 +180,12 @@ class Registry:
         flood: FloodPolicy | None = None,
         defer: Callable[[Callable[[], None], float], object] | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        max_refs: int = 0,
     ) -> None:
         self.store = store
+        #: The most refs remembered at once (0: no limit): past it a ``say`` or ``dm``
+        #: with a new ref is refused with ``rate_limited`` until old ones expire.
+        self.max_refs = max_refs
         # Runs a callback after a delay in seconds (0: once this tick's events are done);
         # None: fan out as each commit lands.
         self._defer = defer
@@ -398,12 +402,16 @@ class Registry:
         deadline = now + REF_TTL_MS
         self._refs.expire(now)
         self._refs.deadline(deadline)
+        # Whether the run could fill the table of refs: only then is each say looked at.
+        crowded = 0 < self.max_refs < len(self._refs) + len(frames)
         try:
             for frame in frames:
                 ref = frame.ref
                 try:
                     room = self._joined_room(member, frame.room)
                     text = validate_text(frame.text, self.max_text)
+                    if crowded and ref and len(self._refs) >= self.max_refs:
+                        self._refs_full(now)
                 except ProtocolError as exc:
                     # A resend is answered all the same: its room may have been left since.
                     if ref and self._answered_again(member, ref):
@@ -526,6 +534,8 @@ class Registry:
             if target is None:
                 raise ProtocolError("no_such_nick", f"nobody called {frame.to!r} is online")
             text = validate_text(frame.text, self.max_text)
+            if ref and 0 < self.max_refs <= len(self._refs):
+                self._refs_full(now)
         except ProtocolError:
             # A resend is answered all the same: its recipient may have gone since.
             if ref and self._answered_again(member, ref):
@@ -711,6 +721,20 @@ class Registry:
     def _broadcast(room: Room, data: bytes) -> None:
         for m in room.members.values():
             m.peer.send(data)
+
+    def _refs_full(self, now: int) -> NoReturn:
+        """Refuse a ``say`` or ``dm`` with a new ref: the table of refs holds
+        ``max_refs``. Its sender may send it again once the oldest refs have expired."""
+        expiry = self._refs.next_expiry()
+        wait = max(1.0, (expiry - now) / 1000) if expiry is not None else 1.0
+        raise ProtocolError(
+            "rate_limited",
+            "the server remembers as many recent messages as it may; this message was "
+            "dropped: send it again later",
+            fatal=False,
+            peer_fault=False,
+            retry_after=wait,
+        )
 
     def _answered_again(self, member: Member, ref: str) -> bool:
         """True when ``ref`` is one of the nick's recent refs: a resend, answered."""

@@ -796,7 +796,17 @@ class Session(asyncio.Protocol):
         if exc.fatal:
             self.fail(exc)
         else:
-            self.send(encode(Error(code=exc.code, message=exc.message, fatal=False, ref=exc.ref)))
+            self.send(
+                encode(
+                    Error(
+                        code=exc.code,
+                        message=exc.message,
+                        fatal=False,
+                        ref=exc.ref,
+                        retry_after=exc.retry_after,
+                    )
+                )
+            )
 
     def _timed_out(self, why: str) -> None:
         log.info("timeout addr=%s why=%s", self.addr, why)
