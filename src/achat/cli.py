@@ -297,7 +297,8 @@ def parse_server_args(
         type=int,
         default=_int_or_none(_env(env, "MAX_REFS", None)),
         help="most messages remembered at once for the ten minutes a resend is "
-        "recognised; past it says are refused with rate_limited until old ones expire "
+        "recognised; past it a say or dm with a new ref is refused with rate_limited "
+        "until old ones expire "
         "(ACHAT_MAX_REFS; default: as many as half the memory the server may use holds, "
         "at about 237 bytes each; 0: no limit)",
     )

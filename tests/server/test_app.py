@@ -1163,6 +1163,13 @@ def test_the_memory_notice_warns_when_a_full_server_would_keep_more_than_it_may(
     assert level == logging.WARNING
     assert f"of the {(2 * estimate - 1) / 2**30:.1f} GiB this server may use" in line
     assert "--max-refs 0 sets no limit" in line
+    # A limit set by hand that half the memory cannot hold, with a flood limit or not.
+    for config in (defaults, make_config()):
+        level, line = memory_notice(config, 8 * 2**30, 4 * 2**30 // REF_BYTES + 1) or (None, "")
+        assert level == logging.WARNING
+        assert "GiB, over half of the 8.0 GiB this server may use" in line
+        _, line = memory_notice(config, 8 * 2**30, 4 * 2**30 // REF_BYTES) or (None, "")
+        assert "over half" not in line  # exactly what half holds: the default
     # No flood limit: a note of what bounds the refs, if anything.
     for max_refs, bound in ((0, "as many as messages come"), (1_000, "at most 1,000 refs")):
         level, line = memory_notice(make_config(), None, max_refs) or (None, "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -1492,7 +1493,7 @@ def test_past_max_refs_says_with_new_refs_are_refused_until_old_ones_expire(
     dm = refusal(reg.handle, ana, m.Dm(to="bob", text="psst", ref="d1"))
     assert (dm.code, dm.fatal) == ("rate_limited", False)
     assert dm.retry_after is not None
-    assert dm.retry_after >= 1
+    assert 599 <= dm.retry_after <= 601
     # Once the oldest have expired, new refs are taken again.
     quiet(peer)
     clock.advance(TEN_MINUTES + 1_000)
@@ -1502,3 +1503,60 @@ def test_past_max_refs_says_with_new_refs_are_refused_until_old_ones_expire(
     assert [
         msg.text for msg in store.history("a", before=None, after=None, limit=100).messages
     ] == ["t0", "t1", "t2", "no ref", "t3"]
+
+
+def test_max_refs_is_reached_exactly_and_a_refused_say_leaves_no_gap_in_the_seqs(
+    clock: Clock,
+) -> None:
+    """A run that just fills the table is taken whole; in the next one, a say with a new
+    ref is refused and takes no number, so the says around it are numbered one after
+    the other; a DM resend while full is answered with its ack."""
+    store = MemoryStore()
+    reg = Registry(store, clock=clock, max_refs=4)
+    ana, peer = add(reg, "ana", "a")
+    add(reg, "bob")
+    reg.handle(ana, m.Dm(to="bob", text="psst", ref="d1"))
+    refused: list[ProtocolError] = []
+    reg.say_many(
+        ana, [m.Say(room="a", text=f"t{i}", ref=f"r{i}") for i in range(3)], refused.append
+    )
+    assert refused == []  # 1 + 3 refs: exactly full
+    dm_ack = peer.of(m.Ack)[0]
+    quiet(peer)
+    run = [
+        m.Say(room="a", text="plain"),
+        m.Say(room="a", text="new", ref="r9"),
+        m.Say(room="a", text="again", ref="r1"),  # a resend
+        m.Say(room="a", text="plain too"),
+    ]
+    reg.say_many(ana, run, refused.append)
+    assert [(e.code, e.ref) for e in refused] == [("rate_limited", "r9")]
+    assert [(msg.seq, msg.text) for msg in peer.of(m.Message)] == [(4, "plain"), (5, "plain too")]
+    reg.handle(ana, m.Dm(to="bob", text="psst", ref="d1"))
+    assert [a for a in peer.of(m.Ack) if a.ref == "d1"] == [dm_ack]
+
+
+def test_refusals_for_the_refs_limit_are_logged_once_a_minute_at_most(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="achat.server")
+    reg = Registry(MemoryStore(), clock=clock, max_refs=1)
+    ana, _ = add(reg, "ana", "a")
+    says = [m.Say(room="a", text=f"t{i}", ref=f"r{i}") for i in range(4)]
+    reg.say_many(ana, says, lambda exc: None)  # one taken, three refused
+
+    def lines() -> list[str]:
+        return [r.message for r in caplog.records if "its --max-refs" in r.message]
+
+    assert reg.refs_refused == 3
+    assert len(lines()) == 1
+    assert lines()[0].startswith("the server remembers 1 refs, its --max-refs: refusing")
+    assert lines()[0].endswith("(1 time(s) since the last report)")
+    clock.advance(59_000)
+    reg.say_many(ana, [m.Say(room="a", text="t5", ref="r5")], lambda exc: None)
+    assert len(lines()) == 1
+    clock.advance(1_000)
+    reg.say_many(ana, [m.Say(room="a", text="t6", ref="r6")], lambda exc: None)
+    assert reg.refs_refused == 5
+    assert len(lines()) == 2
+    assert lines()[1].endswith("(4 time(s) since the last report)")

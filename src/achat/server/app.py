@@ -60,9 +60,16 @@ def memory_notice(
     minutes (a logging level and a line), given ``memory``, the bytes this server may
     use (None if unknown), and ``max_refs``, the most it remembers (0: no limit).
 
-    A warning when a full server at its flood limit would keep more refs than
-    ``max_refs`` (its says past them refused), or, with no limit, refs taking over half
-    of ``memory``; a note when there is no flood limit; else nothing."""
+    A warning when ``max_refs`` refs would take over half of ``memory`` (a limit set by
+    hand), when a full server at its flood limit would keep more refs than
+    ``max_refs`` (its says past them refused), or, with no limit, when its refs would
+    take over half of ``memory``; a note when there is no flood limit; else nothing."""
+    if max_refs and memory is not None and max_refs * REF_BYTES > memory // 2:
+        return logging.WARNING, (
+            f"--max-refs {max_refs} lets the refs of the last ten minutes take about "
+            f"{max_refs * REF_BYTES / 2**30:.1f} GiB, over half of the "
+            f"{memory / 2**30:.1f} GiB this server may use (the README's Sizing a server)"
+        )
     estimate = config.refs_memory_estimate()
     held = f"{max_refs:,} refs (about {max_refs * REF_BYTES / 2**30:.1f} GiB)"
     if estimate is None:

@@ -93,6 +93,8 @@ BACKLOG_PIECE = 32 * 1024
 #: The most of the loop's time fan-outs a commit triggers may take: after one that took t,
 #: the next waits 9t (see Registry.fan_out).
 FAN_OUT_SHARE = 0.1
+#: The least time between two log lines about refusals for the refs' limit, ms.
+REFS_LOG_INTERVAL_MS = 60_000
 #: A wait for a fan-out shorter than this is no wait (the loop's timers are whole ms).
 FAN_OUT_MIN_WAIT = 0.001
 #: The longest wait: a fan-out held up by something else (a collection, the loop thread
@@ -186,6 +188,9 @@ class Registry:
         #: The most refs remembered at once (0: no limit): past it a ``say`` or ``dm``
         #: with a new ref is refused with ``rate_limited`` until old ones expire.
         self.max_refs = max_refs
+        #: How many were refused so far, and when (ms) and at what count it was logged.
+        self.refs_refused = 0
+        self._refs_logged: tuple[int, int] | None = None
         # Runs a callback after a delay in seconds (0: once this tick's events are done);
         # None: fan out as each commit lands.
         self._defer = defer
@@ -727,6 +732,17 @@ class Registry:
         ``max_refs``. Its sender may send it again once the oldest refs have expired."""
         expiry = self._refs.next_expiry()
         wait = max(1.0, (expiry - now) / 1000) if expiry is not None else 1.0
+        self.refs_refused += 1
+        logged = self._refs_logged
+        if logged is None or now - logged[0] >= REFS_LOG_INTERVAL_MS:
+            log.warning(
+                "the server remembers %d refs, its --max-refs: refusing messages with new "
+                "refs for %.0f s, until the oldest expire (%d time(s) since the last report)",
+                len(self._refs),
+                wait,
+                self.refs_refused - (logged[1] if logged else 0),
+            )
+            self._refs_logged = (now, self.refs_refused)
         raise ProtocolError(
             "rate_limited",
             "the server remembers as many recent messages as it may; this message was "

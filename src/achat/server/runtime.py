@@ -19,7 +19,8 @@ items 2 and 3):
 
 It also tells how much memory the process may use (:func:`memory_limit`), for the
 warning a server logs at start when its limits let the refs of the last ten minutes
-outgrow it (``ServerConfig.memory_warning``).
+outgrow it, and for the default ``--max-refs`` (``app.memory_notice`` and
+``app.refs_limit``).
 """
 
 from __future__ import annotations
