@@ -1218,3 +1218,44 @@ async def test_past_max_refs_a_say_is_refused_with_when_to_send_it_again() -> No
     finally:
         async with asyncio.timeout(10):
             await srv.close()
+
+
+async def test_a_server_that_loads_as_many_refs_as_its_limit_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Restarted with a lower --max-refs than the refs its store hands back, it says that
+    messages with new refs are refused until they expire."""
+    store = MemoryStore()
+    srv = Server(make_config(), store)
+    await srv.start()
+    try:
+        raw = await Raw.open(srv.port)
+        await raw.hello("ana")
+        raw.send({"type": "join", "room": "a"})
+        for i in range(3):
+            raw.send({"type": "say", "room": "a", "text": f"t{i}", "ref": f"r{i}"})
+        acks = 0
+        while acks < 3:
+            acks += isinstance(await raw.next(), m.Ack)
+    finally:
+        async with asyncio.timeout(10):
+            await srv.close()
+    caplog.set_level(logging.WARNING, logger="achat.server")
+    for max_refs, warned in ((4, False), (3, True)):
+        caplog.clear()
+        again = Server(replace(make_config(), max_refs=max_refs), store)
+        await again.start()
+        try:
+            assert again.registry.refs_in_force == 3
+            lines = [r.message for r in caplog.records if "loaded from the store" in r.message]
+            assert lines == (
+                [
+                    "3 refs of the last ten minutes loaded from the store, --max-refs 3: "
+                    "messages with new refs are refused until they expire (ten minutes at most)"
+                ]
+                if warned
+                else []
+            )
+        finally:
+            async with asyncio.timeout(10):
+                await again.close()

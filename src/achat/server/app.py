@@ -232,6 +232,14 @@ class Server:
         notice = memory_notice(self.config, self._memory, self.max_refs)
         if notice is not None:
             log.log(*notice)
+        loaded = self.registry.refs_in_force
+        if 0 < self.max_refs <= loaded:
+            log.warning(
+                "%d refs of the last ten minutes loaded from the store, --max-refs %d: "
+                "messages with new refs are refused until they expire (ten minutes at most)",
+                loaded,
+                self.max_refs,
+            )
 
     async def serve_until_closed(self) -> None:
         """Wait until :meth:`close` has finished."""

@@ -727,6 +727,11 @@ class Registry:
         for m in room.members.values():
             m.peer.send(data)
 
+    @property
+    def refs_in_force(self) -> int:
+        """How many refs are remembered now (those loaded at start among them)."""
+        return len(self._refs)
+
     def _refs_full(self, now: int) -> NoReturn:
         """Refuse a ``say`` or ``dm`` with a new ref: the table of refs holds
         ``max_refs``. Its sender may send it again once the oldest refs have expired."""
