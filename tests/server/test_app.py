@@ -1215,6 +1215,8 @@ async def test_past_max_refs_a_say_is_refused_with_when_to_send_it_again() -> No
         assert (error.code, error.fatal, error.ref) == ("rate_limited", False, "r2")
         assert error.retry_after is not None
         assert 599 <= error.retry_after <= 601
+        stats = srv.stats()
+        assert (stats["refs"], stats["max_refs"], stats["refs_refused"]) == (2, 2, 1)
     finally:
         async with asyncio.timeout(10):
             await srv.close()

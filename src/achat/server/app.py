@@ -171,7 +171,8 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         """Counters for operators (logged on SIGUSR1): connections, members, rooms, tasks, fds,
-        and the times the server was too busy writing to take says."""
+        the times the server was too busy writing to take says, and the refs remembered,
+        their limit and the messages refused for it."""
         fds = rss_kb = -1
         with contextlib.suppress(OSError, ValueError, IndexError):
             fds = len(os.listdir("/proc/self/fd"))
@@ -187,6 +188,9 @@ class Server:
             # Times writing fell so far behind that says were refused, and how many.
             "busy_spells": self.rounds.spells if self.rounds is not None else 0,
             "busy_refused": self.rounds.refused if self.rounds is not None else 0,
+            "refs": self.registry.refs_in_force,
+            "max_refs": self.max_refs,
+            "refs_refused": self.registry.refs_refused,
         }
 
     async def wait_connections(self, count: int) -> None:
