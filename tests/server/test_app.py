@@ -1197,18 +1197,25 @@ async def test_a_server_says_at_start_when_its_limits_could_outgrow_its_memory(
             await srv.close()
 
 
+async def three_says(server: Server) -> list[Any]:
+    """ana joins #a and says r0, r1 and r2; every frame she gets until all three are
+    answered (with an ack or an error)."""
+    raw = await Raw.open(server.port)
+    await raw.hello("ana")
+    raw.send({"type": "join", "room": "a"})
+    for i in range(3):
+        raw.send({"type": "say", "room": "a", "text": f"t{i}", "ref": f"r{i}"})
+    frames: list[Any] = []
+    while sum(isinstance(f, (m.Ack, m.Error)) for f in frames) < 3:
+        frames.append(await raw.next())
+    return frames
+
+
 async def test_past_max_refs_a_say_is_refused_with_when_to_send_it_again() -> None:
     srv = Server(replace(make_config(), max_refs=2), MemoryStore())
     await srv.start()
     try:
-        raw = await Raw.open(srv.port)
-        await raw.hello("ana")
-        raw.send({"type": "join", "room": "a"})
-        for i in range(3):
-            raw.send({"type": "say", "room": "a", "text": f"t{i}", "ref": f"r{i}"})
-        frames: list[Any] = []
-        while sum(isinstance(f, (m.Ack, m.Error)) for f in frames) < 3:
-            frames.append(await raw.next())
+        frames = await three_says(srv)
         acks = [f.ref for f in frames if isinstance(f, m.Ack)]
         [error] = [f for f in frames if isinstance(f, m.Error)]
         assert acks == ["r0", "r1"]
@@ -1231,14 +1238,8 @@ async def test_a_server_that_loads_as_many_refs_as_its_limit_says_so(
     srv = Server(make_config(), store)
     await srv.start()
     try:
-        raw = await Raw.open(srv.port)
-        await raw.hello("ana")
-        raw.send({"type": "join", "room": "a"})
-        for i in range(3):
-            raw.send({"type": "say", "room": "a", "text": f"t{i}", "ref": f"r{i}"})
-        acks = 0
-        while acks < 3:
-            acks += isinstance(await raw.next(), m.Ack)
+        frames = await three_says(srv)
+        assert [f.ref for f in frames if isinstance(f, m.Ack)] == ["r0", "r1", "r2"]
     finally:
         async with asyncio.timeout(10):
             await srv.close()
