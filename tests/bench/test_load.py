@@ -67,7 +67,7 @@ def message(seq: int, sent_ns: int | None = None, text: str = "xxxxxxxx") -> byt
     return encode(Message(room="r", seq=seq, ts=1, sender="a", text=f"t={stamp} {text}"))
 
 
-# The frames a client meets, as the server encodes them: it has said 3 things (refs 1-3).
+# The greeting a client meets, as the server encodes it.
 GREETING = b"".join(
     [
         encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}'),
@@ -75,19 +75,32 @@ GREETING = b"".join(
         encode(Names(room="r", nicks=["b0"], topic="", seq=0)),
     ]
 )
-STREAM = GREETING + b"".join(
-    [
-        message(1),
-        message(2),
-        encode(Ping(ref="keepalive")),  # the server's own: not looked at, not answered
-        message(3),
-        # Say 2 refused before say 1 is stored: answers need not come in order.
-        encode(Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")),
-        encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
-        message(4),
-        encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
-    ]
-)
+
+
+def fresh_stream() -> bytes:
+    """The frames a client meets after saying 3 things (refs 1-3), its messages stamped now.
+
+    Built for each test, not once at import: a test run long after its module was
+    collected would otherwise time messages said minutes ago.
+    """
+    return GREETING + b"".join(
+        [
+            message(1),
+            message(2),
+            encode(Ping(ref="keepalive")),  # the server's own: not looked at, not answered
+            message(3),
+            # Say 2 refused before say 1 is stored: answers need not come in order.
+            encode(
+                Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")
+            ),
+            encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
+            message(4),
+            encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
+        ]
+    )
+
+
+STREAM_LENGTH = len(fresh_stream())  # the same whenever built: stamps have 19 digits
 
 
 def feed(
@@ -147,35 +160,38 @@ def check(report: WorkerReport, wire: Wire) -> None:
 
 def test_every_split_in_two() -> None:
     seen: list[_BenchClient] = []
-    for at in range(1, len(STREAM)):
-        report, wire = feed([STREAM[:at], STREAM[at:]], clients=seen)
+    for at in range(1, STREAM_LENGTH):
+        stream = fresh_stream()
+        report, wire = feed([stream[:at], stream[at:]], clients=seen)
         check(report, wire)
         assert (seen[-1].unanswered, seen[-1].due) == (0, 0), at
-    whole, _ = feed([STREAM])
+    whole, _ = feed([fresh_stream()])
     assert whole.codes == {"rate_limited": 1}
 
 
-@given(st.lists(st.integers(1, len(STREAM) - 1), max_size=40))
+@given(st.lists(st.integers(1, STREAM_LENGTH - 1), max_size=40))
 def test_any_split(cuts: list[int]) -> None:
-    points = [0, *sorted(set(cuts)), len(STREAM)]
-    check(*feed([STREAM[a:b] for a, b in itertools.pairwise(points)]))
+    stream = fresh_stream()
+    points = [0, *sorted(set(cuts)), len(stream)]
+    check(*feed([stream[a:b] for a, b in itertools.pairwise(points)]))
 
 
 def test_answers_are_looked_for_only_while_due() -> None:
     """A client that said nothing takes no ack or error in its reads for its own."""
     seen: list[_BenchClient] = []
-    report, _ = feed([STREAM], says=0, clients=seen)
+    report, _ = feed([fresh_stream()], says=0, clients=seen)
     assert (report.delivered, report.joined, report.errors, report.acked) == (4, 1, 0, 0)
     assert seen[0].due == 0
     # One of three says still out: the search goes on in the reads to come.
-    report, _ = feed([STREAM], says=4, clients=seen)
+    report, _ = feed([fresh_stream()], says=4, clients=seen)
     assert (seen[1].unanswered, seen[1].due) == (1, 1)
     assert (report.errors, report.acked) == (1, 2)
 
 
 def test_one_byte_at_a_time_and_the_pipeline_refills_for_ingest() -> None:
     seen: list[_BenchClient] = []
-    report, wire = feed([STREAM[i : i + 1] for i in range(len(STREAM))], pipeline=4, clients=seen)
+    stream = fresh_stream()
+    report, wire = feed([stream[i : i + 1] for i in range(len(stream))], pipeline=4, clients=seen)
     check(report, wire)
     # Four says out at first, in one write, and one more for each of the three answers.
     says = [w.count(b'"type":"say"') for w in wire.written if b'"type":"say"' in w]
@@ -185,7 +201,7 @@ def test_one_byte_at_a_time_and_the_pipeline_refills_for_ingest() -> None:
 
 def test_a_quiet_client_pings_and_takes_its_pong() -> None:
     seen: list[_BenchClient] = []
-    report, wire = feed([STREAM], clients=seen)
+    report, wire = feed([fresh_stream()], clients=seen)
     client = seen[0]
     quiet_since = client.last_sent
     client.keep_alive(quiet_since + KEEPALIVE_SECONDS - 0.5)
@@ -242,7 +258,7 @@ def test_frame_lookalikes_in_texts_are_not_frames() -> None:
 
 def test_a_fatal_error_that_answers_nothing_is_counted_by_its_code() -> None:
     fatal = encode(Error(code="sendq_exceeded", message="you read too slowly", fatal=True))
-    stream = STREAM + message(5) + fatal
+    stream = fresh_stream() + message(5) + fatal
     for at in range(1, len(stream)):
         seen: list[_BenchClient] = []
         report, _ = feed([stream[:at], stream[at:]], clients=seen)
@@ -251,14 +267,14 @@ def test_a_fatal_error_that_answers_nothing_is_counted_by_its_code() -> None:
         assert report.codes == {"rate_limited": 1, "sendq_exceeded": 1}, at
         assert report.closed == 1
     # A connection that ends on anything else had no error to count.
-    report, _ = feed([STREAM], clients=seen)
+    report, _ = feed([fresh_stream()], clients=seen)
     seen[-1].connection_lost(None)
     assert (report.errors, report.closed) == (1, 1)
 
 
 def test_answers_beyond_those_due_are_not_taken() -> None:
     seen: list[_BenchClient] = []
-    report, _ = feed([STREAM], says=1, clients=seen)
+    report, _ = feed([fresh_stream()], says=1, clients=seen)
     # The say was answered by the error; the acks after it answer nothing this client said.
     assert (report.errors, report.acked) == (1, 0)
     assert (seen[0].unanswered, seen[0].due) == (0, 0)
@@ -266,7 +282,7 @@ def test_answers_beyond_those_due_are_not_taken() -> None:
 
 def test_acks_count_only_when_read_inside_the_window() -> None:
     later = (time.monotonic() + 3600, time.monotonic() + 7200)
-    report, _ = feed([STREAM], window_s=later)
+    report, _ = feed([fresh_stream()], window_s=later)
     assert (report.acked, report.errors) == (0, 1)
 
 
@@ -279,10 +295,10 @@ def test_the_pipeline_refills_on_errors_and_stops_with_the_window() -> None:
     assert sum(w.count(b'"type":"say"') for w in wire.written) == 3  # 2, then 1 for the error
     assert seen[0].unanswered == 2
     # Once the window is over, nothing more is said, whatever comes back...
-    _, wire = feed([STREAM], pipeline=2, window_s=(0.0, time.monotonic()))
+    _, wire = feed([fresh_stream()], pipeline=2, window_s=(0.0, time.monotonic()))
     assert not any(b'"type":"say"' in w for w in wire.written)
     # ...on the stamps' clock too: none is stamped at or after the window's end.
-    _, wire = feed([STREAM], pipeline=2, span=(0, time.time_ns()))
+    _, wire = feed([fresh_stream()], pipeline=2, span=(0, time.time_ns()))
     assert not any(b'"type":"say"' in w for w in wire.written)
 
 
@@ -310,7 +326,7 @@ def test_the_worst_disorder_seen_in_a_read_is_reported() -> None:
 
 def test_saying_something_keeps_a_client_from_pinging() -> None:
     seen: list[_BenchClient] = []
-    feed([STREAM], says=0, clients=seen)
+    feed([fresh_stream()], says=0, clients=seen)
     client = seen[0]
     client.last_sent -= KEEPALIVE_SECONDS  # quiet for long enough...
     client._write_say()  # ...until it says something
