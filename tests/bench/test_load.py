@@ -158,6 +158,28 @@ def check(report: WorkerReport, wire: Wire) -> None:
     assert report.latency.quantile(1.0) < 60 * 10**9
 
 
+class _StoppedWall:
+    """The ``time`` module as the generator sees it, its wall clock stopped at ``now``."""
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def time_ns(self) -> int:
+        return self.now
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def now(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The wall clock's time (ns), stopped there for the generator: the latency it reads
+    is then exactly a stamp's age, however long the test takes to get to its reads."""
+    stopped = time.time_ns()
+    monkeypatch.setattr(load, "time", _StoppedWall(stopped))
+    return stopped
+
+
 def test_every_split_in_two() -> None:
     seen: list[_BenchClient] = []
     for at in range(1, STREAM_LENGTH):
@@ -402,8 +424,7 @@ def test_deliveries_count_by_when_the_message_was_said() -> None:
         assert report.latency.total == 10, size
 
 
-def test_latency_is_counted_per_message_spread_between_a_reads_ends() -> None:
-    now = time.time_ns()
+def test_latency_is_counted_per_message_spread_between_a_reads_ends(now: int) -> None:
     said = [now - s * 10**9 for s in (40, 39, 31, 30)]  # 40 s ago, ..., 30 s ago
     stream = GREETING + b"".join(message(k, t) for k, t in enumerate(said, 1))
     report, _ = feed([stream])
@@ -420,8 +441,7 @@ def test_latency_is_counted_per_message_spread_between_a_reads_ends() -> None:
     assert 31 <= report.latency.quantile(1.0) / 1e9 < 31.5
 
 
-def test_a_big_read_spreads_its_latencies_rather_than_piling_them_at_two_ends() -> None:
-    now = time.time_ns()
+def test_a_big_read_spreads_its_latencies_rather_than_piling_them_at_two_ends(now: int) -> None:
     said = [now - 10**9 - k * 250_000 for k in range(400)]  # over 100 ms, a second ago
     stream = GREETING + b"".join(message(k, t) for k, t in enumerate(reversed(said), 1))
     report, _ = feed([stream])
@@ -440,10 +460,9 @@ def shuffled_in_blocks(said: list[int], block: int, seed: int) -> list[int]:
     return order
 
 
-def test_a_big_read_across_the_start_counts_what_was_said_inside_it() -> None:
+def test_a_big_read_across_the_start_counts_what_was_said_inside_it(now: int) -> None:
     # 800 messages said a ms apart, from 2 s ago, taken by the server out of order by up
     # to 40 ms; the window starts at the 300th said, so 500 were said inside it.
-    now = time.time_ns()
     said = [now - 2 * 10**9 + k * 1_000_000 for k in range(800)]
     order = shuffled_in_blocks(said, 40, seed=4)
     stream = GREETING + b"".join(message(k, t) for k, t in enumerate(order, 1))
@@ -455,8 +474,8 @@ def test_a_big_read_across_the_start_counts_what_was_said_inside_it() -> None:
     assert 1.67 <= report.latency.quantile(1.0) / 1e9 < 1.73
 
 
-def test_a_read_out_of_order_well_inside_the_window_is_counted_whole() -> None:
-    now, ms = time.time_ns(), 10**6
+def test_a_read_out_of_order_well_inside_the_window_is_counted_whole(now: int) -> None:
+    ms = 10**6
     said = [now - 1000 * ms, now - 1080 * ms, now - 1060 * ms]  # the first is the newest
     stream = GREETING + b"".join(message(k, t) for k, t in enumerate(said, 1))
     report, _ = feed([stream], span=(now - 10 * 10**9, now))
