@@ -436,14 +436,14 @@ class SQLiteStore(Store):
             or sum(len(w.run[0]) if w.run is not None else 1 for w in tick) > LOOP_COMMIT_MAX
         ):
             return False
-        started = time.monotonic()
-        if started < self._loop_commits_paused_until:
+        if time.monotonic() < self._loop_commits_paused_until:
             return False
         db = self._loop_db
         if db is None:
             if self.durability != "normal":
                 return False
             db = self._loop_db = self._connect_loop()
+        started = time.monotonic()  # the commit's: reopening after a failure is not slowness
         try:
             _store(db, *_rows_of(tick), immediate=True)
         except BaseException as exc:
