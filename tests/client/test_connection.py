@@ -634,15 +634,37 @@ async def test_disconnected_is_last_even_with_frames_queued() -> None:
     assert client.queued == 0
 
 
+class StoppedClock:
+    """A monotonic clock that moves only when a test moves it: a client paced by it gets
+    its next token when the test says, however long the machine takes meanwhile."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def token(self, rate: float) -> None:
+        """Let a token come at ``rate`` a second: twice its interval, as ``1 / rate``
+        added to the clock may come to a hair less than one token (a bucket of one
+        holds no more)."""
+        self.now += 2 / rate
+
+
 async def test_a_line_that_times_out_while_queued_is_not_sent(server: Server) -> None:
     """say() gives up on a line still waiting for its turn: it is not sent after all."""
-    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=4) as ana:
+    clock = StoppedClock()
+    async with Client(
+        "127.0.0.1", server.port, "ana", send_burst=1, send_rate=4, clock=clock
+    ) as ana:
         await ana.join("general")  # the only token
         with pytest.raises(TimeoutError):
             await ana.say("general", "gave up", timeout=0.05)
         assert ana.queued == 0
         assert ana.pending == 0
+        clock.token(4)
         await ana.say("general", "after", timeout=5)  # goes when "gave up" would have
+        clock.token(4)
         texts = [x.text for x in (await ana.history("general")).messages]
     assert texts == ["after"]
 
@@ -688,29 +710,41 @@ async def test_a_line_given_up_while_its_turn_came_does_not_hold_up_the_next(
 ) -> None:
     """A say that times out while the pacer waits for a token is skipped, and the line
     after it goes in its place: nothing waits for an answer to a line never sent."""
-    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=10) as ana:
+    clock = StoppedClock()
+    async with Client(
+        "127.0.0.1", server.port, "ana", send_burst=1, send_rate=10, clock=clock
+    ) as ana:
         await ana.join("general")  # the only token
         with pytest.raises(TimeoutError):
             await ana.say("general", "given up", timeout=0.01)
+        clock.token(10)
         await ana.say("general", "kept", timeout=2)  # would wait ANSWER_WAIT (5 s) for it
+        clock.token(10)
         texts = [x.text for x in (await ana.history("general")).messages]
     assert texts == ["kept"]
 
 
 async def test_a_question_given_up_while_queued_is_not_asked(server: Server) -> None:
     """A ping (not kept) whose request times out in the queue is not sent later."""
-    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=20) as ana:
+    clock = StoppedClock()
+    async with Client(
+        "127.0.0.1", server.port, "ana", send_burst=1, send_rate=20, clock=clock
+    ) as ana:
         await ana.join("general")  # the only token
         given_up = ana.new_ref()
         with pytest.raises(TimeoutError):
             await ana.request(m.Ping(ref=given_up), timeout=0.01)
+        clock.token(20)
         await ana.ping()  # answered after the given-up one would have been
         events = ana.received()
     assert [e for e in events if isinstance(e, m.Pong) and e.ref == given_up] == []
 
 
 async def test_a_join_since_given_up_while_queued_leaves_no_room_behind(server: Server) -> None:
-    async with Client("127.0.0.1", server.port, "ana", send_burst=1, send_rate=20) as ana:
+    clock = StoppedClock()
+    async with Client(
+        "127.0.0.1", server.port, "ana", send_burst=1, send_rate=20, clock=clock
+    ) as ana:
         await ana.join("general")  # the only token
         with pytest.raises(TimeoutError):
             await ana.request(m.Join(room="other", since=3, ref=ana.new_ref()), timeout=0.01)
