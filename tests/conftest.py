@@ -22,6 +22,15 @@ settings.register_profile("fuzz", deadline=None, max_examples=20_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True)
+def no_achat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``ACHAT_*`` variable of the shell that runs the tests reaches them: servers and
+    clients started here, in this process or as children, would take them for options
+    (a developer's ``ACHAT_PASSWORD`` would turn every test's server away)."""
+    for name in [name for name in os.environ if name.startswith("ACHAT_")]:
+        monkeypatch.delenv(name)
+
+
 def make_config(port: int = 0, **limits: Any) -> ServerConfig:
     """A loopback config with flood limits off unless a test sets them (tests send bursts)."""
     limits.setdefault("flood", FloodPolicy(rate=0))
