@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from achat.bench.cli import _Server, replace_section
+from achat.bench.cli import _Server, ingest_sendq, replace_section
 from achat.protocol.frames import HEADER
 from achat.protocol.messages import (
     Hello,
@@ -63,7 +63,7 @@ NOW = 1_764_090_000_000
 #: The bystander's ping interval, seconds.
 PING_EVERY = 0.002
 #: The server's send queue for 8,192 says in flight (achat-bench starts its own so).
-INGEST_SENDQ = 8192 * 512
+INGEST_SENDQ = ingest_sendq(8192)
 #: The longest an ingest run may take beyond its --seconds (start-up, warm-up, drain).
 INGEST_SLACK = 60.0
 

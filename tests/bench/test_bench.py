@@ -260,8 +260,9 @@ def test_keepalive_must_be_positive() -> None:
 
 def test_ingest_against_a_running_server_fits_its_send_queue(tmp_path: Path) -> None:
     """Against a server it did not start (whose send queue is the default 1 MiB), ingest
-    keeps no more says in flight than their replies fit in, and says what a deeper
-    pipeline would need: it is not cut off with sendq_exceeded."""
+    keeps no more says in flight than their replies fit in under the quarter of it past
+    which the server refuses says, and says what a deeper pipeline would need: it is
+    neither cut off with sendq_exceeded nor refused."""
     server = ServerProcess(tmp_path / "server", None, "--rate", "0")
     server.start()
     out = tmp_path / "ingest.json"
@@ -282,5 +283,6 @@ def test_ingest_against_a_running_server_fits_its_send_queue(tmp_path: Path) -> 
     result = json.loads(out.read_text())
     assert (result["errors"], result["closed"]) == (0, 0)
     assert result["acked_per_s"] > 0
-    assert result["params"]["pipeline"] == 2048
-    assert any("--sendq-limit must be at least" in note for note in result["notes"])
+    assert result["params"]["pipeline"] == 512
+    assert any("--sendq-limit must be at least 1048576" in note for note in result["notes"])
+    assert "refusing says" not in server.log.read_text()

@@ -80,14 +80,28 @@ class Result:
 #: New connections a second, all workers together: a join storm, paced so that the
 #: server's listen queue (4,096 on achat-server) never overflows.
 CONNECT_RATE = 10_000.0
-#: Bytes a server sends back per ``say`` of ingest (its ack and its message, ~250), with
-#: room to spare: times the pipeline, the send queue the ingest server is given.
+#: Bytes a server sends back per ``say`` of ingest (its ack and its message, ~210), with
+#: room to spare.
 INGEST_REPLY_BYTES = 512
+#: achat-server refuses says while more than a quarter of its --sendq-limit is queued for
+#: one connection (its writing taken for behind): the send queue a pipeline of ingest
+#: needs is this many times its replies.
+SWAMPED_SHARE = 4
 #: Says in flight for ingest against a server started here, deep enough that the server,
 #: not the round trip, is what limits.
 INGEST_PIPELINE = 8192
 #: achat-server's --sendq-limit by default.
 DEFAULT_SENDQ = 1 << 20
+
+
+def ingest_sendq(pipeline: int) -> int:
+    """The --sendq-limit under which ``pipeline`` says in flight are never refused."""
+    return pipeline * INGEST_REPLY_BYTES * SWAMPED_SHARE
+
+
+def ingest_pipeline(sendq: int) -> int:
+    """The most says in flight a server with ``sendq`` as its --sendq-limit never refuses."""
+    return sendq // (INGEST_REPLY_BYTES * SWAMPED_SHARE)
 
 
 # -- the server under test ------------------------------------------------------------
@@ -197,20 +211,21 @@ def run(args: argparse.Namespace) -> Result:
     if args.scenario == "ingest" and args.pipeline is None:
         # A server started here gets a send queue with room for the replies; one already
         # running has its own, by default room for those of 2,048 says.
-        running = DEFAULT_SENDQ // INGEST_REPLY_BYTES
+        running = ingest_pipeline(DEFAULT_SENDQ)
         args.pipeline = INGEST_PIPELINE if args.port is None else running
     result = Result(args.scenario, _params(args), args.duration)
     if args.scenario == "ingest" and args.port is not None:
         result.notes.append(
             f"ingest against a running server: its --sendq-limit must be at least "
-            f"{args.pipeline * INGEST_REPLY_BYTES} for {args.pipeline:,} says in flight, "
+            f"{ingest_sendq(args.pipeline)} for {args.pipeline:,} says in flight, "
             "and its flood limit off (--rate 0)"
         )
     if args.port is None:
         extra = []
         if args.scenario == "ingest":
-            # A pipeline's acks and messages come back together: room for all of them.
-            sendq = max(DEFAULT_SENDQ, args.pipeline * INGEST_REPLY_BYTES)
+            # A pipeline's acks and messages can come back together: room for all of
+            # them under the quarter of the send queue past which says are refused.
+            sendq = max(DEFAULT_SENDQ, ingest_sendq(args.pipeline))
             extra = ["--rate", "0", "--sendq-limit", str(sendq)]
             result.notes.append(
                 f"server started with --rate 0 (flood limit off) and --sendq-limit {sendq} "
@@ -648,7 +663,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help=f"ingest: says in flight (default {INGEST_PIPELINE:,} with a server started "
         "here, deep enough that the server, not the round trip, limits; against --port, "
-        f"what the default send queue has room for, {DEFAULT_SENDQ // INGEST_REPLY_BYTES:,})",
+        f"what the default send queue has room for, {ingest_pipeline(DEFAULT_SENDQ):,})",
     )
     p.add_argument("--duration", "-d", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0)
