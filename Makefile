@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 
 types: install
-	$(BIN)/mypy --strict src tests
+	$(BIN)/mypy --strict src tests benchmarks
 
 check: lint types test
 

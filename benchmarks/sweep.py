@@ -197,7 +197,7 @@ def _nice_max(value: float, steps: tuple[float, ...] = (1, 2, 2.5, 4, 5, 10)) ->
     """The smallest 1, 2, 2.5, 4 or 5 times a power of ten that is at least ``value``."""
     if value <= 0:
         return 1.0
-    power = 10 ** math.floor(math.log10(value))
+    power = 10.0 ** math.floor(math.log10(value))
     return next(s * power for s in steps if s * power >= value)
 
 
@@ -250,8 +250,8 @@ def chart(points: list[Point], title: str = "achat-server, one busy room") -> st
         return top1 + PANEL * (1 - math.log10(ms / LOW_MS) / span)
 
     frame(top1, "latency (ms, log scale)")
-    for ms in (1, 10, 100, 1000, 10000):
-        out.extend(_grid(y1(ms), plot_w, f"{ms:,}"))
+    for tick in (1, 10, 100, 1000, 10000):
+        out.extend(_grid(y1(tick), plot_w, f"{tick:,}"))
     for members, ms, label_dy in TARGETS:
         out.append(
             f'<path d="M{x(members) - 10:.1f},{y1(ms):.1f} h20" stroke="#2ca02c" stroke-width="3"/>'
