@@ -39,6 +39,7 @@ from achat.protocol.messages import (
     Pong,
     encode,
 )
+from tests.helpers.clocks import time_with
 
 
 class Wire:
@@ -158,25 +159,12 @@ def check(report: WorkerReport, wire: Wire) -> None:
     assert report.latency.quantile(1.0) < 60 * 10**9
 
 
-class _StoppedWall:
-    """The ``time`` module as the generator sees it, its wall clock stopped at ``now``."""
-
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def time_ns(self) -> int:
-        return self.now
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-
 @pytest.fixture
 def now(monkeypatch: pytest.MonkeyPatch) -> int:
     """The wall clock's time (ns), stopped there for the generator: the latency it reads
     is then exactly a stamp's age, however long the test takes to get to its reads."""
     stopped = time.time_ns()
-    monkeypatch.setattr(load, "time", _StoppedWall(stopped))
+    monkeypatch.setattr(load, "time", time_with(time_ns=lambda: stopped))
     return stopped
 
 

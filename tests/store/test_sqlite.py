@@ -34,6 +34,7 @@ from achat.store.sqlite import (
     _enable_wal,
     _Write,
 )
+from tests.helpers.clocks import time_with
 
 
 def msg(room: str, seq: int, ts: int = 1000, text: str = "hi") -> Message:
@@ -360,19 +361,6 @@ async def test_a_locked_database_leaves_the_commit_to_the_writer(
         s.close()
 
 
-class _StoppedClock:
-    """The ``time`` module as the store sees it, its monotonic clock moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-
 async def test_opening_the_loops_connection_is_no_part_of_a_commits_time(
     still_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -382,13 +370,15 @@ async def test_opening_the_loops_connection_is_no_part_of_a_commits_time(
     assert store._loop_db is not None
     store._loop_db.close()
     store._loop_db = None  # as a failed commit leaves it
-    clock = _StoppedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
-    monkeypatch.setattr(sqlite_store, "LOOP_COMMIT_SLOW", 0.005)
+    ahead = [0.0]  # how far the store's monotonic clock is ahead of the real one
+    monkeypatch.setattr(
+        sqlite_store, "time", time_with(monotonic=lambda: time.monotonic() + ahead[0])
+    )
+    monkeypatch.setattr(sqlite_store, "LOOP_COMMIT_SLOW", 0.5)
     open_for_the_loop = store._connect_loop
 
     def slow_open() -> sqlite3.Connection:
-        clock.now += 1.0
+        ahead[0] += 1.0
         return open_for_the_loop()
 
     monkeypatch.setattr(store, "_connect_loop", slow_open)
@@ -397,6 +387,28 @@ async def test_opening_the_loops_connection_is_no_part_of_a_commits_time(
     assert await _stored_on(store, [msg("r", 2)]) == ["MainThread"]
     assert (store.batches, store.loop_batches) == (0, 2)
     assert "a commit on the loop took" not in caplog.text
+
+
+async def test_a_loop_that_cannot_open_its_connection_leaves_commits_to_the_writer(
+    still_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reopening the loop's connection can fail (out of file descriptors): the tick goes to
+    the writer thread, which has its own, and so do those of the next LOOP_COMMIT_PAUSE."""
+    store = still_store
+    assert store._loop_db is not None
+    store._loop_db.close()
+    store._loop_db = None  # as a failed commit leaves it
+
+    def no_open() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(store, "_connect_loop", no_open)
+    caplog.set_level(logging.INFO, "achat.store")
+    await _stored_on(store, [msg("r", 1)])
+    assert "the loop could not open its connection" in caplog.text
+    await _stored_on(store, [msg("r", 2)])
+    assert (store.batches, store.loop_batches) == (2, 0)
+    assert stored_messages(store.path) == 2
 
 
 async def test_a_slow_or_failed_loop_commit_hands_commits_to_the_writer(

@@ -442,7 +442,17 @@ class SQLiteStore(Store):
         if db is None:
             if self.durability != "normal":
                 return False
-            db = self._loop_db = self._connect_loop()
+            try:  # again, after a failed commit closed it
+                db = self._loop_db = self._connect_loop()
+            except Exception as exc:  # out of file descriptors, say: the writer has its own
+                self._loop_commits_paused_until = time.monotonic() + LOOP_COMMIT_PAUSE
+                log.warning(
+                    "the loop could not open its connection (%s); the writer thread "
+                    "commits for %.0f s",
+                    exc,
+                    LOOP_COMMIT_PAUSE,
+                )
+                return False
         started = time.monotonic()  # the commit's: reopening after a failure is not slowness
         try:
             _store(db, *_rows_of(tick), immediate=True)
