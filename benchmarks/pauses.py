@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from achat.bench.cli import _Server, ingest_sendq, replace_section
+from achat.bench.cli import INGEST_PIPELINE, _Server, ingest_sendq, replace_section
 from achat.protocol.frames import HEADER
 from achat.protocol.messages import (
     Hello,
@@ -62,8 +62,8 @@ SECTION = "pauses"
 NOW = 1_764_090_000_000
 #: The bystander's ping interval, seconds.
 PING_EVERY = 0.002
-#: The server's send queue for 8,192 says in flight (achat-bench starts its own so).
-INGEST_SENDQ = ingest_sendq(8192)
+#: The server's send queue for achat-bench's says in flight (it starts its own so).
+INGEST_SENDQ = ingest_sendq(INGEST_PIPELINE)
 #: The longest an ingest run may take beyond its --seconds (start-up, warm-up, drain).
 INGEST_SLACK = 60.0
 
@@ -173,7 +173,7 @@ def under_ingest(seconds: float) -> IngestRun:
         with tempfile.TemporaryDirectory(prefix="achat-pauses-") as tmp:
             out, log = Path(tmp) / "result.json", Path(tmp) / "stderr"
             cmd = ["taskset", "-c", ",".join(map(str, others)), bench, "ingest"]
-            cmd += ["--port", str(server.port), "--pipeline", "8192"]
+            cmd += ["--port", str(server.port), "--pipeline", str(INGEST_PIPELINE)]
             cmd += ["--duration", f"{seconds:g}", "--json", str(out)]
             with log.open("wb") as err:
                 load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)

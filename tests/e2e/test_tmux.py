@@ -43,8 +43,9 @@ TOOLBAR = "│ /help"
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of every process started here: fixed terminal and locale, no ACHAT_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACHAT_", "TMUX"))}
+    """The environment of every process started here: fixed terminal and locale, outside
+    any tmux (conftest's no_achat_environment has taken the ACHAT_* variables out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TMUX")}
     env.update(TERM="xterm-256color", LANG="C.UTF-8", LC_ALL="C.UTF-8", **extra)
     return env
 

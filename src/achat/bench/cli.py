@@ -37,6 +37,7 @@ from typing import Any
 
 from ..protocol.frames import encode_frame
 from ..protocol.messages import Message, encode
+from ..server.session import SWAMPED_SHARE
 from .histogram import Histogram
 from .load import (
     KEEPALIVE_REF,
@@ -83,10 +84,6 @@ CONNECT_RATE = 10_000.0
 #: Bytes a server sends back per ``say`` of ingest (its ack and its message, ~210), with
 #: room to spare.
 INGEST_REPLY_BYTES = 512
-#: achat-server refuses says while more than a quarter of its --sendq-limit is queued for
-#: one connection (its writing taken for behind): the send queue a pipeline of ingest
-#: needs is this many times its replies.
-SWAMPED_SHARE = 4
 #: Says in flight for ingest against a server started here, deep enough that the server,
 #: not the round trip, is what limits.
 INGEST_PIPELINE = 8192
@@ -95,7 +92,8 @@ DEFAULT_SENDQ = 1 << 20
 
 
 def ingest_sendq(pipeline: int) -> int:
-    """The --sendq-limit under which ``pipeline`` says in flight are never refused."""
+    """The --sendq-limit under which ``pipeline`` says in flight are never refused: the
+    server refuses says while over 1/SWAMPED_SHARE of it is queued for one connection."""
     return pipeline * INGEST_REPLY_BYTES * SWAMPED_SHARE
 
 
@@ -210,7 +208,7 @@ def run(args: argparse.Namespace) -> Result:
     server: _Server | None = None
     if args.scenario == "ingest" and args.pipeline is None:
         # A server started here gets a send queue with room for the replies; one already
-        # running has its own, by default room for those of 2,048 says.
+        # running has its own, by default room for those of 512 says (ingest_pipeline).
         running = ingest_pipeline(DEFAULT_SENDQ)
         args.pipeline = INGEST_PIPELINE if args.port is None else running
     result = Result(args.scenario, _params(args), args.duration)

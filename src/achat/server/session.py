@@ -74,6 +74,9 @@ log = logging.getLogger("achat.server")
 WRITE_HIGH = 64 * 1024
 #: The least time between two warnings that writing is too far behind (FlushRounds).
 BUSY_LOG_INTERVAL = 60.0
+#: Says are refused while more than 1/SWAMPED_SHARE of the send limit is queued for one
+#: connection (FlushRounds.swamped).
+SWAMPED_SHARE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -834,7 +837,7 @@ class Session(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         limit = self._limits.sendq_limit
-        if len(data) > limit >> 2:
+        if len(data) > limit // SWAMPED_SHARE:
             # What the server queued since it last wrote here, not what the peer left
             # unread: the server is the slow one (big messages fill a member's queue
             # before the write lag shows it). Say so before any queue gets to the limit.
