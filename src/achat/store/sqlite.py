@@ -22,8 +22,9 @@ overtaken) and ``durability="normal"``: that commit appends to the WAL
 without an fsync, in about 0.1 ms, which is less than handing it over costs
 the loop's core (the thread woken, the GIL passed back and forth, the loop
 woken for the callbacks). That connection never waits for a lock: a locked
-database, a failed commit, or one slower than ``LOOP_COMMIT_SLOW`` (a
-stalling disk) sends the tick, and for a while every tick, to the writer.
+database, a failed commit, one slower than ``LOOP_COMMIT_SLOW`` (a stalling
+disk) or a failed reopen of that connection after a failure sends the tick,
+and for a while every tick (but a locked database's), to the writer.
 Nor does the loop make the first write after a checkpoint that emptied the
 WAL: that write starts the WAL over and syncs its header. ``close`` and
 ``flush`` hand the tick to the writer, so no callback runs from inside them.
@@ -426,8 +427,9 @@ class SQLiteStore(Store):
         with ``durability="normal"``: a commit then appends to the WAL without an
         fsync. Not the first commit after a checkpoint emptied the WAL either, which
         starts the WAL over and syncs its header. A commit that finds the database
-        locked goes to the writer; one that fails or is slow, with the commits of the
-        next ``LOOP_COMMIT_PAUSE`` seconds.
+        locked goes to the writer; one that fails or is slow, or whose connection (closed
+        by a failure) cannot be opened again, with the commits of the next
+        ``LOOP_COMMIT_PAUSE`` seconds.
         """
         if (
             self._outstanding
