@@ -78,6 +78,17 @@ GREETING = b"".join(
 )
 
 
+def answers() -> list[bytes]:
+    """The answers to says 1-3 and a message between them, as a client meets them: say 2
+    refused before say 1 is stored (answers need not come in order)."""
+    return [
+        encode(Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")),
+        encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
+        message(4),
+        encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
+    ]
+
+
 def fresh_stream() -> bytes:
     """The frames a client meets after saying 3 things (refs 1-3), its messages stamped now.
 
@@ -90,13 +101,7 @@ def fresh_stream() -> bytes:
             message(2),
             encode(Ping(ref="keepalive")),  # the server's own: not looked at, not answered
             message(3),
-            # Say 2 refused before say 1 is stored: answers need not come in order.
-            encode(
-                Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")
-            ),
-            encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
-            message(4),
-            encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
+            *answers(),
         ]
     )
 
@@ -250,12 +255,7 @@ def test_frame_lookalikes_in_texts_are_not_frames() -> None:
             message(1, text=lookalikes),
             message(2),
             message(3),
-            encode(
-                Error(code="rate_limited", message="slow down", fatal=False, ref=REF_MARK + "2")
-            ),
-            encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=4)),
-            message(4),
-            encode(Ack(ref=REF_MARK + "3", ts=1, room="r", seq=5)),
+            *answers(),
             message(5),
             message(6, text=lookalikes),
         ]

@@ -361,15 +361,20 @@ async def test_a_locked_database_leaves_the_commit_to_the_writer(
         s.close()
 
 
+def _lose_loop_connection(store: SQLiteStore) -> None:
+    """Close the loop's own connection, as a failed commit on the loop does."""
+    assert store._loop_db is not None
+    store._loop_db.close()
+    store._loop_db = None
+
+
 async def test_opening_the_loops_connection_is_no_part_of_a_commits_time(
     still_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A commit on the loop that failed closed the loop's connection; the next one opens
     another. A slow open (a cold disk) is not a slow commit: the loop keeps its commits."""
     store = still_store
-    assert store._loop_db is not None
-    store._loop_db.close()
-    store._loop_db = None  # as a failed commit leaves it
+    _lose_loop_connection(store)
     ahead = [0.0]  # how far the store's monotonic clock is ahead of the real one
     monkeypatch.setattr(
         sqlite_store, "time", time_with(monotonic=lambda: time.monotonic() + ahead[0])
@@ -395,9 +400,7 @@ async def test_a_loop_that_cannot_open_its_connection_leaves_commits_to_the_writ
     """Reopening the loop's connection can fail (out of file descriptors): the tick goes to
     the writer thread, which has its own, and so do those of the next LOOP_COMMIT_PAUSE."""
     store = still_store
-    assert store._loop_db is not None
-    store._loop_db.close()
-    store._loop_db = None  # as a failed commit leaves it
+    _lose_loop_connection(store)
 
     def no_open() -> sqlite3.Connection:
         raise sqlite3.OperationalError("unable to open database file")
