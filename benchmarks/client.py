@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import os
 import re
-import socket
 import statistics
 import struct
 import subprocess
@@ -44,12 +43,6 @@ from achat.protocol.frames import FrameDecoder, encode_frame
 # The prompt as drawn: the room in its colour, a reset, then "> " (the space is a cursor move).
 PROMPT = b"#general\x1b[0m>"
 CPR_REQUEST = b"\x1b[6n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Terminal:
@@ -202,20 +195,23 @@ async def burst(port: int, count: int) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> tuple[list[float], dict[str, Any]]:
-    port = free_port()
     with tempfile.TemporaryDirectory() as data:
+        port_file = Path(data) / "port"
         server = subprocess.Popen(  # noqa: ASYNC220 (started once, before any timing)
             [
-                *(str(BIN / "achat-server"), "--host", "127.0.0.1", "--port", str(port)),
-                *("--data-dir", data, "--rate", "0", "--log-level", "warning"),
+                *(str(BIN / "achat-server"), "--host", "127.0.0.1", "--port", "0"),
+                *("--port-file", str(port_file), "--data-dir", data),
+                *("--rate", "0", "--log-level", "warning"),
             ],
         )
         try:
-            for _ in range(100):
-                with contextlib.suppress(OSError):
-                    socket.create_connection(("127.0.0.1", port), 0.1).close()
+            for _ in range(300):  # the server names its port once it listens
+                if port_file.exists() or server.poll() is not None:
                     break
                 await asyncio.sleep(0.05)
+            if not port_file.exists():
+                raise SystemExit(f"achat-server did not start ({server.returncode})")
+            port = int(port_file.read_text())
             times = await startup(port, args.runs)
             result = await burst(port, args.burst)
         finally:

@@ -30,7 +30,7 @@ from achat.protocol.messages import Ack, Say
 
 async def run_mode(mode: str, seconds: float, clients: int, window: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(Path(tmp), None, "--durability", mode)
+        server = ServerProcess(Path(tmp), "--durability", mode)
         await asyncio.to_thread(server.start)
         try:
             return await _load(server.port, seconds, clients, window)

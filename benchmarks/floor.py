@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import cast
 
 from achat.bench.cli import _Server, replace_section
+from achat.cli import write_port_file
 from achat.errors import FrameError, ProtocolError
 from achat.protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
 from achat.protocol.messages import (
@@ -185,10 +186,12 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve(port: int) -> None:
+async def serve(port_file: Path) -> None:
+    """Serve on a loopback port the kernel picks, and name it in ``port_file``."""
     loop = asyncio.get_running_loop()
     floor = Floor(loop)
-    server = await loop.create_server(lambda: _Conn(floor), "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(lambda: _Conn(floor), "127.0.0.1", 0, backlog=4096)
+    write_port_file(port_file, server.sockets[0].getsockname()[1])
     async with server:
         await server.serve_forever()
 
@@ -198,7 +201,8 @@ class _FloorServer(_Server):
 
     def __init__(self, pin: int) -> None:
         self.tmp = tempfile.TemporaryDirectory()
-        self._start(lambda port: [sys.executable, __file__, "--serve", str(port)], pin)
+        port_file = Path(self.tmp.name) / "port"
+        self._start([sys.executable, __file__, "--serve", str(port_file)], port_file, pin)
 
 
 # -- the alternating runs -----------------------------------------------------------------
@@ -300,7 +304,7 @@ def table(rounds: list[dict[str, Run]], kinds: list[str], clients: int, seconds:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=Path, metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", "-n", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=10.0)

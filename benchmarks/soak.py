@@ -202,14 +202,11 @@ async def soak(seconds: float, bystanders: int) -> dict[str, object]:
     rng = random.Random(42)
     with tempfile.TemporaryDirectory() as tmp:
         # The project's default limits, not the test helper's --rate 0.
-        server = ServerProcess(
-            Path(tmp), None, "--rate", "5", "--burst", "10", "--log-level", "info"
-        )
+        server = ServerProcess(Path(tmp), "--rate", "5", "--burst", "10", "--log-level", "info")
         await asyncio.to_thread(server.start)
         assert server.proc is not None
         pid = server.proc.pid
         try:
-            await asyncio.sleep(1.0)  # the readiness probe's connection is gone by now
             os.kill(pid, signal.SIGUSR1)
             rss_start = rss_kb(pid)
             run = Soak(server.port, seconds, rng)

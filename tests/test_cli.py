@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from achat import cli
 from tests.helpers.fakeserver import fake_server
-from tests.helpers.procs import script
+from tests.helpers.procs import ServerProcess, closed_port, script
 
 
 def test_server_defaults() -> None:
@@ -51,6 +52,10 @@ def test_environment_and_flags() -> None:
     assert cli.parse_server_args(["--write-lag", "0.25"], env=env).limits.write_lag == 0.25
     assert cli.parse_server_args([], env={**env, "ACHAT_MAX_REFS": "0"}).max_refs == 0
     assert cli.parse_server_args(["--max-refs", "5000"], env=env).max_refs == 5000
+    assert cli.parse_server_args([], env=env).port_file is None
+    named = cli.parse_server_args([], env={**env, "ACHAT_PORT_FILE": "/run/achat.port"})
+    assert named.port_file == Path("/run/achat.port")
+    assert cli.parse_server_args(["--port-file", "p"], env=env).port_file == Path("p")
 
 
 @pytest.mark.parametrize(
@@ -82,6 +87,62 @@ def test_bad_options_exit_with_usage_error(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
+def test_port_file_is_written_whole(tmp_path: Path) -> None:
+    """The port file holds the port and a newline, replaces an old one (a killed server's)
+    and leaves nothing beside it."""
+    path = tmp_path / "port"
+    path.write_text("1234\n")
+    cli.write_port_file(path, 40123)
+    assert path.read_text() == "40123\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["port"]
+
+
+def test_port_file_that_cannot_be_written_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    """Writing into a directory that is not there raises OSError (the server exits on it)."""
+    with pytest.raises(FileNotFoundError):
+        cli.write_port_file(tmp_path / "missing" / "port", 40123)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_names_the_port_it_picked_and_removes_the_file_on_shutdown(
+    tmp_path: Path,
+) -> None:
+    """``--port 0 --port-file F``: F names the port the server listens on once it does,
+    and is gone after a graceful shutdown."""
+    server = ServerProcess(tmp_path / "data", "--store", "memory")
+    server.start()
+    try:
+        assert server.port > 0
+        assert server.port_file.read_text() == f"{server.port}\n"
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    finally:
+        assert server.stop() == 0
+    assert not server.port_file.exists()
+
+
+def test_server_that_cannot_write_its_port_file_exits(tmp_path: Path) -> None:
+    """An unwritable --port-file is an error at start: exit 1, saying why."""
+    missing = tmp_path / "missing" / "port"
+    done = subprocess.run(
+        [
+            script("achat-server"),
+            *("--host", "127.0.0.1", "--port", "0", "--store", "memory"),
+            *("--data-dir", str(tmp_path / "data"), "--log-level", "warning"),
+            *("--port-file", str(missing)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr
+        == f"achat-server: cannot write --port-file {missing}: No such file or directory\n"
+    )
+
+
 def test_send_refuses_empty_text(capsys: pytest.CaptureFixture[str]) -> None:
     """achat send with nothing to send exits 2 without connecting."""
     assert cli.main(["send", "--nick", "bot", "--port", "1", "   "]) == 2
@@ -90,22 +151,9 @@ def test_send_refuses_empty_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_send_to_nowhere_fails(capsys: pytest.CaptureFixture[str]) -> None:
     """achat send exits 1 with a readable message when no server listens."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert cli.main(["send", "--nick", "bot", "--port", str(port), "hello"]) == 1
+    with closed_port() as port:
+        assert cli.main(["send", "--nick", "bot", "--port", str(port), "hello"]) == 1
     assert "cannot reach" in capsys.readouterr().err
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_join_loads_its_modules_without_the_collector() -> None:
@@ -116,7 +164,7 @@ def test_join_loads_its_modules_without_the_collector() -> None:
     ``join`` (here refused: nothing listens) the collector is on again and the
     modules' objects are in the permanent generation.
     """
-    probe = f"""
+    probe = """
 import gc, sys
 during = []  # collections that ran while the UI module was still being imported
 def count(phase, info):
@@ -126,18 +174,19 @@ def count(phase, info):
 gc.callbacks.append(count)
 from achat import cli
 heavy = [m for m in ("asyncio", "msgspec", "prompt_toolkit") if m in sys.modules]
-code = cli.main(["join", "--port", "{_closed_port()}", "--nick", "ana"])
+code = cli.main(["join", "--port", sys.argv[1], "--nick", "ana"])
 print(heavy, code, gc.isenabled(), gc.get_freeze_count(), "prompt_toolkit" in sys.modules,
       len(during), sep=";")
 """
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    with closed_port() as port:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     heavy, code, enabled, frozen, loaded, collections = done.stdout.strip().split(";")
     assert heavy == "[]"
     assert (code, enabled, loaded) == ("1", "True", "True"), done.stderr
@@ -213,7 +262,7 @@ def test_typeahead_leaves_anything_else_alone() -> None:
 def test_join_holds_typeahead_while_it_loads() -> None:
     """``achat join`` on a terminal turns echo off before its UI loads, and back on after."""
     master, slave = os.openpty()
-    probe = f"""
+    probe = """
 import sys, termios
 during = []
 def hook(event, args):
@@ -221,18 +270,19 @@ def hook(event, args):
         during.append(termios.tcgetattr(0)[3] & (termios.ECHO | termios.ICANON))
 sys.addaudithook(hook)
 from achat import cli
-code = cli.main(["join", "--port", "{_closed_port()}", "--nick", "ana"])
+code = cli.main(["join", "--port", sys.argv[1], "--nick", "ana"])
 print(code, during, termios.tcgetattr(0)[3] & termios.ECHO != 0, sep=";")
 """
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", probe],
-            stdin=slave,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        with closed_port() as port:
+            done = subprocess.run(
+                [sys.executable, "-c", probe, str(port)],
+                stdin=slave,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
     finally:
         os.close(master)
         os.close(slave)
@@ -248,7 +298,8 @@ def test_without_standard_input_is_a_usage_error(
     """``achat join <&-`` (stdin closed), or ``achat send <&-`` with no text: a usage error
     that says why, not a crash."""
     monkeypatch.setattr(sys, "stdin", None)
-    assert cli.main([command, "--port", str(_closed_port()), "--nick", "ana"]) == 2
+    with closed_port() as port:
+        assert cli.main([command, "--port", str(port), "--nick", "ana"]) == 2
     assert says in capsys.readouterr().err
 
 

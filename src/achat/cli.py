@@ -24,9 +24,11 @@ from .errors import AchatError, ConnectionClosed, ServerError
 from .protocol import DEFAULT_PORT
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .server.config import ServerConfig
 
-__all__ = ["main", "parse_server_args", "server_main"]
+__all__ = ["main", "parse_server_args", "server_main", "write_port_file"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -166,6 +168,14 @@ def parse_server_args(
         type=int,
         default=int(_env(env, "PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
         help=f"TCP port (ACHAT_PORT, default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--port-file",
+        type=Path,
+        default=_env(env, "PORT_FILE", None) or None,  # argparse makes a string a Path
+        help="once listening, write the port listened on to this file, and remove it "
+        "on shutdown: how a script learns the port --port 0 picked, and that the server "
+        "is ready (ACHAT_PORT_FILE, default none)",
     )
     parser.add_argument(
         "--data-dir",
@@ -341,6 +351,7 @@ def parse_server_args(
     return ServerConfig(
         host=args.host,
         port=args.port,
+        port_file=args.port_file,
         data_dir=args.data_dir,
         name=args.name,
         motd=args.motd,
@@ -414,14 +425,41 @@ async def _serve(config: ServerConfig) -> int:
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGUSR1, log_stats)
     host, port = config.host, server.port
+    if config.port_file is not None:
+        try:
+            write_port_file(config.port_file, port)
+        except OSError as exc:
+            await server.close()
+            why = exc.strerror or exc
+            print(
+                f"achat-server: cannot write --port-file {config.port_file}: {why}", file=sys.stderr
+            )
+            return EXIT_FAILED
     where = "localhost" if host in ("0.0.0.0", "::", "") else host
     logging.getLogger("achat.server").info(
         "ready: join with  achat join --host %s --port %d --nick YOURNAME", where, port
     )
-    await stop.wait()
-    logging.getLogger("achat.server").info("shutting down")
-    await server.close()
+    try:
+        await stop.wait()
+        logging.getLogger("achat.server").info("shutting down")
+        await server.close()
+    finally:
+        if config.port_file is not None:
+            with contextlib.suppress(OSError):
+                config.port_file.unlink()
     return EXIT_OK
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write ``port`` and a newline to ``path`` whole: a reader that finds the file
+    never sees it half written (it is written beside it, then renamed over it)."""
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        part.write_text(f"{port}\n", encoding="ascii")
+        os.replace(part, path)
+    finally:
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from achat.bench.cli import (
     _load_cpu,
     _note_ceiling,
     _note_trouble,
+    _Server,
     _summarise,
     parser,
 )
@@ -82,6 +84,27 @@ def test_scenario_smoke(tmp_path: Path, argv: list[str]) -> None:
         assert result["delivered_ratio"] == 1.0
         assert not any("disagree" in note for note in result["notes"])
         assert result["latency_ms"]["p99"] > 0
+
+
+def test_a_server_it_starts_listens_on_the_port_it_names() -> None:
+    """The server achat-bench starts listens where its port file says, and is gone,
+    with its data, once stopped."""
+    server = _Server(["--store", "memory"], None)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(encode_frame(b'{"type":"hello","nick":"probe","version":1}'))
+            assert b'"welcome"' in sock.recv(65536)
+    finally:
+        server.stop()
+    assert server.proc.returncode is not None
+    assert not Path(server.tmp.name).exists()
+
+
+def test_a_server_that_does_not_start_stops_the_run() -> None:
+    """When its server exits at start (here, a bad option), achat-bench says so and
+    stops, rather than run the load against nothing."""
+    with pytest.raises(SystemExit, match=r"^achat-bench: the server exited \(2\)$"):
+        _Server(["--rate", "-1"], None)
 
 
 def test_errors_by_code_and_lost_connections_are_noted() -> None:
@@ -220,7 +243,7 @@ def test_one_worker_per_cpu_the_load_may_use(monkeypatch: pytest.MonkeyPatch) ->
 def test_clients_keep_a_short_idle_timeout_server_with_their_pings(tmp_path: Path) -> None:
     """Against a real server that drops a client after 1 s of silence, idle clients stay
     with a keep-alive under it, and without one are dropped, each with idle_timeout."""
-    server = ServerProcess(tmp_path / "server", None, "--idle-timeout", "1")
+    server = ServerProcess(tmp_path / "server", "--idle-timeout", "1")
     server.start()
     try:
 
@@ -263,7 +286,7 @@ def test_ingest_against_a_running_server_fits_its_send_queue(tmp_path: Path) -> 
     keeps no more says in flight than their replies fit in under the quarter of it past
     which the server refuses says, and says what a deeper pipeline would need: it is
     not cut off with sendq_exceeded, and its replies never swamp the server."""
-    server = ServerProcess(tmp_path / "server", None, "--rate", "0")
+    server = ServerProcess(tmp_path / "server", "--rate", "0")
     server.start()
     out = tmp_path / "ingest.json"
     try:

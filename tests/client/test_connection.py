@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,6 +39,7 @@ from achat.store.sqlite import SQLiteStore
 from tests.conftest import make_config
 from tests.helpers.fakeserver import WELCOME, FakeServer, answering, fake_server, numbered
 from tests.helpers.faultproxy import FaultProxy
+from tests.helpers.procs import closed_port
 
 
 async def next_of(client: Client, kind: type, timeout: float = 3) -> Event:
@@ -97,10 +97,7 @@ async def test_request_errors_raise(server: Server) -> None:
 
 async def test_nothing_listening() -> None:
     """Connecting to a closed port raises ConnectionClosed quickly."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ConnectionClosed, match="cannot reach"):
+    with closed_port() as port, pytest.raises(ConnectionClosed, match="cannot reach"):
         await Client("127.0.0.1", port, "ana", connect_timeout=2).connect()
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from achat.client.connection import Client
 from achat.protocol.messages import Message
-from tests.helpers.procs import ServerProcess, free_port, script
+from tests.helpers.procs import ServerProcess, closed_port, script
 
 pytestmark = pytest.mark.e2e
 
@@ -173,7 +173,7 @@ def ready(here: int) -> Callable[[list[str]], bool]:
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     """``achat-server`` on a free 127.0.0.1 port, accepting connections."""
-    proc = ServerProcess(tmp_path / "server", None, "--store", "memory")
+    proc = ServerProcess(tmp_path / "server", "--store", "memory")
     try:
         proc.start()
         yield proc
@@ -343,8 +343,9 @@ async def test_send_reads_stdin_when_no_text(server_process: ServerProcess) -> N
 
 async def test_send_to_a_port_nobody_listens_on_fails() -> None:
     """``achat send`` exits 1 with a message on stderr when the server cannot be reached."""
-    where = ("--host", "127.0.0.1", "--port", str(free_port()))
-    status, out, err = await run_send(*where, "--nick", "bot", "anyone?")
+    with closed_port() as port:
+        where = ("--host", "127.0.0.1", "--port", str(port))
+        status, out, err = await run_send(*where, "--nick", "bot", "anyone?")
     assert status == 1
     assert out == ""
     assert err.startswith("achat: cannot reach 127.0.0.1:")
@@ -352,7 +353,8 @@ async def test_send_to_a_port_nobody_listens_on_fails() -> None:
 
 async def test_send_with_nothing_to_send_is_a_usage_error() -> None:
     """``achat send`` with empty stdin exits 2 without connecting anywhere."""
-    where = ("--host", "127.0.0.1", "--port", str(free_port()))
-    status, _, err = await run_send(*where, "--nick", "bot", stdin=b"  \n")
+    with closed_port() as port:
+        where = ("--host", "127.0.0.1", "--port", str(port))
+        status, _, err = await run_send(*where, "--nick", "bot", stdin=b"  \n")
     assert status == 2
     assert "nothing to send" in err

@@ -10,9 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ServerProcess", "free_port", "script"]
+__all__ = ["ServerProcess", "closed_port", "script"]
 
 
 def script(name: str) -> str:
@@ -20,35 +21,43 @@ def script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for servers that must restart on it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that nothing listens on while the block runs. A socket holds it,
+    bound but not listening: a connection to it is refused, and no other socket, a
+    listener or a connection's own end, can take it meanwhile."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield int(holder.getsockname()[1])
 
 
 class ServerProcess:
-    """One ``achat-server`` on 127.0.0.1 that can be killed and started again on its data."""
+    """One ``achat-server`` on 127.0.0.1 that can be killed and started again on its data
+    and its port. The first start listens where the kernel picks (``--port 0``) and the
+    server names the port in its ``--port-file``; a restart listens on that port again,
+    so that clients reconnect to it."""
 
-    def __init__(
-        self, data_dir: Path, port: int | None = None, *extra: str, nofile: int | None = None
-    ) -> None:
+    def __init__(self, data_dir: Path, *extra: str, nofile: int | None = None) -> None:
         self.data_dir = data_dir
-        self.port = port or free_port()
+        self.port = 0  # known once started
         self.extra = extra
         self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir / "server.log"
+        self.port_file = data_dir / "port"
 
     def start(self, timeout: float = 15.0) -> None:
-        """Start the server and return once it accepts connections."""
+        """Start the server and return once it listens (its port file is written then)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port_file.unlink(missing_ok=True)  # a killed server leaves its own
         cmd = [
             script("achat-server"),
             "--host",
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--port-file",
+            str(self.port_file),
             "--data-dir",
             str(self.data_dir),
             "--log-level",
@@ -70,10 +79,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"achat-server exited: {self.log.read_text()[-2000:]}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
+            with contextlib.suppress(FileNotFoundError):
+                self.port = int(self.port_file.read_text())
                 return
             time.sleep(0.02)
         raise TimeoutError("achat-server did not start listening")

@@ -108,7 +108,7 @@ def count_dropped(sockets: list[socket.socket]) -> int:
 
 async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -> None:
     """With its fd limit exhausted the server keeps running and serves again once fds free up."""
-    server = ServerProcess(tmp_path / "data", None, "--store", "memory", nofile=48)
+    server = ServerProcess(tmp_path / "data", "--store", "memory", nofile=48)
     await asyncio.to_thread(server.start)
     hogs: list[socket.socket] = []
     try:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,49 +114,38 @@ def _cpus() -> list[int]:
 
 class _Server:
     def __init__(self, extra: list[str], pin: int | None, clients: int = 0) -> None:
-        """``achat-server`` on a free loopback port, pinned to CPU ``pin`` if given,
-        with room for ``clients`` connections and 1,000 more, and 10,000 at least."""
+        """``achat-server`` on a loopback port the kernel picks, pinned to CPU ``pin`` if
+        given, with room for ``clients`` connections and 1,000 more, and 10,000 at least."""
         self.tmp = tempfile.TemporaryDirectory()
-        max_clients = max(10_000, clients + 1_000)
-        exe = str(Path(sys.executable).parent / "achat-server")
+        port_file = Path(self.tmp.name) / "port"
         self._start(
-            lambda port: [
-                exe,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data-dir",
-                self.tmp.name,
-                "--log-level",
-                "warning",
-                "--max-clients",
-                str(max_clients),
+            [
+                str(Path(sys.executable).parent / "achat-server"),
+                *("--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)),
+                *("--data-dir", self.tmp.name, "--log-level", "warning"),
+                *("--max-clients", str(max(10_000, clients + 1_000))),
                 *extra,
             ],
+            port_file,
             pin,
         )
 
-    def _start(self, command: Callable[[int], list[str]], pin: int | None) -> None:
-        """Run ``command(port)`` on a free loopback port, pinned to CPU ``pin`` if given,
-        and return once it accepts connections (15 s at most)."""
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        cmd = command(self.port)
+    def _start(self, cmd: list[str], port_file: Path, pin: int | None) -> None:
+        """Run ``cmd``, pinned to CPU ``pin`` if given, and return once it listens: once
+        it has written its port to ``port_file`` (15 s at most)."""
         if pin is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(pin), *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        time.sleep(0.3)
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                self.tmp.cleanup()
+                raise SystemExit(f"achat-bench: the server exited ({self.proc.returncode})")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit("achat-bench: the server did not listen within 15 s")
+            time.sleep(0.02)
+        self.port = int(port_file.read_text())
 
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:

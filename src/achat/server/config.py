@@ -33,6 +33,8 @@ class ServerConfig:
 
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
+    #: Where to write the port once listening (and remove it on shutdown); None: nowhere.
+    port_file: Path | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     name: str = "achat"
     motd: str | None = None
