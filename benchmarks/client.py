@@ -37,7 +37,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 
-from achat.bench.cli import replace_section
+from achat.bench.cli import _Server, replace_section
 from achat.protocol.frames import FrameDecoder, encode_frame
 
 # The prompt as drawn: the room in its colour, a reset, then "> " (the space is a cursor move).
@@ -195,28 +195,12 @@ async def burst(port: int, count: int) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> tuple[list[float], dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as data:
-        port_file = Path(data) / "port"
-        server = subprocess.Popen(  # noqa: ASYNC220 (started once, before any timing)
-            [
-                *(str(BIN / "achat-server"), "--host", "127.0.0.1", "--port", "0"),
-                *("--port-file", str(port_file), "--data-dir", data),
-                *("--rate", "0", "--log-level", "warning"),
-            ],
-        )
-        try:
-            for _ in range(300):  # the server names its port once it listens
-                if port_file.exists() or server.poll() is not None:
-                    break
-                await asyncio.sleep(0.05)
-            if not port_file.exists():
-                raise SystemExit(f"achat-server did not start ({server.returncode})")
-            port = int(port_file.read_text())
-            times = await startup(port, args.runs)
-            result = await burst(port, args.burst)
-        finally:
-            server.terminate()
-            server.wait(10)
+    server = _Server(["--rate", "0"], None)
+    try:
+        times = await startup(server.port, args.runs)
+        result = await burst(server.port, args.burst)
+    finally:
+        server.stop()
     return times, result
 
 

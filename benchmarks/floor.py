@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import cast
 
 from achat.bench.cli import _Server, replace_section
-from achat.cli import write_port_file
 from achat.errors import FrameError, ProtocolError
+from achat.portfile import write_port_file
 from achat.protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder
 from achat.protocol.messages import (
     Ack,

@@ -24,11 +24,9 @@ from .errors import AchatError, ConnectionClosed, ServerError
 from .protocol import DEFAULT_PORT
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from .server.config import ServerConfig
 
-__all__ = ["main", "parse_server_args", "server_main", "write_port_file"]
+__all__ = ["main", "parse_server_args", "server_main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -322,6 +320,8 @@ def parse_server_args(
         parser.error("--history-max must be at least 1")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0 to 65535")
+    if args.port_file is not None and not args.port_file.name:
+        parser.error("--port-file must name a file")
     if args.max_clients < 1:
         parser.error("--max-clients must be at least 1")
     if args.motd is not None and len(args.motd) > 1000:
@@ -389,6 +389,7 @@ def _int_or_none(value: str | None) -> int | None:
 async def _serve(config: ServerConfig) -> int:
     import asyncio
 
+    from .portfile import remove_port_file, write_port_file
     from .server.app import Server
     from .server.runtime import tune_for_latency
     from .store.base import Store
@@ -441,25 +442,13 @@ async def _serve(config: ServerConfig) -> int:
     )
     try:
         await stop.wait()
-        logging.getLogger("achat.server").info("shutting down")
-        await server.close()
     finally:
+        # First: a server that is closing is not ready for anyone who reads the file.
         if config.port_file is not None:
-            with contextlib.suppress(OSError):
-                config.port_file.unlink()
+            remove_port_file(config.port_file, port)
+    logging.getLogger("achat.server").info("shutting down")
+    await server.close()
     return EXIT_OK
-
-
-def write_port_file(path: Path, port: int) -> None:
-    """Write ``port`` and a newline to ``path`` whole: a reader that finds the file
-    never sees it half written (it is written beside it, then renamed over it)."""
-    part = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        part.write_text(f"{port}\n", encoding="ascii")
-        os.replace(part, path)
-    finally:
-        with contextlib.suppress(OSError):
-            part.unlink()
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:

@@ -103,7 +103,9 @@ def test_a_server_it_starts_listens_on_the_port_it_names() -> None:
 def test_a_server_that_does_not_start_stops_the_run() -> None:
     """When its server exits at start (here, a bad option), achat-bench says so and
     stops, rather than run the load against nothing."""
-    with pytest.raises(SystemExit, match=r"^achat-bench: the server exited \(2\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^achat-bench: the server exited \(2\) before listening$"
+    ):
         _Server(["--rate", "-1"], None)
 
 

@@ -172,7 +172,7 @@ def ready(here: int) -> Callable[[list[str]], bool]:
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
-    """``achat-server`` on a free 127.0.0.1 port, accepting connections."""
+    """``achat-server`` on a 127.0.0.1 port it picked, listening."""
     proc = ServerProcess(tmp_path / "server", "--store", "memory")
     try:
         proc.start()

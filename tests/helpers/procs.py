@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from achat.portfile import wait_port_file
 
 __all__ = ["ServerProcess", "closed_port", "script"]
 
@@ -75,15 +76,11 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 preexec_fn=self._limit_files if self.nofile else None,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"achat-server exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(FileNotFoundError):
-                self.port = int(self.port_file.read_text())
-                return
-            time.sleep(0.02)
-        raise TimeoutError("achat-server did not start listening")
+        try:
+            self.port = wait_port_file(self.port_file, self.proc, timeout)
+        except (ChildProcessError, TimeoutError) as exc:
+            self.kill9()
+            raise RuntimeError(f"achat-server: {exc}: {self.log.read_text()[-2000:]}") from None
 
     def _limit_files(self) -> None:
         assert self.nofile is not None

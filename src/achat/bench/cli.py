@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..portfile import wait_port_file
 from ..protocol.frames import encode_frame
 from ..protocol.messages import Message, encode
 from ..server.session import SWAMPED_SHARE
@@ -136,16 +137,11 @@ class _Server:
         if pin is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(pin), *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not port_file.exists():
-            if self.proc.poll() is not None:
-                self.tmp.cleanup()
-                raise SystemExit(f"achat-bench: the server exited ({self.proc.returncode})")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("achat-bench: the server did not listen within 15 s")
-            time.sleep(0.02)
-        self.port = int(port_file.read_text())
+        try:
+            self.port = wait_port_file(port_file, self.proc, 15)
+        except (ChildProcessError, TimeoutError) as exc:
+            self.stop()
+            raise SystemExit(f"achat-bench: {exc}") from None
 
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.proc.pid}/stat") as f:
