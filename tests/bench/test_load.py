@@ -24,6 +24,7 @@ from achat.bench.load import (
     _BenchClient,
     _keep_alive,
     _Window,
+    caught_up,
     connect_pause,
     wall_offset,
 )
@@ -722,3 +723,54 @@ def test_latencies_spread_after_the_window_are_those_spread_at_once(
     window.settle(later)
     assert later.latency.counts == at_once.counts
     assert later.latency.total == at_once.total
+
+
+def _greeted(room: str) -> bytes:
+    """The greeting of a client of ``room``, the room's seq 0."""
+    return b"".join(
+        [
+            encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}'),
+            encode(Joined(room=room, nick="b0", ts=1)),
+            encode(Names(room=room, nicks=["b0"], topic="", seq=0)),
+        ]
+    )
+
+
+def _in_room(room: str, *frames: bytes, says: int = 0) -> _BenchClient:
+    """A client of ``room`` that said ``says`` things and then read ``frames``."""
+    clients: list[_BenchClient] = []
+    feed([_greeted(room), *frames], says=says, room=room, clients=clients)
+    return clients[0]
+
+
+def _said(room: str, seq: int) -> bytes:
+    return encode(Message(room=room, seq=seq, ts=1, sender="a", text=f"t={time.time_ns()} x"))
+
+
+def test_the_drain_waits_for_every_say_to_be_answered() -> None:
+    """A client whose say has had no answer yet is not caught up: its message, and the
+    others' that came before it, may still be on the way."""
+    waiting = _in_room("r", _said("r", 1), says=1)
+    assert not caught_up([waiting])
+    acked = _in_room(
+        "r", _said("r", 1), encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=1)), says=1
+    )
+    assert caught_up([acked])
+
+
+def test_the_drain_waits_for_every_member_of_a_room_to_reach_its_newest_seq() -> None:
+    """Members of one room at different seqs: the one behind has more on the way."""
+    ahead = _in_room("r", _said("r", 1), _said("r", 2))
+    behind = _in_room("r", _said("r", 1))
+    assert not caught_up([ahead, behind])
+    assert caught_up([ahead, _in_room("r", _said("r", 1), _said("r", 2))])
+    # Rooms are apart: another room's newest seq is its own.
+    assert caught_up([ahead, _in_room("q", _said("q", 1))])
+
+
+def test_the_drain_does_not_wait_for_a_client_the_server_closed() -> None:
+    """A client cut off, or never joined, is not waited for."""
+    ahead = _in_room("r", _said("r", 1), _said("r", 2))
+    gone = _in_room("r", _said("r", 1), says=1)
+    gone.connection_lost(None)
+    assert caught_up([ahead, gone])

@@ -38,12 +38,14 @@ after the start everything counts, by seq; before one said well before it
 nothing does; and what lies between is kept and counted stamp by stamp once
 the window is over (``findall``, sorted), when the worker has nothing else to
 do. Nobody says anything after the window, and the workers read on until the
-room is quiet, so the delivered ratio misses exactly the messages said
-inside the window and never read. Latency is counted per message, in a
-histogram of every message (:mod:`achat.bench.histogram`), at up to
-``SPREAD`` points a read: spread evenly between the stamps a read counted by
-seq starts and ends with, and, where its stamps are read, the middle stamp
-of each equal share of them in order. The spreading itself waits for the
+room is quiet and their clients are caught up (:func:`caught_up`: every say
+answered, every member at the same seq), ten seconds at most, so the delivered
+ratio misses exactly the messages said inside the window and never read.
+Latency is counted per message, in a histogram of every message
+(:mod:`achat.bench.histogram`), at up to ``SPREAD`` points a read: spread
+evenly between the stamps a read counted by seq starts and ends with, and,
+where its stamps are read, the middle stamp of each equal share of them in
+order. The spreading itself waits for the
 window's end (item 39): a read in it keeps three numbers. It used to be a
 sample of up to 100,000 reads, two stamps each, which gave a read of 400
 messages the weight of a read of one. Reads near either edge of the window
@@ -97,14 +99,23 @@ import resource
 import time
 from array import array
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import cast
+from typing import Protocol, cast
 
 from ..protocol.frames import encode_frame
 from .histogram import Histogram
 
-__all__ = ["ClientPlan", "WorkerPlan", "WorkerReport", "run_worker", "stamped_text", "wall_offset"]
+__all__ = [
+    "ClientPlan",
+    "WorkerPlan",
+    "WorkerReport",
+    "caught_up",
+    "run_worker",
+    "stamped_text",
+    "wall_offset",
+]
 
 #: The start of every message frame (see above): what checking clients count.
 MESSAGE = b'{"type":"message","room":"'
@@ -163,6 +174,10 @@ GREETING_LIMIT = 4 << 20
 TEXT_SIZE = 60
 #: Longest wait after the window for messages said inside it.
 DRAIN_SECONDS = 10.0
+#: The drain ends once no message has been read for this long and the worker's clients
+#: are caught up (:func:`caught_up`), looking every DRAIN_STEP.
+DRAIN_QUIET = 0.3
+DRAIN_STEP = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,6 +862,35 @@ def connect_pause(begun: float, started: int, rate: float, now: float) -> float:
     return ahead if ahead >= 0.001 else 0.0
 
 
+class _Member(Protocol):
+    """What :func:`caught_up` reads of a client."""
+
+    room: bytes
+    joined: bool
+    unanswered: int
+    seq: int | None
+
+    @property
+    def closed(self) -> asyncio.Future[None]: ...
+
+
+def caught_up(clients: Sequence[_Member]) -> bool:
+    """Whether a worker's clients still connected wait for nothing they know of: every
+    say of theirs answered (the server acks a say once it has queued its message for
+    every member), and the members of each room all at the newest seq any of them has
+    read. A quiet spell alone would end the drain in a stall of the server's longer
+    than the spell, and count what came after it as never delivered. What another
+    worker's clients said is not known here: for that the drain still waits for quiet."""
+    live = [c for c in clients if c.joined and not c.closed.done()]
+    if any(c.unanswered for c in live):
+        return False
+    newest: dict[bytes, int] = {}
+    for c in live:
+        if c.seq is not None and c.seq > newest.get(c.room, -1):
+            newest[c.room] = c.seq
+    return all(c.seq == newest[c.room] for c in live if c.seq is not None)
+
+
 async def _keep_alive(everyone: list[_BenchClient], every: float = KEEPALIVE_POLL) -> None:
     """Every ``every`` seconds, have each client that said nothing for a while ping."""
     while True:
@@ -901,12 +945,12 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     # Nothing is said after the window: wait until what was said inside it has been read
     # (a message read later, or never, is missing from the delivered ratio).
     quiet, seen = 0.0, -1
-    for _ in range(int(DRAIN_SECONDS / 0.05) if plan.drain else 0):
-        quiet = quiet + 0.05 if report.message_reads == seen else 0.0
-        if quiet >= 0.3:
+    for _ in range(int(DRAIN_SECONDS / DRAIN_STEP) if plan.drain else 0):
+        quiet = quiet + DRAIN_STEP if report.message_reads == seen else 0.0
+        if quiet >= DRAIN_QUIET and caught_up(everyone):
             break
         seen = report.message_reads
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(DRAIN_STEP)
     window.settle(report)
     checking = [client for client in everyone if client.checks]
     report.checked = len(checking)
