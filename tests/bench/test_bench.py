@@ -348,10 +348,10 @@ def test_a_stall_of_the_server_across_the_windows_end_loses_no_deliveries(
     assert bench.stderr is not None
     progress = bytearray()
     try:
-        _read_until(bench.stderr, b"  1.0/2 s", progress)  # the window's middle
+        _read_until(bench.stderr, b"/2 s  sent", progress)  # the window's first tick: 1 s in
         os.kill(server.proc.pid, signal.SIGSTOP)
         try:
-            _read_until(bench.stderr, b"  2.0/2 s", progress)  # its end
+            _read_until(bench.stderr, b"  2.0/2 s", progress)  # its end (a tick's time stops there)
             # The stall goes on past it: longer than the quiet the drain waited for alone.
             time.sleep(3 * DRAIN_QUIET)
         finally:
