@@ -75,6 +75,15 @@ def test_wait_for_a_server_that_exits_raises(tmp_path: Path) -> None:
         wait_port_file(tmp_path / "port", proc, 30)
 
 
+def test_wait_takes_a_file_that_holds_no_port_for_not_there_yet(tmp_path: Path) -> None:
+    """A file that is no port (not written by write_port_file) is waited past."""
+    path = tmp_path / "port"
+    path.write_bytes(b"\xff")
+    proc = _python("raise SystemExit(3)")
+    with pytest.raises(ChildProcessError):
+        wait_port_file(path, proc, 30)
+
+
 def test_wait_gives_up_after_its_timeout(tmp_path: Path) -> None:
     """A server that never writes the file: TimeoutError, the server left running."""
     proc = _python("import time; time.sleep(30)")

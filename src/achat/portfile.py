@@ -31,8 +31,11 @@ def write_port_file(path: Path, port: int) -> None:
     beside it, which is then renamed over it."""
     fd, part = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from a monitor of another user
         with os.fdopen(fd, "w", encoding="ascii") as f:
+            # mkstemp's 0600 would hide it from a monitor of another user; where modes
+            # cannot be set (some mounts), the file is still written.
+            with contextlib.suppress(OSError):
+                os.fchmod(f.fileno(), 0o644)
             f.write(f"{port}\n")
         os.replace(part, path)
     except BaseException:
@@ -55,7 +58,8 @@ def wait_port_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) ->
     :class:`TimeoutError` if the time is up (``proc`` is left running)."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(FileNotFoundError):
+        # Not there yet, or (written by something else than write_port_file) not whole.
+        with contextlib.suppress(FileNotFoundError, ValueError):
             return int(path.read_text(encoding="ascii"))
         if proc.poll() is not None:
             raise ChildProcessError(f"the server exited ({proc.returncode}) before listening")

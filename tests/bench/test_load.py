@@ -774,3 +774,8 @@ def test_the_drain_does_not_wait_for_a_client_the_server_closed() -> None:
     gone = _in_room("r", _said("r", 1), says=1)
     gone.connection_lost(None)
     assert caught_up([ahead, gone])
+    clients: list[_BenchClient] = []
+    welcome = encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}')
+    feed([welcome], says=1, clients=clients)  # its join never answered
+    assert not clients[0].joined
+    assert caught_up([ahead, clients[0]])

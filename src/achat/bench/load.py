@@ -198,8 +198,9 @@ class WorkerPlan:
     cpu: int | None = None
     pipeline: int = 0  # ingest: keep this many says in flight instead of a rate
     connect_rate: float = 2000.0  # new connections a second, this worker's share
-    # Read on after the window until the room is quiet (what was said in it arrives);
-    # off where nobody says anything (idle, and self-check, whose sink never stops).
+    # Read on after the window until the room is quiet and the clients are caught up
+    # (what was said in it arrives: see caught_up); off where nobody says anything (idle,
+    # and self-check, whose sink never stops).
     drain: bool = True
     keepalive: float = KEEPALIVE_SECONDS  # ping after this long without sending
 
@@ -944,13 +945,15 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     report.window_seconds = time.monotonic() - wall_start
     # Nothing is said after the window: wait until what was said inside it has been read
     # (a message read later, or never, is missing from the delivered ratio).
-    quiet, seen = 0.0, -1
-    for _ in range(int(DRAIN_SECONDS / DRAIN_STEP) if plan.drain else 0):
-        quiet = quiet + DRAIN_STEP if report.message_reads == seen else 0.0
-        if quiet >= DRAIN_QUIET and caught_up(everyone):
-            break
-        seen = report.message_reads
+    now = time.monotonic()
+    deadline, quiet_since, seen = now + DRAIN_SECONDS, now, report.message_reads
+    while plan.drain and now < deadline:
         await asyncio.sleep(DRAIN_STEP)
+        now = time.monotonic()
+        if report.message_reads != seen:
+            quiet_since, seen = now, report.message_reads
+        elif now - quiet_since >= DRAIN_QUIET and caught_up(everyone):
+            break
     window.settle(report)
     checking = [client for client in everyone if client.checks]
     report.checked = len(checking)
