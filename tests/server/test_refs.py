@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from achat.protocol.messages import DmEvent, Message
 from achat.server.refs import (
+    PLAIN_KEY_MAX,
     SHARDS,
     RecentRefs,
     ack_from,
@@ -209,3 +211,47 @@ def test_a_whole_ack_kept_is_given_back_as_it_is() -> None:
     assert ack[:1] == b"\0"  # a frame's length prefix: never taken for a receipt
     assert ack_from("r1", ack) == ack
     assert receipt_number(ack) is None
+
+
+def test_a_short_ascii_key_is_kept_as_it_is() -> None:
+    """The usual key: the nick's key, a NUL, the ref."""
+    assert ref_key("ana", "a1b2c3d4-17") == "ana\0a1b2c3d4-17"
+    plain = ref_key("n" * 24, "x" * (PLAIN_KEY_MAX - 25))
+    assert isinstance(plain, str)
+    assert len(plain) == PLAIN_KEY_MAX
+
+
+@pytest.mark.parametrize(
+    ("nick", "ref"),
+    [("n" * 24, "x" * (PLAIN_KEY_MAX - 24)), ("josé", "1"), ("ana", "\U0001f600"), ("a", "\ud800")],
+)
+def test_a_long_or_non_ascii_key_is_kept_as_its_digest(nick: str, ref: str) -> None:
+    """One character over the longest plain key, or any beyond ASCII (a lone surrogate
+    too, which JSON can carry): 16 bytes, the same each time."""
+    key = ref_key(nick, ref)
+    assert isinstance(key, bytes)
+    assert len(key) == 16
+    assert ref_key(nick, ref) == key
+
+
+# A nick holds no control character (the protocol's rule), so no NUL: the NUL that
+# follows it in a key splits the two unambiguously.
+nicks = st.text(st.characters(blacklist_categories=["Cc"]), min_size=1, max_size=24)
+refs_text = st.text(min_size=1, max_size=64)
+
+
+@given(nicks, refs_text, nicks, refs_text)
+def test_keys_are_equal_only_for_the_same_nick_and_ref(
+    nick: str, ref: str, other_nick: str, other_ref: str
+) -> None:
+    """Plain or digest, two uses share a key exactly when nick and ref are the same."""
+    same = (nick, ref) == (other_nick, other_ref)
+    assert (ref_key(nick, ref) == ref_key(other_nick, other_ref)) == same
+
+
+@given(nicks, refs_text)
+def test_no_key_takes_more_memory_than_the_longest_plain_one(nick: str, ref: str) -> None:
+    """Whatever names a client picks, its key takes no more memory than the longest kept
+    plain: what bounds the memory of a ref (``REF_BYTES`` and ``--max-refs``)."""
+    longest = sys.getsizeof("x" * PLAIN_KEY_MAX)
+    assert sys.getsizeof(ref_key(nick, ref)) <= longest

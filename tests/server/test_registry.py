@@ -857,6 +857,28 @@ def test_repeated_say_ref_is_stored_once_with_the_original_ack(
     assert seqs(bob.take()) == [2]
 
 
+@pytest.mark.parametrize(
+    ("nick", "ref"),
+    [
+        ("ana", "r" * 64),  # over the longest key kept plain
+        ("José", "a1b2c3d4-1"),  # a nick beyond ASCII
+        ("ana", "\U0001f600" * 64),  # the longest ref, beyond the BMP
+    ],
+)
+def test_a_ref_kept_as_a_digest_is_recognised_when_repeated(
+    reg: Registry, nick: str, ref: str
+) -> None:
+    """Refs remembered by their digest (long, or not ASCII) are resends all the same, and
+    another nick's use of one is not."""
+    ana_m, ana = add(reg, nick, "a")
+    bob_m, bob = add(reg, "bob", "a")
+    reg.handle(ana_m, m.Say(room="a", text="once", ref=ref))
+    reg.handle(ana_m, m.Say(room="a", text="once", ref=ref))
+    reg.handle(bob_m, m.Say(room="a", text="mine", ref=ref))
+    assert seqs(bob.take()) == [1, 2]
+    assert [(a.ref, a.seq) for a in ana.of(m.Ack)] == [(ref, 1), (ref, 1)]
+
+
 def test_say_without_ref_is_never_deduplicated(reg: Registry) -> None:
     """Two identical says without a ref are two messages."""
     ana_m, ana = add(reg, "ana", "a")

@@ -8,7 +8,8 @@ Theory of operation: a busy server remembers millions of refs at once
 (every message of the last ten minutes), so an entry is kept as plain
 strings and bytes, which Python's cyclic garbage collector never has to
 look at: the key is ``nick_key + "\\0" + ref`` (a nick can hold no control
-character, so the first NUL splits it unambiguously), the value is the
+character, so the first NUL splits it unambiguously), or that string's
+digest when it is long or not ASCII (:func:`ref_key`), the value is the
 ``ack`` as its owner keeps it. The server keeps a *receipt*
 (:func:`receipt_of`): the ack's time and number packed in 17 bytes, and its
 room, from which :func:`ack_from` makes the ack again for a resend; the
@@ -45,12 +46,14 @@ from __future__ import annotations
 import struct
 import sys
 from collections import deque
-from typing import Generic, TypeVar
+from hashlib import blake2b
+from typing import Generic, TypeAlias, TypeVar
 
 from ..protocol.messages import Ack, DmEvent, Message, encode
 
 __all__ = [
     "DEADLINE_STEP_MS",
+    "PLAIN_KEY_MAX",
     "REF_BYTES",
     "SHARDS",
     "RecentRefs",
@@ -65,6 +68,9 @@ _RECEIPT = struct.Struct("<cqq")
 
 W = TypeVar("W")
 
+#: A ref's key in the table (see ref_key).
+Key: TypeAlias = str | bytes
+
 #: What a released ref has until it expires: nothing (a use of it is new again).
 _RELEASED = b""
 
@@ -75,10 +81,18 @@ DEADLINE_STEP_MS = 1000
 #: minutes: ``benchmarks/pauses.py`` measured 194 B a ref as the table grew to three
 #: million refs and 237 B once it had turned over twice (the dicts' deleted slots, and
 #: freed memory taken again in pieces); a 22-character key, a receipt for a room of five
-#: letters. Longer names take more: a 24-character nick, a 64-character ref and a
-#: 32-character room, 96 B more; the same with a character beyond the BMP in the ref
-#: (the key then takes four bytes a character), 384 B more.
+#: letters. Longer names take more, a quarter more at most (see PLAIN_KEY_MAX).
 REF_BYTES = 237
+
+#: The longest key kept as it is. A longer one, or one not ASCII (which CPython keeps
+#: at one, two or four bytes a character), is kept as its digest, a bytes of 49, so
+#: that no client can make its refs take much more than REF_BYTES each. As a table of
+#: a million refs grew (by hand, ``/proc/self/statm``): 180 B a ref with a client's
+#: usual key (``ana\0a1b2c3d4-17``), 228 B with the longest key kept plain and a
+#: 32-character room; with the longest names the protocol allows, a 24-character nick
+#: and a 64-character ref beyond the BMP, 575 B kept plain and 208 B as a digest. The
+#: digest costs about 0.5 µs a ``say`` where it is taken, the check 26 ns.
+PLAIN_KEY_MAX = 40
 
 #: How many dicts the table is split into (a power of two). With 64, the longest read
 #: of 100 says took 3.5–26 ms as the table grew to three million refs or stayed full,
@@ -90,9 +104,14 @@ SHARDS = 64
 _SHIFT = sys.hash_info.width // 2
 
 
-def ref_key(nick_key: str, ref: str) -> str:
-    """The one string that names ``ref`` as used by the nick whose key is ``nick_key``."""
-    return f"{nick_key}\0{ref}"
+def ref_key(nick_key: str, ref: str) -> Key:
+    """The one key that names ``ref`` as used by the nick whose key is ``nick_key``:
+    ``nick_key + "\\0" + ref``, or, if that is over :data:`PLAIN_KEY_MAX` characters
+    or not ASCII, its 16-byte BLAKE2b digest (a str is never equal to a bytes)."""
+    key = f"{nick_key}\0{ref}"
+    if len(key) <= PLAIN_KEY_MAX and key.isascii():
+        return key
+    return blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def receipt_of(record: Message | DmEvent) -> bytes:
@@ -141,10 +160,10 @@ class RecentRefs(Generic[W]):
         # whether it is stored yet is its owner's to tell (from the record's number). In
         # the shard its key's hash picks (a str keeps its hash once computed, so the
         # dict does not compute it again).
-        self._shards: list[dict[str, bytes]] = [{} for _ in range(shards)]
+        self._shards: list[dict[Key, bytes]] = [{} for _ in range(shards)]
         self._mask = shards - 1
         # Every key in the order claimed, the first of them the _first'th ever claimed.
-        self._keys: deque[str] = deque()
+        self._keys: deque[Key] = deque()
         self._first = 0
         # Where each run of keys sharing a (rounded) deadline starts, oldest first: the
         # deadline and the index (counted as _first is) of the run's first key.
@@ -156,7 +175,7 @@ class RecentRefs(Generic[W]):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _shard(self, key: str) -> dict[str, bytes]:
+    def _shard(self, key: Key) -> dict[Key, bytes]:
         return self._shards[(hash(key) >> _SHIFT) & self._mask]
 
     def expire(self, now: int) -> None:
@@ -174,7 +193,7 @@ class RecentRefs(Generic[W]):
         """The deadline at which the oldest refs are forgotten (None: none is kept)."""
         return self._marks[0][0] if self._marks else None
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: Key) -> bytes | None:
         """What ``key`` was remembered with (a receipt or an ack), if it has not expired."""
         return self._shard(key).get(key) or None
 
@@ -187,7 +206,7 @@ class RecentRefs(Generic[W]):
         if not marks or marks[-1][0] != deadline:
             marks.append((deadline, self._first + len(self._keys)))
 
-    def claim(self, key: str, receipt: bytes) -> bytes | None:
+    def claim(self, key: Key, receipt: bytes) -> bytes | None:
         """Remember ``key`` with ``receipt`` (a new object) unless ``key`` is known: None
         if it was new, else what it has (``key`` is then a resend's)."""
         refs = self._shards[(hash(key) >> _SHIFT) & self._mask]  # _shard inline: per say
@@ -200,7 +219,7 @@ class RecentRefs(Generic[W]):
             return None
         return kept
 
-    def release(self, key: str, receipt: bytes) -> None:
+    def release(self, key: Key, receipt: bytes) -> None:
         """Undo the claim of ``key`` with ``receipt``, whose record never reached the
         store: a use of ``key`` is new again. It keeps its place in the expiry order
         (every key is once in it), so it is forgotten at its first deadline."""
@@ -208,7 +227,7 @@ class RecentRefs(Generic[W]):
         if refs.get(key) is receipt:
             refs[key] = _RELEASED
 
-    def keep(self, key: str, deadline: int, ack: bytes) -> None:
+    def keep(self, key: Key, deadline: int, ack: bytes) -> None:
         """Remember ``key`` with ``ack`` (a receipt or a whole ack frame) until
         ``deadline`` (rounded up to the granularity)."""
         self.deadline(deadline)
