@@ -11,7 +11,9 @@ import pytest
 from achat.errors import ProtocolError
 from achat.protocol import messages as m
 from achat.protocol.frames import HEADER_SIZE, FrameDecoder
+from achat.protocol.names import nick_key
 from achat.server.limits import FloodPolicy
+from achat.server.refs import ref_key
 from achat.server.registry import BACKLOG_PAGE, Member, Registry
 from achat.store.base import RefRecord
 from achat.store.memory import MemoryStore
@@ -877,6 +879,33 @@ def test_a_ref_kept_as_a_digest_is_recognised_when_repeated(
     reg.handle(bob_m, m.Say(room="a", text="mine", ref=ref))
     assert seqs(bob.take()) == [1, 2]
     assert [(a.ref, a.seq) for a in ana.of(m.Ack)] == [(ref, 1), (ref, 1)]
+
+
+@pytest.mark.parametrize(
+    ("nick", "ref"),
+    [("ana", "same"), ("José", "\U0001f600" * 64), ("ana", "\x01" * 64)],
+)
+def test_a_ref_said_before_a_restart_is_recognised_after_it_and_kept_small(
+    store: MemoryStore, clock: Clock, nick: str, ref: str
+) -> None:
+    """A registry started on the store of one before it answers a resend with the first
+    ack, and keeps the loaded ref as a receipt, not as the whole ack, which holds the
+    ref again (64 control characters take 384 bytes escaped in it)."""
+    first = Registry(store, clock=clock)
+    ana_m, ana = add(first, nick, "a")
+    first.handle(ana_m, m.Say(room="a", text="once", ref=ref))
+    [original] = ana.of(m.Ack)
+    second = Registry(store, clock=clock)
+    kept = second._refs.get(ref_key(nick_key(nick), ref))  # what it loaded
+    assert kept is not None
+    assert kept[:1] == b"m"
+    assert len(kept) == 17 + len("a")  # the receipt's head and the room
+    ana_m, ana = add(second, nick, "a")
+    second.handle(ana_m, m.Say(room="a", text="once", ref=ref))
+    assert ana.of(m.Ack) == [original]
+    assert ana.of(m.Message) == []
+    page = store.history("a", before=None, after=None, limit=10)
+    assert [x.text for x in page.messages] == ["once"]
 
 
 def test_say_without_ref_is_never_deduplicated(reg: Registry) -> None:

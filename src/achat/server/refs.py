@@ -49,6 +49,9 @@ from collections import deque
 from hashlib import blake2b
 from typing import Generic, TypeAlias, TypeVar
 
+import msgspec
+
+from ..protocol.frames import HEADER_SIZE
 from ..protocol.messages import Ack, DmEvent, Message, encode
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "ack_from",
     "receipt_number",
     "receipt_of",
+    "receipt_of_ack",
     "ref_key",
 ]
 
@@ -91,7 +95,7 @@ REF_BYTES = 237
 #: usual key (``ana\0a1b2c3d4-17``), 228 B with the longest key kept plain and a
 #: 32-character room; with the longest names the protocol allows, a 24-character nick
 #: and a 64-character ref beyond the BMP, 575 B kept plain and 208 B as a digest. The
-#: digest costs about 0.5 µs a ``say`` where it is taken, the check 26 ns.
+#: digest costs about 0.5 µs a ``say`` where it is taken, the check 28 ns.
 PLAIN_KEY_MAX = 40
 
 #: How many dicts the table is split into (a power of two). With 64, the longest read
@@ -123,6 +127,38 @@ def receipt_of(record: Message | DmEvent) -> bytes:
     if isinstance(record, Message):
         return _RECEIPT.pack(b"m", record.ts, record.seq) + record.room.encode()
     return _RECEIPT.pack(b"d", record.ts, record.id)
+
+
+class _AckNumbers(msgspec.Struct):
+    """What a receipt keeps of an encoded ``ack`` (its ref is skipped, not kept)."""
+
+    type: str
+    ts: int
+    room: str | None = None
+    seq: int | None = None
+    id: int | None = None
+
+
+#: 0.17 µs an ack, against 2.9 for the protocol's decoder of every server frame: a
+#: server restarted under load loads millions.
+_ACK_NUMBERS = msgspec.json.Decoder(_AckNumbers)
+
+
+def receipt_of_ack(ack: bytes) -> bytes:
+    """The receipt of an encoded ``ack`` (as a store hands back the refs it kept): a
+    fifth of its size, and without the ref it echoes, which may be 64 characters of
+    anything (its key names it already). Raises ValueError if ``ack`` is no ack of a
+    stored record."""
+    try:
+        a = _ACK_NUMBERS.decode(ack[HEADER_SIZE:])
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not an ack: {ack[:200]!r}") from exc
+    if a.type == "ack":
+        if a.room is not None and a.seq is not None:
+            return _RECEIPT.pack(b"m", a.ts, a.seq) + a.room.encode()
+        if a.id is not None:
+            return _RECEIPT.pack(b"d", a.ts, a.id)
+    raise ValueError(f"not the ack of a stored record: {ack[:200]!r}")
 
 
 def receipt_number(kept: bytes) -> tuple[str | None, int] | None:

@@ -78,7 +78,15 @@ from ..protocol.names import (
 from ..store.base import REF_TTL_MS, RefRecord, Store, ack_frame
 from .limits import FloodPolicy
 from .log import esc
-from .refs import DEADLINE_STEP_MS, RecentRefs, ack_from, receipt_number, receipt_of, ref_key
+from .refs import (
+    DEADLINE_STEP_MS,
+    RecentRefs,
+    ack_from,
+    receipt_number,
+    receipt_of,
+    receipt_of_ack,
+    ref_key,
+)
 
 __all__ = ["DEFAULT_MAX_TEXT", "REF_TTL_MS", "Member", "Peer", "Registry", "Room"]
 
@@ -217,7 +225,9 @@ class Registry:
         for r in store.load_refs(clock()):
             if r.ack is None:
                 raise ValueError("the store returned a ref without its ack")
-            self._refs.keep(ref_key(r.nick_key, r.ref), r.expires, r.ack)
+            # Kept as a receipt, as a ref said since start is: the whole ack holds the
+            # ref again, up to 64 characters of anything, escaped (item 62).
+            self._refs.keep(ref_key(r.nick_key, r.ref), r.expires, receipt_of_ack(r.ack))
         # Stored messages not fanned out yet: per room, their frames (encoded, in seq
         # order) and the last seq among them; and their runs, for the acks.
         self._stored: dict[Room, list[bytes]] = {}
@@ -794,8 +804,10 @@ class Registry:
         room_name, number = named
         if room_name is None:
             return number <= self._acked_dm
-        room = self.rooms.get(room_name)  # rooms are never dropped
-        return room is not None and number <= room.stored_seq
+        room = self.rooms.get(room_name)
+        # Rooms are never dropped: a room not known was not loaded at start, so its
+        # messages (a ref loaded with its receipt names one) were all stored before.
+        return room is None or number <= room.stored_seq
 
     def _acknowledge(
         self,
