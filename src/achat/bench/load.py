@@ -102,7 +102,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Protocol, cast
+from typing import cast
 
 from ..protocol.frames import encode_frame
 from .histogram import Histogram
@@ -863,19 +863,7 @@ def connect_pause(begun: float, started: int, rate: float, now: float) -> float:
     return ahead if ahead >= 0.001 else 0.0
 
 
-class _Member(Protocol):
-    """What :func:`caught_up` reads of a client."""
-
-    room: bytes
-    joined: bool
-    unanswered: int
-    seq: int | None
-
-    @property
-    def closed(self) -> asyncio.Future[None]: ...
-
-
-def caught_up(clients: Sequence[_Member]) -> bool:
+def caught_up(clients: Sequence[_BenchClient]) -> bool:
     """Whether a worker's clients still connected wait for nothing they know of: every
     say of theirs answered (the server acks a say once it has queued its message for
     every member), and the members of each room all at the newest seq any of them has
