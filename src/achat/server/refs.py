@@ -163,7 +163,8 @@ def receipt_of_ack(ack: bytes) -> bytes:
 
 def receipt_number(kept: bytes) -> tuple[str | None, int] | None:
     """The record a receipt names: its room and ``seq``, or None and the DM's id; None
-    for a whole ack (as a store hands back the refs it kept)."""
+    for a whole ack (the registry keeps receipts only, those it loads too:
+    :func:`receipt_of_ack`)."""
     kind = kept[:1]
     if kind not in (b"m", b"d"):
         return None
@@ -175,7 +176,7 @@ def ack_from(ref: str, kept: bytes) -> bytes:
     """The encoded ``ack`` of ``ref`` from its receipt, or ``kept`` if that is the ack itself."""
     kind = kept[:1]
     if kind not in (b"m", b"d"):
-        return kept  # a whole frame (as a store hands back the refs it kept)
+        return kept  # a whole frame (the registry keeps receipts only: receipt_of_ack)
     _, ts, number = _RECEIPT.unpack_from(kept)
     if kind == b"m":
         return encode(Ack(ref=ref, ts=ts, room=kept[_RECEIPT.size :].decode(), seq=number))

@@ -800,7 +800,7 @@ class Registry:
         (the store calls back in order)."""
         named = receipt_number(kept)
         if named is None:
-            return True  # a whole ack, as a store hands back the refs it kept
+            return True  # a whole ack: its record was stored (the registry keeps receipts)
         room_name, number = named
         if room_name is None:
             return number <= self._acked_dm
