@@ -973,6 +973,36 @@ async def test_shutdown_tells_everyone_and_frees_the_port(
         await again.close()
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 on this host")
+async def test_port_0_on_every_interface_is_one_port_for_both_families() -> None:
+    """``--host "" --port 0`` listens on 0.0.0.0 and :: on the port it tells (asyncio
+    would pick one for each), serves a client of each family, and stops both."""
+    server = Server(replace(make_config(), host=""), MemoryStore())
+    await server.start()
+    port = server.port
+    try:
+        assert sorted(s.family for s in server.sockets) == [socket.AF_INET, socket.AF_INET6]
+        assert {s.getsockname()[1] for s in server.sockets} == {port}
+        for nick, host in (("four", "127.0.0.1"), ("six", "::1")):
+            async with Client(host, port, nick, send_rate=0) as client:
+                await client.ping()
+    finally:
+        async with asyncio.timeout(10):
+            await server.close()
+    for host in ("127.0.0.1", "::1"):
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(host, port)
+
+
 async def test_a_burst_is_coalesced_into_few_writes(server: Server) -> None:
     """Many frames in one read are answered together, in one write, not one write each."""
     raw = await Raw.open(server.port)

@@ -26,6 +26,7 @@ from ..store.base import Store
 from .alarms import Alarms
 from .config import ServerConfig
 from .limits import AddressLimits
+from .listen import Address, bind_one_port, passive_addresses
 from .refs import REF_BYTES
 from .registry import Registry
 from .runtime import memory_limit
@@ -147,16 +148,15 @@ class Server:
         #: What writes every connection (made by :meth:`start`).
         self.rounds: FlushRounds | None = None
         self._changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        # One for each listening socket (several only with --port 0 and several addresses).
+        self._servers: list[asyncio.Server] = []
         self._closed = asyncio.Event()
         self._closing = False
 
     @property
     def sockets(self) -> list[socket.socket]:
         """The listening sockets (empty before :meth:`start`)."""
-        if self._server is None:
-            return []
-        return list(self._server.sockets)
+        return [sock for server in self._servers for sock in server.sockets]
 
     @property
     def port(self) -> int:
@@ -220,17 +220,9 @@ class Server:
             return Session(self, registry, limits, rounds, alarms)
 
         if sock is not None:
-            self._server = await loop.create_server(session, sock=sock)
+            self._servers = [await loop.create_server(session, sock=sock)]
         else:
-            self._server = await loop.create_server(
-                session,
-                self.config.host,
-                self.config.port,
-                reuse_address=True,
-                # A class joining at once must not overflow the accept queue (asyncio's
-                # default is 100); the kernel caps this at net.core.somaxconn.
-                backlog=LISTEN_BACKLOG,
-            )
+            self._servers = await self._listen(loop, session)
         addrs = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("listening on %s name=%s", addrs, self.config.name)
         notice = memory_notice(self.config, self._memory, self.max_refs)
@@ -245,6 +237,39 @@ class Server:
                 self.max_refs,
             )
 
+    async def _listen(
+        self, loop: asyncio.AbstractEventLoop, session: Callable[[], Session]
+    ) -> list[asyncio.Server]:
+        """Listen on the configured host and port: with port 0 and a host of several
+        addresses, on one port for all of them (:mod:`.listen`)."""
+        host, port = self.config.host, self.config.port
+        # A class joining at once must not overflow the accept queue (asyncio's default
+        # is 100); the kernel caps this at net.core.somaxconn.
+        backlog = LISTEN_BACKLOG
+        addresses: list[Address] = []
+        if port == 0:
+            infos = await loop.getaddrinfo(
+                host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            addresses = passive_addresses(infos)
+        if len(addresses) < 2:
+            server = await loop.create_server(
+                session, host, port, reuse_address=True, backlog=backlog
+            )
+            return [server]
+        servers: list[asyncio.Server] = []
+        socks = bind_one_port(addresses)
+        try:
+            for sock in socks:
+                servers.append(await loop.create_server(session, sock=sock, backlog=backlog))
+        except BaseException:
+            for server in servers:
+                server.close()
+            for sock in socks[len(servers) :]:
+                sock.close()
+            raise
+        return servers
+
     async def serve_until_closed(self) -> None:
         """Wait until :meth:`close` has finished."""
         await self._closed.wait()
@@ -256,8 +281,8 @@ class Server:
             return
         self._closing = True
         try:
-            if self._server is not None:
-                self._server.close()
+            for server in self._servers:
+                server.close()
             shutdown = ProtocolError("server_shutdown", message, fatal=True)
             for session in list(self._sessions):
                 session.fail(shutdown)
@@ -267,8 +292,8 @@ class Server:
                 async with asyncio.timeout(self.config.limits.close_timeout + 1):
                     while self._sessions:
                         await self._changed.wait()
-            if self._server is not None:
-                await self._server.wait_closed()
+            for server in self._servers:
+                await server.wait_closed()
             self.store.close()
             log.info("closed")
         finally:
