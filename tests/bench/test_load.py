@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing
 import random
 import time
 
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 from achat.bench import load
 from achat.bench.histogram import Histogram
 from achat.bench.load import (
+    DRAIN_FRAME,
+    DRAIN_REF,
     KEEPALIVE_POLL,
     KEEPALIVE_REF,
     KEEPALIVE_SECONDS,
@@ -22,10 +25,12 @@ from achat.bench.load import (
     WorkerPlan,
     WorkerReport,
     _BenchClient,
+    _drain,
     _keep_alive,
     _Window,
-    caught_up,
+    answered,
     connect_pause,
+    settled,
     wall_offset,
 )
 from achat.protocol.frames import encode_frame
@@ -747,35 +752,96 @@ def _said(room: str, seq: int) -> bytes:
     return encode(Message(room=room, seq=seq, ts=1, sender="a", text=f"t={time.time_ns()} x"))
 
 
-def test_the_drain_waits_for_every_say_to_be_answered() -> None:
-    """A client whose say has had no answer yet is not caught up: its message, and the
-    others' that came before it, may still be on the way."""
+def test_a_client_waiting_for_the_answer_to_a_say_has_not_answered() -> None:
+    """Its message, and the others' that came before it, may still be on the way."""
     waiting = _in_room("r", _said("r", 1), says=1)
-    assert not caught_up([waiting])
-    acked = _in_room(
-        "r", _said("r", 1), encode(Ack(ref=REF_MARK + "1", ts=1, room="r", seq=1)), says=1
+    assert not answered([waiting])
+    acked = _in_room("r", _said("r", 1), _ack(1), says=1)
+    assert answered([acked])
+    refused = _in_room(
+        "r",
+        encode(Error(code="rate_limited", message="m", fatal=False, ref=REF_MARK + "1")),
+        says=1,
     )
-    assert caught_up([acked])
-
-
-def test_the_drain_waits_for_every_member_of_a_room_to_reach_its_newest_seq() -> None:
-    """Members of one room at different seqs: the one behind has more on the way."""
-    ahead = _in_room("r", _said("r", 1), _said("r", 2))
-    behind = _in_room("r", _said("r", 1))
-    assert not caught_up([ahead, behind])
-    assert caught_up([ahead, _in_room("r", _said("r", 1), _said("r", 2))])
-    # Rooms are apart: another room's newest seq is its own.
-    assert caught_up([ahead, _in_room("q", _said("q", 1))])
+    assert answered([refused])  # a refused say delivers nothing
+    assert not answered([acked, waiting])
 
 
 def test_the_drain_does_not_wait_for_a_client_the_server_closed() -> None:
     """A client cut off, or never joined, is not waited for."""
-    ahead = _in_room("r", _said("r", 1), _said("r", 2))
     gone = _in_room("r", _said("r", 1), says=1)
+    assert not answered([gone])
     gone.connection_lost(None)
-    assert caught_up([ahead, gone])
+    assert answered([gone])
+    assert settled([gone])
     clients: list[_BenchClient] = []
     welcome = encode_frame(b'{"type":"welcome","nick":"b0","server":"s","version":1}')
     feed([welcome], says=1, clients=clients)  # its join never answered
     assert not clients[0].joined
-    assert caught_up([ahead, clients[0]])
+    assert answered(clients)
+    assert settled(clients)
+
+
+def _joined(room: str, says: int) -> tuple[_BenchClient, Wire]:
+    """A client of ``room`` in the running loop, joined, that sent ``says`` says."""
+    plan = WorkerPlan("127.0.0.1", 1, [], duration=1.0, warmup=0.0, seed=1)
+    client = _BenchClient(
+        plan, ClientPlan("b0", room, 0.0), WorkerReport(), _Window(), random.Random(1)
+    )
+    wire = Wire()
+    client.connection_made(wire)  # type: ignore[arg-type]
+    client.data_received(_greeted(room))
+    for _ in range(says):
+        client._write_say()
+    return client, wire
+
+
+def _ack(n: int) -> bytes:
+    return encode(Ack(ref=f"{REF_MARK}{n}", ts=1, room="r", seq=n))
+
+
+async def _step(drain: asyncio.Task[bool]) -> None:
+    """Let the drain take its next look (it looks every DRAIN_STEP)."""
+    await asyncio.wait([drain], timeout=2 * load.DRAIN_STEP)
+
+
+async def test_the_drain_pings_once_every_workers_says_are_answered_and_ends_at_the_answers() -> (
+    None
+):
+    """The worker tells the parent once its own says are answered; only on the parent's
+    word (every worker's are) does each client ping, and the drain ends when every
+    client has read the answer, which the server writes after every message it queued
+    for that client before."""
+    talker, talker_wire = _joined("r", says=2)
+    listener, listener_wire = _joined("r", says=0)
+    parent, child = multiprocessing.Pipe()
+    drain = asyncio.create_task(_drain([talker, listener], child, time.monotonic() + 30))
+    await _step(drain)
+    assert not parent.poll()  # a say is still out
+    talker.data_received(_ack(1) + _ack(2))
+    await _step(drain)
+    assert parent.recv() == ("answered",)
+    await _step(drain)
+    assert DRAIN_FRAME not in talker_wire.written + listener_wire.written
+    parent.send(("settle",))
+    await _step(drain)
+    assert talker_wire.written[-1] == DRAIN_FRAME == listener_wire.written[-1]
+    talker.data_received(_said("r", 1) + encode(Pong(ref=DRAIN_REF)))
+    await _step(drain)
+    assert not drain.done()  # the listener has not had its answer yet
+    # An answer it is, even a refusal: the server queued it after everything before it.
+    listener.data_received(
+        _said("r", 1) + encode(Error(code="rate_limited", message="m", fatal=False, ref=DRAIN_REF))
+    )
+    assert await asyncio.wait_for(drain, 2)
+
+
+async def test_the_drain_gives_up_at_its_deadline() -> None:
+    """A say never answered, or the parent's word never come: the drain ends anyway."""
+    talker, _ = _joined("r", says=1)
+    parent, child = multiprocessing.Pipe()
+    assert not await asyncio.wait_for(_drain([talker], child, time.monotonic() + 0.1), 2)
+    assert not parent.poll()
+    talker.data_received(_ack(1))
+    assert not await asyncio.wait_for(_drain([talker], child, time.monotonic() + 0.1), 2)
+    assert parent.recv() == ("answered",)

@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,11 @@ def _drive(
     ticks: dict[int, tuple[int, int, int, int, float]] = {}
     rss_max = 0
     alive = set(range(procs))
+    # The workers whose says are all answered after the window, and whether they were
+    # told that every worker's are (see load._drain).
+    answered: set[int] = set()
+    settled = False
+    shown = ""  # the progress line last shown
     while alive:
         for i, pipe in enumerate(pipes):
             while i in alive and pipe.poll():
@@ -389,9 +395,17 @@ def _drive(
                     break
                 if kind == "tick":
                     ticks[i] = tuple(rest)
+                elif kind == "answered":
+                    answered.add(i)
                 elif kind == "done":
                     reports.append(rest[0])
                     alive.discard(i)
+        if not settled and alive and alive <= answered:
+            settled = True
+            for i in alive:
+                # A worker gone meanwhile is found by its pipe's end, above.
+                with contextlib.suppress(OSError):
+                    pipes[i].send(("settle",))
         if server is not None:
             rss_max = max(rss_max, server.rss_kib())
             now = time.monotonic()
@@ -403,11 +417,14 @@ def _drive(
         if elapsed > 0:
             sent = sum(t[0] for t in ticks.values())
             delivered = sum(t[1] for t in ticks.values())
-            _progress(
+            line = (
                 f"{elapsed:5.1f}/{args.duration:g} s  sent {sent / elapsed:10,.0f}/s  "
                 f"delivered {delivered / elapsed:12,.0f}/s"
             )
-        time.sleep(0.2)
+            if line != shown:
+                _progress(line)
+                shown = line
+        mp_connection.wait([pipes[i] for i in alive], timeout=0.2)
     if server is not None:
         if cpu_start is not None and cpu_end is not None:
             busy, wall = cpu_end[1] - cpu_start[1], cpu_end[0] - cpu_start[0]

@@ -37,10 +37,10 @@ start is split by binary searches over its stamps: after a stamp said well
 after the start everything counts, by seq; before one said well before it
 nothing does; and what lies between is kept and counted stamp by stamp once
 the window is over (``findall``, sorted), when the worker has nothing else to
-do. Nobody says anything after the window, and the workers read on until the
-room is quiet and their clients are caught up (:func:`caught_up`: every say
-answered, every member at the same seq), ten seconds at most, so the delivered
-ratio misses exactly the messages said inside the window and never read.
+do. Nobody says anything after the window, and the workers read on until
+every message said is read (:func:`_drain`), ten seconds at most, so the
+delivered ratio misses exactly the messages said inside the window and never
+read.
 Latency is counted per message, in a histogram of every message
 (:mod:`achat.bench.histogram`), at up to ``SPREAD`` points a read: spread
 evenly between the stamps a read counted by seq starts and ends with, and,
@@ -111,7 +111,7 @@ __all__ = [
     "ClientPlan",
     "WorkerPlan",
     "WorkerReport",
-    "caught_up",
+    "answered",
     "run_worker",
     "stamped_text",
     "wall_offset",
@@ -172,12 +172,13 @@ FOLD_CHUNK = 1_000
 #: The most of a greeting kept while waiting for the room's seq in names.
 GREETING_LIMIT = 4 << 20
 TEXT_SIZE = 60
-#: Longest wait after the window for messages said inside it.
+#: Longest wait after the window for messages said inside it (see _drain), looking
+#: every DRAIN_STEP whether they are in.
 DRAIN_SECONDS = 10.0
-#: The drain ends once no message has been read for this long and the worker's clients
-#: are caught up (:func:`caught_up`), looking every DRAIN_STEP.
-DRAIN_QUIET = 0.3
-DRAIN_STEP = 0.05
+DRAIN_STEP = 0.02
+#: The ping every client sends once every say of every worker is answered (_drain).
+DRAIN_REF = REF_MARK + "drain"
+DRAIN_FRAME = encode_frame(b'{"type":"ping","ref":"%s"}' % DRAIN_REF.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +199,8 @@ class WorkerPlan:
     cpu: int | None = None
     pipeline: int = 0  # ingest: keep this many says in flight instead of a rate
     connect_rate: float = 2000.0  # new connections a second, this worker's share
-    # Read on after the window until the room is quiet and the clients are caught up
-    # (what was said in it arrives: see caught_up); off where nobody says anything (idle,
-    # and self-check, whose sink never stops).
+    # Read on after the window until what was said in it is read (see _drain); off where
+    # nobody says anything (idle, and self-check, whose sink never stops).
     drain: bool = True
     keepalive: float = KEEPALIVE_SECONDS  # ping after this long without sending
 
@@ -217,7 +217,7 @@ class WorkerReport:
     #: The latency of every message counted, in ns: read from its stamp, or from the
     #: two ends of its read (see _BenchClient._deliveries).
     latency: Histogram = field(default_factory=Histogram)
-    message_reads: int = 0  # reads that held a message (the drain waits for them to stop)
+    message_reads: int = 0  # reads that held a message
     codes: dict[str, int] = field(default_factory=dict)  # the errors' codes, counted
     connect_seconds: float = 0.0
     #: The worker's CPU time over the measured window, and the window's length as it saw
@@ -559,6 +559,15 @@ class _BenchClient(asyncio.Protocol):
             self.report.sent += 1
         return frame
 
+    def drain_ping(self) -> None:
+        """Ping, after every say is answered (see _drain)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(DRAIN_FRAME)
+        self.pongs_due += 1
+        self.due += 1
+        self.last_sent = time.monotonic()
+
     def keep_alive(self, now: float) -> None:
         """Ping if nothing was sent for the plan's keep-alive (``now``: the monotonic clock)."""
         if self.transport is None or self.transport.is_closing():
@@ -863,21 +872,53 @@ def connect_pause(begun: float, started: int, rate: float, now: float) -> float:
     return ahead if ahead >= 0.001 else 0.0
 
 
-def caught_up(clients: Sequence[_BenchClient]) -> bool:
-    """Whether a worker's clients still connected wait for nothing they know of: every
-    say of theirs answered (the server acks a say once it has queued its message for
-    every member), and the members of each room all at the newest seq any of them has
-    read. A quiet spell alone would end the drain in a stall of the server's longer
-    than the spell, and count what came after it as never delivered. What another
-    worker's clients said is not known here: for that the drain still waits for quiet."""
-    live = [c for c in clients if c.joined and not c.closed.done()]
-    if any(c.unanswered for c in live):
-        return False
-    newest: dict[bytes, int] = {}
-    for c in live:
-        if c.seq is not None and c.seq > newest.get(c.room, -1):
-            newest[c.room] = c.seq
-    return all(c.seq == newest[c.room] for c in live if c.seq is not None)
+def _live(clients: Sequence[_BenchClient]) -> list[_BenchClient]:
+    """The clients that joined and are still connected: the ones the drain waits for."""
+    return [c for c in clients if c.joined and not c.closed.done()]
+
+
+def answered(clients: Sequence[_BenchClient]) -> bool:
+    """Whether every say of a worker's clients still connected has had its answer. The
+    server acks a say once its message is queued for every member of the room, and
+    refuses one with an error that delivers nothing."""
+    return not any(c.unanswered for c in _live(clients))
+
+
+def settled(clients: Sequence[_BenchClient]) -> bool:
+    """Whether every client still connected has had an answer to everything it sent,
+    the drain's ping included (see _drain)."""
+    return not any(c.due for c in _live(clients))
+
+
+async def _drain(clients: Sequence[_BenchClient], pipe: Connection, deadline: float) -> bool:
+    """Wait until every message said by any worker's clients has been read by this
+    worker's clients still connected (False if ``deadline``, monotonic, came first).
+
+    A server writes a connection's frames in the order it queued them. Once every say
+    of every worker is answered, each message is queued for every member it goes to
+    (:func:`answered`; the parent tells the workers, being the only one that knows
+    them all), so the answer to a ping sent after that comes after every message:
+    once each client has it (:func:`settled`), nothing is on the way. A quiet spell
+    would not do: a server stalled for longer than the spell would have messages on
+    the way still.
+    """
+    while not answered(clients):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_STEP)
+    pipe.send(("answered",))
+    while not pipe.poll():  # the parent's word that every worker's says are answered
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_STEP)
+    pipe.recv()
+    for client in _live(clients):
+        client.drain_ping()
+    while not settled(clients):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_STEP)
+    return True
 
 
 async def _keep_alive(everyone: list[_BenchClient], every: float = KEEPALIVE_POLL) -> None:
@@ -933,15 +974,8 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     report.window_seconds = time.monotonic() - wall_start
     # Nothing is said after the window: wait until what was said inside it has been read
     # (a message read later, or never, is missing from the delivered ratio).
-    now = time.monotonic()
-    deadline, quiet_since, seen = now + DRAIN_SECONDS, now, report.message_reads
-    while plan.drain and now < deadline:
-        await asyncio.sleep(DRAIN_STEP)
-        now = time.monotonic()
-        if report.message_reads != seen:
-            quiet_since, seen = now, report.message_reads
-        elif now - quiet_since >= DRAIN_QUIET and caught_up(everyone):
-            break
+    if plan.drain:
+        await _drain(everyone, pipe, time.monotonic() + DRAIN_SECONDS)
     window.settle(report)
     checking = [client for client in everyone if client.checks]
     report.checked = len(checking)
