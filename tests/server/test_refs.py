@@ -206,14 +206,6 @@ def test_a_receipt_gives_back_the_very_ack_it_was_made_for(
     assert receipt_number(receipt_of(dm)) == (None, number)
 
 
-def test_a_whole_ack_kept_is_given_back_as_it_is() -> None:
-    """Refs loaded from a store come with their encoded ack, which is sent unchanged."""
-    ack = ack_of("r1", Message(room="general", seq=7, ts=1, sender="ana", text="hi"))
-    assert ack[:1] == b"\0"  # a frame's length prefix: never taken for a receipt
-    assert ack_from("r1", ack) == ack
-    assert receipt_number(ack) is None
-
-
 def test_a_short_ascii_key_is_kept_as_it_is() -> None:
     """The usual key: the nick's key, a NUL, the ref."""
     assert ref_key("ana", "a1b2c3d4-17") == "ana\0a1b2c3d4-17"

@@ -122,7 +122,7 @@ def receipt_of(record: Message | DmEvent) -> bytes:
     """What the ack of a ``say`` stored as ``record`` (or a ``dm``) needs, besides its ref.
 
     ``m``, then the time and ``seq``, then the room; or ``d``, then the time
-    and the DM's id. Never starts with a NUL, as an encoded frame does.
+    and the DM's id.
     """
     if isinstance(record, Message):
         return _RECEIPT.pack(b"m", record.ts, record.seq) + record.room.encode()
@@ -161,30 +161,22 @@ def receipt_of_ack(ack: bytes) -> bytes:
     raise ValueError(f"not the ack of a stored record: {ack[:200]!r}")
 
 
-def receipt_number(kept: bytes) -> tuple[str | None, int] | None:
-    """The record a receipt names: its room and ``seq``, or None and the DM's id; None
-    for a whole ack (the registry keeps receipts only, those it loads too:
-    :func:`receipt_of_ack`)."""
-    kind = kept[:1]
-    if kind not in (b"m", b"d"):
-        return None
-    _, _, number = _RECEIPT.unpack_from(kept)
-    return (kept[_RECEIPT.size :].decode() if kind == b"m" else None), number
+def receipt_number(receipt: bytes) -> tuple[str | None, int]:
+    """The record a receipt names: its room and ``seq``, or None and the DM's id."""
+    _, _, number = _RECEIPT.unpack_from(receipt)
+    return (receipt[_RECEIPT.size :].decode() if receipt[:1] == b"m" else None), number
 
 
-def ack_from(ref: str, kept: bytes) -> bytes:
-    """The encoded ``ack`` of ``ref`` from its receipt, or ``kept`` if that is the ack itself."""
-    kind = kept[:1]
-    if kind not in (b"m", b"d"):
-        return kept  # a whole frame (the registry keeps receipts only: receipt_of_ack)
-    _, ts, number = _RECEIPT.unpack_from(kept)
-    if kind == b"m":
-        return encode(Ack(ref=ref, ts=ts, room=kept[_RECEIPT.size :].decode(), seq=number))
+def ack_from(ref: str, receipt: bytes) -> bytes:
+    """The encoded ``ack`` of ``ref`` from its receipt."""
+    _, ts, number = _RECEIPT.unpack_from(receipt)
+    if receipt[:1] == b"m":
+        return encode(Ack(ref=ref, ts=ts, room=receipt[_RECEIPT.size :].decode(), seq=number))
     return encode(Ack(ref=ref, ts=ts, id=number))
 
 
 class RecentRefs(Generic[W]):
-    """Recent refs, each with its receipt (or its whole ack), and the resends waiting
+    """Recent refs, each with its receipt, and the resends waiting
     for the acks of records not stored yet."""
 
     def __init__(self, granularity: int = 1, shards: int = SHARDS) -> None:
@@ -264,14 +256,14 @@ class RecentRefs(Generic[W]):
         if refs.get(key) is receipt:
             refs[key] = _RELEASED
 
-    def keep(self, key: Key, deadline: int, ack: bytes) -> None:
-        """Remember ``key`` with ``ack`` (a receipt or a whole ack frame) until
-        ``deadline`` (rounded up to the granularity)."""
+    def keep(self, key: Key, deadline: int, receipt: bytes) -> None:
+        """Remember ``key`` with ``receipt`` until ``deadline`` (rounded up to the
+        granularity)."""
         self.deadline(deadline)
-        if self.claim(key, ack) is not None:
+        if self.claim(key, receipt) is not None:
             # Two uses of one key in force: only a clock stepped back around a restart
             # does that. The later (load_refs gives it last) at the earlier's deadline.
-            self._shard(key)[key] = ack
+            self._shard(key)[key] = receipt
 
     def wait(self, receipt: bytes, waiter: W) -> None:
         """Have ``waiter`` wait for the ack of the record ``receipt`` names."""

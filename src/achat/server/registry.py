@@ -798,10 +798,7 @@ class Registry:
         """Whether the record a ref was remembered with (``kept``) was acked: every room
         message up to a room's ``stored_seq`` was, and every DM up to the last one acked
         (the store calls back in order)."""
-        named = receipt_number(kept)
-        if named is None:
-            return True  # a whole ack: its record was stored (the registry keeps receipts)
-        room_name, number = named
+        room_name, number = receipt_number(kept)
         if room_name is None:
             return number <= self._acked_dm
         room = self.rooms.get(room_name)
