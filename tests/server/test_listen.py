@@ -17,6 +17,7 @@ from achat.server.listen import Address, bind_one_port, passive_addresses
 V4 = socket.AF_INET
 V6 = socket.AF_INET6
 TWO_LOOPBACKS: list[Address] = [(V4, ("127.0.0.1", 0)), (V4, ("127.0.0.2", 0))]
+BACKLOG = 16
 
 
 def ipv6_works() -> bool:
@@ -68,14 +69,13 @@ def ports(socks: list[socket.socket]) -> set[int]:
 
 
 def test_every_address_gets_the_port_the_first_one_got(sockets: Sockets) -> None:
-    socks = bind_one_port(TWO_LOOPBACKS, new_socket=sockets)
+    socks = bind_one_port(TWO_LOOPBACKS, BACKLOG, new_socket=sockets)
     assert [s.getsockname()[0] for s in socks] == ["127.0.0.1", "127.0.0.2"]
     (port,) = ports(socks)
     assert port != 0
     for sock in socks:
         assert not sock.getblocking()
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
-        sock.listen()
     for host in ("127.0.0.1", "127.0.0.2"):
         with socket.create_connection((host, port), timeout=3):
             pass
@@ -83,7 +83,7 @@ def test_every_address_gets_the_port_the_first_one_got(sockets: Sockets) -> None
 
 def test_a_port_taken_on_a_later_address_is_given_up_for_another(sockets: Sockets) -> None:
     sockets.block_second = 3
-    socks = bind_one_port(TWO_LOOPBACKS, new_socket=sockets)
+    socks = bind_one_port(TWO_LOOPBACKS, BACKLOG, new_socket=sockets)
     assert sockets.attempts == 4
     taken = {b.getsockname()[1] for b in sockets.blockers}
     assert len(taken) == 3
@@ -96,38 +96,62 @@ def test_a_port_taken_on_a_later_address_is_given_up_for_another(sockets: Socket
 def test_a_port_taken_every_time_ends_in_the_bind_error(sockets: Sockets) -> None:
     sockets.block_second = 4
     with pytest.raises(OSError, match="in use") as raised:
-        bind_one_port(TWO_LOOPBACKS, attempts=4, new_socket=sockets)
+        bind_one_port(TWO_LOOPBACKS, BACKLOG, attempts=4, new_socket=sockets)
     assert raised.value.errno == errno.EADDRINUSE
     assert sockets.attempts == 4
     assert all(s.fileno() == -1 for s in sockets.made)
 
 
-def test_an_address_that_cannot_be_bound_fails_at_once(sockets: Sockets) -> None:
+def _nonlocal_bind() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_nonlocal_bind(), reason="this host binds addresses it does not have")
+def test_an_address_that_cannot_be_bound_fails_at_once_naming_it(sockets: Sockets) -> None:
     # 192.0.2.1 (TEST-NET-1) is on no interface here: EADDRNOTAVAIL, not a taken port.
-    with pytest.raises(OSError, match="assign") as raised:
-        bind_one_port([TWO_LOOPBACKS[0], (V4, ("192.0.2.1", 0))], new_socket=sockets)
+    with pytest.raises(OSError, match=r"cannot listen on \('192\.0\.2\.1', \d+\)") as raised:
+        bind_one_port([TWO_LOOPBACKS[0], (V4, ("192.0.2.1", 0))], BACKLOG, new_socket=sockets)
     assert raised.value.errno == errno.EADDRNOTAVAIL
     assert len(sockets.made) == 2  # no second attempt
     assert all(s.fileno() == -1 for s in sockets.made)
 
 
+def test_an_address_of_a_family_the_host_lacks_is_left_out(sockets: Sockets) -> None:
+    """IPv6 switched off: getaddrinfo still names ``::``, and socket() says no."""
+
+    def no_ipv6(family: int) -> socket.socket:
+        if family == V6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return sockets(family)
+
+    everywhere: list[Address] = [(V6, ("::", 0, 0, 0)), (V4, ("127.0.0.1", 0))]
+    [sock] = bind_one_port(everywhere, BACKLOG, new_socket=no_ipv6)
+    assert sock.family == V4
+    with socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=3):
+        pass
+    with pytest.raises(OSError, match="no address of a family"):
+        bind_one_port(everywhere[:1], BACKLOG, new_socket=no_ipv6)
+
+
 def test_nothing_to_bind_is_an_error() -> None:
     with pytest.raises(ValueError, match="no address"):
-        bind_one_port([])
+        bind_one_port([], BACKLOG)
     with pytest.raises(ValueError, match="attempts"):
-        bind_one_port(TWO_LOOPBACKS, attempts=0)
+        bind_one_port(TWO_LOOPBACKS, BACKLOG, attempts=0)
 
 
 @pytest.mark.skipif(not ipv6_works(), reason="no IPv6 on this host")
 def test_every_interface_of_both_families_on_one_port() -> None:
     # Without IPV6_V6ONLY the socket on :: would take the port on 0.0.0.0 as well, and
     # the bind of the other one would fail.
-    socks = bind_one_port([(V4, ("0.0.0.0", 0)), (V6, ("::", 0, 0, 0))])
+    socks = bind_one_port([(V4, ("0.0.0.0", 0)), (V6, ("::", 0, 0, 0))], BACKLOG)
     try:
         (port,) = ports(socks)
         assert socks[1].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
-        for sock in socks:
-            sock.listen()
         for host in ("127.0.0.1", "::1"):
             with socket.create_connection((host, port), timeout=3):
                 pass

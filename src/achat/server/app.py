@@ -148,7 +148,7 @@ class Server:
         #: What writes every connection (made by :meth:`start`).
         self.rounds: FlushRounds | None = None
         self._changed = asyncio.Event()
-        # One for each listening socket (several only with --port 0 and several addresses).
+        # Usually one; one for each address with --port 0 and a host of several (_listen).
         self._servers: list[asyncio.Server] = []
         self._closed = asyncio.Event()
         self._closing = False
@@ -258,10 +258,16 @@ class Server:
             )
             return [server]
         servers: list[asyncio.Server] = []
-        socks = bind_one_port(addresses)
+        socks = bind_one_port(addresses, backlog)
         try:
             for sock in socks:
-                servers.append(await loop.create_server(session, sock=sock, backlog=backlog))
+                servers.append(
+                    await loop.create_server(
+                        session, sock=sock, backlog=backlog, start_serving=False
+                    )
+                )
+            for server in servers:
+                await server.start_serving()
         except BaseException:
             for server in servers:
                 server.close()

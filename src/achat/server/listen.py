@@ -40,43 +40,67 @@ def _socket(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM)
 
 
+#: A socket() that fails so says the host has no such family (IPv6 switched off, say),
+#: though getaddrinfo names addresses of it: asyncio skips those addresses, and so do we.
+_NO_FAMILY = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+
+
 def bind_one_port(
     addresses: Sequence[Address],
+    backlog: int,
     attempts: int = BIND_ATTEMPTS,
     new_socket: Callable[[int], socket.socket] = _socket,
 ) -> list[socket.socket]:
-    """Bound, non-blocking, not yet listening sockets, one for each of ``addresses``,
-    all on the port the kernel picks for the first (the addresses' own ports are
-    ignored). Options as ``loop.create_server`` sets them: ``SO_REUSEADDR``, and an
+    """Listening, non-blocking sockets, one for each of ``addresses`` whose family the
+    host has, all on the port the kernel picks for the first (the addresses' own ports
+    are ignored). Options as ``loop.create_server`` sets them: ``SO_REUSEADDR``, and an
     IPv6 socket for IPv6 only, so that ``::`` leaves 0.0.0.0 to its own socket.
 
-    OSError if a bind fails for another reason than the port being taken, or if it
-    is taken on some address ``attempts`` times running.
+    OSError, naming the address, if a bind or listen fails for another reason than
+    the port being taken, if the port is taken on some address ``attempts`` times
+    running, or if the host has the family of none of them.
     """
     if not addresses:
         raise ValueError("no address to listen on")
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
     for attempt in range(attempts):
-        bound: list[socket.socket] = []
+        made: list[socket.socket] = []
         port = 0
         try:
             for family, sockaddr in addresses:
-                sock = new_socket(family)
-                bound.append(sock)
+                try:
+                    sock = new_socket(family)
+                except OSError as exc:
+                    if exc.errno in _NO_FAMILY:
+                        continue
+                    raise
+                made.append(sock)
                 sock.setblocking(False)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((sockaddr[0], port, *sockaddr[2:]))
+                address = (sockaddr[0], port, *sockaddr[2:])
+                try:
+                    sock.bind(address)
+                    # Two sockets with SO_REUSEADDR may bind one address and port while
+                    # neither listens: the clash shows here, and is retried as a bind's.
+                    sock.listen(backlog)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"cannot listen on {address[:2]}: {exc.strerror}"
+                    ) from exc
                 port = port or sock.getsockname()[1]
-        except OSError as exc:
-            for sock in bound:
+            if not made:
+                raise OSError(errno.EAFNOSUPPORT, "no address of a family this host has")
+        except BaseException as exc:
+            for sock in made:
                 sock.close()
             # Taken on a later address: that port was free on the first, another may be
-            # free on all. On the first address (port 0) it means none is free at all.
-            if exc.errno != errno.EADDRINUSE or len(bound) == 1 or attempt == attempts - 1:
+            # free on all. On the first (port 0), none is free at all.
+            taken = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+            if not taken or port == 0 or attempt == attempts - 1:
                 raise
             continue
-        return bound
+        return made
     raise AssertionError("unreachable: the last attempt returns or raises")
