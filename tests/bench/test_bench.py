@@ -137,6 +137,13 @@ def test_errors_by_code_and_lost_connections_are_noted() -> None:
     assert result.notes == []
     _note_trouble(result, [WorkerReport(disorder_ns=NEAR_NS + 2 * 10**7)])
     assert result.notes[0].startswith("stamps out of order by up to 120 ms within a read")
+    # A drain that gave up: what was still on the way counts as lost, and the run says so.
+    result = Result("busy-room", {}, 1.0)
+    _note_trouble(result, [fine, WorkerReport(drained=False)])
+    assert result.notes == [
+        "1 worker(s) gave up after 10 s waiting for what was said in the window: "
+        "messages still on the way then count as not delivered"
+    ]
 
 
 def test_self_check_says_whether_the_sink_or_the_generator_set_its_figure() -> None:
@@ -344,7 +351,9 @@ def test_a_stall_of_the_server_across_the_windows_end_loses_no_deliveries(
     said meanwhile reaches everyone once it goes on, and the drain waits for it rather
     than take the quiet for the end (it counted 91 % so, in runs by hand), whichever
     worker's clients said it."""
-    server = ServerProcess(tmp_path / "server")
+    # A connection queued for writing just before the stop would look 1 s behind after
+    # it, and the server would refuse says for a while (--write-lag, 0.5 s by default).
+    server = ServerProcess(tmp_path / "server", "--write-lag", "30")
     server.start()
     assert server.proc is not None
     out = tmp_path / "stall.json"

@@ -845,3 +845,24 @@ async def test_the_drain_gives_up_at_its_deadline() -> None:
     talker.data_received(_ack(1))
     assert not await asyncio.wait_for(_drain([talker], child, time.monotonic() + 0.1), 2)
     assert parent.recv() == ("answered",)
+
+
+async def test_a_refused_ping_answers_the_ping_not_a_say() -> None:
+    """A server with its flood limit on may refuse a keep-alive or the drain's ping: the
+    error answers that ping (its ref says so), and the say is still waited for."""
+    client, wire = _joined("r", says=1)
+    client.keep_alive(time.monotonic() + KEEPALIVE_SECONDS)
+    client.drain_ping()
+    assert wire.written[-2:] == [load.KEEPALIVE_FRAME, DRAIN_FRAME]
+    refused = [
+        encode(Error(code="rate_limited", message="m", fatal=False, ref=ref))
+        for ref in (KEEPALIVE_REF, DRAIN_REF)
+    ]
+    client.data_received(b"".join(refused))
+    assert (client.pongs_due, client.unanswered) == (0, 1)
+    assert not answered([client])
+    assert client.report.errors == 2
+    assert client.report.codes == {"rate_limited": 2}
+    client.data_received(_ack(1))
+    assert answered([client])
+    assert settled([client])

@@ -42,6 +42,7 @@ from ..protocol.messages import Message, encode
 from ..server.session import SWAMPED_SHARE
 from .histogram import Histogram
 from .load import (
+    DRAIN_SECONDS,
     KEEPALIVE_REF,
     KEEPALIVE_SECONDS,
     NEAR_NS,
@@ -278,6 +279,12 @@ def _note_trouble(result: Result, reports: list[WorkerReport]) -> None:
             f"than the {NEAR_NS // 10**6} ms the count at the window's start allows: "
             "the delivered count may be off by a few messages there"
         )
+    stuck = sum(not r.drained for r in reports)
+    if stuck:
+        result.notes.append(
+            f"{stuck} worker(s) gave up after {DRAIN_SECONDS:g} s waiting for what was "
+            "said in the window: messages still on the way then count as not delivered"
+        )
     closed = sum(r.closed for r in reports)
     if closed:
         result.notes.append(
@@ -350,6 +357,9 @@ def _drive(
         parent, child = ctx.Pipe()
         p = ctx.Process(target=run_worker, args=(plan, child), daemon=True)
         p.start()
+        # The worker has its own copy now: with this one closed, the parent's end reads
+        # EOF when the worker dies, and a worker that died is not waited for forever.
+        child.close()
         pipes.append(parent)
         workers.append(p)
     started = time.monotonic()

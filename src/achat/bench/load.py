@@ -113,6 +113,7 @@ __all__ = [
     "WorkerReport",
     "answered",
     "run_worker",
+    "settled",
     "stamped_text",
     "wall_offset",
 ]
@@ -232,6 +233,8 @@ class WorkerReport:
     #: while it is under NEAR_NS (see _BenchClient._deliveries).
     disorder_ns: int = 0
     cpu: int | None = None  # the CPU the worker was pinned to, if any
+    #: False if the drain gave up (DRAIN_SECONDS) with messages maybe still on the way.
+    drained: bool = True
     done: bool = False
 
 
@@ -282,6 +285,20 @@ def _code_at(kept: bytes, data: bytes, pos: int) -> str:
         start = stream.rfind(ERROR, 0, end)
         found = CODE.search(stream, start, end) if start >= 0 else None
     return found[1].decode() if found is not None else "unknown"
+
+
+#: What the refs of the generator's pings have after REF_MARK, where a say's has digits.
+_PING_REF_HEADS = {KEEPALIVE_REF[len(REF_MARK)], DRAIN_REF[len(REF_MARK)]}
+
+
+def _answers_a_ping(data: bytes, pos: int) -> bool:
+    """Whether the answer whose REF is at ``pos`` of ``data`` (negative: begun in the
+    read before; a REF found always ends in ``data``) answers a ping, not a say. If the
+    ref's next character has not come yet (the read ends right after REF), it is taken
+    for a say's: a ping refused there would leave the client waiting for a pong, and
+    the drain waiting until it gives up."""
+    at = pos + len(REF)
+    return at < len(data) and chr(data[at]) in _PING_REF_HEADS
 
 
 def _stamp_at(data: bytes, pos: int) -> int | None:
@@ -794,7 +811,7 @@ class _BenchClient(asyncio.Protocol):
         want = self.unanswered + self.pongs_due
         if not want:
             return
-        acks = errors = pongs = 0
+        acks = errors = pongs = refused_pings = 0
         # A ref begun in the stream before this read: only one that ends in it fits here.
         edge = kept + data[: len(REF) - 1]
         at = edge.find(REF, max(0, len(kept) - len(REF) + 1))
@@ -808,9 +825,12 @@ class _BenchClient(asyncio.Protocol):
                 elif head.endswith(PONG_HEAD):
                     pongs += 1
                 elif head.endswith(ERROR_HEADS):
-                    errors += 1
+                    if _answers_a_ping(data, pos):
+                        refused_pings += 1
+                    else:
+                        errors += 1
                     self._note_code(_code_at(kept, data, pos))
-            if acks + errors + pongs >= want:
+            if acks + errors + pongs + refused_pings >= want:
                 break
             pos = data.find(REF, max(pos, -1) + 1)
             if pos < 0:
@@ -819,9 +839,9 @@ class _BenchClient(asyncio.Protocol):
         # An error answers the say it refused, an ack the one it stored; which say is
         # which does not matter here, only how many are still out.
         self.unanswered -= acks + errors
-        self.pongs_due -= pongs
-        self.due -= acks + errors + pongs
-        report.errors += errors
+        self.pongs_due -= pongs + refused_pings
+        self.due -= acks + errors + pongs + refused_pings
+        report.errors += errors + refused_pings
         if acks:
             window = self.window
             if window.start <= time.monotonic() < window.end:
@@ -893,6 +913,8 @@ def settled(clients: Sequence[_BenchClient]) -> bool:
 async def _drain(clients: Sequence[_BenchClient], pipe: Connection, deadline: float) -> bool:
     """Wait until every message said by any worker's clients has been read by this
     worker's clients still connected (False if ``deadline``, monotonic, came first).
+    A say whose client was cut off before its answer came is not waited for: its
+    message may come after the drain (the run then notes the connections lost).
 
     A server writes a connection's frames in the order it queued them. Once every say
     of every worker is answered, each message is queued for every member it goes to
@@ -975,7 +997,7 @@ async def _worker(plan: WorkerPlan, pipe: Connection) -> None:
     # Nothing is said after the window: wait until what was said inside it has been read
     # (a message read later, or never, is missing from the delivered ratio).
     if plan.drain:
-        await _drain(everyone, pipe, time.monotonic() + DRAIN_SECONDS)
+        report.drained = await _drain(everyone, pipe, time.monotonic() + DRAIN_SECONDS)
     window.settle(report)
     checking = [client for client in everyone if client.checks]
     report.checked = len(checking)
