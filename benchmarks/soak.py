@@ -198,6 +198,16 @@ class Soak:
             await asyncio.sleep(self.rng.uniform(0.01, 0.1))
 
 
+async def logged_stats(log: Path, count: int, timeout: float = 10.0) -> None:
+    """Wait until the server has logged its stats ``count`` times (it does on SIGUSR1):
+    the start's must be taken before the first client connects."""
+    deadline = time.monotonic() + timeout
+    while (await asyncio.to_thread(log.read_text)).count("achat.server stats ") < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server logged no stats in {timeout} s")
+        await asyncio.sleep(0.02)
+
+
 async def soak(seconds: float, bystanders: int) -> dict[str, object]:
     rng = random.Random(42)
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,6 +218,7 @@ async def soak(seconds: float, bystanders: int) -> dict[str, object]:
         pid = server.proc.pid
         try:
             os.kill(pid, signal.SIGUSR1)
+            await logged_stats(server.log, 1)
             rss_start = rss_kb(pid)
             run = Soak(server.port, seconds, rng)
             tasks = [asyncio.create_task(run.bystander(i)) for i in range(bystanders)]
@@ -225,7 +236,7 @@ async def soak(seconds: float, bystanders: int) -> dict[str, object]:
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.sleep(1.0)
             os.kill(pid, signal.SIGUSR1)
-            await asyncio.sleep(0.5)
+            await logged_stats(server.log, 2)
             rss_end = rss_kb(pid)
         finally:
             server.stop()
