@@ -119,6 +119,11 @@ def run_one(members: int, seconds: float, warmup: float, rate: float = 1.0) -> P
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"achat-bench failed at {members} members:\n{done.stderr[-2000:]}")
+        # Its server's warnings of members cut off say whether they left their data
+        # unread (unsent=) or the server queued it faster than it wrote (dropped=).
+        for line in done.stderr.splitlines():
+            if "cut off with sendq_exceeded" in line:
+                print(f"sweep: {members} members: {line.strip()}", file=sys.stderr)
         return Point.from_result(json.loads(out.read_text()))
 
 

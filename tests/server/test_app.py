@@ -581,20 +581,28 @@ async def test_the_client_says_again_what_a_busy_server_refused(
 
 
 async def test_slow_reader_is_cut_off_alone(
-    clients: list[Client], start: Callable[..., Awaitable[Server]]
+    clients: list[Client], start: Callable[..., Awaitable[Server]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A member that stops reading gets sendq_exceeded and is dropped; the others get everything.
 
-    It loses nothing either: what it missed comes back with join since.
+    It loses nothing either: what it missed comes back with join since. The server
+    counts the cut and warns of it, with what the member left unread.
     """
     server = await start(sendq_limit=32 * 1024, slow_link=True)
     talker, watcher, sloth = await room_with_a_sloth(server, clients)
     sent = 0
-    async with asyncio.timeout(WAIT):
-        while server.registry.member("sloth") is not None:
-            sent += 1
-            await talker.say("a", f"{sent:04d} " + "x" * 1000)
+    with caplog.at_level(logging.WARNING, logger="achat.server"):
+        async with asyncio.timeout(WAIT):
+            while server.registry.member("sloth") is not None:
+                sent += 1
+                await talker.say("a", f"{sent:04d} " + "x" * 1000)
     assert sent < 1000
+    assert server.stats()["sendq_cut"] == 1
+    [warning] = [r.getMessage() for r in caplog.records if "sendq_exceeded" in r.getMessage()]
+    unsent = int(warning.split("unsent=")[1].split()[0])
+    assert warning.startswith("sendq exceeded addr=127.0.0.1:")
+    assert " nick=sloth unsent=" in warning
+    assert unsent > 0  # the sloth left it unread: the server was not the slow one
     seen = await events_until(watcher, sent)
     assert [x.seq for x in seen if isinstance(x, m.Message)] == list(range(1, sent + 1))
     # The cut happens while a message fans out, so the part notice may follow it.

@@ -402,6 +402,43 @@ def test_busy_spells_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureF
     assert "(2 time(s) since the last report)" in warnings[1]
 
 
+def test_cut_offs_are_counted_and_a_warning_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every connection cut off for its send queue is counted and logged; a room of
+    thousands cut off at once makes one warning a minute, with how many, not thousands."""
+    flush, _, _, clock = busy_rounds(0)
+    with caplog.at_level(logging.INFO, logger="achat.server"):
+        flush.cut("sendq exceeded nick=a unsent=0 dropped=2000000")
+        flush.cut("sendq exceeded nick=b unsent=0 dropped=2000000")
+        clock[0] += 59.0
+        flush.cut("sendq exceeded nick=c unsent=1500000 dropped=100")
+        clock[0] += 1.0
+        flush.cut("sendq exceeded nick=d unsent=1500000 dropped=100")
+    assert flush.cut_off == 4
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert logged == [
+        (
+            logging.WARNING,
+            "sendq exceeded nick=a unsent=0 dropped=2000000: cut off with sendq_exceeded "
+            "(1 connection(s) since the last report)",
+        ),
+        (
+            logging.INFO,
+            "sendq exceeded nick=b unsent=0 dropped=2000000: cut off with sendq_exceeded",
+        ),
+        (
+            logging.INFO,
+            "sendq exceeded nick=c unsent=1500000 dropped=100: cut off with sendq_exceeded",
+        ),
+        (
+            logging.WARNING,
+            "sendq exceeded nick=d unsent=1500000 dropped=100: cut off with sendq_exceeded "
+            "(3 connection(s) since the last report)",
+        ),
+    ]
+
+
 def test_behind_counts_a_connection_whose_write_failed_as_written() -> None:
     """A bug in one write takes that connection off the queue like any write."""
     flush, loop, sessions, clock = busy_rounds(3)

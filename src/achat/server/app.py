@@ -171,8 +171,9 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         """Counters for operators (logged on SIGUSR1): connections, members, rooms, tasks, fds,
-        the times the server was too busy writing to take says, and the refs remembered,
-        their limit and the messages refused for it."""
+        the times the server was too busy writing to take says, the connections cut off
+        for their send queue, and the refs remembered, their limit and the messages
+        refused for it."""
         fds = rss_kb = -1
         with contextlib.suppress(OSError, ValueError, IndexError):
             fds = len(os.listdir("/proc/self/fd"))
@@ -188,6 +189,8 @@ class Server:
             # Times writing fell so far behind that says were refused, and how many.
             "busy_spells": self.rounds.spells if self.rounds is not None else 0,
             "busy_refused": self.rounds.refused if self.rounds is not None else 0,
+            # Connections cut off with sendq_exceeded.
+            "sendq_cut": self.rounds.cut_off if self.rounds is not None else 0,
             "refs": self.registry.refs_in_force,
             "max_refs": self.max_refs,
             "refs_refused": self.registry.refs_refused,

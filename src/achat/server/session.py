@@ -239,6 +239,11 @@ class FlushRounds:
         self.refused = 0
         self._logged_spells = 0
         self._logged_at: float | None = None
+        #: Connections cut off with sendq_exceeded (Session._overflow), and when that was
+        #: last a warning (see cut).
+        self.cut_off = 0
+        self._logged_cuts = 0
+        self._cuts_logged_at: float | None = None
         # The frames joined last and their join (see joined).
         self._joined_from: list[bytes] = []
         self._joined = b""
@@ -327,6 +332,24 @@ class FlushRounds:
         is for the log."""
         self._busy_until = self._queued
         self._begin(why)
+
+    def cut(self, what: str) -> None:
+        """Count a connection cut off for its send queue, and log ``what`` (which one,
+        and what was queued): as a warning once every BUSY_LOG_INTERVAL, with how many
+        since the last, else at info. Whether the peer left its data unread or the
+        server queued it faster than it wrote is in ``what``, and a room of thousands
+        cut off at once must not write thousands of warnings."""
+        self.cut_off += 1
+        now = self._clock()
+        if self._cuts_logged_at is None or now - self._cuts_logged_at >= BUSY_LOG_INTERVAL:
+            log.warning(
+                "%s: cut off with sendq_exceeded (%d connection(s) since the last report)",
+                what,
+                self.cut_off - self._logged_cuts,
+            )
+            self._cuts_logged_at, self._logged_cuts = now, self.cut_off
+        else:
+            log.info("%s: cut off with sendq_exceeded", what)
 
     def _begin(self, why: str) -> None:
         if self.busy:
@@ -917,12 +940,11 @@ class Session(asyncio.Protocol):
         return min(WRITE_HIGH, self._limits.sendq_limit // 4)
 
     def _overflow(self, unsent: int, dropped: int) -> None:
-        log.info(
-            "sendq exceeded addr=%s nick=%s unsent=%d dropped=%d",
-            self.addr,
-            esc(self.nick or ""),
-            unsent,
-            dropped,
+        # unsent: what the peer left unread; dropped: what the server queued since it
+        # last wrote here. A server too slow to write shows as a large dropped.
+        self._rounds.cut(
+            f"sendq exceeded addr={self.addr} nick={esc(self.nick or '')} "
+            f"unsent={unsent} dropped={dropped}"
         )
         # What was queued is dropped, so nothing queued after it may be written either (a
         # commit fanned out by the close would be): the peer's stream stops at what it
