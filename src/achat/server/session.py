@@ -940,8 +940,8 @@ class Session(asyncio.Protocol):
         return min(WRITE_HIGH, self._limits.sendq_limit // 4)
 
     def _overflow(self, unsent: int, dropped: int) -> None:
-        # unsent: what the peer left unread; dropped: what the server queued since it
-        # last wrote here. A server too slow to write shows as a large dropped.
+        # unsent: what the peer left unread; dropped: what the server had queued for it
+        # and not written yet. A server too slow to write shows as a large dropped.
         self._rounds.cut(
             f"sendq exceeded addr={self.addr} nick={esc(self.nick or '')} "
             f"unsent={unsent} dropped={dropped}"
