@@ -234,16 +234,11 @@ class FlushRounds:
         # A spell lasts at least until the connections queued before this count are
         # written (see swamped).
         self._busy_until = 0
-        #: Times writing fell too far behind, and the says refused meanwhile (Session).
-        self.spells = 0
+        # Times writing fell too far behind (spells); the says refused meanwhile (Session).
+        self._spells = _Paced()
         self.refused = 0
-        self._logged_spells = 0
-        self._logged_at: float | None = None
-        #: Connections cut off with sendq_exceeded (Session._overflow), and when that was
-        #: last a warning (see cut).
-        self.cut_off = 0
-        self._logged_cuts = 0
-        self._cuts_logged_at: float | None = None
+        # Connections cut off with sendq_exceeded (Session._overflow: see cut).
+        self._cuts = _Paced()
         # The frames joined last and their join (see joined).
         self._joined_from: list[bytes] = []
         self._joined = b""
@@ -333,21 +328,29 @@ class FlushRounds:
         self._busy_until = self._queued
         self._begin(why)
 
+    @property
+    def spells(self) -> int:
+        """Times writing fell too far behind, so far."""
+        return self._spells.count
+
+    @property
+    def cut_off(self) -> int:
+        """Connections cut off with sendq_exceeded, so far."""
+        return self._cuts.count
+
     def cut(self, what: str) -> None:
         """Count a connection cut off for its send queue, and log ``what`` (which one,
         and what was queued): as a warning once every BUSY_LOG_INTERVAL, with how many
         since the last, else at info. Whether the peer left its data unread or the
         server queued it faster than it wrote is in ``what``, and a room of thousands
         cut off at once must not write thousands of warnings."""
-        self.cut_off += 1
-        now = self._clock()
-        if self._cuts_logged_at is None or now - self._cuts_logged_at >= BUSY_LOG_INTERVAL:
+        since = self._cuts.add(self._clock())
+        if since:
             log.warning(
                 "%s: cut off with sendq_exceeded (%d connection(s) since the last report)",
                 what,
-                self.cut_off - self._logged_cuts,
+                since,
             )
-            self._cuts_logged_at, self._logged_cuts = now, self.cut_off
         else:
             log.info("%s: cut off with sendq_exceeded", what)
 
@@ -355,15 +358,34 @@ class FlushRounds:
         if self.busy:
             return
         self.busy = True
-        self.spells += 1
-        now = self._clock()
-        if self._logged_at is None or now - self._logged_at >= BUSY_LOG_INTERVAL:
+        since = self._spells.add(self._clock())
+        if since:
             log.warning(
                 "%s: refusing says until it catches up (%d time(s) since the last report)",
                 why,
-                self.spells - self._logged_spells,
+                since,
             )
-            self._logged_at, self._logged_spells = now, self.spells
+
+
+class _Paced:
+    """A count of something that can come thousands of times at once, and when to warn
+    of it: at most once every BUSY_LOG_INTERVAL, with how many since the last warning."""
+
+    __slots__ = ("_at", "_warned", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._warned = 0  # the count at the last warning
+        self._at: float | None = None
+
+    def add(self, now: float) -> int:
+        """Count one (``now``: the clock's time); how many since the last warning if
+        one is due now, else 0."""
+        self.count += 1
+        if self._at is not None and now - self._at < BUSY_LOG_INTERVAL:
+            return 0
+        since, self._warned, self._at = self.count - self._warned, self.count, now
+        return since
 
 
 def deadline(
