@@ -99,7 +99,7 @@ import resource
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import cast
@@ -576,24 +576,23 @@ class _BenchClient(asyncio.Protocol):
             self.report.sent += 1
         return frame
 
-    def drain_ping(self) -> None:
-        """Ping, after every say is answered (see _drain)."""
+    def _ping(self, frame: bytes, now: float) -> None:
+        """Send the ping ``frame`` and wait for its answer, if still connected."""
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(DRAIN_FRAME)
+        self.transport.write(frame)
         self.pongs_due += 1
         self.due += 1
-        self.last_sent = time.monotonic()
+        self.last_sent = now
+
+    def drain_ping(self) -> None:
+        """Ping, after every say is answered (see _drain)."""
+        self._ping(DRAIN_FRAME, time.monotonic())
 
     def keep_alive(self, now: float) -> None:
         """Ping if nothing was sent for the plan's keep-alive (``now``: the monotonic clock)."""
-        if self.transport is None or self.transport.is_closing():
-            return
         if now - self.last_sent >= self.plan.keepalive:
-            self.transport.write(KEEPALIVE_FRAME)
-            self.pongs_due += 1
-            self.due += 1
-            self.last_sent = now
+            self._ping(KEEPALIVE_FRAME, now)
 
     def _tick(self, at: float) -> None:
         # Sends on a fixed schedule (no drift), whatever the loop's lateness. Nothing is
@@ -924,23 +923,25 @@ async def _drain(clients: Sequence[_BenchClient], pipe: Connection, deadline: fl
     would not do: a server stalled for longer than the spell would have messages on
     the way still.
     """
-    while not answered(clients):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(DRAIN_STEP)
+
+    async def until(condition: Callable[[], bool]) -> bool:
+        """Look every DRAIN_STEP until ``condition()``; False if the deadline comes first."""
+        while not condition():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_STEP)
+        return True
+
+    if not await until(lambda: answered(clients)):
+        return False
     pipe.send(("answered",))
-    while not pipe.poll():  # the parent's word that every worker's says are answered
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(DRAIN_STEP)
+    # The parent's word that every worker's says are answered.
+    if not await until(pipe.poll):
+        return False
     pipe.recv()
     for client in _live(clients):
         client.drain_ping()
-    while not settled(clients):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(DRAIN_STEP)
-    return True
+    return await until(lambda: settled(clients))
 
 
 async def _keep_alive(everyone: list[_BenchClient], every: float = KEEPALIVE_POLL) -> None:
