@@ -11,6 +11,7 @@ when that one is taken on some other address.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections.abc import Callable, Sequence
@@ -64,43 +65,53 @@ def bind_one_port(
         raise ValueError("no address to listen on")
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
-    for attempt in range(attempts):
-        made: list[socket.socket] = []
-        port = 0
-        try:
-            for family, sockaddr in addresses:
-                try:
-                    sock = new_socket(family)
-                except OSError as exc:
-                    if exc.errno in _NO_FAMILY:
-                        continue
-                    raise
-                made.append(sock)
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                address = (sockaddr[0], port, *sockaddr[2:])
-                try:
-                    sock.bind(address)
-                    # Two sockets with SO_REUSEADDR may bind one address and port while
-                    # neither listens: the clash shows here, and is retried as a bind's.
-                    sock.listen(backlog)
-                except OSError as exc:
-                    raise OSError(
-                        exc.errno, f"cannot listen on {address[:2]}: {exc.strerror}"
-                    ) from exc
-                port = port or sock.getsockname()[1]
-            if not made:
-                raise OSError(errno.EAFNOSUPPORT, "no address of a family this host has")
-        except BaseException as exc:
-            for sock in made:
-                sock.close()
-            # Taken on a later address: that port was free on the first, another may be
-            # free on all. On the first (port 0), none is free at all.
-            taken = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
-            if not taken or port == 0 or attempt == attempts - 1:
+    for _ in range(attempts - 1):
+        # That port was free on the first address; another may be free on all.
+        with contextlib.suppress(_TakenElsewhere):
+            return _bind_all(addresses, backlog, new_socket)
+    return _bind_all(addresses, backlog, new_socket)
+
+
+class _TakenElsewhere(OSError):
+    """The port the first address got is taken on a later one."""
+
+
+def _bind_all(
+    addresses: Sequence[Address], backlog: int, new_socket: Callable[[int], socket.socket]
+) -> list[socket.socket]:
+    """One attempt of bind_one_port: every socket it made is closed if it fails."""
+    made: list[socket.socket] = []
+    port = 0
+    try:
+        for family, sockaddr in addresses:
+            try:
+                sock = new_socket(family)
+            except OSError as exc:
+                if exc.errno in _NO_FAMILY:
+                    continue
                 raise
-            continue
-        return made
-    raise AssertionError("unreachable: the last attempt returns or raises")
+            made.append(sock)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            address = (sockaddr[0], port, *sockaddr[2:])
+            try:
+                sock.bind(address)
+                # Two sockets with SO_REUSEADDR may bind one address and port while
+                # neither listens: the clash shows here, and is retried as a bind's.
+                sock.listen(backlog)
+            except OSError as exc:
+                # Taken on the first address (port 0): no port is free at all.
+                taken = exc.errno == errno.EADDRINUSE and port != 0
+                raise (_TakenElsewhere if taken else OSError)(
+                    exc.errno, f"cannot listen on {address[:2]}: {exc.strerror}"
+                ) from exc
+            port = port or sock.getsockname()[1]
+        if not made:
+            raise OSError(errno.EAFNOSUPPORT, "no address of a family this host has")
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return made
