@@ -866,3 +866,22 @@ async def test_a_refused_ping_answers_the_ping_not_a_say() -> None:
     client.data_received(_ack(1))
     assert answered([client])
     assert settled([client])
+
+
+async def test_a_refused_ping_split_anywhere_answers_the_ping() -> None:
+    """Which ping or say an error answers is told by its ref's character after REF, so
+    a read that ends right after REF (or is shorter than it) leaves the answer to the
+    next: it is never taken for the say's."""
+    refused = encode(Error(code="rate_limited", message="m", fatal=False, ref=DRAIN_REF))
+    ref_end = refused.index(load.REF) + len(load.REF)
+    cuts = [(a, b) for a in range(1, len(refused)) for b in range(a, min(a + 40, len(refused)))]
+    assert any(b == ref_end for _, b in cuts)
+    for a, b in cuts:
+        client, _ = _joined("r", says=1)
+        client.drain_ping()
+        for piece in (refused[:a], refused[a:b], refused[b:]):
+            if piece:
+                client.data_received(piece)
+        assert (client.pongs_due, client.unanswered) == (0, 1), (a, b)
+        client.data_received(_ack(1))
+        assert (client.unanswered, client.due) == (0, 0), (a, b)

@@ -293,12 +293,9 @@ _PING_REF_HEADS = {KEEPALIVE_REF[len(REF_MARK)], DRAIN_REF[len(REF_MARK)]}
 
 def _answers_a_ping(data: bytes, pos: int) -> bool:
     """Whether the answer whose REF is at ``pos`` of ``data`` (negative: begun in the
-    read before; a REF found always ends in ``data``) answers a ping, not a say. If the
-    ref's next character has not come yet (the read ends right after REF), it is taken
-    for a say's: a ping refused there would leave the client waiting for a pong, and
-    the drain waiting until it gives up."""
-    at = pos + len(REF)
-    return at < len(data) and chr(data[at]) in _PING_REF_HEADS
+    read before) answers a ping, not a say: by the ref's character after REF, which an
+    answer is only taken once it has come (see _BenchClient._answers)."""
+    return chr(data[pos + len(REF)]) in _PING_REF_HEADS
 
 
 def _stamp_at(data: bytes, pos: int) -> int | None:
@@ -811,9 +808,14 @@ class _BenchClient(asyncio.Protocol):
         if not want:
             return
         acks = errors = pongs = refused_pings = 0
-        # A ref begun in the stream before this read: only one that ends in it fits here.
+        # An answer is taken in the read that brings the character after its REF, which
+        # tells a ping's ref from a say's: a REF that ends a read waits for the next one.
+        # One begun in the stream before this read: only one ended in it or at its end
+        # fits in these edges.
         edge = kept + data[: len(REF) - 1]
-        at = edge.find(REF, max(0, len(kept) - len(REF) + 1))
+        at = edge.find(REF, max(0, len(kept) - len(REF)))
+        if at + len(REF) >= len(kept) + len(data):
+            at = -1  # this read ends at its end: the next one takes it
         # Where the answer's ref starts in data (negative: in kept); -1 before the first.
         pos = at - len(kept) if at >= 0 else -1
         head = edge[max(0, at - _HEAD_SIZE) : at] if at >= 0 else b""
@@ -832,7 +834,7 @@ class _BenchClient(asyncio.Protocol):
             if acks + errors + pongs + refused_pings >= want:
                 break
             pos = data.find(REF, max(pos, -1) + 1)
-            if pos < 0:
+            if pos < 0 or pos + len(REF) >= len(data):
                 break
             head = data[pos - _HEAD_SIZE : pos] if pos >= _HEAD_SIZE else kept + data[:pos]
         # An error answers the say it refused, an ack the one it stored; which say is
