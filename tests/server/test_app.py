@@ -83,7 +83,7 @@ class Raw:
                 self.frames += [m.decode_server(b) for b in self.decoder.receive_data(data)]
         return self.frames.pop(0)
 
-    async def until(self, kind: type, timeout: float = WAIT) -> Any:
+    async def until(self, kind: type | tuple[type, ...], timeout: float = WAIT) -> Any:
         """Skip frames up to the first of type ``kind`` and return it."""
         while True:
             frame = await self.next(timeout)
@@ -612,6 +612,50 @@ async def test_slow_reader_is_cut_off_alone(
     got = await cut_off_prefix(sloth)
     assert len(got) < sent
     await resume_rest(server, clients, got, sent)
+
+
+async def test_a_burst_over_the_send_limit_cuts_off_no_member_that_reads(
+    clients: list[Client], start: Callable[..., Awaitable[Server]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Says taken all at once (pipelined by a talker, or what everyone said while the
+    server was stopped) can queue more than the send limit for every member before
+    one write: that is the server's backlog, not the members' slowness. Every member
+    that reads gets all of it, nobody is cut off, and says are refused, not lost, while
+    it is written."""
+    limit = 16 * 1024
+    server = await start(sendq_limit=limit)
+    watchers = [await connect(server, clients, f"w{i}") for i in range(3)]
+    for watcher in watchers:
+        await watcher.join("a")
+    talker = await Raw.open(server.port)
+    await talker.hello("talker")
+    talker.send({"type": "join", "room": "a"})
+    await talker.until(m.Names)
+    count = 4 * limit // 500
+    talker.writer.write(  # in one write, so that the server takes many at once
+        b"".join(
+            encode_frame(
+                json.dumps(
+                    {"type": "say", "room": "a", "text": f"{i:04d} " + "x" * 500, "ref": str(i)}
+                ).encode()
+            )
+            for i in range(count)
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="achat.server"):
+        answers = [await talker.until((m.Ack, m.Error)) for _ in range(count)]
+        acked = [a.seq for a in answers if isinstance(a, m.Ack)]
+        assert all(
+            (a.code, a.fatal) == ("rate_limited", False) for a in answers if isinstance(a, m.Error)
+        )
+        for watcher in watchers:
+            got = await messages(watcher, len(acked))
+            assert [x.seq for x in got] == acked
+            assert await nothing_pending(watcher, m.Error)
+    assert server.stats()["sendq_cut"] == 0
+    # More than the limit was queued for one connection (the first, of any, is logged).
+    [swamped] = [r.getMessage() for r in caplog.records if "for one connection" in r.getMessage()]
+    assert int(swamped.split(" bytes")[0].replace(",", "")) > limit
 
 
 async def test_a_reader_cut_off_gets_nothing_after_what_was_dropped(

@@ -12,6 +12,8 @@ from typing import Any, cast
 
 import pytest
 
+from achat.protocol.frames import FrameDecoder
+from achat.protocol.messages import Error, decode_server
 from achat.server.alarms import Alarms
 from achat.server.session import FlushRounds, Session, SessionLimits, WriteBudget, deadline
 
@@ -461,10 +463,12 @@ def test_the_busy_mark_must_be_above_the_idle_one() -> None:
 
 
 class Transport:
-    """What a session writes, as written."""
+    """What a session writes, as written; ``unsent`` is what its peer left unread."""
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.unsent = 0
+        self.closed = False
 
     def set_write_buffer_limits(self, high: int) -> None:
         pass
@@ -473,18 +477,27 @@ class Transport:
         return ("127.0.0.1", 40000)
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.unsent
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
 
 
 class Owner:
     def opened(self, session: Session) -> None:
         return None
+
+    def closed(self, session: Session) -> None:
+        pass
 
 
 async def test_a_quarter_of_the_send_limit_queued_for_one_connection_is_written_and_busy(
@@ -507,6 +520,49 @@ async def test_a_quarter_of_the_send_limit_queued_for_one_connection_is_written_
     assert flush.spells == 1
     assert "51,000 bytes queued for one connection" in caplog.text
     alarms.cancel(session)
+
+
+@pytest.mark.parametrize(
+    ("unread", "queued", "cut"),
+    [
+        (0, 300, False),  # three times the limit, for a peer that has read everything
+        (50_000, 300, False),  # a quarter of the limit unread: not over it
+        (50_001, 149, False),  # over a quarter unread, but with this still under the limit
+        (50_001, 150, True),  # over a quarter unread, and this would pass the limit
+        (199_000, 2, True),
+    ],
+)
+async def test_a_peer_is_cut_off_only_for_what_it_left_unread(
+    unread: int, queued: int, cut: bool
+) -> None:
+    """The send limit (200,000 here) is for readers that leave their data unread: one
+    that left no more than a quarter of it unread is written whatever the server has
+    queued for it (its backlog: says are refused meanwhile); past that, what would take
+    its unsent output over the limit cuts it off, and is not written."""
+    loop = asyncio.get_running_loop()
+    flush = FlushRounds(loop)
+    alarms: Alarms[Session] = Alarms(loop)
+    session = Session(
+        cast(Any, Owner()), cast(Any, None), SessionLimits(sendq_limit=200_000), flush, alarms
+    )
+    transport = Transport()
+    session.connection_made(cast(Any, transport))
+    transport.unsent = unread
+    for _ in range(queued):
+        session.send(b"x" * 1000)
+    await asyncio.sleep(0)  # the pass
+    assert flush.cut_off == cut
+    if cut:
+        [error] = [
+            decode_server(b) for w in transport.written for b in FrameDecoder().receive_data(w)
+        ]
+        assert isinstance(error, Error)
+        assert (error.code, error.fatal) == ("sendq_exceeded", True)
+        assert transport.closed
+    else:
+        assert transport.written == [b"x" * 1000 * queued]
+        assert flush.spells == (queued * 1000 > 200_000 // 4)  # says refused meanwhile
+        alarms.cancel(session)
 
 
 async def test_sessions_queued_the_same_frames_are_written_one_join() -> None:

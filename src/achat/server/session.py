@@ -10,17 +10,20 @@ connection, which is what keeps an idle client cheap (item 6 of
 :class:`FlushRounds`, which writes queued connections in short slices at the
 end of loop ticks (later when writing has used up its share of a saturated
 loop), so a connection gets at most one ``write`` per pass whatever the
-number of events. When the bytes the
-transport could not send yet plus the outbox pass ``sendq_limit``, the
-outbox is dropped and the peer gets a fatal ``sendq_exceeded`` and nothing
-more, so that what it did get is a gapless prefix that ``join ... since``
-resumes from; nobody else ever waits for a slow reader. A server that is
-itself the slow one (more to write than its core can: a room too big for
-it) does not let every member's queue grow until it passes that limit: while
-its writing is more than ``write_lag`` behind, it refuses ``say`` frames with
-a non-fatal ``rate_limited`` (:class:`FlushRounds`), which slows the talkers
-down instead of cutting the listeners off. The backlog such a
-join asks for can be any length: it is queued as pages
+number of events. When the bytes the transport could not send yet (what
+the peer left unread) plus the outbox pass ``sendq_limit``, and the peer
+left more than a quarter of that limit unread, the outbox is dropped and
+the peer gets a fatal ``sendq_exceeded`` and nothing more, so that what it
+did get is a gapless prefix that ``join ... since`` resumes from; nobody
+else ever waits for a slow reader. A peer that reads is never cut off for
+a big outbox: that is the server's own backlog. A server that is itself
+the slow one (more to write than its core can: a room too big for it, or
+says taken all at once) does not let every member's queue grow without
+end: while its writing is more than ``write_lag`` behind, or a quarter of
+the limit is queued for one connection, it refuses ``say`` frames with a
+non-fatal ``rate_limited`` (:class:`FlushRounds`), which slows the talkers
+down instead of cutting the listeners off. The backlog a ``join ...
+since`` asks for can be any length: it is queued as pages
 (:meth:`Session.send_pages`), read from the store only as the peer reads
 what it was sent (the transport's ``resume_writing``), and what is queued
 after them waits for them.
@@ -888,9 +891,14 @@ class Session(asyncio.Protocol):
             # before the write lag shows it). Say so before any queue gets to the limit.
             self._rounds.swamped(f"{len(data):,} bytes queued for one connection")
         unsent = transport.get_write_buffer_size()
-        if unsent + len(data) > limit:
+        if unsent + len(data) > limit and unsent > limit // SWAMPED_SHARE:
             self._overflow(unsent, len(data))
             return
+        # A peer that has read all but a little of what it was sent is not the slow one,
+        # however much is queued: that is the server's backlog (says taken all at once,
+        # pipelined or sent while the server was stopped), written to it all the same
+        # while says are refused (swamped, above). It is cut off only if it then leaves
+        # more than a quarter of the limit unread and more comes.
         transport.write(data)
 
     def _flush_pages(self, out: list[bytes | Iterator[bytes]]) -> None:
@@ -962,8 +970,8 @@ class Session(asyncio.Protocol):
         return min(WRITE_HIGH, self._limits.sendq_limit // 4)
 
     def _overflow(self, unsent: int, dropped: int) -> None:
-        # unsent: what the peer left unread; dropped: what the server had queued for it
-        # and not written yet. A server too slow to write shows as a large dropped.
+        # unsent: what the peer left unread (over a quarter of the limit); dropped: what
+        # the server had queued for it and not written yet.
         self._rounds.cut(
             f"sendq exceeded addr={self.addr} nick={esc(self.nick or '')} "
             f"unsent={unsent} dropped={dropped}"
