@@ -465,10 +465,12 @@ def test_the_busy_mark_must_be_above_the_idle_one() -> None:
 class Transport:
     """What a session writes, as written; ``unsent`` is what its peer left unread."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: int | None = None) -> None:
         self.written: list[bytes] = []
         self.unsent = 0
         self.closed = False
+        # What the kernel takes of a write into an empty buffer (None: all of it).
+        self.kernel = kernel
 
     def set_write_buffer_limits(self, high: int) -> None:
         pass
@@ -484,6 +486,9 @@ class Transport:
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        if self.kernel is not None:
+            taken = min(len(data), self.kernel) if self.unsent == 0 else 0
+            self.unsent += len(data) - taken
 
     def close(self) -> None:
         self.closed = True
@@ -563,6 +568,40 @@ async def test_a_peer_is_cut_off_only_for_what_it_left_unread(
         assert transport.written == [b"x" * 1000 * queued]
         assert flush.spells == (queued * 1000 > 200_000 // 4)  # says refused meanwhile
         alarms.cancel(session)
+
+
+@pytest.mark.parametrize("reads", [0, 30_000])
+async def test_what_is_left_of_a_burst_is_not_counted_against_its_reader(reads: int) -> None:
+    """A burst the kernel could not take whole (300,000 bytes, the kernel taking 50,000)
+    waits in the transport's buffer: the peer is given the time to read it. What it
+    leaves unread of what came after counts, from the first byte: one that reads
+    nothing more is cut off once that passes the limit (200,000 here); one that reads
+    30,000 bytes between writes of 10,000 never is."""
+    loop = asyncio.get_running_loop()
+    flush = FlushRounds(loop)
+    alarms: Alarms[Session] = Alarms(loop)
+    session = Session(
+        cast(Any, Owner()), cast(Any, None), SessionLimits(sendq_limit=200_000), flush, alarms
+    )
+    transport = Transport(kernel=50_000)
+    session.connection_made(cast(Any, transport))
+    session.send(b"b" * 300_000)
+    await asyncio.sleep(0)
+    assert transport.unsent == 250_000
+    for _ in range(40):
+        transport.unsent = max(0, transport.unsent - reads)
+        session.send(b"x" * 10_000)
+        await asyncio.sleep(0)
+        if transport.closed:
+            break
+    if reads:
+        assert not transport.closed
+        assert len(transport.written) == 41
+        alarms.cancel(session)
+    else:
+        # Written while what it left unread of them, with the next, was within the limit.
+        assert len(transport.written) == 1 + 20 + 1  # the burst, 20 writes, the error
+        assert flush.cut_off == 1
 
 
 async def test_sessions_queued_the_same_frames_are_written_one_join() -> None:

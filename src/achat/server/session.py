@@ -10,23 +10,31 @@ connection, which is what keeps an idle client cheap (item 6 of
 :class:`FlushRounds`, which writes queued connections in short slices at the
 end of loop ticks (later when writing has used up its share of a saturated
 loop), so a connection gets at most one ``write`` per pass whatever the
-number of events. When the bytes the transport could not send yet (what
-the peer left unread) plus the outbox pass ``sendq_limit``, and the peer
-left more than a quarter of that limit unread, the outbox is dropped and
-the peer gets a fatal ``sendq_exceeded`` and nothing more, so that what it
-did get is a gapless prefix that ``join ... since`` resumes from; nobody
-else ever waits for a slow reader. A peer that reads is never cut off for
-a big outbox: that is the server's own backlog. A server that is itself
-the slow one (more to write than its core can: a room too big for it, or
-says taken all at once) does not let every member's queue grow without
-end: while its writing is more than ``write_lag`` behind, or a quarter of
-the limit is queued for one connection, it refuses ``say`` frames with a
-non-fatal ``rate_limited`` (:class:`FlushRounds`), which slows the talkers
-down instead of cutting the listeners off. The backlog a ``join ...
-since`` asks for can be any length: it is queued as pages
-(:meth:`Session.send_pages`), read from the store only as the peer reads
-what it was sent (the transport's ``resume_writing``), and what is queued
-after them waits for them.
+number of events. When what the peer left unread (the bytes the transport
+could not send yet) is over a quarter of ``sendq_limit`` and would pass it
+with the outbox, the outbox is dropped and the peer gets a fatal
+``sendq_exceeded`` and nothing more, so that what it did get is a gapless
+prefix that ``join ... since`` resumes from; nobody else ever waits for a
+slow reader.
+
+A server that is itself the slow one (more to write than its core can: a
+room too big for it, or says taken all at once) does not let every
+member's queue grow without end: while its writing is more than
+``write_lag`` behind, or a quarter of the limit is queued for one
+connection, it is *busy* and refuses ``say`` frames with a non-fatal
+``rate_limited`` (:class:`FlushRounds`), which slows the talkers down
+instead of cutting the listeners off. What it wrote to a peer meanwhile,
+from the write that made it busy, is a *burst*: the server's backlog, not
+the peer's slowness. What the kernel has not taken of it yet is not counted
+as left unread (:meth:`Session._burst_left`), so a peer that reads is
+given the time to read it, and one that reads nothing holds at most the
+limit and one burst. (A peer catching up on pages, below, is the
+exception: what waits behind its pages counts, burst or not.)
+
+The backlog a ``join ... since`` asks for can be any length: it is queued
+as pages (:meth:`Session.send_pages`), read from the store only as the peer
+reads what it was sent (the transport's ``resume_writing``), and what is
+queued after them waits for them.
 
 Timeouts are deadlines (:func:`deadline`, pure): ``hello`` within
 ``hello_timeout`` of connecting, a started frame completed within
@@ -440,6 +448,7 @@ class Session(asyncio.Protocol):
         "_decoder",
         "_ending",
         "_frame_started",
+        "_last_burst",
         "_last_frame",
         "_limits",
         "_loop",
@@ -478,6 +487,8 @@ class Session(asyncio.Protocol):
         # Made on the first send: an idle connection needs no outbox. Its entries are
         # frames, or pages taken only as the peer reads (send_pages): _sources of them.
         self._out: list[bytes | Iterator[bytes]] | None = None
+        # The last burst written while the peer reads it: [start, end, since] (_burst_left).
+        self._last_burst: list[int] | None = None
         self._sources = 0
         self._behind = 0  # bytes of frames queued behind the first pages
         self._ending = False  # closing once the pages queued are out (close)
@@ -885,21 +896,48 @@ class Session(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         limit = self._limits.sendq_limit
-        if len(data) > limit // SWAMPED_SHARE:
+        burst = len(data) > limit // SWAMPED_SHARE
+        if burst:
             # What the server queued since it last wrote here, not what the peer left
             # unread: the server is the slow one (big messages fill a member's queue
             # before the write lag shows it). Say so before any queue gets to the limit.
             self._rounds.swamped(f"{len(data):,} bytes queued for one connection")
         unsent = transport.get_write_buffer_size()
-        if unsent + len(data) > limit and unsent > limit // SWAMPED_SHARE:
-            self._overflow(unsent, len(data))
+        unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
+        if unread > limit // SWAMPED_SHARE and unread + len(data) > limit:
+            self._overflow(unread, len(data))
             return
-        # A peer that has read all but a little of what it was sent is not the slow one,
-        # however much is queued: that is the server's backlog (says taken all at once,
-        # pipelined or sent while the server was stopped), written to it all the same
-        # while says are refused (swamped, above). It is cut off only if it then leaves
-        # more than a quarter of the limit unread and more comes.
+        # A peer that has read all but a quarter of the limit is not the slow one, however
+        # much is queued: that is the server's backlog (says taken all at once, pipelined
+        # or sent while the server was stopped), written to it all the same while says
+        # are refused (swamped, above).
         transport.write(data)
+        last = self._last_burst
+        if last is not None:
+            if last[2] or not self._rounds.busy:
+                last[2] += len(data)  # the peer's to read, after the burst
+            else:
+                last[1] += len(data)  # the burst goes on while the server is busy
+        elif burst or self._rounds.busy:
+            # What the kernel did not take of what the server wrote while busy waits in
+            # the transport's buffer, behind what was there, and is not the peer's to
+            # answer for until it has had the time to read it (_burst_left).
+            after = transport.get_write_buffer_size()
+            if after > unsent:
+                self._last_burst = [unsent, after, 0]
+
+    def _burst_left(self, unsent: int) -> int:
+        """What is left in the transport's buffer (``unsent`` bytes now) of the last
+        burst written to it. The buffer is read from its front: the burst went in
+        behind ``start`` bytes, up to ``end``, and ``since`` more have gone in behind
+        it; so the peer has read ``end + since - unsent`` of it all since."""
+        assert self._last_burst is not None
+        start, end, since = self._last_burst
+        left = end - max(start, end + since - unsent)
+        if left <= 0:
+            self._last_burst = None  # read: what the peer leaves unread now is its own
+            return 0
+        return left
 
     def _flush_pages(self, out: list[bytes | Iterator[bytes]]) -> None:
         """Write what is queued up to the first pages the peer has not read enough for
@@ -950,11 +988,14 @@ class Session(asyncio.Protocol):
         if self._sources and out[0] is not first:  # new first pages: count what is behind
             self._behind = sum(len(entry) for entry in out if isinstance(entry, bytes))
         waiting = self._behind if self._sources else 0
-        if unsent + size + waiting > self._limits.sendq_limit:
-            self._overflow(unsent, size + waiting)
+        unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
+        if unread + size + waiting > self._limits.sendq_limit:
+            self._overflow(unread, size + waiting)
             return
         if pieces:
             transport.write(b"".join(pieces))
+            if self._last_burst is not None:
+                self._last_burst[2] += size
         if self._ending and not out:
             self._stop()  # the pages are out: the session ends as it was asked to
             transport.close()
@@ -970,7 +1011,7 @@ class Session(asyncio.Protocol):
         return min(WRITE_HIGH, self._limits.sendq_limit // 4)
 
     def _overflow(self, unsent: int, dropped: int) -> None:
-        # unsent: what the peer left unread (over a quarter of the limit); dropped: what
+        # unsent: what the peer left unread (a burst's rest not counted); dropped: what
         # the server had queued for it and not written yet.
         self._rounds.cut(
             f"sendq exceeded addr={self.addr} nick={esc(self.nick or '')} "
