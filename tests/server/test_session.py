@@ -570,38 +570,75 @@ async def test_a_peer_is_cut_off_only_for_what_it_left_unread(
         alarms.cancel(session)
 
 
+def burst_session(loop: asyncio.AbstractEventLoop, kernel: int) -> tuple[Session, Transport]:
+    """A session with a send limit of 200,000 whose kernel takes ``kernel`` bytes of a
+    write into an empty buffer."""
+    alarms: Alarms[Session] = Alarms(loop)
+    session = Session(
+        cast(Any, Owner()),
+        cast(Any, None),
+        SessionLimits(sendq_limit=200_000),
+        FlushRounds(loop),
+        alarms,
+    )
+    transport = Transport(kernel=kernel)
+    session.connection_made(cast(Any, transport))
+    alarms.cancel(session)
+    return session, transport
+
+
+async def feed(session: Session, transport: Transport, sizes: list[int], reads: int) -> None:
+    """Queue writes of ``sizes``, one a pass, the peer reading ``reads`` bytes before
+    each, until the session is cut off."""
+    for size in sizes:
+        transport.unsent = max(0, transport.unsent - reads)
+        session.send(b"x" * size)
+        await asyncio.sleep(0)
+        if transport.closed:
+            return
+
+
 @pytest.mark.parametrize("reads", [0, 30_000])
 async def test_what_is_left_of_a_burst_is_not_counted_against_its_reader(reads: int) -> None:
-    """A burst the kernel could not take whole (300,000 bytes, the kernel taking 50,000)
+    """A burst the kernel could not take whole (150,000 bytes, the kernel taking 50,000)
     waits in the transport's buffer: the peer is given the time to read it. What it
     leaves unread of what came after counts, from the first byte: one that reads
     nothing more is cut off once that passes the limit (200,000 here); one that reads
     30,000 bytes between writes of 10,000 never is."""
-    loop = asyncio.get_running_loop()
-    flush = FlushRounds(loop)
-    alarms: Alarms[Session] = Alarms(loop)
-    session = Session(
-        cast(Any, Owner()), cast(Any, None), SessionLimits(sendq_limit=200_000), flush, alarms
-    )
-    transport = Transport(kernel=50_000)
-    session.connection_made(cast(Any, transport))
-    session.send(b"b" * 300_000)
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    session.send(b"b" * 150_000)
     await asyncio.sleep(0)
-    assert transport.unsent == 250_000
-    for _ in range(40):
-        transport.unsent = max(0, transport.unsent - reads)
-        session.send(b"x" * 10_000)
-        await asyncio.sleep(0)
-        if transport.closed:
-            break
+    assert transport.unsent == 100_000
+    await feed(session, transport, [10_000] * 40, reads)
     if reads:
         assert not transport.closed
         assert len(transport.written) == 41
-        alarms.cancel(session)
     else:
         # Written while what it left unread of them, with the next, was within the limit.
         assert len(transport.written) == 1 + 20 + 1  # the burst, 20 writes, the error
-        assert flush.cut_off == 1
+        assert session._rounds.cut_off == 1
+
+
+async def test_a_burst_that_comes_while_one_is_read_joins_it() -> None:
+    """A peer that reads 30,000 bytes between writes is still reading a burst when a
+    second comes, with a few writes of its own between them: it is never cut off."""
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    await feed(session, transport, [300_000, *[10_000] * 5, 300_000, *[10_000] * 30], 30_000)
+    assert not transport.closed
+    assert len(transport.written) == 37
+
+
+@pytest.mark.parametrize(("reads", "writes", "held"), [(0, 8, 430_000), (1_000, 15, 835_000)])
+async def test_what_a_peer_may_hold_of_bursts(reads: int, writes: int, held: int) -> None:
+    """Bursts of 60,000 bytes, one after the other, none of them the peer's to answer
+    for. One that reads nothing is cut off once it holds over twice the limit (400,000
+    bytes): 10,000 after the first, 60,000 more after each. One that reads, however
+    slowly (1,000 bytes between writes), once it holds over four times (800,000)."""
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    await feed(session, transport, [60_000] * 30, reads)
+    assert len(transport.written) == writes + 1
+    assert b"sendq_exceeded" in transport.written[-1]
+    assert transport.unsent - len(transport.written[-1]) == held
 
 
 async def test_sessions_queued_the_same_frames_are_written_one_join() -> None:

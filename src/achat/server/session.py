@@ -23,13 +23,17 @@ member's queue grow without end: while its writing is more than
 ``write_lag`` behind, or a quarter of the limit is queued for one
 connection, it is *busy* and refuses ``say`` frames with a non-fatal
 ``rate_limited`` (:class:`FlushRounds`), which slows the talkers down
-instead of cutting the listeners off. What it wrote to a peer meanwhile,
-from the write that made it busy, is a *burst*: the server's backlog, not
-the peer's slowness. What the kernel has not taken of it yet is not counted
-as left unread (:meth:`Session._burst_left`), so a peer that reads is
-given the time to read it, and one that reads nothing holds at most the
-limit and one burst. (A peer catching up on pages, below, is the
-exception: what waits behind its pages counts, burst or not.)
+instead of cutting the listeners off. What it writes to a peer while busy
+(or in a write over a quarter of the limit) is a *burst*: the server's
+backlog, not the peer's slowness. What the kernel has not taken of it is
+not counted as left unread until the peer has read it
+(:meth:`Session._burst_left`), and a burst that comes while the peer
+still reads one joins it. So a peer that reads, however slowly, is not
+cut off for the server's backlog until it holds ``BURST_HOLD`` (4) times
+the limit in all; one that has read nothing since it was last found
+holding over twice the limit is cut off there (:meth:`Session._too_slow`).
+A peer catching up on pages (below) is the exception: what waits behind
+its pages counts, burst or not.
 
 The backlog a ``join ... since`` asks for can be any length: it is queued
 as pages (:meth:`Session.send_pages`), read from the store only as the peer
@@ -88,6 +92,10 @@ BUSY_LOG_INTERVAL = 60.0
 #: Says are refused while more than 1/SWAMPED_SHARE of the send limit is queued for one
 #: connection (FlushRounds.swamped).
 SWAMPED_SHARE = 4
+#: The most a peer that reads, however slowly, may hold of what the server wrote to it
+#: while busy, bursts and all, in send limits (Session._too_slow); one that has read
+#: nothing since it was last found over twice the limit is cut off there.
+BURST_HOLD = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,7 +495,8 @@ class Session(asyncio.Protocol):
         # Made on the first send: an idle connection needs no outbox. Its entries are
         # frames, or pages taken only as the peer reads (send_pages): _sources of them.
         self._out: list[bytes | Iterator[bytes]] | None = None
-        # The last burst written while the peer reads it: [start, end, since] (_burst_left).
+        # The last burst written while the peer reads it: [start, end, since, read]
+        # (_burst_left, _too_slow).
         self._last_burst: list[int] | None = None
         self._sources = 0
         self._behind = 0  # bytes of frames queued behind the first pages
@@ -896,35 +905,62 @@ class Session(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         limit = self._limits.sendq_limit
-        burst = len(data) > limit // SWAMPED_SHARE
+        quarter = limit // SWAMPED_SHARE
+        burst = len(data) > quarter
         if burst:
             # What the server queued since it last wrote here, not what the peer left
             # unread: the server is the slow one (big messages fill a member's queue
             # before the write lag shows it). Say so before any queue gets to the limit.
             self._rounds.swamped(f"{len(data):,} bytes queued for one connection")
         unsent = transport.get_write_buffer_size()
-        unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
-        if unread > limit // SWAMPED_SHARE and unread + len(data) > limit:
-            self._overflow(unread, len(data))
+        if unsent > quarter and self._too_slow(unsent, len(data)):
             return
-        # A peer that has read all but a quarter of the limit is not the slow one, however
-        # much is queued: that is the server's backlog (says taken all at once, pipelined
-        # or sent while the server was stopped), written to it all the same while says
-        # are refused (swamped, above).
+        # A peer that has left no more than a quarter of the limit unread is not the slow
+        # one, however much is queued: that is the server's backlog (says taken all at
+        # once, pipelined or sent while the server was stopped), written to it all the
+        # same while says are refused (swamped, above): a burst.
         transport.write(data)
+        if burst or self._rounds.busy:
+            self._burst_grows(unsent, transport.get_write_buffer_size())
+        elif self._last_burst is not None:
+            self._last_burst[2] += len(data)  # the peer's own to read, behind the burst
+
+    def _too_slow(self, unsent: int, size: int) -> bool:
+        """Whether the peer, which left ``unsent`` bytes unread, is cut off rather than
+        sent ``size`` more: if it left more than a quarter of the limit unread, a burst's
+        rest not counted, and ``size`` would take that past the limit. And the bound on
+        what it holds, bursts and all: over twice the limit, only while it reads (it
+        has read some since it was last found over that), and never over
+        BURST_HOLD times the limit."""
+        limit = self._limits.sendq_limit
+        unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
+        if unread > limit // SWAMPED_SHARE and unread + size > limit:
+            self._overflow(unread, unsent, size)
+            return True
         last = self._last_burst
-        if last is not None:
-            if last[2] or not self._rounds.busy:
-                last[2] += len(data)  # the peer's to read, after the burst
-            else:
-                last[1] += len(data)  # the burst goes on while the server is busy
-        elif burst or self._rounds.busy:
-            # What the kernel did not take of what the server wrote while busy waits in
-            # the transport's buffer, behind what was there, and is not the peer's to
-            # answer for until it has had the time to read it (_burst_left).
-            after = transport.get_write_buffer_size()
-            if after > unsent:
-                self._last_burst = [unsent, after, 0]
+        if unsent > 2 * limit and last is not None:  # (no burst: unread is over it)
+            read = last[1] + last[2] - unsent  # since the burst began (see _burst_left)
+            if read <= last[3] or unsent > BURST_HOLD * limit:
+                self._overflow(unread, unsent, size)
+                return True
+            last[3] = read
+        return False
+
+    def _burst_grows(self, unsent: int, after: int) -> None:
+        """The server wrote while busy: what the kernel did not take of it (the buffer
+        was ``unsent`` bytes before, ``after`` after) is a burst, or joins the one the
+        peer is still reading, with what the peer had left unread of its own since: the
+        server's backlog, not the peer's to answer for until it has read it (the bound
+        is in _too_slow)."""
+        last = self._last_burst
+        left = self._burst_left(unsent) if last is not None else 0
+        if last is not None and left > 0:
+            # From the buffer's front: what the peer left unread before the burst, the
+            # burst's rest, what it left unread since, what was just written. From the
+            # burst's rest on, it is all one burst now, counted from the front as it is.
+            last[:] = [unsent - left - last[2], after, 0, 0]
+        elif after > unsent:
+            self._last_burst = [unsent, after, 0, 0]
 
     def _burst_left(self, unsent: int) -> int:
         """What is left in the transport's buffer (``unsent`` bytes now) of the last
@@ -932,7 +968,7 @@ class Session(asyncio.Protocol):
         behind ``start`` bytes, up to ``end``, and ``since`` more have gone in behind
         it; so the peer has read ``end + since - unsent`` of it all since."""
         assert self._last_burst is not None
-        start, end, since = self._last_burst
+        start, end, since, _ = self._last_burst
         left = end - max(start, end + since - unsent)
         if left <= 0:
             self._last_burst = None  # read: what the peer leaves unread now is its own
@@ -990,7 +1026,7 @@ class Session(asyncio.Protocol):
         waiting = self._behind if self._sources else 0
         unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
         if unread + size + waiting > self._limits.sendq_limit:
-            self._overflow(unread, size + waiting)
+            self._overflow(unread, unsent, size + waiting)
             return
         if pieces:
             transport.write(b"".join(pieces))
@@ -1010,12 +1046,12 @@ class Session(asyncio.Protocol):
         """The write buffer's high mark: pages are taken up to it (see WRITE_HIGH)."""
         return min(WRITE_HIGH, self._limits.sendq_limit // 4)
 
-    def _overflow(self, unsent: int, dropped: int) -> None:
-        # unsent: what the peer left unread (a burst's rest not counted); dropped: what
-        # the server had queued for it and not written yet.
+    def _overflow(self, unread: int, unsent: int, dropped: int) -> None:
+        # unread: what the peer left unread, a burst's rest not counted; unsent: with it;
+        # dropped: what the server had queued for it and not written yet.
         self._rounds.cut(
             f"sendq exceeded addr={self.addr} nick={esc(self.nick or '')} "
-            f"unsent={unsent} dropped={dropped}"
+            f"unread={unread} unsent={unsent} dropped={dropped}"
         )
         # What was queued is dropped, so nothing queued after it may be written either (a
         # commit fanned out by the close would be): the peer's stream stops at what it
