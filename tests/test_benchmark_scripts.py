@@ -52,6 +52,23 @@ def test_say_cost_drives_the_registry_and_store_until_every_say_is_acked() -> No
     assert say_cost.store_commit_us(says=450, tick=100) > 0
 
 
+@pytest.mark.parametrize("stop", [0.0, 0.3])
+def test_burst_takes_says_all_at_once_and_cuts_off_no_listener(stop: float) -> None:
+    """400 KB said at once (20 talkers, ten messages of 2,000 characters each), over the
+    smallest send limit the server takes, with the server stopped meanwhile or not:
+    every say is acked or refused, and every listener gets every message acked."""
+    burst = load("burst")
+    run = burst.measure(
+        listeners=5, talkers=20, says=10, text=2000, stop=stop, extra=("--sendq-limit", "196608")
+    )
+    assert run.acked + run.refused == run.said
+    assert run.acked > 196608 // 2000  # more than the limit was taken
+    assert run.cut_off == 0
+    assert run.fewest == run.most == run.acked
+    assert set(run.talker_errors) <= {"rate_limited"}
+    assert any("queued for one connection" in line for line in run.warnings)
+
+
 def test_arrival_times_a_busy_room_at_its_observers_sockets(tmp_path: Path) -> None:
     arrival = load("arrival")
     server = ServerProcess(tmp_path / "data")
