@@ -69,6 +69,8 @@ class Member(asyncio.Protocol):
         self.messages = self.acks = 0
         self.done = False  # the last ping answered (a pong, or refused by the flood limit)
         self.errors: Counter[str] = Counter()
+        # Says refused, by why: the flood limit ("slow down"), or the server busy.
+        self.refusals: Counter[str] = Counter()
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,6 +94,9 @@ class Member(asyncio.Protocol):
                 self.joined.set()
             elif isinstance(frame, Error):
                 self.errors[frame.code] += 1
+                if frame.code == "rate_limited":
+                    busy = frame.message.startswith("the server is busy")
+                    self.refusals["server busy" if busy else "flood limit"] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -112,6 +117,7 @@ class Run:
     fewest: int
     most: int
     talker_errors: dict[str, int] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -198,8 +204,10 @@ def measure(
         log = server.log.read_text().splitlines()
     got = [m.messages for m in heard]
     errors: Counter[str] = Counter()
+    refusals: Counter[str] = Counter()
     for t in said:
         errors.update(t.errors)
+        refusals.update(t.refusals)
     return Run(
         said=talkers * says,
         acked=sum(t.acks for t in said),
@@ -208,6 +216,7 @@ def measure(
         fewest=min(got),
         most=max(got),
         talker_errors=dict(errors),
+        refusals=dict(refusals),
         warnings=[line for line in log if "WARNING" in line],
     )
 
@@ -224,10 +233,11 @@ def main() -> None:
     for n in range(1, args.runs + 1):
         run = measure(args.listeners, args.talkers, args.says, args.text, args.stop)
         stopped = f", server stopped {args.stop:g} s" if args.stop else ""
+        why = f" {run.refusals}" if run.refused else ""
         print(
             f"run {n}: {run.said:,} said at once ({args.talkers} talkers x {args.says}"
             f" x {args.text:,} characters{stopped}):"
-            f" {run.acked:,} acked, {run.refused:,} refused;"
+            f" {run.acked:,} acked, {run.refused:,} refused{why};"
             f" {run.cut_off} of {args.listeners} listeners cut off;"
             f" a listener got {run.fewest:,}-{run.most:,} messages;"
             f" the talkers' errors: {run.talker_errors or 'none'}"
