@@ -570,15 +570,18 @@ async def test_a_peer_is_cut_off_only_for_what_it_left_unread(
         alarms.cancel(session)
 
 
-def burst_session(loop: asyncio.AbstractEventLoop, kernel: int) -> tuple[Session, Transport]:
+def burst_session(
+    loop: asyncio.AbstractEventLoop, kernel: int, clock: list[float] | None = None
+) -> tuple[Session, Transport]:
     """A session with a send limit of 200,000 whose kernel takes ``kernel`` bytes of a
-    write into an empty buffer."""
+    write into an empty buffer; its rounds' clock reads ``clock[0]`` if given."""
     alarms: Alarms[Session] = Alarms(loop)
+    rounds = FlushRounds(loop) if clock is None else FlushRounds(loop, clock=lambda: clock[0])
     session = Session(
         cast(Any, Owner()),
         cast(Any, None),
         SessionLimits(sendq_limit=200_000),
-        FlushRounds(loop),
+        rounds,
         alarms,
     )
     transport = Transport(kernel=kernel)
@@ -587,10 +590,19 @@ def burst_session(loop: asyncio.AbstractEventLoop, kernel: int) -> tuple[Session
     return session, transport
 
 
-async def feed(session: Session, transport: Transport, sizes: list[int], reads: int) -> None:
+async def feed(
+    session: Session,
+    transport: Transport,
+    sizes: list[int],
+    reads: int,
+    clock: list[float] | None = None,
+) -> None:
     """Queue writes of ``sizes``, one a pass, the peer reading ``reads`` bytes before
-    each, until the session is cut off."""
+    each (and ``clock[0]`` a second later each time, if given), until the session is
+    cut off."""
     for size in sizes:
+        if clock is not None:
+            clock[0] += 1.0
         transport.unsent = max(0, transport.unsent - reads)
         session.send(b"x" * size)
         await asyncio.sleep(0)
@@ -628,14 +640,22 @@ async def test_a_burst_that_comes_while_one_is_read_joins_it() -> None:
     assert len(transport.written) == 37
 
 
-@pytest.mark.parametrize(("reads", "writes", "held"), [(0, 8, 430_000), (1_000, 15, 835_000)])
-async def test_what_a_peer_may_hold_of_bursts(reads: int, writes: int, held: int) -> None:
-    """Bursts of 60,000 bytes, one after the other, none of them the peer's to answer
-    for. One that reads nothing is cut off once it holds over twice the limit (400,000
-    bytes): 10,000 after the first, 60,000 more after each. One that reads, however
-    slowly (1,000 bytes between writes), once it holds over four times (800,000)."""
-    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
-    await feed(session, transport, [60_000] * 30, reads)
+@pytest.mark.parametrize(
+    ("reads", "seconds", "writes", "held"),
+    [(0, 1.0, 8, 430_000), (0, 0.0, 15, 850_000), (1_000, 1.0, 15, 835_000)],
+)
+async def test_what_a_peer_may_hold_of_bursts(
+    reads: int, seconds: float, writes: int, held: int
+) -> None:
+    """Bursts of 60,000 bytes, one after the other (``seconds`` apart), none of them the
+    peer's to answer for: it holds 10,000 bytes after the first, 60,000 more after each
+    (less what it reads). One that reads nothing for over five seconds (BURST_STALL)
+    while it holds over twice the limit (400,000) is cut off; one that reads, however
+    slowly (1,000 bytes between writes), or whose writes come sooner than that, once
+    it holds over four times (800,000)."""
+    clock = [0.0]
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000, clock=clock)
+    await feed(session, transport, [60_000] * 30, reads, clock if seconds else None)
     assert len(transport.written) == writes + 1
     assert b"sendq_exceeded" in transport.written[-1]
     assert transport.unsent - len(transport.written[-1]) == held

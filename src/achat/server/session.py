@@ -30,8 +30,8 @@ not counted as left unread until the peer has read it
 (:meth:`Session._burst_left`), and a burst that comes while the peer
 still reads one joins it. So a peer that reads, however slowly, is not
 cut off for the server's backlog until it holds ``BURST_HOLD`` (4) times
-the limit in all; one that has read nothing since it was last found
-holding over twice the limit is cut off there (:meth:`Session._too_slow`).
+the limit in all; one that holds over twice the limit and has read nothing
+for ``BURST_STALL`` (5) seconds is cut off there (:meth:`Session._too_slow`).
 A peer catching up on pages (below) is the exception: what waits behind
 its pages counts, burst or not.
 
@@ -93,9 +93,12 @@ BUSY_LOG_INTERVAL = 60.0
 #: connection (FlushRounds.swamped).
 SWAMPED_SHARE = 4
 #: The most a peer that reads, however slowly, may hold of what the server wrote to it
-#: while busy, bursts and all, in send limits (Session._too_slow); one that has read
-#: nothing since it was last found over twice the limit is cut off there.
+#: while busy, bursts and all, in send limits (Session._too_slow).
 BURST_HOLD = 4
+#: Seconds a peer holding over twice the send limit, bursts and all, may read nothing
+#: before it is cut off (Session._too_slow): time for a reader across a slow network
+#: to show that it reads, which the next write to it may come too soon for.
+BURST_STALL = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +264,10 @@ class FlushRounds:
         # The frames joined last and their join (see joined).
         self._joined_from: list[bytes] = []
         self._joined = b""
+
+    def now(self) -> float:
+        """The rounds' clock (monotonic seconds)."""
+        return self._clock()
 
     def joined(self, frames: list[bytes]) -> bytes:
         """``b"".join(frames)``, the join before if the frames are the same again."""
@@ -451,6 +458,7 @@ class Session(asyncio.Protocol):
         "_alarms",
         "_behind",
         "_bucket",
+        "_burst_read_at",
         "_closing",
         "_connected",
         "_decoder",
@@ -496,8 +504,9 @@ class Session(asyncio.Protocol):
         # frames, or pages taken only as the peer reads (send_pages): _sources of them.
         self._out: list[bytes | Iterator[bytes]] | None = None
         # The last burst written while the peer reads it: [start, end, since, read]
-        # (_burst_left, _too_slow).
+        # (_burst_left, _too_slow), and when the peer was last seen reading it.
         self._last_burst: list[int] | None = None
+        self._burst_read_at = 0.0
         self._sources = 0
         self._behind = 0  # bytes of frames queued behind the first pages
         self._ending = False  # closing once the pages queued are out (close)
@@ -930,8 +939,8 @@ class Session(asyncio.Protocol):
         sent ``size`` more: if it left more than a quarter of the limit unread, a burst's
         rest not counted, and ``size`` would take that past the limit. And the bound on
         what it holds, bursts and all: over twice the limit, only while it reads (it
-        has read some since it was last found over that), and never over
-        BURST_HOLD times the limit."""
+        has read some in the last BURST_STALL seconds), and never over BURST_HOLD times
+        the limit."""
         limit = self._limits.sendq_limit
         unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
         if unread > limit // SWAMPED_SHARE and unread + size > limit:
@@ -940,10 +949,15 @@ class Session(asyncio.Protocol):
         last = self._last_burst
         if unsent > 2 * limit and last is not None:  # (no burst: unread is over it)
             read = last[1] + last[2] - unsent  # since the burst began (see _burst_left)
-            if read <= last[3] or unsent > BURST_HOLD * limit:
+            now = self._rounds.now()
+            if read > last[3]:
+                last[3], self._burst_read_at = read, now
+            elif now - self._burst_read_at > BURST_STALL:
                 self._overflow(unread, unsent, size)
                 return True
-            last[3] = read
+            if unsent > BURST_HOLD * limit:
+                self._overflow(unread, unsent, size)
+                return True
         return False
 
     def _burst_grows(self, unsent: int, after: int) -> None:
@@ -958,9 +972,11 @@ class Session(asyncio.Protocol):
             # From the buffer's front: what the peer left unread before the burst, the
             # burst's rest, what it left unread since, what was just written. From the
             # burst's rest on, it is all one burst now, counted from the front as it is.
+            # What it had read is counted anew from here; when it last read is kept.
             last[:] = [unsent - left - last[2], after, 0, 0]
         elif after > unsent:
             self._last_burst = [unsent, after, 0, 0]
+            self._burst_read_at = self._rounds.now()
 
     def _burst_left(self, unsent: int) -> int:
         """What is left in the transport's buffer (``unsent`` bytes now) of the last
