@@ -370,27 +370,15 @@ class FlushRounds:
         since the last, else at info. Whether the peer left its data unread or the
         server queued it faster than it wrote is in ``what``, and a room of thousands
         cut off at once must not write thousands of warnings."""
-        since = self._cuts.add(self._clock())
-        if since:
-            log.warning(
-                "%s: cut off with sendq_exceeded (%d connection(s) since the last report)",
-                what,
-                since,
-            )
-        else:
-            log.info("%s: cut off with sendq_exceeded", what)
+        said = f"{what}: cut off with sendq_exceeded"
+        if not self._cuts.warn(self._clock(), said, "connection(s)"):
+            log.info("%s", said)
 
     def _begin(self, why: str) -> None:
         if self.busy:
             return
         self.busy = True
-        since = self._spells.add(self._clock())
-        if since:
-            log.warning(
-                "%s: refusing says until it catches up (%d time(s) since the last report)",
-                why,
-                since,
-            )
+        self._spells.warn(self._clock(), f"{why}: refusing says until it catches up", "time(s)")
 
 
 class _Paced:
@@ -404,14 +392,15 @@ class _Paced:
         self._warned = 0  # the count at the last warning
         self._at: float | None = None
 
-    def add(self, now: float) -> int:
-        """Count one (``now``: the clock's time); how many since the last warning if
-        one is due now, else 0."""
+    def warn(self, now: float, what: str, unit: str) -> bool:
+        """Count one (``now``: the clock's time), and warn of ``what`` with how many
+        ``unit`` since the last warning if one is due now; whether it warned."""
         self.count += 1
         if self._at is not None and now - self._at < BUSY_LOG_INTERVAL:
-            return 0
+            return False
         since, self._warned, self._at = self.count - self._warned, self.count, now
-        return since
+        log.warning("%s (%d %s since the last report)", what, since, unit)
+        return True
 
 
 def deadline(
@@ -942,7 +931,7 @@ class Session(asyncio.Protocol):
         has read some in the last BURST_STALL seconds), and never over BURST_HOLD times
         the limit."""
         limit = self._limits.sendq_limit
-        unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
+        unread = self._unread(unsent)
         if unread > limit // SWAMPED_SHARE and unread + size > limit:
             self._overflow(unread, unsent, size)
             return True
@@ -952,13 +941,15 @@ class Session(asyncio.Protocol):
             now = self._rounds.now()
             if read > last[3]:
                 last[3], self._burst_read_at = read, now
-            elif now - self._burst_read_at > BURST_STALL:
-                self._overflow(unread, unsent, size)
-                return True
-            if unsent > BURST_HOLD * limit:
+            if now - self._burst_read_at > BURST_STALL or unsent > BURST_HOLD * limit:
                 self._overflow(unread, unsent, size)
                 return True
         return False
+
+    def _unread(self, unsent: int) -> int:
+        """What the peer left unread of the ``unsent`` bytes in the transport's buffer,
+        the rest of the last burst not counted (_burst_left)."""
+        return unsent if self._last_burst is None else unsent - self._burst_left(unsent)
 
     def _burst_grows(self, unsent: int, after: int) -> None:
         """The server wrote while busy: what the kernel did not take of it (the buffer
@@ -1040,7 +1031,7 @@ class Session(asyncio.Protocol):
         if self._sources and out[0] is not first:  # new first pages: count what is behind
             self._behind = sum(len(entry) for entry in out if isinstance(entry, bytes))
         waiting = self._behind if self._sources else 0
-        unread = unsent if self._last_burst is None else unsent - self._burst_left(unsent)
+        unread = self._unread(unsent)
         if unread + size + waiting > self._limits.sendq_limit:
             self._overflow(unread, unsent, size + waiting)
             return
