@@ -614,6 +614,29 @@ async def test_slow_reader_is_cut_off_alone(
     await resume_rest(server, clients, got, sent)
 
 
+async def burst_of_says(talker: Raw, count: int, fill: str) -> list[int]:
+    """``count`` says of 505 characters to room ``a``, pipelined in one write so that the
+    server takes many at once; the seqs of those acked. The others must have been
+    refused with a non-fatal rate_limited (the server busy), not lost."""
+    talker.writer.write(
+        b"".join(
+            encode_frame(
+                json.dumps(
+                    {"type": "say", "room": "a", "text": f"{i:04d} " + fill * 500, "ref": str(i)}
+                ).encode()
+            )
+            for i in range(count)
+        )
+    )
+    answers = [await talker.until((m.Ack, m.Error)) for _ in range(count)]
+    assert all(
+        (a.code, a.fatal) == ("rate_limited", False) for a in answers if isinstance(a, m.Error)
+    )
+    acked = [a.seq for a in answers if isinstance(a, m.Ack)]
+    assert None not in acked  # acks of room messages
+    return cast(list[int], acked)
+
+
 async def test_a_burst_over_the_send_limit_cuts_off_no_member_that_reads(
     clients: list[Client], start: Callable[..., Awaitable[Server]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -640,21 +663,7 @@ async def test_a_burst_over_the_send_limit_cuts_off_no_member_that_reads(
     talker.send({"type": "join", "room": "a"})
     await talker.until(m.Names)
     count = 4 * limit // 500
-    talker.writer.write(  # in one write, so that the server takes many at once
-        b"".join(
-            encode_frame(
-                json.dumps(
-                    {"type": "say", "room": "a", "text": f"{i:04d} " + "x" * 500, "ref": str(i)}
-                ).encode()
-            )
-            for i in range(count)
-        )
-    )
-    answers = [await talker.until((m.Ack, m.Error)) for _ in range(count)]
-    acked = [a.seq for a in answers if isinstance(a, m.Ack)]
-    assert all(
-        (a.code, a.fatal) == ("rate_limited", False) for a in answers if isinstance(a, m.Error)
-    )
+    acked = await burst_of_says(talker, count, "x")
     for watcher in watchers:
         got = await messages(watcher, len(acked))
         assert [x.seq for x in got] == acked
@@ -760,6 +769,49 @@ async def test_a_backlog_larger_than_the_send_limit_reaches_a_slow_resuming_read
     assert not [f for f in frames if isinstance(f, m.Error)]
     got = [f.seq for f in frames if isinstance(f, m.Message)]
     assert got == list(range(1, stored + 6))
+    assert server.registry.member("late") is not None
+
+
+async def test_a_burst_that_lands_while_a_reader_catches_up_is_read_after_its_backlog(
+    clients: list[Client], start: Callable[..., Awaitable[Server]]
+) -> None:
+    """join since, with three times the send limit stored since, read slowly: a burst of
+    over twice the limit, said at once while the backlog is on its way, waits behind
+    it. It is the server's backlog, not the reader's slowness: the reader gets the
+    backlog, then every message of the burst that was acked, all in seq order, and
+    nobody is cut off."""
+    limit = 64 * 1024
+    server = await start(sendq_limit=limit, slow_link=True)
+    loop = asyncio.get_running_loop()
+    talker = await Raw.open(server.port)
+    await talker.hello("talker")
+    talker.send({"type": "join", "room": "a"})
+    await talker.until(m.Names)
+    stored = 3 * limit // 500
+    for i in range(stored):
+        talker.send({"type": "say", "room": "a", "text": f"{i:04d} " + "x" * 500})
+        await talker.until(m.Ack)
+    late = await slow_reader(server, "late", JOIN_A_SINCE_0)
+    while (await talker.until(m.Joined)).nick != "late":
+        pass
+    member = server.registry.member("late")
+    assert member is not None
+    peer = cast(Session, member.peer)
+    count = 2 * limit // 500
+    acked = await burst_of_says(talker, count, "y")
+    assert len(acked) * 500 > limit
+    assert peer._sources  # the backlog is still on its way, the burst behind it
+    decoder = FrameDecoder(max_frame=10**6)
+    frames: list[Any] = []
+    async with asyncio.timeout(WAIT):
+        while sum(isinstance(f, m.Message) for f in frames) < stored + len(acked):
+            data = await loop.sock_recv(late, 4096)
+            assert data, "closed"
+            frames += [m.decode_server(b) for b in decoder.receive_data(data)]
+    assert not [f for f in frames if isinstance(f, m.Error)]
+    got = [f.seq for f in frames if isinstance(f, m.Message)]
+    assert got == list(range(1, stored + 1)) + acked
+    assert server.stats()["sendq_cut"] == 0
     assert server.registry.member("late") is not None
 
 

@@ -661,6 +661,79 @@ async def test_what_a_peer_may_hold_of_bursts(
     assert transport.unsent - len(transport.written[-1]) == held
 
 
+PAGE = b"p" * 10_000
+
+
+async def catch_up(
+    session: Session, transport: Transport, behind: list[int], reads: int
+) -> list[int]:
+    """The peer of a session catching up on pages reads ``reads`` bytes, then what was
+    queued behind the pages (``behind``: one frame of each size a round) is queued,
+    round after round, until everything is written or it is cut off. Returns the
+    sizes of the frames queued, in order."""
+    queued: list[int] = []
+    for size in behind:
+        transport.unsent = max(0, transport.unsent - reads)
+        session.resume_writing()
+        session.send(b"f" * size)
+        queued.append(size)
+        await asyncio.sleep(0)
+        if transport.closed:
+            return queued
+    while session._sources and not transport.closed:
+        transport.unsent = max(0, transport.unsent - reads)
+        session.resume_writing()
+        await asyncio.sleep(0)
+    return queued
+
+
+async def test_a_burst_behind_a_readers_pages_is_not_counted_against_it() -> None:
+    """A peer catching up on 200,000 bytes of pages (join since), reading 30,000 bytes a
+    round, while the server queues a burst of 300,000 behind them (more than its send
+    limit, 200,000, at once), then frames of its own: it gets all of it, in order, and
+    the server refuses says while the burst is queued."""
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    session.send_pages(iter([PAGE] * 20))
+    await asyncio.sleep(0)
+    queued = await catch_up(session, transport, [300_000, *[1_000] * 30], reads=30_000)
+    assert not transport.closed
+    assert not session._sources
+    assert b"".join(transport.written) == PAGE * 20 + b"".join(b"f" * n for n in queued)
+    assert session._rounds.spells == 1
+
+
+async def test_what_a_reader_queues_behind_its_pages_counts_burst_aside() -> None:
+    """A peer catching up on pages that reads nothing holds 60,000 bytes of them
+    unread (what was taken up to the high mark, a quarter of the limit): the burst of
+    300,000 queued behind them is not counted against it, what is queued after it is.
+    The frame that takes it past its limit (200,000) cuts it off: the 141st of 1,000,
+    and nothing queued behind the pages is written."""
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    session.send_pages(iter([PAGE] * 20))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the next round: up to the high mark again
+    assert transport.unsent == 60_000
+    queued = await catch_up(session, transport, [300_000, *[1_000] * 200], reads=0)
+    assert transport.closed
+    assert len(queued) == 1 + 141
+    assert b"".join(transport.written[:-1]) == PAGE * 11
+    assert b"sendq_exceeded" in transport.written[-1]
+
+
+async def test_bursts_behind_a_readers_pages_are_held_up_to_four_limits() -> None:
+    """Bursts of 250,000 behind the pages of a peer that reads nothing: it holds 60,000
+    of its pages, and after the third burst, what it holds is past four times the
+    limit (BURST_HOLD: 800,000). It is cut off when the fourth comes."""
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    session.send_pages(iter([PAGE] * 20))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    queued = await catch_up(session, transport, [250_000] * 6, reads=0)
+    assert transport.closed
+    assert len(queued) == 4
+    assert b"sendq_exceeded" in transport.written[-1]
+
+
 async def test_sessions_queued_the_same_frames_are_written_one_join() -> None:
     loop = asyncio.get_running_loop()
     flush = FlushRounds(loop)

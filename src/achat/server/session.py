@@ -32,8 +32,9 @@ still reads one joins it. So a peer that reads, however slowly, is not
 cut off for the server's backlog until it holds ``BURST_HOLD`` (4) times
 the limit in all; one that holds over twice the limit and has read nothing
 for ``BURST_STALL`` (5) seconds is cut off there (:meth:`Session._too_slow`).
-A peer catching up on pages (below) is the exception: what waits behind
-its pages counts, burst or not.
+A peer catching up on pages (below) is told the same way: a burst that
+waits behind its pages is not counted, up to ``BURST_HOLD`` times the limit
+in all (:meth:`Session._flush_pages`).
 
 The backlog a ``join ... since`` asks for can be any length: it is queued
 as pages (:meth:`Session.send_pages`), read from the store only as the peer
@@ -446,6 +447,8 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "_alarms",
         "_behind",
+        "_behind_burst",
+        "_behind_seen",
         "_bucket",
         "_burst_read_at",
         "_closing",
@@ -498,6 +501,8 @@ class Session(asyncio.Protocol):
         self._burst_read_at = 0.0
         self._sources = 0
         self._behind = 0  # bytes of frames queued behind the first pages
+        # Of them, the server's backlog (_flush_pages); and _behind at the last flush.
+        self._behind_burst = self._behind_seen = 0
         self._ending = False  # closing once the pages queued are out (close)
         self._scheduled = False
         self._closing = False
@@ -535,7 +540,7 @@ class Session(asyncio.Protocol):
         else:
             self._out.append(pages)
         if not self._sources:
-            self._behind = 0
+            self._behind = self._behind_burst = self._behind_seen = 0
         self._sources += 1
         if not self._scheduled:
             self._scheduled = True
@@ -984,13 +989,28 @@ class Session(asyncio.Protocol):
 
     def _flush_pages(self, out: list[bytes | Iterator[bytes]]) -> None:
         """Write what is queued up to the first pages the peer has not read enough for
-        yet, taking pages while what it has not read is under the high mark."""
+        yet, taking pages while what it has not read is under the high mark.
+
+        What is queued behind the pages waits for them, and counts against the send
+        limit as the peer's own, but for what came while the server was busy, or
+        over a quarter of the limit at once since the last flush: as in :meth:`_flush`,
+        that is the server's backlog (a burst), and a burst once written. What the peer
+        may hold, bursts and all, is bounded as there, by BURST_HOLD times the limit
+        before what came since the last flush."""
         transport = self._transport
         if transport is None or transport.is_closing():
             out.clear()
             self._sources = 0
             return
+        limit = self._limits.sendq_limit
+        came = self._behind - self._behind_seen  # queued behind the pages since the last
+        if came > limit // SWAMPED_SHARE:
+            self._rounds.swamped(f"{came:,} bytes queued for one connection")
+            self._behind_burst += came
+        elif came > 0 and self._rounds.busy:
+            self._behind_burst += came
         unsent = transport.get_write_buffer_size()
+        held = unsent + self._behind_seen  # before what came: as _too_slow bounds it
         high = self._high()
         pieces: list[bytes] = []
         size = taken = 0
@@ -1028,16 +1048,26 @@ class Session(asyncio.Protocol):
             )
             return
         del out[:taken]
+        burst = self._behind_burst  # in what is written now, or still behind the pages
         if self._sources and out[0] is not first:  # new first pages: count what is behind
             self._behind = sum(len(entry) for entry in out if isinstance(entry, bytes))
+            # Which of it came as a burst is not kept: as much as can have, at most.
+            self._behind_burst = min(burst, self._behind)
         waiting = self._behind if self._sources else 0
+        self._behind_seen = waiting
         unread = self._unread(unsent)
-        if unread + size + waiting > self._limits.sendq_limit:
+        if unread + size + waiting - burst > limit or held > BURST_HOLD * limit:
             self._overflow(unread, unsent, size + waiting)
             return
         if pieces:
             transport.write(b"".join(pieces))
-            if self._last_burst is not None:
+            if not self._sources:
+                self._behind_burst = 0
+            if burst > self._behind_burst:
+                # (Some of) the burst is out from behind the pages: what the kernel did
+                # not take of this write is a burst, the pages with it (asked for).
+                self._burst_grows(unsent, transport.get_write_buffer_size())
+            elif self._last_burst is not None:
                 self._last_burst[2] += size
         if self._ending and not out:
             self._stop()  # the pages are out: the session ends as it was asked to
