@@ -15,7 +15,14 @@ import pytest
 from achat.protocol.frames import FrameDecoder
 from achat.protocol.messages import Error, decode_server
 from achat.server.alarms import Alarms
-from achat.server.session import FlushRounds, Session, SessionLimits, WriteBudget, deadline
+from achat.server.session import (
+    FlushRounds,
+    Session,
+    SessionLimits,
+    WriteBudget,
+    _CatchUp,
+    deadline,
+)
 
 LIMITS = SessionLimits(hello_timeout=10.0, frame_timeout=5.0, idle_timeout=120.0)
 
@@ -665,26 +672,52 @@ PAGE = b"p" * 10_000
 
 
 async def catch_up(
-    session: Session, transport: Transport, behind: list[int], reads: int
+    session: Session,
+    transport: Transport,
+    behind: list[int],
+    reads: int,
+    *,
+    busy: bool = False,
+    clock: list[float] | None = None,
 ) -> list[int]:
-    """The peer of a session catching up on pages reads ``reads`` bytes, then what was
-    queued behind the pages (``behind``: one frame of each size a round) is queued,
-    round after round, until everything is written or it is cut off. Returns the
-    sizes of the frames queued, in order."""
+    """The peer of a session catching up on pages reads ``reads`` bytes, then a frame of
+    each size in ``behind`` is queued (with the server busy if ``busy``; ``clock[0]``
+    two seconds later each time, if given), a round each; then the peer reads on
+    until the pages are out, or it is cut off. Returns the sizes of the frames queued."""
     queued: list[int] = []
     for size in behind:
+        if clock is not None:
+            clock[0] += 2.0
         transport.unsent = max(0, transport.unsent - reads)
         session.resume_writing()
         session.send(b"f" * size)
+        if busy:
+            session._rounds.swamped("the test's")
         queued.append(size)
         await asyncio.sleep(0)
         if transport.closed:
             return queued
-    while session._sources and not transport.closed:
+    for _ in range(1000):
+        if not session._sources or transport.closed:
+            break
         transport.unsent = max(0, transport.unsent - reads)
         session.resume_writing()
         await asyncio.sleep(0)
     return queued
+
+
+async def pages_session(
+    clock: list[float] | None = None, pages: int = 20
+) -> tuple[Session, Transport]:
+    """A session (send limit 200,000, high mark 50,000) catching up on ``pages`` pages
+    of 10,000 bytes, whose peer holds 60,000 bytes of them: what was taken while under
+    the high mark, twice."""
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000, clock=clock)
+    session.send_pages(iter([PAGE] * pages))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert transport.unsent == 60_000
+    return session, transport
 
 
 async def test_a_burst_behind_a_readers_pages_is_not_counted_against_it() -> None:
@@ -702,36 +735,111 @@ async def test_a_burst_behind_a_readers_pages_is_not_counted_against_it() -> Non
     assert session._rounds.spells == 1
 
 
-async def test_what_a_reader_queues_behind_its_pages_counts_burst_aside() -> None:
-    """A peer catching up on pages that reads nothing holds 60,000 bytes of them
-    unread (what was taken up to the high mark, a quarter of the limit): the burst of
-    300,000 queued behind them is not counted against it, what is queued after it is.
-    The frame that takes it past its limit (200,000) cuts it off: the 141st of 1,000,
-    and nothing queued behind the pages is written."""
-    session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
-    session.send_pages(iter([PAGE] * 20))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # the next round: up to the high mark again
-    assert transport.unsent == 60_000
-    queued = await catch_up(session, transport, [300_000, *[1_000] * 200], reads=0)
+@pytest.mark.parametrize("burst", [0, 300_000])
+async def test_what_a_reader_queues_behind_its_pages_counts_burst_aside(burst: int) -> None:
+    """A peer catching up on pages that reads nothing holds 60,000 bytes of them: a
+    burst queued behind them is not counted against it, what is queued after it is.
+    The frame of 1,000 bytes that takes it past its limit (200,000) cuts it off, the
+    141st with or without the burst, and nothing queued behind the pages is written."""
+    session, transport = await pages_session()
+    queued = await catch_up(session, transport, [burst, *[1_000] * 200], reads=0)
     assert transport.closed
     assert len(queued) == 1 + 141
     assert b"".join(transport.written[:-1]) == PAGE * 11
     assert b"sendq_exceeded" in transport.written[-1]
 
 
-async def test_bursts_behind_a_readers_pages_are_held_up_to_four_limits() -> None:
-    """Bursts of 250,000 behind the pages of a peer that reads nothing: it holds 60,000
-    of its pages, and after the third burst, what it holds is past four times the
-    limit (BURST_HOLD: 800,000). It is cut off when the fourth comes."""
+async def test_frames_behind_a_readers_pages_while_the_server_is_busy_are_a_burst() -> None:
+    """Frames of 1,000 bytes, each too small to be a burst, queued behind the pages of
+    a peer that reads nothing while the server is busy: the server's backlog. It
+    holds up to twice its limit of them (BURST_STALL is not reached) and is not cut
+    off; the same frames queued while the server is not busy cut it off at the 141st."""
+    session, transport = await pages_session()
+    queued = await catch_up(session, transport, [1_000] * 300, reads=0, busy=True)
+    assert not transport.closed
+    assert len(queued) == 300
+
+
+@pytest.mark.parametrize(("reads", "bursts"), [(0, 3), (1_000, 4)])
+async def test_what_a_reader_catching_up_may_hold_of_bursts(reads: int, bursts: int) -> None:
+    """Bursts of 250,000 behind the pages of a peer, two seconds apart. One that reads
+    nothing holds over twice the limit (400,000) after the second, and is cut off when
+    the third comes, having read nothing for six seconds (over BURST_STALL). One that
+    reads 1,000 bytes a round is cut off when the fourth comes, holding over four
+    times the limit (BURST_HOLD: 800,000)."""
+    clock = [0.0]
+    session, transport = await pages_session(clock)
+    queued = await catch_up(session, transport, [250_000] * 6, reads=reads, clock=clock)
+    assert transport.closed
+    assert len(queued) == bursts
+    assert b"sendq_exceeded" in transport.written[-1]
+
+
+async def test_a_burst_queued_just_before_a_readers_pages_is_a_burst() -> None:
+    """A burst of 300,000 queued in the same tick as the pages a peer asked for, ahead
+    of them (another room's fan-out): the server's backlog too. It is written first,
+    is a burst in the transport, the server refuses says meanwhile, and a peer that
+    reads 30,000 bytes a round gets all of it and its pages, not cut off."""
     session, transport = burst_session(asyncio.get_running_loop(), kernel=50_000)
+    session.send(b"b" * 300_000)
     session.send_pages(iter([PAGE] * 20))
     await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    queued = await catch_up(session, transport, [250_000] * 6, reads=0)
+    assert session._last_burst is not None
+    assert session._rounds.spells == 1
+    await catch_up(session, transport, [], reads=30_000)
+    assert not transport.closed
+    assert b"".join(transport.written) == b"b" * 300_000 + PAGE * 20
+
+
+async def test_frames_of_its_own_behind_a_second_rooms_pages_count_in_full() -> None:
+    """A peer catching up on two rooms (their pages one after the other) holds 60,000
+    bytes of the first's: a burst of 300,000 lands behind the first room's pages, then
+    the second room's pages are queued, then 100 frames of 1,000 bytes of its own, one
+    a round. It reads what it was sent, and the rest of the first room's pages and the
+    burst go out; then it reads nothing, and leaves 40,000 bytes of those pages unread.
+    Its own frames wait behind the second room's pages and count in full, the burst
+    not at all: the 61st more takes them past the limit (200,000)."""
+    session, transport = await pages_session()
+    await catch_up(session, transport, [300_000], reads=0)
+    session.send_pages(iter([PAGE] * 20))
+    await catch_up(session, transport, [1_000] * 100, reads=0)
+    assert not transport.closed
+    while session._sources == 2:  # it reads all it was sent
+        transport.unsent = 0
+        session.resume_writing()
+        await asyncio.sleep(0)
+    assert b"".join(transport.written) == PAGE * 20 + b"f" * 300_000
+    assert transport.unsent == 340_000
+    assert session._unread(transport.unsent) == 40_000
+    queued = await catch_up(session, transport, [1_000] * 300, reads=0)
     assert transport.closed
-    assert len(queued) == 4
+    assert len(queued) == 61
     assert b"sendq_exceeded" in transport.written[-1]
+
+
+def test_a_catch_up_keeps_its_bursts_as_ranges_of_the_frames_queued() -> None:
+    """Bursts are ranges of the bytes of frames queued since the catch-up began; one
+    right after another is one; where they are in a write of runs of frames (pages
+    between them) is found from the runs."""
+    catching = _CatchUp(queued=100, now=0.0)
+    catching.came(False)  # the 100 queued ahead of the pages: not a burst
+    catching.queued += 300
+    catching.came(True)
+    catching.queued += 50
+    catching.came(True)  # right after the last: the same burst
+    catching.queued += 20
+    catching.came(False)
+    assert catching.bursts == [[100, 450]]
+    assert catching.burst(0, 470, [])[0] == 350
+    assert catching.burst(0, 120, [])[0] == 20
+    # Written: frames 0-200 in a run at 0, pages (1,000 bytes), frames 200-470 at 1,200.
+    assert catching.burst(0, 470, [(0, 0), (1_200, 200)]) == (350, 100, 1_450)
+    catching.taken = 300
+    catching.written()
+    assert catching.bursts == [[100, 450]]  # not all of it written yet
+    catching.taken = 470
+    catching.written()
+    assert catching.bursts == []
 
 
 async def test_sessions_queued_the_same_frames_are_written_one_join() -> None:

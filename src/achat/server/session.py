@@ -32,9 +32,10 @@ still reads one joins it. So a peer that reads, however slowly, is not
 cut off for the server's backlog until it holds ``BURST_HOLD`` (4) times
 the limit in all; one that holds over twice the limit and has read nothing
 for ``BURST_STALL`` (5) seconds is cut off there (:meth:`Session._too_slow`).
-A peer catching up on pages (below) is told the same way: a burst that
-waits behind its pages is not counted, up to ``BURST_HOLD`` times the limit
-in all (:meth:`Session._flush_pages`).
+A peer catching up on pages (below) is told the same way: a burst queued
+with its pages, ahead of them or behind, is not counted, and what it holds,
+its buffer and what waits behind its pages, is bounded by the same two
+rules (:meth:`Session._flush_pages`).
 
 The backlog a ``join ... since`` asks for can be any length: it is queued
 as pages (:meth:`Session.send_pages`), read from the store only as the peer
@@ -94,10 +95,10 @@ BUSY_LOG_INTERVAL = 60.0
 #: connection (FlushRounds.swamped).
 SWAMPED_SHARE = 4
 #: The most a peer that reads, however slowly, may hold of what the server wrote to it
-#: while busy, bursts and all, in send limits (Session._too_slow).
+#: while busy, bursts and all, in send limits (Session._too_slow, _flush_pages).
 BURST_HOLD = 4
 #: Seconds a peer holding over twice the send limit, bursts and all, may read nothing
-#: before it is cut off (Session._too_slow): time for a reader across a slow network
+#: before it is cut off (Session._too_slow, _flush_pages): time for a reader across a slow network
 #: to show that it reads, which the next write to it may come too soon for.
 BURST_STALL = 5.0
 
@@ -429,6 +430,64 @@ def deadline(
     return at, why
 
 
+class _CatchUp:
+    """What a session catching up on pages (``join ... since``: Session.send_pages)
+    knows of the frames queued with them, which wait behind them. Pure.
+
+    Frames are counted in the order they were queued, from the first already
+    queued when the catch-up began: ``queued`` bytes in all, of which the first
+    ``taken`` are written (frames are written in the order they were queued,
+    pages or not between them). What came between two flushes is a *burst* if
+    the server queued it as one (over a quarter of the send limit, or while it
+    was busy: Session._flush_pages), kept as a range of that count until
+    written: the server's backlog, not the peer's to answer for.
+    """
+
+    __slots__ = ("bursts", "queued", "read_at", "seen", "taken", "unsent")
+
+    def __init__(self, queued: int, now: float) -> None:
+        self.queued = queued
+        self.taken = 0
+        self.seen = 0  # queued at the last flush
+        self.bursts: list[list[int]] = []  # [start, end) of each burst not all written
+        self.unsent = 0  # the transport's buffer after the last flush
+        self.read_at = now  # when the peer was last seen reading (its buffer shrank)
+
+    def came(self, burst: bool) -> None:
+        """A flush: what came since the last is a burst if ``burst``."""
+        if burst and self.queued > self.seen:
+            bursts = self.bursts
+            if bursts and bursts[-1][1] == self.seen:
+                bursts[-1][1] = self.queued
+            else:
+                bursts.append([self.seen, self.queued])
+        self.seen = self.queued
+
+    def burst(self, lo: int, hi: int, runs: list[tuple[int, int]]) -> tuple[int, int, int]:
+        """Bytes of bursts among frames ``lo`` to ``hi`` of the count; and, for frames
+        written in runs (each a run's offset in the write and its place in the count,
+        in order), where in the write the first burst byte is and the last ends."""
+        total, first, last = 0, -1, 0
+        for start, end in self.bursts:
+            start, end = max(start, lo), min(end, hi)
+            if start >= end:
+                continue
+            total += end - start
+            for i, (offset, at) in enumerate(runs):
+                stop = runs[i + 1][1] if i + 1 < len(runs) else hi  # where the run ends
+                a, b = max(start, at), min(end, stop)
+                if a < b:
+                    if first < 0:
+                        first = offset + a - at
+                    last = offset + b - at
+        return total, max(first, 0), last
+
+    def written(self) -> None:
+        """Forget the bursts written in all."""
+        while self.bursts and self.bursts[0][1] <= self.taken:
+            del self.bursts[0]
+
+
 class SessionOwner(typing.Protocol):
     """What a session reports to the server that accepted it."""
 
@@ -446,11 +505,9 @@ class Session(asyncio.Protocol):
 
     __slots__ = (
         "_alarms",
-        "_behind",
-        "_behind_burst",
-        "_behind_seen",
         "_bucket",
         "_burst_read_at",
+        "_catching",
         "_closing",
         "_connected",
         "_decoder",
@@ -500,9 +557,7 @@ class Session(asyncio.Protocol):
         self._last_burst: list[int] | None = None
         self._burst_read_at = 0.0
         self._sources = 0
-        self._behind = 0  # bytes of frames queued behind the first pages
-        # Of them, the server's backlog (_flush_pages); and _behind at the last flush.
-        self._behind_burst = self._behind_seen = 0
+        self._catching: _CatchUp | None = None  # while there are pages (_flush_pages)
         self._ending = False  # closing once the pages queued are out (close)
         self._scheduled = False
         self._closing = False
@@ -524,8 +579,9 @@ class Session(asyncio.Protocol):
             self._out = [frame]
         else:
             self._out.append(frame)
-        if self._sources:
-            self._behind += len(frame)
+        catching = self._catching
+        if catching is not None:
+            catching.queued += len(frame)
         if not self._scheduled:
             self._scheduled = True
             self._rounds.mark(self)
@@ -536,11 +592,11 @@ class Session(asyncio.Protocol):
         if self._closing:
             return
         if self._out is None:
-            self._out = [pages]
-        else:
-            self._out.append(pages)
-        if not self._sources:
-            self._behind = self._behind_burst = self._behind_seen = 0
+            self._out = []
+        if self._catching is None:  # counted from the frames already queued
+            ahead = sum(len(entry) for entry in self._out if isinstance(entry, bytes))
+            self._catching = _CatchUp(ahead, self._rounds.now())
+        self._out.append(pages)
         self._sources += 1
         if not self._scheduled:
             self._scheduled = True
@@ -702,6 +758,7 @@ class Session(asyncio.Protocol):
         self._ending = False
         self._out = None
         self._sources = 0
+        self._catching = None
         self._alarms.cancel(self)
 
     def _leave(self) -> None:
@@ -924,7 +981,7 @@ class Session(asyncio.Protocol):
         # same while says are refused (swamped, above): a burst.
         transport.write(data)
         if burst or self._rounds.busy:
-            self._burst_grows(unsent, transport.get_write_buffer_size())
+            self._burst_grows(unsent, len(data))
         elif self._last_burst is not None:
             self._last_burst[2] += len(data)  # the peer's own to read, behind the burst
 
@@ -956,12 +1013,17 @@ class Session(asyncio.Protocol):
         the rest of the last burst not counted (_burst_left)."""
         return unsent if self._last_burst is None else unsent - self._burst_left(unsent)
 
-    def _burst_grows(self, unsent: int, after: int) -> None:
-        """The server wrote while busy: what the kernel did not take of it (the buffer
-        was ``unsent`` bytes before, ``after`` after) is a burst, or joins the one the
-        peer is still reading, with what the peer had left unread of its own since: the
+    def _burst_grows(self, unsent: int, written: int, pre: int = 0, post: int = 0) -> None:
+        """The server wrote ``written`` bytes into a buffer of ``unsent``, a burst but for
+        the first ``pre`` and the last ``post`` of them (the peer's own: pages and
+        frames written with a burst that waited behind them, _flush_pages): what the
+        kernel did not take of the burst is a burst, or joins the one the peer is still
+        reading, with what the peer had left unread of its own since. It is the
         server's backlog, not the peer's to answer for until it has read it (the bound
-        is in _too_slow)."""
+        is in _too_slow). What the kernel took of the write at once counts as read."""
+        assert self._transport is not None
+        after = self._transport.get_write_buffer_size()
+        end = unsent + written - post
         last = self._last_burst
         left = self._burst_left(unsent) if last is not None else 0
         if last is not None and left > 0:
@@ -969,9 +1031,9 @@ class Session(asyncio.Protocol):
             # burst's rest, what it left unread since, what was just written. From the
             # burst's rest on, it is all one burst now, counted from the front as it is.
             # What it had read is counted anew from here; when it last read is kept.
-            last[:] = [unsent - left - last[2], after, 0, 0]
-        elif after > unsent:
-            self._last_burst = [unsent, after, 0, 0]
+            last[:] = [unsent - left - last[2], end, post, 0]
+        elif after > unsent + post:  # the kernel did not take all of the burst
+            self._last_burst = [unsent + pre, end, post, unsent + written - after]
             self._burst_read_at = self._rounds.now()
 
     def _burst_left(self, unsent: int) -> int:
@@ -991,36 +1053,44 @@ class Session(asyncio.Protocol):
         """Write what is queued up to the first pages the peer has not read enough for
         yet, taking pages while what it has not read is under the high mark.
 
-        What is queued behind the pages waits for them, and counts against the send
-        limit as the peer's own, but for what came while the server was busy, or
-        over a quarter of the limit at once since the last flush: as in :meth:`_flush`,
-        that is the server's backlog (a burst), and a burst once written. What the peer
-        may hold, bursts and all, is bounded as there, by BURST_HOLD times the limit
-        before what came since the last flush."""
+        What waits behind the pages counts against the send limit with what the peer
+        left unread, but for what the server queued as a burst (_CatchUp): as in
+        :meth:`_flush`, that is the server's backlog, and a burst once written
+        (_burst_grows). What the peer holds in all, its transport's buffer and what
+        waits, is bounded as :meth:`_too_slow` bounds the buffer: over twice the limit
+        only while it reads, and never over BURST_HOLD times the limit."""
         transport = self._transport
-        if transport is None or transport.is_closing():
+        catching = self._catching
+        if transport is None or transport.is_closing() or catching is None:
             out.clear()
             self._sources = 0
+            self._catching = None
             return
         limit = self._limits.sendq_limit
-        came = self._behind - self._behind_seen  # queued behind the pages since the last
+        unsent = transport.get_write_buffer_size()
+        now = self._rounds.now()
+        if unsent < catching.unsent:
+            catching.read_at = now
+        held = unsent + catching.seen - catching.taken  # what came since is not held yet
+        came = catching.queued - catching.seen
         if came > limit // SWAMPED_SHARE:
             self._rounds.swamped(f"{came:,} bytes queued for one connection")
-            self._behind_burst += came
-        elif came > 0 and self._rounds.busy:
-            self._behind_burst += came
-        unsent = transport.get_write_buffer_size()
-        held = unsent + self._behind_seen  # before what came: as _too_slow bounds it
+        catching.came(came > limit // SWAMPED_SHARE or self._rounds.busy)
         high = self._high()
         pieces: list[bytes] = []
+        # Where each run of frames begins in the write, and where in the count of frames.
+        runs: list[tuple[int, int]] = []
         size = taken = 0
-        first = out[0] if not isinstance(out[0], bytes) else None
+        frames_from = catching.taken
         try:
             while taken < len(out):
                 entry = out[taken]
                 if isinstance(entry, bytes):
+                    if not runs or runs[-1][1] + size - runs[-1][0] != catching.taken:
+                        runs.append((size, catching.taken))
                     pieces.append(entry)
                     size += len(entry)
+                    catching.taken += len(entry)
                     taken += 1
                     continue
                 while unsent + size <= high:
@@ -1048,27 +1118,27 @@ class Session(asyncio.Protocol):
             )
             return
         del out[:taken]
-        burst = self._behind_burst  # in what is written now, or still behind the pages
-        if self._sources and out[0] is not first:  # new first pages: count what is behind
-            self._behind = sum(len(entry) for entry in out if isinstance(entry, bytes))
-            # Which of it came as a burst is not kept: as much as can have, at most.
-            self._behind_burst = min(burst, self._behind)
-        waiting = self._behind if self._sources else 0
-        self._behind_seen = waiting
+        waiting = catching.queued - catching.taken
+        in_write = catching.burst(frames_from, catching.taken, runs)
+        bursts = in_write[0] + catching.burst(catching.taken, catching.queued, [])[0]
         unread = self._unread(unsent)
-        if unread + size + waiting - burst > limit or held > BURST_HOLD * limit:
+        if (
+            unread + size + waiting - bursts > limit
+            or held > BURST_HOLD * limit
+            or (held > 2 * limit and now - catching.read_at > BURST_STALL)
+        ):
             self._overflow(unread, unsent, size + waiting)
             return
         if pieces:
             transport.write(b"".join(pieces))
-            if not self._sources:
-                self._behind_burst = 0
-            if burst > self._behind_burst:
-                # (Some of) the burst is out from behind the pages: what the kernel did
-                # not take of this write is a burst, the pages with it (asked for).
-                self._burst_grows(unsent, transport.get_write_buffer_size())
+            if in_write[0]:  # (some of) a burst is out from behind the pages
+                self._burst_grows(unsent, size, in_write[1], size - in_write[2])
             elif self._last_burst is not None:
                 self._last_burst[2] += size
+        catching.written()
+        catching.unsent = transport.get_write_buffer_size()
+        if not self._sources:
+            self._catching = None
         if self._ending and not out:
             self._stop()  # the pages are out: the session ends as it was asked to
             transport.close()
