@@ -749,15 +749,18 @@ async def test_what_a_reader_queues_behind_its_pages_counts_burst_aside(burst: i
     assert b"sendq_exceeded" in transport.written[-1]
 
 
-async def test_frames_behind_a_readers_pages_while_the_server_is_busy_are_a_burst() -> None:
+@pytest.mark.parametrize("busy", [True, False])
+async def test_frames_behind_a_readers_pages_while_the_server_is_busy_are_a_burst(
+    busy: bool,
+) -> None:
     """Frames of 1,000 bytes, each too small to be a burst, queued behind the pages of
-    a peer that reads nothing while the server is busy: the server's backlog. It
-    holds up to twice its limit of them (BURST_STALL is not reached) and is not cut
-    off; the same frames queued while the server is not busy cut it off at the 141st."""
+    a peer that reads nothing (it holds 60,000 bytes of them) while the server is
+    busy: the server's backlog. It holds 300 of them and is not cut off; the same
+    frames queued while the server is not busy cut it off at the 141st."""
     session, transport = await pages_session()
-    queued = await catch_up(session, transport, [1_000] * 300, reads=0, busy=True)
-    assert not transport.closed
-    assert len(queued) == 300
+    queued = await catch_up(session, transport, [1_000] * 300, reads=0, busy=busy)
+    assert transport.closed == (not busy)
+    assert len(queued) == (300 if busy else 141)
 
 
 @pytest.mark.parametrize(("reads", "bursts"), [(0, 3), (1_000, 4)])
@@ -815,6 +818,62 @@ async def test_frames_of_its_own_behind_a_second_rooms_pages_count_in_full() -> 
     assert transport.closed
     assert len(queued) == 61
     assert b"sendq_exceeded" in transport.written[-1]
+
+
+async def test_a_reader_catching_up_whose_kernel_takes_every_write_is_reading() -> None:
+    """A peer catching up on pages whose kernel takes each write whole (its buffer is
+    empty at every flush) reads as fast as it is sent: three bursts of 250,000 land
+    behind its pages two seconds apart, and it holds over twice the limit for over
+    five seconds. It is not cut off: what the kernel takes at once is read."""
+    clock = [0.0]
+    session, transport = burst_session(asyncio.get_running_loop(), kernel=10**9, clock=clock)
+    session.send_pages(iter([PAGE] * 1_000))
+    for i in range(40):  # a flush every quarter of a second, by hand
+        clock[0] += 0.25
+        if i in (0, 8, 16):
+            session.send(b"f" * 250_000)
+        session._flush()
+        assert transport.unsent == 0
+    assert not transport.closed
+    assert b"".join(transport.written) == PAGE * 240  # six pages a flush: to the high mark
+
+
+async def test_a_burst_written_with_pages_and_frames_of_the_readers_own_is_placed() -> None:
+    """A write that carries the rest of a room's pages, a burst that waited behind them
+    and frames of the peer's own after it: of the write, only the burst is the
+    server's backlog. The peer reads it all but for that write (the kernel takes none
+    of it): it left unread the 10,000 bytes it had been sent before, the 30,000 of
+    pages and its own 10,000 after the burst."""
+    session, transport = await pages_session()
+    await catch_up(session, transport, [300_000, *[1_000] * 10], reads=0)
+    while session._sources:
+        transport.unsent = 0
+        session.resume_writing()
+        await asyncio.sleep(0)
+    assert transport.written[-1] == PAGE * 3 + b"f" * 310_000
+    assert transport.unsent == 350_000
+    assert session._unread(transport.unsent) == 50_000
+
+
+async def test_a_burst_after_pages_and_frames_of_the_readers_own_is_placed() -> None:
+    """One write into an empty buffer: the last page of a room, a frame of the peer's
+    own, a second room's one page, then a burst that waited behind it. Only the burst
+    is the server's backlog, found across the second room's page: it lies after the
+    21,000 bytes before it. The kernel takes 50,000 bytes of the write: all of those,
+    and the first 29,000 of the burst, so the peer has left nothing of its own unread."""
+    session, transport = await pages_session(pages=12)
+    await catch_up(session, transport, [1_000], reads=0)
+    session.send_pages(iter([PAGE]))
+    await catch_up(session, transport, [300_000], reads=0)
+    transport.unsent = 0
+    session.resume_writing()
+    await asyncio.sleep(0)
+    assert not session._sources
+    assert transport.written[-1] == PAGE + b"f" * 1_000 + PAGE + b"f" * 300_000
+    assert transport.unsent == 271_000
+    assert session._last_burst is not None
+    assert session._last_burst[:3] == [21_000, 321_000, 0]
+    assert session._unread(transport.unsent) == 0
 
 
 def test_a_catch_up_keeps_its_bursts_as_ranges_of_the_frames_queued() -> None:

@@ -450,7 +450,9 @@ class _CatchUp:
         self.taken = 0
         self.seen = 0  # queued at the last flush
         self.bursts: list[list[int]] = []  # [start, end) of each burst not all written
-        self.unsent = 0  # the transport's buffer after the last flush
+        # The transport's buffer after the last flush, as if the kernel had taken none of
+        # its write: what it took at once was read, as _too_slow counts it.
+        self.unsent = 0
         self.read_at = now  # when the peer was last seen reading (its buffer shrank)
 
     def came(self, burst: bool) -> None:
@@ -1018,9 +1020,10 @@ class Session(asyncio.Protocol):
         the first ``pre`` and the last ``post`` of them (the peer's own: pages and
         frames written with a burst that waited behind them, _flush_pages): what the
         kernel did not take of the burst is a burst, or joins the one the peer is still
-        reading, with what the peer had left unread of its own since. It is the
-        server's backlog, not the peer's to answer for until it has read it (the bound
-        is in _too_slow). What the kernel took of the write at once counts as read."""
+        reading, with what the peer had left unread of its own since (and the ``pre``
+        of this write). It is the server's backlog, not the peer's to answer for until
+        it has read it (the bound is in _too_slow). What the kernel took of the write
+        at once counts as read."""
         assert self._transport is not None
         after = self._transport.get_write_buffer_size()
         end = unsent + written - post
@@ -1031,7 +1034,7 @@ class Session(asyncio.Protocol):
             # burst's rest, what it left unread since, what was just written. From the
             # burst's rest on, it is all one burst now, counted from the front as it is.
             # What it had read is counted anew from here; when it last read is kept.
-            last[:] = [unsent - left - last[2], end, post, 0]
+            last[:] = [unsent - left - last[2], end, post, unsent + written - after]
         elif after > unsent + post:  # the kernel did not take all of the burst
             self._last_burst = [unsent + pre, end, post, unsent + written - after]
             self._burst_read_at = self._rounds.now()
@@ -1136,7 +1139,7 @@ class Session(asyncio.Protocol):
             elif self._last_burst is not None:
                 self._last_burst[2] += size
         catching.written()
-        catching.unsent = transport.get_write_buffer_size()
+        catching.unsent = unsent + size if pieces else unsent
         if not self._sources:
             self._catching = None
         if self._ending and not out:
