@@ -430,6 +430,13 @@ def deadline(
     return at, why
 
 
+def holds_too_much(held: int, limit: int, quiet: float) -> bool:
+    """Whether a peer that holds ``held`` bytes, bursts and all, and has read nothing for
+    ``quiet`` seconds is cut off: over twice the send limit only while it reads (for
+    BURST_STALL seconds), and never over BURST_HOLD times the limit. Pure."""
+    return held > 2 * limit and (quiet > BURST_STALL or held > BURST_HOLD * limit)
+
+
 class _CatchUp:
     """What a session catching up on pages (``join ... since``: Session.send_pages)
     knows of the frames queued with them, which wait behind them. Pure.
@@ -966,16 +973,9 @@ class Session(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        limit = self._limits.sendq_limit
-        quarter = limit // SWAMPED_SHARE
-        burst = len(data) > quarter
-        if burst:
-            # What the server queued since it last wrote here, not what the peer left
-            # unread: the server is the slow one (big messages fill a member's queue
-            # before the write lag shows it). Say so before any queue gets to the limit.
-            self._rounds.swamped(f"{len(data):,} bytes queued for one connection")
+        burst = self._queued_at_once(len(data))
         unsent = transport.get_write_buffer_size()
-        if unsent > quarter and self._too_slow(unsent, len(data)):
+        if unsent > self._limits.sendq_limit // SWAMPED_SHARE and self._too_slow(unsent, len(data)):
             return
         # A peer that has left no more than a quarter of the limit unread is not the slow
         # one, however much is queued: that is the server's backlog (says taken all at
@@ -986,6 +986,17 @@ class Session(asyncio.Protocol):
             self._burst_grows(unsent, len(data))
         elif self._last_burst is not None:
             self._last_burst[2] += len(data)  # the peer's own to read, behind the burst
+
+    def _queued_at_once(self, size: int) -> bool:
+        """Whether ``size`` bytes queued for this connection since it was last written
+        are a burst: over a quarter of the limit. That is what the server queued, not
+        what the peer left unread: the server is the slow one (big messages fill a
+        member's queue before the write lag shows it), and says so (swamped) before
+        any queue gets to the limit."""
+        if size <= self._limits.sendq_limit // SWAMPED_SHARE:
+            return False
+        self._rounds.swamped(f"{size:,} bytes queued for one connection")
+        return True
 
     def _too_slow(self, unsent: int, size: int) -> bool:
         """Whether the peer, which left ``unsent`` bytes unread, is cut off rather than
@@ -1005,7 +1016,7 @@ class Session(asyncio.Protocol):
             now = self._rounds.now()
             if read > last[3]:
                 last[3], self._burst_read_at = read, now
-            if now - self._burst_read_at > BURST_STALL or unsent > BURST_HOLD * limit:
+            if holds_too_much(unsent, limit, now - self._burst_read_at):
                 self._overflow(unread, unsent, size)
                 return True
         return False
@@ -1075,10 +1086,8 @@ class Session(asyncio.Protocol):
         if unsent < catching.unsent:
             catching.read_at = now
         held = unsent + catching.seen - catching.taken  # what came since is not held yet
-        came = catching.queued - catching.seen
-        if came > limit // SWAMPED_SHARE:
-            self._rounds.swamped(f"{came:,} bytes queued for one connection")
-        catching.came(came > limit // SWAMPED_SHARE or self._rounds.busy)
+        came = self._queued_at_once(catching.queued - catching.seen)
+        catching.came(came or self._rounds.busy)
         high = self._high()
         pieces: list[bytes] = []
         # Where each run of frames begins in the write, and where in the count of frames.
@@ -1125,10 +1134,8 @@ class Session(asyncio.Protocol):
         in_write = catching.burst(frames_from, catching.taken, runs)
         bursts = in_write[0] + catching.burst(catching.taken, catching.queued, [])[0]
         unread = self._unread(unsent)
-        if (
-            unread + size + waiting - bursts > limit
-            or held > BURST_HOLD * limit
-            or (held > 2 * limit and now - catching.read_at > BURST_STALL)
+        if unread + size + waiting - bursts > limit or holds_too_much(
+            held, limit, now - catching.read_at
         ):
             self._overflow(unread, unsent, size + waiting)
             return
@@ -1139,7 +1146,7 @@ class Session(asyncio.Protocol):
             elif self._last_burst is not None:
                 self._last_burst[2] += size
         catching.written()
-        catching.unsent = unsent + size if pieces else unsent
+        catching.unsent = unsent + size
         if not self._sources:
             self._catching = None
         if self._ending and not out:
