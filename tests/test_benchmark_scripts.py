@@ -426,3 +426,125 @@ def test_pairs_copies_a_git_revision_out(tmp_path: Path) -> None:
     assert (src / "achat" / "server" / "session.py").is_file()
     with pytest.raises(SystemExit, match="cannot copy out 'no-such-revision-anywhere'"):
         pairs.copy_out("no-such-revision-anywhere", tmp_path / "none")
+
+
+# -- ircd.py: achat against the C IRC daemons ----------------------------------------------
+
+
+def _line(stamp: int, nick: str = "b1u0", warm: bool = False) -> bytes:
+    """A message as an IRC daemon sends it to a member."""
+    ircd = load("ircd")
+    said: bytes = ircd.privmsg(stamp, warm)
+    return b":%s!~%s@127.0.0.1 " % (nick.encode(), nick.encode()) + said
+
+
+def test_ircd_privmsg_carries_its_stamp_in_a_text_of_achat_bench_s_size() -> None:
+    ircd = load("ircd")
+    said = ircd.privmsg(1_700_000_000_123_456_789)
+    assert said.startswith(b"PRIVMSG #bench :t=1700000000123456789 x")
+    assert said.endswith(b"x\r\n")
+    assert len(said.split(b" :", 1)[1]) - 2 == ircd.TEXT_SIZE
+    assert ircd.privmsg(5, warm=True).startswith(b"PRIVMSG #bench :w=5 x")
+    line = _line(1_700_000_000_123_456_789)
+    assert ircd.stamp_at(line, line.find(ircd.MARK)) == 1_700_000_000_123_456_789
+
+
+def test_ircd_tally_counts_the_window_s_messages_of_a_read_and_spreads_their_latencies() -> None:
+    ircd = load("ircd")
+    ms = 1_000_000
+    tally = ircd.Tally()
+    # Out of order, as a daemon that fell behind relays them; a warm-up message among them.
+    stamps = [1_000 * ms, 1_004 * ms, 998 * ms, 1_002 * ms]
+    chunk = b"".join(_line(s) for s in stamps[:2]) + _line(990 * ms, warm=True)
+    chunk += b"".join(_line(s) for s in stamps[2:])
+    chunk += b":bench.achat.invalid NOTICE b1u1 :not a message\r\n"
+    count = chunk.count(ircd.MARK)
+    assert count == 4
+    tally.read(chunk, count, 1_010 * ms)
+    assert tally.delivered == 4
+    assert tally.latency.total == 0  # spread after the window, not in it
+    tally.read(_line(1_020 * ms), 1, 1_021 * ms)
+    tally.fold()
+    assert tally.delivered == tally.latency.total == 5
+    assert 1 * ms <= tally.latency.quantile(0.0) <= 1 * ms * 65 / 64
+    # The first read: from its first and last stamps (10 and 8 ms before it) to within 1/64,
+    # not from its oldest (12 ms) or newest (6 ms), which are in between.
+    assert 8 * ms <= tally.latency.quantile(0.3) <= 8 * ms * 65 / 64
+    assert 10 * ms <= tally.latency.quantile(1.0) <= 10 * ms * 65 / 64
+
+
+def test_ircd_answers_the_server_s_pings() -> None:
+    ircd = load("ircd")
+    chunk = b":x PRIVMSG #bench :t=1 x\r\nPING :bench.achat.invalid\r\nPING 123\r\n"
+    assert ircd.pongs(chunk) == b"PONG :bench.achat.invalid\r\nPONG 123\r\n"
+    assert ircd.pongs(b":x PRIVMSG #bench :t=1 PING\r\n") == b""
+
+
+def _ircd_row(ircd: ModuleType, server: str, clients: int, **changes: Any) -> Any:
+    values: dict[str, Any] = {
+        "server": server,
+        "clients": clients,
+        "offered": clients * clients,
+        "delivered": clients * clients,
+        "ratio": 1.0,
+        "p50": 1.0,
+        "p99": 5.0,
+        "p999": 8.0,
+        "server_cpu": 50.0,
+        "load_cpu": 40.0,
+        "rss_mib": 10.0,
+        "closed": 0,
+        "join_s": 0.5,
+    }
+    values.update(changes)
+    return ircd.Row(**values)
+
+
+def test_ircd_table_finds_the_largest_room_each_server_sustains_in_every_round() -> None:
+    ircd = load("ircd")
+    sizes = [1000, 2000, 2500]
+    runs = {
+        ("achat", 1000): [_ircd_row(ircd, "achat", 1000)] * 2,
+        ("achat", 2000): [_ircd_row(ircd, "achat", 2000)] * 2,
+        ("achat", 2500): [
+            _ircd_row(ircd, "achat", 2500, delivered=6_000_000.0),
+            _ircd_row(ircd, "achat", 2500, delivered=6_200_000.0, p99=240.0),
+        ],
+        ("ngircd", 1000): [_ircd_row(ircd, "ngircd", 1000, delivered=999_000.0)] * 2,
+        # Sustained in one round of two: not counted.
+        ("ngircd", 2000): [
+            _ircd_row(ircd, "ngircd", 2000),
+            _ircd_row(ircd, "ngircd", 2000, ratio=0.95, closed=12, errors={"ERROR :x": 12}),
+        ],
+        ("ngircd", 2500): [_ircd_row(ircd, "ngircd", 2500, p99=3000.0)] * 2,
+    }
+    text = ircd.table(runs, ["achat", "ngircd"], sizes, rounds=2, seconds=10.0)
+    assert "--servers achat,ngircd --sizes 1000,2000,2500 --rounds 2 --seconds 10`" in text
+    assert "| 2,500 | achat | 6,000,000–6,200,000 | 100.00 % | 1.0 ms | 5.0–240.0 ms |" in text
+    assert "| 2,000 | ngircd | 4,000,000 | 95.00–100.00 % |" in text
+    assert (
+        "- achat: sustains 2,500 members in every round, 6,000,000 deliveries/s at the least "
+        "(the largest room measured)." in text
+    )
+    assert (
+        "- ngircd: sustains 1,000 members in every round, 999,000 deliveries/s at the least; "
+        "not 2,000 (the server said, over all runs: ERROR :x ×12)." in text
+    )
+    assert "the better daemon (ngircd), in the largest room each sustains: 6.01 times" in text
+
+
+@pytest.mark.parametrize("daemon", ["ngircd", "inspircd"])
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="ircd.py pins its daemon")
+def test_ircd_loads_a_real_daemon_s_busy_room(daemon: str) -> None:
+    """Against the real daemon (.ci/run installs both): every member joins, every message
+    said inside the window reaches every other member, and its latencies are counted."""
+    if shutil.which(daemon) is None:
+        pytest.skip(f"{daemon} is not installed (apt-get install {daemon})")
+    ircd = load("ircd")
+    row = ircd.run_daemon(daemon, clients=5, seconds=1.0, warmup=0.3)
+    assert row.server == daemon
+    assert row.closed == 0
+    assert row.ratio == 1.0
+    assert row.offered == row.delivered > 0
+    assert 0 < row.p50 <= row.p99 <= row.p999
+    assert row.rss_mib > 0
