@@ -69,8 +69,8 @@ SPREAD = 8  # latency points a read's messages are spread over, as achat-bench's
 DRAIN_SECONDS = 10.0
 #: Registrations in flight at once, for each daemon: under ngircd's listen backlog (10),
 #: whose overflow costs a connection a SYN sent again a second or more later; many for
-#: InspIRCd, which welcomes a client a second after its USER whatever its load (its
-#: once-a-second check of who is ready), and listens with a backlog of 4,096 here.
+#: InspIRCd, which here welcomes a client a second after its USER even when it has
+#: nothing else to do, and listens with a backlog of 4,096.
 CONNECTING = {"ngircd": 8, "inspircd": 400}
 JOIN_TIMEOUT = 120.0
 #: A line is never this long; a member that holds more without a newline is broken.
