@@ -54,8 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from achat.bench.cli import replace_section
+from achat.bench.cli import _Server, replace_section
 from achat.bench.histogram import Histogram
+from achat.bench.load import DRAIN_SECONDS, SPREAD, TEXT_SIZE
 
 SECTION = "ircd"
 CHANNEL = b"#bench"
@@ -64,9 +65,6 @@ CHANNEL = b"#bench"
 #: window are counted exactly with one ``bytes.count``, however late or out of order.
 MARK = b" PRIVMSG " + CHANNEL + b" :t="
 WARM = b"w="
-TEXT_SIZE = 60  # as achat-bench's
-SPREAD = 8  # latency points a read's messages are spread over, as achat-bench's
-DRAIN_SECONDS = 10.0
 #: Registrations in flight at once, for each daemon: under ngircd's listen backlog (10),
 #: whose overflow costs a connection a SYN sent again a second or more later; many for
 #: InspIRCd, which here welcomes a client a second after its USER even when it has
@@ -132,8 +130,10 @@ def inspircd_config(port: int, tmp: Path) -> str:
 """
 
 
-class Daemon:
-    """An IRC daemon on a loopback port, pinned to CPU ``pin``, until :meth:`stop`."""
+class Daemon(_Server):
+    """An IRC daemon on a loopback port, pinned to CPU ``pin``, until :meth:`stop`
+    (achat-bench's server's CPU time, RSS and stop, with a start of its own: a daemon
+    writes no port file)."""
 
     def __init__(self, kind: str, pin: int) -> None:
         self.kind = kind
@@ -157,13 +157,13 @@ class Daemon:
             raise ValueError(kind)
         for path in tmp.iterdir():
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        self.log = open(tmp / "stdout", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", str(pin), *cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(tmp / "stdout", "wb") as log:  # the daemon keeps its own copy
+            self.proc = subprocess.Popen(
+                ["taskset", "-c", str(pin), *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 15
         while True:
             with (
@@ -176,28 +176,6 @@ class Daemon:
                 self.stop()
                 raise SystemExit(f"{kind} did not listen on port {self.port}:\n{said}")
             time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_mib(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        self.tmp.cleanup()
 
 
 # -- counting what a member reads (pure) ----------------------------------------------------
@@ -421,7 +399,7 @@ async def irc_run(port: int, clients: int, seconds: float, warmup: float, daemon
     window = seconds + (loop.time() - end)
     server_cpu = (daemon.cpu_seconds() - cpu0) / window * 100
     load_cpu = (time.process_time() - load0) / window * 100
-    rss = daemon.rss_mib()
+    rss = daemon.rss_kib() / 1024
     load.saying = False
     # Every message said in the window, to every other member seated when it opened.
     load.expected = expected = load.said * (len(members) - 1)
